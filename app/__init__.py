@@ -1,0 +1,1 @@
+"""HTTP edge and CLI. Never imports torch: tasks go to workers by name."""

@@ -1,0 +1,52 @@
+"""The ``fprotoseg`` command line: one entry point, one module per subcommand in ``app.commands``.
+
+Subcommand modules import heavy dependencies (torch, OpenSlide) only inside their handlers, so
+``fprotoseg --help`` and the API process stay light. Expected failures (FprotosegError) end as a
+one-line message on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# name of module in app.commands -> each defines `register(subparsers) -> None`
+COMMAND_MODULES = ("segment", "info", "serve", "worker", "train", "evaluate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fprotoseg",
+        description="Whole-slide H&E tissue segmentation (FProtoSeg) -> QuPath GeoJSON and µm² statistics.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"app.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"app.commands.{name}":
+                continue  # subcommand not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from model.errors import FprotosegError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except FprotosegError as exc:
+        print(f"fprotoseg: error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fprotoseg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
