@@ -1,0 +1,229 @@
+"""The result files of one job (DESIGN.md section 3), written atomically (tmp file, then rename).
+
+``segmentation.geojson`` (QuPath import rules), ``stats.json`` (areas from the label map, exact),
+``mask.tiff`` (tiled pyramidal label TIFF with resolution tags and a colour palette),
+``overlay.png`` (thumbnail with classes and a legend), ``provenance.json``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worker.vectorize import Region
+
+GEOJSON_NAME = "segmentation.geojson"
+STATS_NAME = "stats.json"
+MASK_NAME = "mask.tiff"
+OVERLAY_NAME = "overlay.png"
+PROVENANCE_NAME = "provenance.json"
+
+BACKGROUND_NAME = "Background"
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    return path
+
+
+# ---------------------------------------------------------------------------------------- geojson
+def geojson_feature_collection(regions: Sequence[Region], classes: Sequence[Any]) -> dict[str, Any]:
+    """QuPath-importable FeatureCollection: one annotation per connected region."""
+    from shapely.geometry import mapping
+
+    features = []
+    for region in regions:
+        cls = classes[region.class_index]
+        geometry = mapping(region.geometry)
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": _lists(geometry),
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": {"name": cls.name, "color": [int(v) for v in cls.color]},
+                    "measurements": {"area_um2": round(region.area_um2, 3)},
+                },
+            }
+        )
+    return {"type": "FeatureCollection", "features": features}
+
+
+def _lists(obj: Any) -> Any:
+    """shapely's mapping uses tuples; JSON wants lists (and smaller floats)."""
+    if isinstance(obj, dict):
+        return {k: _lists(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        if obj and isinstance(obj[0], float):
+            return [round(v, 3) for v in obj]
+        return [_lists(v) for v in obj]
+    return obj
+
+
+def write_geojson(out_dir: Path, collection: dict[str, Any], *, gzip_too: bool = False) -> dict[str, Path]:
+    data = json.dumps(collection, separators=(",", ":")).encode("utf-8")
+    path = out_dir / GEOJSON_NAME
+    _atomic_write_bytes(path, data)
+    files = {"geojson": path}
+    if gzip_too:
+        gz = out_dir / (GEOJSON_NAME + ".gz")
+        _atomic_write_bytes(gz, gzip.compress(data, compresslevel=6, mtime=0))
+        files["geojson_gz"] = gz
+    return files
+
+
+# ------------------------------------------------------------------------------------------ stats
+def compute_stats(
+    label_map: np.ndarray,
+    classes: Sequence[Any],
+    region_counts: Sequence[int],
+    *,
+    output_mpp: float,
+    slide_info: dict[str, Any],
+    warnings: list[str],
+) -> dict[str, Any]:
+    """Areas are pixel counts x output_mpp² (exact); fractions are over tissue (labels > 0)."""
+    counts = np.bincount(label_map.ravel(), minlength=len(classes) + 1)[: len(classes) + 1]
+    px_area_um2 = output_mpp * output_mpp
+    tissue_px = int(counts[1:].sum())
+    per_class = []
+    for k, cls in enumerate(classes):
+        px = int(counts[k + 1])
+        per_class.append(
+            {
+                "name": cls.name,
+                "color": [int(v) for v in cls.color],
+                "label": k + 1,
+                "pixel_count": px,
+                "area_um2": px * px_area_um2,
+                "area_mm2": px * px_area_um2 / 1e6,
+                "fraction_of_tissue": (px / tissue_px) if tissue_px else 0.0,
+                "region_count": int(region_counts[k]),
+            }
+        )
+    return {
+        "slide": slide_info,
+        "output_mpp": output_mpp,
+        "tissue_area_um2": tissue_px * px_area_um2,
+        "tissue_area_mm2": tissue_px * px_area_um2 / 1e6,
+        "classes": per_class,
+        "warnings": warnings,
+    }
+
+
+# ------------------------------------------------------------------------------------------- mask
+def write_mask_tiff(path: Path, label_map: np.ndarray, classes: Sequence[Any], output_mpp: float) -> Path:
+    """Tiled pyramidal uint8 TIFF (levels in SubIFDs, nearest-neighbour), palette + resolution tags.
+
+    Values: 0 = background, k + 1 = class k; the palette colours them for any viewer, and the
+    ImageDescription lists the classes.
+    """
+    import tifffile
+
+    levels = [label_map]
+    while max(levels[-1].shape) > 1024:
+        levels.append(levels[-1][::2, ::2])
+    colormap = np.zeros((3, 256), dtype=np.uint16)
+    colormap[:, 0] = 255 * 257  # background white
+    for k, cls in enumerate(classes):
+        colormap[:, k + 1] = [int(v) * 257 for v in cls.color]
+    description = json.dumps(
+        {
+            "fprotoseg_mask": {
+                "values": {"0": BACKGROUND_NAME, **{str(k + 1): c.name for k, c in enumerate(classes)}},
+                "mpp": output_mpp,
+            }
+        }
+    )
+    px_per_cm = 1e4 / output_mpp
+    tmp = path.with_name(path.name + ".tmp")
+    with tifffile.TiffWriter(tmp, bigtiff=label_map.size > 2**31) as tif:
+        opts = {
+            "photometric": "palette",
+            "colormap": colormap,
+            "tile": (256, 256),
+            "compression": "zlib",
+            "resolutionunit": "CENTIMETER",
+        }
+        tif.write(
+            levels[0],
+            subifds=len(levels) - 1,
+            resolution=(px_per_cm, px_per_cm),
+            description=description,
+            metadata=None,
+            **opts,
+        )
+        for i, level in enumerate(levels[1:], start=1):
+            scale = 2**i
+            tif.write(
+                level,
+                subfiletype=1,
+                resolution=(px_per_cm / scale, px_per_cm / scale),
+                metadata=None,
+                **opts,
+            )
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------- overlay
+def write_overlay_png(
+    path: Path,
+    thumbnail_rgb: np.ndarray,
+    label_map: np.ndarray,
+    classes: Sequence[Any],
+    stats: dict[str, Any],
+    *,
+    alpha: float = 0.45,
+) -> Path:
+    """The thumbnail with classes blended over tissue, and a legend (name, colour, % of tissue)."""
+    import cv2
+    from PIL import Image, ImageDraw, ImageFont
+
+    th, tw = thumbnail_rgb.shape[:2]
+    labels = cv2.resize(label_map, (tw, th), interpolation=cv2.INTER_NEAREST)
+    palette = np.zeros((256, 3), dtype=np.float32)
+    for k, cls in enumerate(classes):
+        palette[k + 1] = cls.color
+    colored = palette[labels]
+    blend = thumbnail_rgb.astype(np.float32)
+    tissue = labels > 0
+    blend[tissue] = (1 - alpha) * blend[tissue] + alpha * colored[tissue]
+    # Class boundaries drawn solid so small regions stay visible.
+    edges = cv2.morphologyEx(labels, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
+    edges &= tissue
+    blend[edges] = colored[edges]
+    image = Image.fromarray(blend.clip(0, 255).astype(np.uint8))
+
+    font = ImageFont.load_default()
+    rows = [(BACKGROUND_NAME + " / glass", (255, 255, 255), None)]
+    rows = [(c["name"], tuple(c["color"]), c["fraction_of_tissue"]) for c in stats["classes"]] + rows
+    line_h, pad, swatch = 16, 6, 12
+    legend_w = 220
+    legend_h = pad * 2 + line_h * (len(rows) + 1)
+    canvas = Image.new("RGB", (tw + legend_w, max(th, legend_h)), (255, 255, 255))
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    x0 = tw + pad
+    draw.text((x0, pad), f"tissue {stats['tissue_area_mm2']:.2f} mm2", fill=(0, 0, 0), font=font)
+    for i, (name, color, frac) in enumerate(rows, start=1):
+        y = pad + i * line_h
+        draw.rectangle([x0, y + 2, x0 + swatch, y + 2 + swatch], fill=color, outline=(0, 0, 0))
+        label = name if frac is None else f"{name}  {100 * frac:.1f}%"
+        draw.text((x0 + swatch + 6, y + 2), label, fill=(0, 0, 0), font=font)
+    tmp = path.with_name(path.name + ".tmp")
+    canvas.save(tmp, format="PNG", optimize=False)
+    os.replace(tmp, path)
+    return path

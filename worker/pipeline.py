@@ -1,0 +1,394 @@
+"""One whole-slide image in, the result files of DESIGN.md section 3 out: :func:`run`.
+
+Stages (each reported through ``progress(stage, done, total)`` and timed into provenance):
+open -> tissue -> tiling -> inference (+ stitch, interleaved) -> vectorise -> write.
+
+Why the inference loop looks like this: tile reading and decoding run in a small thread pool
+(OpenSlide and the JPEG/resize code release the GIL) and stay a bounded number of tiles ahead of
+the network, so the network never waits for I/O and memory never holds more than a few batches.
+Cancellation is checked between batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import platform
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worker import outputs
+from worker.errors import JobCancelledError, SlideError
+from worker.slide import Slide, open_slide
+from worker.stitch import LabelMapStitcher
+from worker.tiling import Tile, TileGrid, plan_tiles, read_tile
+from worker.tissue import TissueMask, detect_tissue
+from worker.vectorize import region_counts, vectorize
+
+ProgressCallback = Callable[[str, int, int], None]
+STAGES = ("open", "tissue", "tiling", "inference", "stitch", "vectorise", "write")
+
+# The tissue thumbnail is capped in pixels so a huge slide cannot make it large.
+MAX_TISSUE_THUMBNAIL_PX = 64_000_000
+OVERLAY_MAX_SIDE_PX = 2048
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Knobs of one run. Units in the names; validated at construction."""
+
+    output_mpp: float = 2.0
+    batch_size: int = 32
+    reader_threads: int = 2
+    prefetch_batches: int = 2
+    tissue_mpp: float = 4.0
+    tile_margin_px: int | None = None  # overlap per side at model resolution; None = ~1/16 tile
+    simplify_tolerance_um: float = 1.0
+    min_region_area_um2: float = 50.0
+    min_tissue_area_um2: float = 10_000.0
+    geojson_gzip: bool = False
+    write_overlay: bool = True
+
+    def __post_init__(self) -> None:
+        if not (0.1 <= self.output_mpp <= 100):
+            raise SlideError(f"output_mpp {self.output_mpp} µm/px is out of range (0.1..100)")
+        if self.batch_size < 1 or self.reader_threads < 1 or self.prefetch_batches < 1:
+            raise SlideError("batch_size, reader_threads and prefetch_batches must be >= 1")
+        if self.tissue_mpp <= 0 or self.simplify_tolerance_um < 0 or self.min_region_area_um2 < 0:
+            raise SlideError("tissue_mpp must be > 0; tolerances and areas must be >= 0")
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    files: dict[str, Path]
+    stats: dict[str, Any]
+    provenance: dict[str, Any]
+
+
+@dataclass
+class _Clock:
+    """Per-stage wall times (seconds)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, dt: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + dt
+
+
+def _noop_progress(stage: str, done: int, total: int) -> None:
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _software_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for dist in (
+        "fprotoseg",
+        "numpy",
+        "torch",
+        "openslide-python",
+        "openslide-bin",
+        "tiffslide",
+        "tifffile",
+        "opencv-python-headless",
+        "shapely",
+    ):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _tissue_stage(slide: Slide, options: PipelineOptions) -> tuple[TissueMask, np.ndarray]:
+    """Tissue mask plus a small RGB thumbnail for the overlay (the big thumbnail is freed)."""
+    import cv2
+
+    area_um2 = slide.width_px * slide.height_px * slide.mpp * slide.mpp
+    tissue_mpp = max(options.tissue_mpp, math.sqrt(area_um2 / MAX_TISSUE_THUMBNAIL_PX))
+    rgb, actual_mpp = slide.read_scaled(tissue_mpp)
+    tissue = detect_tissue(rgb, actual_mpp, min_tissue_area_um2=options.min_tissue_area_um2)
+    h, w = rgb.shape[:2]
+    shrink = max(h, w) / OVERLAY_MAX_SIDE_PX
+    if shrink > 1:
+        size = (max(1, round(w / shrink)), max(1, round(h / shrink)))
+        thumb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    else:
+        thumb = rgb.copy()
+    del rgb
+    return tissue, thumb
+
+
+def _iter_tiles(
+    slide: Slide, tiles: list[Tile], tile_size_px: int, pool: ThreadPoolExecutor, ahead: int
+) -> Any:
+    """Yield (tile, image) in order, keeping at most ``ahead`` reads in flight."""
+    pending: deque[tuple[Tile, Future[np.ndarray]]] = deque()
+    it = iter(tiles)
+    for tile in it:
+        pending.append((tile, pool.submit(read_tile, slide, tile, tile_size_px)))
+        if len(pending) >= ahead:
+            break
+    while pending:
+        tile, fut = pending.popleft()
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.append((nxt, pool.submit(read_tile, slide, nxt, tile_size_px)))
+        yield tile, fut.result()
+
+
+def _infer(
+    slide: Slide,
+    grid: TileGrid,
+    segmenter: Any,
+    stitcher: LabelMapStitcher,
+    options: PipelineOptions,
+    progress: ProgressCallback,
+    should_cancel: Callable[[], bool],
+    clock: _Clock,
+) -> dict[str, float]:
+    """Batched inference over the grid with threaded prefetch; returns inner timings."""
+    total = len(grid.tiles)
+    tsz = grid.tile_size_px
+    batch = np.empty((options.batch_size, tsz, tsz, 3), dtype=np.uint8)
+    batch_tiles: list[Tile] = []
+    done = 0
+    t_model = t_stitch = t_wait = 0.0
+    n_classes = len(segmenter.classes)
+    expected_hw = tsz // segmenter.output_stride
+
+    def flush() -> None:
+        nonlocal done, t_model, t_stitch
+        n = len(batch_tiles)
+        t0 = time.perf_counter()
+        scores = segmenter.predict(batch[:n])
+        t1 = time.perf_counter()
+        if scores.shape[:2] != (n, n_classes) or scores.shape[2] != expected_hw:
+            raise SlideError(
+                f"segmenter returned scores of shape {scores.shape}, expected ({n}, {n_classes}, "
+                f"{expected_hw}, {expected_hw})"
+            )
+        for i, tile in enumerate(batch_tiles):
+            stitcher.add(tile, scores[i])
+        t_model += t1 - t0
+        t_stitch += time.perf_counter() - t1
+        done += n
+        batch_tiles.clear()
+        progress("inference", done, total)
+
+    progress("inference", 0, total)
+    ahead = options.batch_size * options.prefetch_batches
+    with ThreadPoolExecutor(max_workers=options.reader_threads, thread_name_prefix="tile-reader") as pool:
+        gen = _iter_tiles(slide, grid.tiles, tsz, pool, ahead)
+        try:
+            while True:
+                if should_cancel():
+                    raise JobCancelledError("the job was cancelled")
+                tw = time.perf_counter()
+                item = next(gen, None)
+                t_wait += time.perf_counter() - tw
+                if item is None:
+                    break
+                tile, image = item
+                batch[len(batch_tiles)] = image
+                batch_tiles.append(tile)
+                if len(batch_tiles) == options.batch_size:
+                    flush()
+            if batch_tiles:
+                if should_cancel():
+                    raise JobCancelledError("the job was cancelled")
+                flush()
+        finally:
+            gen.close()
+    clock.add("stitch", t_stitch)
+    return {"model_s": t_model, "stitch_s": t_stitch, "wait_for_reads_s": t_wait}
+
+
+def run(
+    slide_path: str | Path,
+    out_dir: str | Path,
+    segmenter: Any,
+    *,
+    options: PipelineOptions | None = None,
+    mpp_override: float | None = None,
+    progress: ProgressCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> RunResult:
+    """Segment one slide into ``out_dir`` (created). Raises FprotosegError subclasses on bad input."""
+    options = options or PipelineOptions()
+    progress = progress or _noop_progress
+    should_cancel = should_cancel or (lambda: False)
+    slide_path = Path(slide_path)
+    out_dir = Path(out_dir)
+    clock = _Clock()
+    started = time.time()
+
+    t = time.perf_counter()
+    progress("open", 0, 1)
+    slide = open_slide(slide_path, mpp_override=mpp_override)
+    with slide:
+        sha256 = file_sha256(slide_path)
+        progress("open", 1, 1)
+        clock.add("open", time.perf_counter() - t)
+
+        t = time.perf_counter()
+        progress("tissue", 0, 1)
+        tissue, thumbnail = _tissue_stage(slide, options)
+        progress("tissue", 1, 1)
+        clock.add("tissue", time.perf_counter() - t)
+
+        t = time.perf_counter()
+        progress("tiling", 0, 1)
+        grid = plan_tiles(
+            slide,
+            tissue,
+            model_mpp=float(segmenter.mpp),
+            tile_size_px=int(segmenter.tile_size_px),
+            output_stride=int(segmenter.output_stride),
+            output_mpp=options.output_mpp,
+            margin_px=options.tile_margin_px,
+        )
+        progress("tiling", 1, 1)
+        clock.add("tiling", time.perf_counter() - t)
+
+        stitcher = LabelMapStitcher(grid.output_shape, options.output_mpp, tissue)
+        t = time.perf_counter()
+        inner = _infer(slide, grid, segmenter, stitcher, options, progress, should_cancel, clock)
+        clock.add("inference", time.perf_counter() - t - inner["stitch_s"])
+        progress("stitch", 1, 1)
+
+    label_map = stitcher.label_map
+    del stitcher
+    classes = list(segmenter.classes)
+    warnings: list[str] = []
+    if not grid.tiles or not label_map.any():
+        warnings.append(
+            "no tissue detected: all areas are zero (blank slide, fluorescence image, or a tissue "
+            "mask threshold that does not fit this stain)"
+        )
+
+    t = time.perf_counter()
+    level0_per_out = options.output_mpp / slide.mpp
+    regions = vectorize(
+        label_map,
+        len(classes),
+        output_mpp=options.output_mpp,
+        level0_px_per_output_px=level0_per_out,
+        slide_width_px=slide.width_px,
+        slide_height_px=slide.height_px,
+        simplify_tolerance_um=options.simplify_tolerance_um,
+        min_region_area_um2=options.min_region_area_um2,
+        progress=lambda d, n: progress("vectorise", d, n),
+    )
+    clock.add("vectorise", time.perf_counter() - t)
+
+    t = time.perf_counter()
+    progress("write", 0, 5)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slide_info = {
+        "file": slide_path.name,
+        "width": slide.width_px,
+        "height": slide.height_px,
+        "mpp": slide.mpp,
+        "mpp_source": slide.mpp_source,
+        "vendor": slide.vendor,
+    }
+    stats = outputs.compute_stats(
+        label_map,
+        classes,
+        region_counts(regions, len(classes)),
+        output_mpp=options.output_mpp,
+        slide_info=slide_info,
+        warnings=warnings,
+    )
+    files: dict[str, Path] = {}
+    files.update(
+        outputs.write_geojson(
+            out_dir, outputs.geojson_feature_collection(regions, classes), gzip_too=options.geojson_gzip
+        )
+    )
+    del regions
+    progress("write", 1, 5)
+    files["mask"] = outputs.write_mask_tiff(
+        out_dir / outputs.MASK_NAME, label_map, classes, options.output_mpp
+    )
+    progress("write", 2, 5)
+    if options.write_overlay:
+        files["overlay"] = outputs.write_overlay_png(
+            out_dir / outputs.OVERLAY_NAME, thumbnail, label_map, classes, stats
+        )
+    progress("write", 3, 5)
+    files["stats"] = outputs.write_json(out_dir / outputs.STATS_NAME, stats)
+    progress("write", 4, 5)
+    clock.add("write", time.perf_counter() - t)
+
+    provenance = {
+        "fprotoseg_version": _software_versions().get("fprotoseg", "unknown"),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "slide": {
+            **slide.metadata(),
+            "path": str(slide_path),
+            "sha256": sha256,
+            "size_bytes": slide_path.stat().st_size,
+        },
+        "read": {
+            "level": grid.level,
+            "level_mpp": grid.level_mpp,
+            "level_downsample": grid.level_mpp / slide.mpp,
+            "mpp": slide.mpp,
+            "mpp_source": slide.mpp_source,
+        },
+        "model": {
+            "name": getattr(segmenter, "name", "unknown"),
+            "checksum_sha256": getattr(segmenter, "checksum_sha256", ""),
+            "classes": [{"name": c.name, "color": list(c.color)} for c in classes],
+            "mpp": float(segmenter.mpp),
+            "tile_size_px": int(segmenter.tile_size_px),
+            "output_stride": int(segmenter.output_stride),
+            "device": getattr(segmenter, "device", "unknown"),
+            "precision": getattr(segmenter, "precision", "unknown"),
+        },
+        "tissue": {
+            "mpp": tissue.mpp,
+            "saturation_threshold": tissue.saturation_threshold,
+            "area_um2": tissue.area_um2,
+        },
+        "tiles": {
+            "grid_rows": grid.grid_rows,
+            "grid_cols": grid.grid_cols,
+            "grid_total": grid.grid_total,
+            "inferred": len(grid.tiles),
+            "skipped_no_tissue": grid.grid_total - len(grid.tiles),
+            "tile_size_px": grid.tile_size_px,
+            "margin_px": grid.margin_px,
+            "step_px": grid.step_px,
+        },
+        "output": {"mpp": options.output_mpp, "label_map_shape": list(label_map.shape)},
+        "options": {k: v for k, v in asdict(options).items()},
+        "timings_s": {k: round(v, 4) for k, v in {**clock.seconds, **inner}.items()},
+        "software": _software_versions(),
+        "platform": {"system": platform.platform(), "machine": platform.machine()},
+        "warnings": warnings,
+    }
+    provenance["timings_s"]["total"] = round(time.time() - started, 4)
+    files["provenance"] = outputs.write_json(out_dir / outputs.PROVENANCE_NAME, provenance)
+    progress("write", 5, 5)
+    return RunResult(out_dir=out_dir, files=files, stats=stats, provenance=provenance)

@@ -1,0 +1,419 @@
+"""One whole-slide reader over OpenSlide and tiffslide, with the pixel size resolved and the file vetted.
+
+Why two backends: OpenSlide (openslide-bin bundles the C library) reads the vendor formats (Aperio
+JPEG/JPEG 2000, Hamamatsu NDPI, MIRAX, generic tiled TIFF, ...). Where it has no native driver
+(OME-TIFF: ``detect_format`` is None) we use tiffslide instead of letting OpenSlide fall back to a
+PIL ImageSlide, which would decode the whole image at once.
+
+Why the vetting: a TIFF header can claim any size. Before a single pixel is decoded we check the
+claimed dimensions against absolute limits and against the bytes the file really holds, and that
+no tile points past the end of the file (a truncated upload), so a decompression bomb or a
+truncated file fails in milliseconds with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worker.errors import MissingMppError, SlideError, SlideTooLargeError, UnsupportedFormatError
+
+# Decompression-bomb guard. The largest real slides are ~200k x 100k px; nothing real exceeds these.
+MAX_SIDE_PX = 500_000
+MAX_PIXELS = 100_000_000_000
+# Level-0 pixels per byte of file. JPEG-compressed blank glass stays below ~100; deflate of pure
+# white ~300. A header claiming far more pixels than its bytes can hold is a bomb or a truncation.
+MAX_PIXELS_PER_FILE_BYTE = 1000.0
+# Smallest plausible pixel size (µm/px): anything below is a unit error in the metadata.
+MIN_MPP = 0.01
+MAX_MPP = 100.0
+
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+@dataclass
+class Slide:
+    """An opened whole-slide image. Coordinates are in level pixels unless a name says ``level0``.
+
+    ``read_level(level, x_px, y_px, w_px, h_px)`` returns RGB uint8 (h, w, 3) and is thread-safe:
+    OpenSlide handles are, and tiffslide gets one handle per thread.
+    """
+
+    path: Path
+    reader: str
+    vendor: str | None
+    width_px: int
+    height_px: int
+    mpp: float
+    mpp_source: str
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    properties: dict[str, str] = field(repr=False, default_factory=dict)
+    _handle: Any = field(repr=False, default=None)
+    _local: threading.local = field(repr=False, default_factory=threading.local)
+    _extra_handles: list[Any] = field(repr=False, default_factory=list)
+    _lock: threading.Lock = field(repr=False, default_factory=threading.Lock)
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def level_mpp(self, level: int) -> float:
+        """µm per pixel of a pyramid level (square pixels assumed, as every WSI format does)."""
+        return self.mpp * self.level_downsamples[level]
+
+    def best_level_for_mpp(self, target_mpp: float) -> int:
+        """The coarsest level that is still at least as fine as ``target_mpp`` (level 0 if none is).
+
+        Reading from a finer level and downsampling keeps detail; never reading level 0 when a
+        coarser level serves keeps decoding cost proportional to what the model sees.
+        """
+        best = 0
+        for level in range(self.level_count):
+            fine_enough = self.level_mpp(level) <= target_mpp * (1 + 1e-3)
+            if fine_enough and self.level_downsamples[level] >= self.level_downsamples[best]:
+                best = level
+        return best
+
+    def _reader_handle(self) -> Any:
+        if self.reader == "openslide":
+            return self._handle
+        handle = getattr(self._local, "handle", None)
+        if handle is None:
+            import tiffslide
+
+            handle = tiffslide.TiffSlide(str(self.path))
+            self._local.handle = handle
+            with self._lock:
+                self._extra_handles.append(handle)
+        return handle
+
+    def read_level(self, level: int, x_px: int, y_px: int, w_px: int, h_px: int) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of a rectangle of ``level``; parts outside the slide are white glass."""
+        out = np.full((h_px, w_px, 3), 255, dtype=np.uint8)
+        lw, lh = self.level_dimensions[level]
+        x0, y0 = max(x_px, 0), max(y_px, 0)
+        x1, y1 = min(x_px + w_px, lw), min(y_px + h_px, lh)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        ds = self.level_downsamples[level]
+        loc = (round(x0 * ds), round(y0 * ds))
+        size = (x1 - x0, y1 - y0)
+        try:
+            handle = self._reader_handle()
+            if self.reader == "openslide":
+                rgba = np.asarray(handle.read_region(loc, level, size))
+            else:
+                rgba = np.asarray(handle.read_region(loc, level, size, as_array=True))
+        except Exception as exc:  # backend errors carry no common base class
+            raise SlideError(
+                f"cannot decode {self.path.name} at level {level} ({x0}, {y0}): "
+                f"{_one_line(exc)} (truncated or corrupt file?)"
+            ) from exc
+        out[y0 - y_px : y1 - y_px, x0 - x_px : x1 - x_px] = _to_rgb_on_white(rgba, size)
+        return out
+
+    def read_scaled(self, target_mpp: float, chunk_px: int = 2048) -> tuple[np.ndarray, float]:
+        """The whole slide as RGB at about ``target_mpp``, built chunk by chunk (bounded memory).
+
+        Returns (image, actual_mpp). The scale from the chosen level is an integer box factor, so
+        INTER_AREA is an exact average and chunk seams are invisible.
+        """
+        import cv2
+
+        level = self.best_level_for_mpp(target_mpp)
+        factor = max(1, math.floor(target_mpp / self.level_mpp(level) + 1e-6))
+        lw, lh = self.level_dimensions[level]
+        out_w, out_h = max(1, math.ceil(lw / factor)), max(1, math.ceil(lh / factor))
+        out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+        step = max(factor, (chunk_px // factor) * factor)
+        for y in range(0, lh, step):
+            for x in range(0, lw, step):
+                h, w = min(step, lh - y), min(step, lw - x)
+                oh, ow = math.ceil(h / factor), math.ceil(w / factor)
+                tile = self.read_level(level, x, y, ow * factor, oh * factor)
+                if factor > 1:
+                    tile = cv2.resize(tile, (ow, oh), interpolation=cv2.INTER_AREA)
+                out[y // factor : y // factor + oh, x // factor : x // factor + ow] = tile
+        return out, self.level_mpp(level) * factor
+
+    def metadata(self) -> dict[str, Any]:
+        """What ``fprotoseg info`` prints and provenance records."""
+        return {
+            "path": str(self.path),
+            "reader": self.reader,
+            "vendor": self.vendor,
+            "width_px": self.width_px,
+            "height_px": self.height_px,
+            "mpp": self.mpp,
+            "mpp_source": self.mpp_source,
+            "level_count": self.level_count,
+            "level_dimensions": [list(d) for d in self.level_dimensions],
+            "level_downsamples": list(self.level_downsamples),
+            "level_mpp": [self.level_mpp(i) for i in range(self.level_count)],
+        }
+
+    def close(self) -> None:
+        for handle in [self._handle, *self._extra_handles]:
+            if handle is not None:
+                with contextlib.suppress(Exception):
+                    handle.close()
+        self._handle = None
+        self._extra_handles.clear()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] if text else type(exc).__name__
+
+
+def _to_rgb_on_white(rgba: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Composite RGBA on white: OpenSlide marks area without scanned data transparent."""
+    if rgba.ndim == 2:
+        rgba = np.repeat(rgba[:, :, None], 3, axis=2)
+    if rgba.shape[:2] != (size[1], size[0]):
+        raise SlideError(f"reader returned {rgba.shape[:2]} for a {size[1]}x{size[0]} region")
+    if rgba.shape[2] == 3:
+        return rgba
+    rgb, alpha = rgba[:, :, :3], rgba[:, :, 3]
+    if alpha.min() == 255:
+        return rgb
+    a = alpha.astype(np.float32)[:, :, None] / 255.0
+    return (rgb.astype(np.float32) * a + 255.0 * (1.0 - a) + 0.5).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------- vetting
+def _vet_tiff(path: Path, file_size: int) -> None:
+    """Check claimed TIFF dimensions and tile offsets before any decoder touches the file."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = list(tif.pages)
+            if not pages:
+                raise SlideError(f"{path.name} is a TIFF without images")
+            widest = max(pages, key=lambda p: int(p.imagewidth) * int(p.imagelength))
+            _check_dimensions(path, int(widest.imagewidth), int(widest.imagelength), file_size)
+            for page in pages:
+                offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+                counts = np.asarray(page.databytecounts, dtype=np.int64)
+                if offsets.size and counts.size == offsets.size:
+                    end = int((offsets + counts).max())
+                    if end > file_size:
+                        raise SlideError(
+                            f"{path.name} is truncated: image data runs to byte {end} but the file "
+                            f"has {file_size} bytes; upload the complete file"
+                        )
+    except SlideError:
+        raise
+    except Exception as exc:  # tifffile raises many types on malformed headers
+        raise SlideError(f"{path.name} is not a readable TIFF/whole-slide image: {_one_line(exc)}") from exc
+
+
+def _check_dimensions(path: Path, width_px: int, height_px: int, file_size: int) -> None:
+    if width_px <= 0 or height_px <= 0:
+        raise SlideError(f"{path.name} claims an empty image ({width_px}x{height_px} px)")
+    pixels = width_px * height_px
+    if max(width_px, height_px) > MAX_SIDE_PX or pixels > MAX_PIXELS:
+        raise SlideTooLargeError(
+            f"{path.name} claims {width_px}x{height_px} px, beyond any real slide "
+            f"(limits: side {MAX_SIDE_PX} px, {MAX_PIXELS:.0e} px); refusing to read it"
+        )
+    if file_size > 0 and pixels / file_size > MAX_PIXELS_PER_FILE_BYTE:
+        raise SlideTooLargeError(
+            f"{path.name} claims {width_px}x{height_px} px but holds only {file_size} bytes "
+            f"(a decompression bomb or a truncated file); refusing to read it"
+        )
+
+
+# -------------------------------------------------------------------------------------------- MPP
+_OME_SIZE = re.compile(r'PhysicalSizeX="([0-9.eE+-]+)"(?:[^>]*?PhysicalSizeXUnit="([^"]+)")?')
+_UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _valid_mpp(value: Any) -> float | None:
+    try:
+        mpp = float(value)
+    except (TypeError, ValueError):
+        return None
+    return mpp if MIN_MPP <= mpp <= MAX_MPP and math.isfinite(mpp) else None
+
+
+def _mpp_from_properties(props: dict[str, str]) -> tuple[float, str] | None:
+    for key in ("openslide.mpp-x", "tiffslide.mpp-x", "aperio.MPP"):
+        mpp = _valid_mpp(props.get(key))
+        if mpp is not None:
+            return mpp, f"metadata:{key}"
+    return None
+
+
+def _mpp_from_tiff_tags(path: Path) -> tuple[float, str] | None:
+    """OME PhysicalSizeX, else TIFF XResolution with ResolutionUnit inch or centimetre."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            desc = page.description or ""
+            match = _OME_SIZE.search(desc)
+            if match:
+                factor = _UNIT_TO_UM.get((match.group(2) or "µm").strip())
+                mpp = _valid_mpp(float(match.group(1)) * factor) if factor else None
+                if mpp is not None:
+                    return mpp, "metadata:ome.PhysicalSizeX"
+            tags = page.tags
+            if "XResolution" in tags and "ResolutionUnit" in tags:
+                num, den = tags["XResolution"].value
+                unit = int(tags["ResolutionUnit"].value)
+                if num and den and unit in (2, 3):
+                    px_per_unit = num / den
+                    um_per_unit = 25400.0 if unit == 2 else 10000.0
+                    mpp = _valid_mpp(um_per_unit / px_per_unit)
+                    if mpp is not None:
+                        return mpp, "metadata:tiff.XResolution"
+    except Exception:
+        return None
+    return None
+
+
+# ------------------------------------------------------------------------------------------- open
+def open_slide(path: str | Path, mpp_override: float | None = None) -> Slide:
+    """Open a whole-slide image, vetted and with its level-0 µm/px resolved.
+
+    ``mpp_override`` wins over metadata (for slides whose metadata lacks or misstates it). A slide
+    with no pixel size anywhere raises :class:`MissingMppError`, naming ``--mpp``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SlideError(f"slide not found: {path}")
+    file_size = path.stat().st_size
+    if file_size == 0:
+        raise SlideError(f"{path.name} is empty (0 bytes)")
+    if mpp_override is not None and _valid_mpp(mpp_override) is None:
+        raise SlideError(
+            f"--mpp {mpp_override} is not a plausible pixel size (expected {MIN_MPP}..{MAX_MPP} µm/px)"
+        )
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    is_tiff = magic in _TIFF_MAGICS
+    if is_tiff:
+        _vet_tiff(path, file_size)
+
+    import openslide
+
+    try:
+        fmt = openslide.OpenSlide.detect_format(str(path))
+    except Exception:
+        fmt = None
+    if fmt is not None:
+        slide = _open_openslide(path, fmt, file_size)
+    elif is_tiff:
+        slide = _open_tiffslide(path, file_size)
+    else:
+        raise UnsupportedFormatError(
+            f"{path.name} is not a whole-slide image format fprotoseg reads "
+            "(Aperio SVS, Hamamatsu NDPI, MIRAX, Leica SCN, Philips TIFF, Ventana BIF, OME-TIFF, tiled TIFF)"
+        )
+    try:
+        _resolve_mpp(slide, mpp_override)
+    except BaseException:
+        slide.close()
+        raise
+    return slide
+
+
+def _open_openslide(path: Path, fmt: str, file_size: int) -> Slide:
+    import openslide
+
+    try:
+        handle = openslide.OpenSlide(str(path))
+    except Exception as exc:
+        raise SlideError(f"{path.name} ({fmt}) cannot be opened: {_one_line(exc)}") from exc
+    try:
+        width, height = handle.dimensions
+        _check_dimensions(path, int(width), int(height), file_size)
+        props = dict(handle.properties)
+        return Slide(
+            path=path,
+            reader="openslide",
+            vendor=props.get("openslide.vendor", fmt),
+            width_px=int(width),
+            height_px=int(height),
+            mpp=0.0,
+            mpp_source="",
+            level_dimensions=tuple((int(w), int(h)) for w, h in handle.level_dimensions),
+            level_downsamples=tuple(float(d) for d in handle.level_downsamples),
+            properties=props,
+            _handle=handle,
+        )
+    except BaseException:
+        handle.close()
+        raise
+
+
+def _open_tiffslide(path: Path, file_size: int) -> Slide:
+    import tiffslide
+
+    try:
+        handle = tiffslide.TiffSlide(str(path))
+    except Exception as exc:
+        raise SlideError(f"{path.name} is not a readable whole-slide image: {_one_line(exc)}") from exc
+    try:
+        width, height = handle.dimensions
+        _check_dimensions(path, int(width), int(height), file_size)
+        props = {k: str(v) for k, v in handle.properties.items() if v is not None}
+        return Slide(
+            path=path,
+            reader="tiffslide",
+            vendor=props.get("tiffslide.vendor") or ("ome-tiff" if ".ome." in path.name.lower() else "tiff"),
+            width_px=int(width),
+            height_px=int(height),
+            mpp=0.0,
+            mpp_source="",
+            level_dimensions=tuple((int(w), int(h)) for w, h in handle.level_dimensions),
+            level_downsamples=tuple(float(d) for d in handle.level_downsamples),
+            properties=props,
+            _handle=handle,
+        )
+    except BaseException:
+        handle.close()
+        raise
+
+
+def _resolve_mpp(slide: Slide, mpp_override: float | None) -> None:
+    if mpp_override is not None:
+        slide.mpp, slide.mpp_source = float(mpp_override), "override"
+        return
+    found = _mpp_from_properties(slide.properties)
+    if found is None:
+        with slide.path.open("rb") as fh:
+            is_tiff = fh.read(4) in _TIFF_MAGICS
+        found = _mpp_from_tiff_tags(slide.path) if is_tiff else None
+    if found is None:
+        raise MissingMppError(
+            f"{slide.path.name} has no pixel size (µm/px) in its metadata; pass it with --mpp "
+            "(e.g. --mpp 0.5 for a 20x scan, 0.25 for 40x)"
+        )
+    slide.mpp, slide.mpp_source = found
+
+
+def describe_levels(slide: Slide) -> Sequence[str]:
+    """Human lines, one per level: size and µm/px (for ``fprotoseg info`` text output)."""
+    return [
+        f"level {i}: {w}x{h} px, downsample {slide.level_downsamples[i]:.3f}, {slide.level_mpp(i):.4f} µm/px"
+        for i, (w, h) in enumerate(slide.level_dimensions)
+    ]

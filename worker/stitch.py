@@ -1,0 +1,73 @@
+"""Stitch per-tile class scores into one uint8 label map at the output resolution.
+
+Why this shape: memory is bounded by the label map (one byte per output pixel), never by the
+slide. Each output pixel is taken from the one tile that owns it (the tile centre; the overlap
+margin is discarded), sampled bilinearly from that tile's score map at the pixel's exact µm
+position, then argmax'd. Glass comes from the tissue mask, not the network: 0 = background,
+``k + 1`` = class ``k`` of the segmenter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from worker.tiling import Tile
+from worker.tissue import TissueMask
+
+BACKGROUND = 0
+
+
+def _axis(src: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices and weights for linear interpolation along one axis (edge pixels replicated)."""
+    lo = np.floor(src)
+    w = (src - lo).astype(np.float32)
+    i0 = np.clip(lo.astype(np.int64), 0, n - 1)
+    i1 = np.clip(i0 + 1, 0, n - 1)
+    return i0, i1, w
+
+
+def sample_bilinear(arr: np.ndarray, src_y: np.ndarray, src_x: np.ndarray) -> np.ndarray:
+    """Sample a (C, h, w) array at the separable grid ``src_y x src_x`` (pixel-index coordinates)."""
+    _, h, w = arr.shape
+    y0, y1, wy = _axis(src_y, h)
+    x0, x1, wx = _axis(src_x, w)
+    rows = arr[:, y0, :] * (1 - wy)[None, :, None] + arr[:, y1, :] * wy[None, :, None]
+    return rows[:, :, x0] * (1 - wx)[None, None, :] + rows[:, :, x1] * wx[None, None, :]
+
+
+class LabelMapStitcher:
+    """Owns the label map; ``add`` writes one tile's owned window."""
+
+    def __init__(self, shape: tuple[int, int], output_mpp: float, tissue: TissueMask) -> None:
+        self.output_mpp = output_mpp
+        self.tissue = tissue
+        self.label_map = np.zeros(shape, dtype=np.uint8)
+
+    def _tissue_window(self, tile: Tile) -> np.ndarray:
+        o, t = self.output_mpp, self.tissue.mpp
+        ys = (np.arange(tile.own_y0, tile.own_y1) + 0.5) * o / t - 0.5
+        xs = (np.arange(tile.own_x0, tile.own_x1) + 0.5) * o / t - 0.5
+        mask = self.tissue.mask
+        # Only the rows/cols we need, as float, so the sampling cost is per tile, not per slide.
+        y0, y1, wy = _axis(ys, mask.shape[0])
+        x0, x1, wx = _axis(xs, mask.shape[1])
+        r0 = mask[y0][:, x0].astype(np.float32)
+        r1 = mask[y0][:, x1].astype(np.float32)
+        r2 = mask[y1][:, x0].astype(np.float32)
+        r3 = mask[y1][:, x1].astype(np.float32)
+        top = r0 * (1 - wx)[None, :] + r1 * wx[None, :]
+        bottom = r2 * (1 - wx)[None, :] + r3 * wx[None, :]
+        return (top * (1 - wy)[:, None] + bottom * wy[:, None]) >= 0.5
+
+    def add(self, tile: Tile, scores: np.ndarray) -> None:
+        """Place one tile's (C, h, w) scores; argmax per owned output pixel, glass kept at 0."""
+        _, h, w = scores.shape
+        o = self.output_mpp
+        um_per_score_y = tile.span_y_um / h
+        um_per_score_x = tile.span_x_um / w
+        ys = ((np.arange(tile.own_y0, tile.own_y1) + 0.5) * o - tile.origin_y_um) / um_per_score_y - 0.5
+        xs = ((np.arange(tile.own_x0, tile.own_x1) + 0.5) * o - tile.origin_x_um) / um_per_score_x - 0.5
+        sampled = sample_bilinear(scores.astype(np.float32, copy=False), ys, xs)
+        labels = (np.argmax(sampled, axis=0) + 1).astype(np.uint8)
+        labels[~self._tissue_window(tile)] = BACKGROUND
+        self.label_map[tile.own_y0 : tile.own_y1, tile.own_x0 : tile.own_x1] = labels

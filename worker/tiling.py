@@ -1,0 +1,181 @@
+"""The tile grid at the model's resolution, over tissue only, with overlap.
+
+Geometry in one place. Three coordinate systems meet here:
+- model pixels (``model_mpp`` µm/px): the grid; tile ``(row, col)`` *owns* model pixels
+  ``[col*step, (col+1)*step)`` and reads ``margin`` more on every side (the overlap);
+- level pixels of the pyramid level the tile is read from (the coarsest level at least as fine as
+  the model, so level 0 is decoded only when nothing coarser serves);
+- output pixels (``output_mpp``): the label map. Each tile owns the output pixels whose centres
+  fall in its owned model-pixel range, so neighbours abut exactly and every output pixel comes
+  from the centre of exactly one tile.
+Each tile also records the exact µm rectangle it read (after rounding to whole level pixels), so
+the stitcher places scores where they came from, with no half-pixel drift.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from worker.slide import Slide
+from worker.tissue import TissueMask
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One network input: what to read, where its scores land, which output pixels it owns."""
+
+    row: int
+    col: int
+    level: int
+    read_x_px: int  # level pixels
+    read_y_px: int
+    read_w_px: int
+    read_h_px: int
+    origin_x_um: float  # µm from the slide's top-left corner of the rectangle read
+    origin_y_um: float
+    span_x_um: float
+    span_y_um: float
+    own_x0: int  # output-map pixels owned (half-open)
+    own_y0: int
+    own_x1: int
+    own_y1: int
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    tiles: list[Tile]
+    grid_rows: int
+    grid_cols: int
+    level: int
+    level_mpp: float
+    model_mpp: float
+    tile_size_px: int
+    margin_px: int
+    step_px: int
+    output_mpp: float
+    output_shape: tuple[int, int]  # (height, width) of the label map
+
+    @property
+    def grid_total(self) -> int:
+        return self.grid_rows * self.grid_cols
+
+
+def default_margin_px(tile_size_px: int, output_stride: int) -> int:
+    """About 1/16 of the tile per side (>= one output stride): CNN borders see padding, not tissue."""
+    stride = max(1, output_stride)
+    return max(stride, round(tile_size_px / 16 / stride) * stride)
+
+
+def output_shape(slide: Slide, output_mpp: float) -> tuple[int, int]:
+    """(height, width) of the label map covering the slide at ``output_mpp``."""
+    return (
+        max(1, math.ceil(slide.height_px * slide.mpp / output_mpp)),
+        max(1, math.ceil(slide.width_px * slide.mpp / output_mpp)),
+    )
+
+
+def plan_tiles(
+    slide: Slide,
+    tissue: TissueMask,
+    *,
+    model_mpp: float,
+    tile_size_px: int,
+    output_stride: int,
+    output_mpp: float,
+    margin_px: int | None = None,
+) -> TileGrid:
+    """All grid tiles whose owned area touches tissue, in row-major order."""
+    margin = default_margin_px(tile_size_px, output_stride) if margin_px is None else int(margin_px)
+    step = tile_size_px - 2 * margin
+    if step <= 0:
+        raise ValueError(f"overlap margin {margin} px leaves no tile centre in {tile_size_px} px tiles")
+    level = slide.best_level_for_mpp(model_mpp)
+    level_mpp = slide.level_mpp(level)
+    level_px_per_model_px = model_mpp / level_mpp
+    width_model_px = slide.width_px * slide.mpp / model_mpp
+    height_model_px = slide.height_px * slide.mpp / model_mpp
+    cols = max(1, math.ceil(width_model_px / step))
+    rows = max(1, math.ceil(height_model_px / step))
+    out_h, out_w = output_shape(slide, output_mpp)
+    out_per_model = model_mpp / output_mpp
+
+    def owned(index: int, count: int, limit: int) -> tuple[int, int]:
+        a = min(limit, round(index * step * out_per_model))
+        b = limit if index + 1 == count else min(limit, round((index + 1) * step * out_per_model))
+        return a, b
+
+    # Integral image of the (one-pixel dilated) tissue mask: O(1) "any tissue here?" per tile.
+    import cv2
+
+    dilated = cv2.dilate(tissue.mask.astype(np.uint8), np.ones((3, 3), np.uint8))
+    integral = cv2.integral(dilated)
+    t_per_out = output_mpp / tissue.mpp
+    th, tw = tissue.mask.shape
+
+    read_size = round(tile_size_px * level_px_per_model_px)
+    tiles: list[Tile] = []
+    for r in range(rows):
+        oy0, oy1 = owned(r, rows, out_h)
+        if oy1 <= oy0:
+            continue
+        ty0, ty1 = max(0, math.floor(oy0 * t_per_out)), min(th, math.ceil(oy1 * t_per_out))
+        for c in range(cols):
+            ox0, ox1 = owned(c, cols, out_w)
+            if ox1 <= ox0:
+                continue
+            tx0, tx1 = max(0, math.floor(ox0 * t_per_out)), min(tw, math.ceil(ox1 * t_per_out))
+            if ty1 <= ty0 or tx1 <= tx0:
+                continue
+            hits = integral[ty1, tx1] - integral[ty0, tx1] - integral[ty1, tx0] + integral[ty0, tx0]
+            if hits == 0:
+                continue
+            lx = round((c * step - margin) * level_px_per_model_px)
+            ly = round((r * step - margin) * level_px_per_model_px)
+            tiles.append(
+                Tile(
+                    row=r,
+                    col=c,
+                    level=level,
+                    read_x_px=lx,
+                    read_y_px=ly,
+                    read_w_px=read_size,
+                    read_h_px=read_size,
+                    origin_x_um=lx * level_mpp,
+                    origin_y_um=ly * level_mpp,
+                    span_x_um=read_size * level_mpp,
+                    span_y_um=read_size * level_mpp,
+                    own_x0=ox0,
+                    own_y0=oy0,
+                    own_x1=ox1,
+                    own_y1=oy1,
+                )
+            )
+    return TileGrid(
+        tiles=tiles,
+        grid_rows=rows,
+        grid_cols=cols,
+        level=level,
+        level_mpp=level_mpp,
+        model_mpp=model_mpp,
+        tile_size_px=tile_size_px,
+        margin_px=margin,
+        step_px=step,
+        output_mpp=output_mpp,
+        output_shape=(out_h, out_w),
+    )
+
+
+def read_tile(slide: Slide, tile: Tile, tile_size_px: int) -> np.ndarray:
+    """RGB uint8 (T, T, 3) at the model's resolution (INTER_AREA: a true average when shrinking)."""
+    import cv2
+
+    img = slide.read_level(tile.level, tile.read_x_px, tile.read_y_px, tile.read_w_px, tile.read_h_px)
+    if img.shape[0] != tile_size_px or img.shape[1] != tile_size_px:
+        shrinking = img.shape[1] > tile_size_px
+        img = cv2.resize(
+            img, (tile_size_px, tile_size_px), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        )
+    return img
