@@ -1,0 +1,83 @@
+"""The embedded executor: the local worker process of ``fprotoseg serve`` when no broker is set.
+
+It runs the same :func:`worker.jobs.process_job` as the Celery task, taking queued jobs from the
+SQLite job store first in, first out. It is a separate process so that inference never blocks
+the API and a crash (out of memory) does not take the API down; ``fprotoseg serve`` restarts it.
+Jobs left ``running`` by a previous process are requeued at start (there is one local worker),
+and SIGTERM/SIGINT requeue the current job at its next batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+from worker.jobs import TransientJobError, get_segmenter, process_job
+from worker.jobstore import QUEUED, RUNNING, JobStoreError, open_jobstore
+from worker.settings import Settings, load_settings
+
+log = logging.getLogger("fprotoseg.embedded")
+
+HEARTBEAT_INTERVAL_S = 2.0
+
+
+def worker_name() -> str:
+    return f"embedded@{os.uname().nodename}:{os.getpid()}"
+
+
+def _heartbeat_loop(settings: Settings, stop: threading.Event) -> None:
+    store = open_jobstore(settings)
+    name = worker_name()
+    while not stop.is_set():
+        try:
+            store.heartbeat(name)
+        except JobStoreError as exc:
+            log.warning("heartbeat failed: %s", exc)
+        stop.wait(HEARTBEAT_INTERVAL_S)
+
+
+def run_embedded_worker(settings: Settings, stop: threading.Event | None = None) -> int:
+    """Process queued jobs until ``stop`` is set (or SIGTERM/SIGINT in the main thread)."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    store = open_jobstore(settings)
+    for job_id in store.ids_in_state(RUNNING):
+        store.transition(job_id, QUEUED, [RUNNING], stage="requeued after a worker restart", progress=0.0)
+        log.info("job %s: requeued (its worker stopped)", job_id)
+    threading.Thread(target=_heartbeat_loop, args=(settings, stop), daemon=True, name="heartbeat").start()
+    try:
+        get_segmenter(settings)  # load once, before the first job
+    except Exception as exc:  # jobs will fail with this reason; keep serving the queue
+        log.error("model could not be loaded: %s", exc)
+    log.info("embedded worker ready (pid %d)", os.getpid())
+    while not stop.is_set():
+        try:
+            rec = store.oldest_queued()
+        except JobStoreError as exc:
+            log.warning("job store unavailable: %s", exc)
+            stop.wait(2.0)
+            continue
+        if rec is None:
+            stop.wait(settings.embedded_poll_interval_s)
+            continue
+        try:
+            process_job(rec.id, settings, store, should_stop=stop.is_set)
+        except TransientJobError as exc:
+            log.warning("%s; retrying", exc.message)
+            stop.wait(2.0)
+    log.info("embedded worker stopped")
+    return 0
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_embedded_worker(load_settings())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

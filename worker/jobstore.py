@@ -1,0 +1,573 @@
+"""The job store: one interface, SQLite in the embedded default, Redis when a broker is configured.
+
+A job record is the single source of truth for a job's state (queued -> running -> succeeded |
+failed | cancelled), progress, stage, timestamps and error. Every state change is a
+compare-and-set (``transition``), so a redelivered or duplicated Celery message can never move a
+finished job again: that is what makes "succeeded exactly once" hold after a worker is killed.
+Records live outside the API process (a SQLite file in the data dir, or Redis), so an API restart
+loses nothing. Cheap to import: no torch, no Celery.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from model.errors import FprotosegError
+from worker.settings import Settings
+
+QUEUED = "queued"
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+CANCELLED = "cancelled"
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+TERMINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+# Prometheus-style job duration buckets (seconds): a small slide on a GPU takes seconds, a
+# large one on a CPU hours.
+DURATION_BUCKETS_S = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0)
+
+
+class JobStoreError(FprotosegError):
+    """The job store (SQLite file or Redis) cannot be reached or written."""
+
+    code = "jobstore_unavailable"
+
+
+class DuplicateJobError(FprotosegError):
+    """A job with this Idempotency-Key exists already; ``existing_id`` names it."""
+
+    code = "duplicate_job"
+
+    def __init__(self, existing_id: str) -> None:
+        super().__init__(f"a job with this Idempotency-Key exists: {existing_id}")
+        self.existing_id = existing_id
+
+
+@dataclass
+class JobRecord:
+    """Everything known about one job. Times are UNIX epoch seconds (UTC)."""
+
+    id: str
+    state: str = QUEUED
+    progress: float = 0.0
+    stage: str = "queued"
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    upload_path: str = ""
+    upload_sha256: str = ""
+    upload_bytes: int = 0
+    upload_format: str = ""
+    filename: str = ""  # the client's name, for display only; never used as a path
+    mpp: float | None = None
+    callback_url: str | None = None
+    idempotency_key: str | None = None
+    params_hash: str = ""
+    attempts: int = 0
+    cancel_requested: bool = False
+    tiles: int | None = None
+    duration_s: float | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobRecord:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+_COLUMNS = tuple(f.name for f in fields(JobRecord))
+
+
+class JobStore(ABC):
+    """What the API, the embedded worker and the Celery workers need from job storage."""
+
+    @abstractmethod
+    def create(self, record: JobRecord) -> JobRecord:
+        """Insert a new record; DuplicateJobError if its idempotency key is taken."""
+
+    @abstractmethod
+    def get(self, job_id: str) -> JobRecord | None: ...
+
+    @abstractmethod
+    def list(self, *, limit: int, offset: int = 0, state: str | None = None) -> tuple[list[JobRecord], int]:
+        """A page of records, newest first, and the total count (of that state)."""
+
+    @abstractmethod
+    def find_by_idempotency_key(self, key: str) -> JobRecord | None: ...
+
+    @abstractmethod
+    def find_by_content(self, sha256: str, params_hash: str) -> JobRecord | None:
+        """The newest job on the same bytes with the same parameters that is not failed/cancelled."""
+
+    @abstractmethod
+    def transition(
+        self, job_id: str, to_state: str, from_states: Iterable[str], **changes: Any
+    ) -> JobRecord | None:
+        """Compare-and-set: move to ``to_state`` only from one of ``from_states``; None if not."""
+
+    @abstractmethod
+    def update(self, job_id: str, only_in_state: str, **changes: Any) -> bool:
+        """Change fields (not the state) if the job is still in ``only_in_state``."""
+
+    @abstractmethod
+    def counts_by_state(self) -> dict[str, int]: ...
+
+    @abstractmethod
+    def oldest_queued(self) -> JobRecord | None:
+        """The next job for the embedded worker (first in, first out)."""
+
+    @abstractmethod
+    def ids_in_state(self, state: str) -> list[str]: ...
+
+    @abstractmethod
+    def incr_metrics(self, increments: dict[str, float]) -> None:
+        """Add to durable counters (job durations, tiles) that /metrics reads."""
+
+    @abstractmethod
+    def metrics(self) -> dict[str, float]: ...
+
+    @abstractmethod
+    def heartbeat(self, worker_name: str) -> None: ...
+
+    @abstractmethod
+    def heartbeats(self) -> dict[str, float]:
+        """worker name -> UNIX time of its last heartbeat."""
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise JobStoreError when the store cannot be used."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    # --- shared logic on top of the primitives ---------------------------------------------------
+    def progress(self, job_id: str, stage: str, progress: float) -> bool:
+        return self.update(job_id, RUNNING, stage=stage, progress=max(0.0, min(1.0, float(progress))))
+
+    def request_cancel(self, job_id: str) -> JobRecord | None:
+        """A queued job is cancelled at once; a running one is flagged and stops at its next batch."""
+        now = time.time()
+        rec = self.transition(
+            job_id, CANCELLED, [QUEUED], finished_at=now, stage="cancelled", cancel_requested=True
+        )
+        if rec is not None:
+            return rec
+        self.update(job_id, RUNNING, cancel_requested=True)
+        return self.get(job_id)
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        rec = self.get(job_id)
+        return rec is None or rec.cancel_requested or rec.state == CANCELLED
+
+    def record_finished_job(self, duration_s: float, tiles: int | None) -> None:
+        """Durable Prometheus-style histogram of job durations plus tile counters."""
+        incr: dict[str, float] = {"duration_count": 1, "duration_sum": duration_s}
+        for bound in DURATION_BUCKETS_S:
+            if duration_s <= bound:
+                incr[f"duration_le_{bound:g}"] = 1
+        if tiles:
+            incr["tiles_total"] = tiles
+            incr["tile_seconds_total"] = duration_s
+        self.incr_metrics(incr)
+
+
+def _encode(record: JobRecord) -> str:
+    return json.dumps(record.to_dict(), separators=(",", ":"))
+
+
+# ---------------------------------------------------------------------------------------------
+# SQLite (embedded default)
+# ---------------------------------------------------------------------------------------------
+
+_SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    sha256 TEXT NOT NULL DEFAULT '',
+    params_hash TEXT NOT NULL DEFAULT '',
+    idempotency_key TEXT UNIQUE,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
+CREATE INDEX IF NOT EXISTS jobs_state_created ON jobs(state, created_at);
+CREATE INDEX IF NOT EXISTS jobs_content ON jobs(sha256, params_hash);
+CREATE TABLE IF NOT EXISTS metrics (name TEXT PRIMARY KEY, value REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS heartbeats (name TEXT PRIMARY KEY, at REAL NOT NULL);
+"""
+
+
+class SqliteJobStore(JobStore):
+    """One SQLite file in WAL mode, shared by the API and the local worker process.
+
+    The record is kept as JSON beside the indexed columns it is queried by; every write is one
+    ``BEGIN IMMEDIATE`` transaction, so API threads and the worker process never interleave.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._tx() as db:
+                db.executescript(_SQLITE_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise JobStoreError(f"cannot open the job store {self.path}: {exc}") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=True)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = self._connect()
+        return db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise JobStoreError(f"job store {self.path}: {exc}") from None
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self._db().execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise JobStoreError(f"job store {self.path}: {exc}") from None
+
+    @staticmethod
+    def _row_args(rec: JobRecord) -> tuple[Any, ...]:
+        return (
+            rec.state,
+            rec.created_at,
+            rec.upload_sha256,
+            rec.params_hash,
+            rec.idempotency_key,
+            _encode(rec),
+        )
+
+    def create(self, record: JobRecord) -> JobRecord:
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO jobs (state, created_at, sha256, params_hash, idempotency_key, record, id) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (*self._row_args(record), record.id),
+                )
+        except JobStoreError:
+            if record.idempotency_key:
+                existing = self.find_by_idempotency_key(record.idempotency_key)
+                if existing is not None:
+                    raise DuplicateJobError(existing.id) from None
+            raise
+        return record
+
+    def get(self, job_id: str) -> JobRecord | None:
+        rows = self._read("SELECT record FROM jobs WHERE id = ?", (job_id,))
+        return JobRecord.from_dict(json.loads(rows[0][0])) if rows else None
+
+    def list(self, *, limit: int, offset: int = 0, state: str | None = None) -> tuple[list[JobRecord], int]:
+        where, args = ("WHERE state = ?", (state,)) if state else ("", ())
+        rows = self._read(
+            f"SELECT record FROM jobs {where} ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
+            (*args, int(limit), int(offset)),
+        )
+        total = self._read(f"SELECT COUNT(*) FROM jobs {where}", args)[0][0]
+        return [JobRecord.from_dict(json.loads(r[0])) for r in rows], int(total)
+
+    def find_by_idempotency_key(self, key: str) -> JobRecord | None:
+        rows = self._read("SELECT record FROM jobs WHERE idempotency_key = ?", (key,))
+        return JobRecord.from_dict(json.loads(rows[0][0])) if rows else None
+
+    def find_by_content(self, sha256: str, params_hash: str) -> JobRecord | None:
+        rows = self._read(
+            "SELECT record FROM jobs WHERE sha256 = ? AND params_hash = ? AND state NOT IN (?, ?) "
+            "ORDER BY created_at DESC LIMIT 1",
+            (sha256, params_hash, FAILED, CANCELLED),
+        )
+        return JobRecord.from_dict(json.loads(rows[0][0])) if rows else None
+
+    def _modify(
+        self, job_id: str, allowed: Iterable[str], to_state: str | None, changes: dict[str, Any]
+    ) -> JobRecord | None:
+        allowed = tuple(allowed)
+        with self._tx() as db:
+            row = db.execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            rec = JobRecord.from_dict(json.loads(row[0]))
+            if rec.state not in allowed:
+                return None
+            data = rec.to_dict()
+            data.update(changes)
+            if to_state is not None:
+                data["state"] = to_state
+            data["updated_at"] = time.time()
+            rec = JobRecord.from_dict(data)
+            db.execute(
+                "UPDATE jobs SET state = ?, created_at = ?, sha256 = ?, params_hash = ?, "
+                "idempotency_key = ?, record = ? WHERE id = ?",
+                (*self._row_args(rec), job_id),
+            )
+            return rec
+
+    def transition(
+        self, job_id: str, to_state: str, from_states: Iterable[str], **changes: Any
+    ) -> JobRecord | None:
+        return self._modify(job_id, from_states, to_state, changes)
+
+    def update(self, job_id: str, only_in_state: str, **changes: Any) -> bool:
+        return self._modify(job_id, (only_in_state,), None, changes) is not None
+
+    def counts_by_state(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for state, n in self._read("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+            counts[state] = int(n)
+        return counts
+
+    def oldest_queued(self) -> JobRecord | None:
+        rows = self._read(
+            "SELECT record FROM jobs WHERE state = ? ORDER BY created_at ASC, rowid ASC LIMIT 1", (QUEUED,)
+        )
+        return JobRecord.from_dict(json.loads(rows[0][0])) if rows else None
+
+    def ids_in_state(self, state: str) -> list[str]:
+        return [r[0] for r in self._read("SELECT id FROM jobs WHERE state = ? ORDER BY created_at", (state,))]
+
+    def incr_metrics(self, increments: dict[str, float]) -> None:
+        with self._tx() as db:
+            for name, value in increments.items():
+                db.execute(
+                    "INSERT INTO metrics (name, value) VALUES (?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                    (name, float(value)),
+                )
+
+    def metrics(self) -> dict[str, float]:
+        return {name: float(v) for name, v in self._read("SELECT name, value FROM metrics")}
+
+    def heartbeat(self, worker_name: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO heartbeats (name, at) VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET at = excluded.at",
+                (worker_name, time.time()),
+            )
+
+    def heartbeats(self) -> dict[str, float]:
+        return {name: float(at) for name, at in self._read("SELECT name, at FROM heartbeats")}
+
+    def ping(self) -> None:
+        self._read("SELECT 1")
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis (with a broker)
+# ---------------------------------------------------------------------------------------------
+
+
+class RedisJobStore(JobStore):
+    """Records as JSON strings under ``<prefix>job:<id>``; one sorted set per state for listing.
+
+    Compare-and-set uses WATCH/MULTI, so concurrent workers and the API never lose an update.
+    Durability across a Redis restart is Redis's own (enable AOF or RDB snapshots in production).
+    """
+
+    def __init__(self, url: str, prefix: str = "fprotoseg:") -> None:
+        import redis
+
+        self._redis_errors = (redis.RedisError, OSError)
+        self._watch_error = redis.WatchError
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
+        )
+        self.prefix = prefix
+
+    def _k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except self._redis_errors as exc:
+            raise JobStoreError(f"job store (Redis) unavailable: {exc}") from None
+
+    def create(self, record: JobRecord) -> JobRecord:
+        with self._errors():
+            if record.idempotency_key:
+                idem = self._k("idem", record.idempotency_key)
+                if not self.client.set(idem, record.id, nx=True):
+                    existing = self.client.get(idem)
+                    raise DuplicateJobError(existing.decode() if existing else "?")
+            pipe = self.client.pipeline(transaction=True)
+            pipe.set(self._k("job", record.id), _encode(record))
+            pipe.zadd(self._k("jobs"), {record.id: record.created_at})
+            pipe.zadd(self._k("state", record.state), {record.id: record.created_at})
+            if record.upload_sha256:
+                pipe.zadd(
+                    self._k("content", record.upload_sha256, record.params_hash),
+                    {record.id: record.created_at},
+                )
+            pipe.execute()
+        return record
+
+    def _get_many(self, ids: list[bytes] | list[str]) -> list[JobRecord]:
+        if not ids:
+            return []
+        keys = [self._k("job", i.decode() if isinstance(i, bytes) else i) for i in ids]
+        return [JobRecord.from_dict(json.loads(raw)) for raw in self.client.mget(keys) if raw]
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._errors():
+            raw = self.client.get(self._k("job", job_id))
+        return JobRecord.from_dict(json.loads(raw)) if raw else None
+
+    def list(self, *, limit: int, offset: int = 0, state: str | None = None) -> tuple[list[JobRecord], int]:
+        key = self._k("state", state) if state else self._k("jobs")
+        with self._errors():
+            ids = self.client.zrevrange(key, offset, offset + limit - 1)
+            return self._get_many(ids), int(self.client.zcard(key))
+
+    def find_by_idempotency_key(self, key: str) -> JobRecord | None:
+        with self._errors():
+            job_id = self.client.get(self._k("idem", key))
+        return self.get(job_id.decode()) if job_id else None
+
+    def find_by_content(self, sha256: str, params_hash: str) -> JobRecord | None:
+        with self._errors():
+            ids = self.client.zrevrange(self._k("content", sha256, params_hash), 0, 20)
+            for rec in self._get_many(ids):
+                if rec.state not in (FAILED, CANCELLED):
+                    return rec
+        return None
+
+    def _modify(
+        self, job_id: str, allowed: Iterable[str], to_state: str | None, changes: dict[str, Any]
+    ) -> JobRecord | None:
+        allowed = tuple(allowed)
+        key = self._k("job", job_id)
+        with self._errors(), self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if not raw:
+                        pipe.unwatch()
+                        return None
+                    rec = JobRecord.from_dict(json.loads(raw))
+                    if rec.state not in allowed:
+                        pipe.unwatch()
+                        return None
+                    old_state = rec.state
+                    data = rec.to_dict()
+                    data.update(changes)
+                    if to_state is not None:
+                        data["state"] = to_state
+                    data["updated_at"] = time.time()
+                    new = JobRecord.from_dict(data)
+                    pipe.multi()
+                    pipe.set(key, _encode(new))
+                    if new.state != old_state:
+                        pipe.zrem(self._k("state", old_state), job_id)
+                        pipe.zadd(self._k("state", new.state), {job_id: new.created_at})
+                    pipe.execute()
+                    return new
+                except self._watch_error:
+                    continue
+
+    def transition(
+        self, job_id: str, to_state: str, from_states: Iterable[str], **changes: Any
+    ) -> JobRecord | None:
+        return self._modify(job_id, from_states, to_state, changes)
+
+    def update(self, job_id: str, only_in_state: str, **changes: Any) -> bool:
+        return self._modify(job_id, (only_in_state,), None, changes) is not None
+
+    def counts_by_state(self) -> dict[str, int]:
+        with self._errors():
+            pipe = self.client.pipeline(transaction=False)
+            for s in STATES:
+                pipe.zcard(self._k("state", s))
+            return {s: int(n) for s, n in zip(STATES, pipe.execute(), strict=True)}
+
+    def oldest_queued(self) -> JobRecord | None:
+        with self._errors():
+            ids = self.client.zrange(self._k("state", QUEUED), 0, 0)
+        recs = self._get_many(ids)
+        return recs[0] if recs else None
+
+    def ids_in_state(self, state: str) -> list[str]:
+        with self._errors():
+            return [i.decode() for i in self.client.zrange(self._k("state", state), 0, -1)]
+
+    def incr_metrics(self, increments: dict[str, float]) -> None:
+        with self._errors():
+            pipe = self.client.pipeline(transaction=True)
+            for name, value in increments.items():
+                pipe.hincrbyfloat(self._k("metrics"), name, float(value))
+            pipe.execute()
+
+    def metrics(self) -> dict[str, float]:
+        with self._errors():
+            raw = self.client.hgetall(self._k("metrics"))
+        return {k.decode(): float(v) for k, v in raw.items()}
+
+    def heartbeat(self, worker_name: str) -> None:
+        with self._errors():
+            self.client.hset(self._k("heartbeats"), worker_name, time.time())
+
+    def heartbeats(self) -> dict[str, float]:
+        with self._errors():
+            raw = self.client.hgetall(self._k("heartbeats"))
+        return {k.decode(): float(v) for k, v in raw.items()}
+
+    def ping(self) -> None:
+        with self._errors():
+            self.client.ping()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_jobstore(settings: Settings) -> JobStore:
+    """Redis when FPROTOSEG_BROKER_URL is set, else the SQLite file in the data dir."""
+    if settings.broker_url:
+        return RedisJobStore(settings.broker_url, settings.redis_key_prefix)
+    return SqliteJobStore(settings.sqlite_path)

@@ -1,0 +1,176 @@
+"""Every setting of the service in one pydantic-settings class (environment prefix ``FPROTOSEG_``).
+
+Lives in ``worker`` because both the API and the workers read it (app -> worker -> model). The
+names of DESIGN.md section 3 (``FPROTOSEG_DATA_DIR``, ``FPROTOSEG_BROKER_URL``,
+``FPROTOSEG_API_KEYS``, ``FPROTOSEG_AUTH_DISABLED``, ``FPROTOSEG_MAX_UPLOAD_MB``,
+``FPROTOSEG_CHECKPOINT``, ``FPROTOSEG_CALLBACK_SECRET``) are part of the public contract; the rest
+tune the service and have safe defaults. Importing this module is cheap (no torch, no Celery).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from model.errors import FprotosegError
+
+
+class ConfigurationError(FprotosegError):
+    """A setting is missing or inconsistent; the message names the variable to fix."""
+
+    code = "configuration_error"
+
+
+class Settings(BaseSettings):
+    """Configuration of the API, the embedded worker and the Celery workers."""
+
+    model_config = SettingsConfigDict(env_prefix="FPROTOSEG_", extra="ignore", validate_default=True)
+
+    # --- public contract (DESIGN.md section 3) ---------------------------------------------------
+    data_dir: Path = Field(
+        default=Path("fprotoseg-data"),
+        description="Uploads, job results, the SQLite job store and the generated API key.",
+    )
+    broker_url: str | None = Field(
+        default=None,
+        description="redis://host:port/db; unset = embedded default (SQLite store, local worker process).",
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated keys accepted in the X-API-Key header."
+    )
+    auth_disabled: bool = Field(default=False, description="true = no key needed. Never the default.")
+    max_upload_mb: float = Field(default=8192.0, gt=0, description="Largest accepted upload (413 above).")
+    checkpoint: Path | None = Field(default=None, description="Model checkpoint; unset = packaged default.")
+    callback_secret: str | None = Field(default=None, description="HMAC-SHA256 key signing callbacks.")
+
+    # --- HTTP ------------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    public_url: str | None = Field(
+        default=None, description="Base URL clients reach the API at; makes links in callbacks absolute."
+    )
+    metrics_public: bool = Field(default=True, description="/metrics without a key (Prometheus scrapes).")
+    jobs_page_max: int = Field(default=200, ge=1, description="Largest page size of GET /jobs.")
+
+    # --- inference -------------------------------------------------------------------------------
+    device: str = Field(default="auto", description="auto | cpu | cuda")
+    precision: str = Field(
+        default="auto", description="auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16"
+    )
+    batch_size: int | None = Field(
+        default=None, ge=1, description="Tiles per batch; unset = pipeline default."
+    )
+
+    # --- jobs, Celery and Redis ------------------------------------------------------------------
+    queue: str = Field(default="fprotoseg", description="Celery queue the API sends to and workers read.")
+    redis_key_prefix: str = Field(
+        default="fprotoseg:", description="Prefix of every Redis key (job store and Kombu's own keys)."
+    )
+    job_soft_time_limit_s: float = Field(default=4 * 3600.0, gt=0, description="Job fails with time_limit.")
+    job_hard_time_limit_s: float = Field(default=4 * 3600.0 + 300.0, gt=0, description="Worker child killed.")
+    visibility_timeout_s: float = Field(
+        default=5 * 3600.0,
+        gt=0,
+        description="Unacknowledged jobs are redelivered after this; must exceed the hard time limit.",
+    )
+    unacked_restore_interval_s: float = Field(
+        default=30.0, gt=0, description="How often a worker looks for jobs of a lost worker to redeliver."
+    )
+    worker_concurrency: int = Field(default=1, ge=1, description="Jobs per Celery worker (one GPU: 1).")
+    worker_max_tasks_per_child: int = Field(default=50, ge=1, description="Recycle a worker child after N.")
+    max_delivery_attempts: int = Field(
+        default=3, ge=1, description="A job whose worker died this many times fails (poison slide guard)."
+    )
+    transient_retries: int = Field(default=3, ge=0, description="Retries of a job after a transient error.")
+    progress_interval_s: float = Field(default=0.5, ge=0, description="Least time between progress writes.")
+    cancel_poll_interval_s: float = Field(default=1.0, ge=0, description="Least time between cancel checks.")
+    embedded_poll_interval_s: float = Field(default=0.5, gt=0, description="Embedded worker queue poll.")
+    heartbeat_stale_s: float = Field(default=15.0, gt=0, description="/readyz: worker heartbeat max age.")
+
+    # --- callbacks -------------------------------------------------------------------------------
+    callback_timeout_s: float = Field(default=10.0, gt=0)
+    callback_attempts: int = Field(default=4, ge=1)
+    callback_backoff_s: float = Field(default=1.0, ge=0, description="First retry delay; doubles each time.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        """``FPROTOSEG_API_KEYS=a,b`` -> ["a", "b"]; blanks dropped."""
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("broker_url", "callback_secret", "public_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _blank_checkpoint_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.broker_url is not None and not self.broker_url.startswith(("redis://", "rediss://")):
+            raise ValueError("FPROTOSEG_BROKER_URL must be a redis:// or rediss:// URL (or unset)")
+        if self.job_hard_time_limit_s <= self.job_soft_time_limit_s:
+            raise ValueError("FPROTOSEG_JOB_HARD_TIME_LIMIT_S must exceed FPROTOSEG_JOB_SOFT_TIME_LIMIT_S")
+        if self.visibility_timeout_s <= self.job_hard_time_limit_s:
+            # Redis redelivers a message still unacknowledged after the visibility timeout, even
+            # when its worker is alive: a shorter timeout would run long jobs twice.
+            raise ValueError(
+                "FPROTOSEG_VISIBILITY_TIMEOUT_S must exceed FPROTOSEG_JOB_HARD_TIME_LIMIT_S "
+                "(else long jobs are delivered twice)"
+            )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError("FPROTOSEG_DEVICE must be auto, cpu or cuda")
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise ValueError("FPROTOSEG_PRECISION must be auto, fp32, fp16 or bf16")
+        return self
+
+    # --- derived paths ---------------------------------------------------------------------------
+    @property
+    def embedded(self) -> bool:
+        """No broker configured: SQLite job store and a local worker process."""
+        return self.broker_url is None
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"
+
+    @property
+    def api_key_file(self) -> Path:
+        return self.data_dir / "api-key"
+
+    def result_dir(self, job_id: str) -> Path:
+        """Where the finished result files of a job live (complete or absent, never partial)."""
+        return self.jobs_dir / job_id / "results"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment; a bad value becomes one ConfigurationError line, not a traceback."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        name = f"FPROTOSEG_{where.upper()}: " if where else ""
+        raise ConfigurationError(f"invalid setting {name}{first.get('msg', exc)}") from None

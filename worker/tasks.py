@@ -1,0 +1,71 @@
+"""The Celery task: a thin wrapper over :func:`worker.jobs.process_job`.
+
+Workers load the model once per worker process (``worker_process_init``) and keep one job-store
+connection per process. Only transient errors (job store or broker unreachable) are retried;
+a bad slide fails its job with a reason instead. ``celery -A worker.tasks worker`` works too;
+``fprotoseg worker`` is the documented way.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from worker.celery_app import TASK_NAME, make_celery
+from worker.jobs import TransientJobError, get_segmenter, process_job
+from worker.jobstore import JobStore, open_jobstore
+from worker.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def register_tasks(app: Any, settings: Settings) -> Any:
+    """Add the job task (and the model preload) to a Celery app; returns the task."""
+    from celery.signals import worker_process_init
+
+    @functools.lru_cache(maxsize=1)
+    def store() -> JobStore:  # one connection pool per worker process (created after the fork)
+        return open_jobstore(settings)
+
+    @worker_process_init.connect(weak=False)
+    def _preload_model(**_: Any) -> None:
+        try:
+            get_segmenter(settings)
+        except Exception as exc:  # the job will fail with the same reason; the worker stays up
+            log.error("model could not be loaded: %s", exc)
+
+    @app.task(
+        name=TASK_NAME,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        autoretry_for=(TransientJobError,),
+        max_retries=settings.transient_retries,
+        retry_backoff=5,
+        retry_backoff_max=120,
+        retry_jitter=True,
+    )
+    def process_job_task(self: Any, job_id: str) -> str | None:
+        rec = process_job(job_id, settings, store())
+        return rec.state if rec is not None else None
+
+    return process_job_task
+
+
+def create_worker_app(settings: Settings | None = None) -> Any:
+    """A Celery app with the job task registered, for ``fprotoseg worker``."""
+    settings = settings or load_settings()
+    app = make_celery(settings)
+    register_tasks(app, settings)
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    """``celery -A worker.tasks`` looks up ``app``: built on first access from the environment."""
+    if name == "app":
+        value = create_worker_app()
+        globals()["app"] = value
+        return value
+    raise AttributeError(name)
