@@ -153,12 +153,14 @@ class Slide:
             "vendor": self.vendor,
             "width_px": self.width_px,
             "height_px": self.height_px,
-            "mpp": self.mpp,
+            "mpp": self.mpp if math.isfinite(self.mpp) else None,
             "mpp_source": self.mpp_source,
             "level_count": self.level_count,
             "level_dimensions": [list(d) for d in self.level_dimensions],
             "level_downsamples": list(self.level_downsamples),
-            "level_mpp": [self.level_mpp(i) for i in range(self.level_count)],
+            "level_mpp": [
+                self.level_mpp(i) if math.isfinite(self.mpp) else None for i in range(self.level_count)
+            ],
         }
 
     def close(self) -> None:
@@ -291,11 +293,12 @@ def _mpp_from_tiff_tags(path: Path) -> tuple[float, str] | None:
 
 
 # ------------------------------------------------------------------------------------------- open
-def open_slide(path: str | Path, mpp_override: float | None = None) -> Slide:
+def open_slide(path: str | Path, mpp_override: float | None = None, *, require_mpp: bool = True) -> Slide:
     """Open a whole-slide image, vetted and with its level-0 µm/px resolved.
 
     ``mpp_override`` wins over metadata (for slides whose metadata lacks or misstates it). A slide
-    with no pixel size anywhere raises :class:`MissingMppError`, naming ``--mpp``.
+    with no pixel size anywhere raises :class:`MissingMppError`, naming ``--mpp`` (unless
+    ``require_mpp`` is False, as for ``fprotoseg info``: then ``mpp`` is NaN).
     """
     path = Path(path)
     if not path.is_file():
@@ -330,6 +333,11 @@ def open_slide(path: str | Path, mpp_override: float | None = None) -> Slide:
         )
     try:
         _resolve_mpp(slide, mpp_override)
+    except MissingMppError as exc:
+        if require_mpp:
+            slide.close()
+            raise
+        slide.mpp, slide.mpp_source = float("nan"), f"missing: {exc.message}"
     except BaseException:
         slide.close()
         raise

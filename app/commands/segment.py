@@ -1,0 +1,151 @@
+"""``fprotoseg segment SLIDE``: one slide in, the result files of DESIGN.md section 3 out.
+
+The slide is opened and vetted before the model is loaded, so a bad file fails in milliseconds
+with a one-line reason. torch, OpenSlide and the pipeline are imported inside the handler only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "segment",
+        help="segment one whole-slide image into QuPath GeoJSON, µm² statistics, a mask and an overlay",
+        description=(
+            "Segment one whole-slide image. Writes segmentation.geojson (QuPath import), stats.json "
+            "(per-class areas in µm²), mask.tiff, overlay.png and provenance.json into --out."
+        ),
+    )
+    p.add_argument("slide", type=Path, help="slide file (SVS, NDPI, MIRAX, SCN, OME-TIFF, tiled TIFF, ...)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: ./<slide name>/)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="model .safetensors (default: $FPROTOSEG_CHECKPOINT, else the packaged default model)",
+    )
+    p.add_argument("--mpp", type=float, default=None, help="level-0 µm/px, overriding the slide metadata")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--batch-size", type=int, default=32, help="tiles per network call (default 32)")
+    p.add_argument(
+        "--output-mpp", type=float, default=2.0, help="µm/px of the label map and polygons (default 2.0)"
+    )
+    p.add_argument("--reader-threads", type=int, default=2, help="threads reading/decoding tiles (default 2)")
+    p.add_argument(
+        "--num-threads", type=int, default=None, help="CPU threads for the network (default: torch's)"
+    )
+    p.add_argument("--simplify-um", type=float, default=1.0, help="polygon simplification tolerance in µm")
+    p.add_argument("--min-region-um2", type=float, default=50.0, help="drop regions smaller than this (µm²)")
+    p.add_argument("--geojson-gzip", action="store_true", help="also write segmentation.geojson.gz")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in scripts)")
+    p.set_defaults(handler=handle)
+
+
+def default_out_dir(slide: Path) -> Path:
+    name = slide.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return Path.cwd() / name[: -len(suffix)]
+    return Path.cwd() / slide.stem
+
+
+class _Bar:
+    """tqdm bar: tiles done/total and tiles/s during inference, the stage name always."""
+
+    def __init__(self, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=0, unit="tile", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+        self._stage = ""
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        bar = self._bar
+        if stage != self._stage:
+            self._stage = stage
+            bar.set_description(stage)
+            if stage == "inference":
+                bar.reset(total=total)
+        if stage == "inference":
+            bar.update(done - bar.n)
+        else:
+            bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def handle(args: argparse.Namespace) -> int:
+    from model.errors import FprotosegError
+    from worker.errors import SlideError
+    from worker.slide import open_slide
+
+    if args.batch_size < 1:
+        raise SlideError("--batch-size must be >= 1")
+    if args.reader_threads < 1:
+        raise SlideError("--reader-threads must be >= 1")
+    # Vet the slide first: a bad file fails before the (slower) model load.
+    open_slide(args.slide, mpp_override=args.mpp).close()
+
+    import model
+    from worker.pipeline import PipelineOptions, run
+
+    checkpoint = args.checkpoint or (Path(os.environ["FPROTOSEG_CHECKPOINT"])
+                                     if os.environ.get("FPROTOSEG_CHECKPOINT") else None)
+    if checkpoint is not None and not checkpoint.is_file():
+        raise FprotosegError(f"checkpoint not found: {checkpoint}", code="invalid_checkpoint")
+    from model.segmenter import resolve_device
+
+    device = resolve_device(args.device)
+    precision = args.precision or ("fp16" if device == "cuda" else "fp32")
+    segmenter = model.load_segmenter(
+        checkpoint, device=device, precision=precision, num_threads=args.num_threads
+    )
+    options = PipelineOptions(
+        output_mpp=args.output_mpp,
+        batch_size=args.batch_size,
+        reader_threads=args.reader_threads,
+        simplify_tolerance_um=args.simplify_um,
+        min_region_area_um2=args.min_region_um2,
+        geojson_gzip=args.geojson_gzip,
+    )
+    out_dir = args.out or default_out_dir(args.slide)
+    bar = _Bar(enabled=not args.no_progress)
+    t0 = time.perf_counter()
+    try:
+        result = run(args.slide, out_dir, segmenter, options=options, mpp_override=args.mpp, progress=bar)
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    _print_summary(result, elapsed)
+    return 0
+
+
+def _print_summary(result: Any, elapsed_s: float) -> None:
+    stats, prov = result.stats, result.provenance
+    tiles = prov["tiles"]
+    print(
+        f"{stats['slide']['file']}: {stats['slide']['width']}x{stats['slide']['height']} px at "
+        f"{stats['slide']['mpp']:.4g} µm/px ({stats['slide']['mpp_source']}), "
+        f"{tiles['inferred']} tiles in {elapsed_s:.1f} s "
+        f"on {prov['model']['device']}/{prov['model']['precision']}"
+    )
+    print(f"tissue: {stats['tissue_area_mm2']:.3f} mm²")
+    for c in stats["classes"]:
+        print(
+            f"  {c['name']:<14} {c['area_um2'] / 1e6:10.4f} mm²  {100 * c['fraction_of_tissue']:5.1f}%  "
+            f"{c['region_count']} region(s)"
+        )
+    for w in stats.get("warnings", []):
+        print(f"warning: {w}")
+    print(f"results in {result.out_dir}/")
+    for key, path in sorted(result.files.items()):
+        print(f"  {key:<11} {path.name}")
