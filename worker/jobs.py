@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gzip
 import json
 import logging
 import os
@@ -110,7 +109,7 @@ class _Progress:
         frac = (done / total) if total else 1.0
         frac = max(0.0, min(1.0, frac))
         name = stage.lower()
-        if "infer" in name or "tile" in name or "segment" in name:
+        if "infer" in name:
             self._seen_inference = True
             value = 0.05 + 0.85 * frac  # inference dominates the time of a job
         elif self._seen_inference:
@@ -160,12 +159,6 @@ def _count_tiles(result: Any) -> int | None:
                     if isinstance(value.get(sub), int):
                         return int(value[sub])
     return None
-
-
-def _write_gzip_copy(path: Path) -> None:
-    """``segmentation.geojson.gz`` beside the GeoJSON, so the API serves gzip without recompressing."""
-    with path.open("rb") as src, gzip.open(path.with_name(path.name + ".gz"), "wb", compresslevel=6) as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
 
 
 def _publish(work_dir: Path, result_dir: Path) -> None:
@@ -315,7 +308,9 @@ def _process(
         segmenter = get_segmenter(settings)
         from worker.pipeline import PipelineOptions, run
 
-        options = PipelineOptions(batch_size=settings.batch_size) if settings.batch_size else None
+        # The gzip copy lets the API answer Accept-Encoding: gzip without recompressing per request.
+        extra = {"batch_size": settings.batch_size} if settings.batch_size else {}
+        options = PipelineOptions(geojson_gzip=True, **extra)
         shutil.rmtree(work_dir, ignore_errors=True)
         work_dir.mkdir(parents=True)
         result = run(
@@ -328,7 +323,6 @@ def _process(
             should_cancel=_CancelCheck(store, job_id, settings.cancel_poll_interval_s, should_stop),
         )
         store.progress(job_id, "publishing results", 0.99)
-        _write_gzip_copy(work_dir / RESULT_FILES["geojson"])
         _publish(work_dir, result_dir)
     except JobInterrupted:
         shutil.rmtree(work_dir, ignore_errors=True)

@@ -228,8 +228,7 @@ class SqliteJobStore(JobStore):
         self._local = threading.local()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._tx() as db:
-                db.executescript(_SQLITE_SCHEMA)
+            self._db().executescript(_SQLITE_SCHEMA)  # executescript manages its own transaction
         except (OSError, sqlite3.Error) as exc:
             raise JobStoreError(f"cannot open the job store {self.path}: {exc}") from None
 

@@ -1,0 +1,46 @@
+"""``fprotoseg worker``: a Celery worker on FPROTOSEG_BROKER_URL (concurrency 1 by default: one GPU).
+
+Prefork pool, so the soft/hard time limits and max-tasks-per-child apply; the model is loaded
+once per worker process. Run one per GPU (``CUDA_VISIBLE_DEVICES=n fprotoseg worker``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from worker.settings import ConfigurationError, load_settings
+
+    overrides = {"worker_concurrency": args.concurrency} if args.concurrency else {}
+    settings = load_settings(**overrides)
+    if settings.embedded:
+        raise ConfigurationError(
+            "FPROTOSEG_BROKER_URL is not set; set it to redis://HOST:6379/0, or run `fprotoseg serve` "
+            "alone (it includes a worker)"
+        )
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    from worker.tasks import create_worker_app
+
+    app = create_worker_app(settings)
+    argv = [
+        "worker",
+        f"--loglevel={args.loglevel}",
+        f"--concurrency={settings.worker_concurrency}",
+        f"--queues={settings.queue}",
+        f"--pool={args.pool}",
+        f"--hostname={args.hostname}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    app.worker_main(argv)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("worker", help="run a Celery worker (needs FPROTOSEG_BROKER_URL)")
+    p.add_argument("--concurrency", type=int, default=None, help="parallel jobs (default 1: one GPU)")
+    p.add_argument("--pool", default="prefork", choices=["prefork", "solo"], help="solo: no time limits")
+    p.add_argument("--hostname", default="fprotoseg@%h", help="Celery node name")
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(handler=_worker)

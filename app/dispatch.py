@@ -1,0 +1,117 @@
+"""How a new job reaches a worker: Celery by task name, or the embedded worker's queue.
+
+Both dispatchers also answer "is a worker there?" for /readyz and "how many are waiting in the
+broker?" for /metrics. Neither imports torch: the Celery app here is configuration only
+(``worker.celery_app``), the task is named, never imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Protocol
+
+from worker.jobstore import JobStore
+from worker.settings import Settings
+
+log = logging.getLogger("fprotoseg.api")
+
+
+class Dispatcher(Protocol):
+    kind: str
+
+    def submit(self, job_id: str) -> None:
+        """Hand a queued job to the workers; raise on a broker failure."""
+        ...
+
+    def workers_alive(self) -> int: ...
+
+    def broker_ok(self) -> bool: ...
+
+    def broker_queue_length(self) -> int | None: ...
+
+
+class EmbeddedDispatcher:
+    """The local worker process polls the SQLite store for queued jobs: nothing to send."""
+
+    kind = "embedded"
+
+    def __init__(self, settings: Settings, store: JobStore) -> None:
+        self.settings, self.store = settings, store
+
+    def submit(self, job_id: str) -> None:
+        return None
+
+    def workers_alive(self) -> int:
+        now = time.time()
+        beats = self.store.heartbeats()
+        return sum(1 for at in beats.values() if now - at <= self.settings.heartbeat_stale_s)
+
+    def broker_ok(self) -> bool:
+        return True
+
+    def broker_queue_length(self) -> int | None:
+        return None
+
+
+class CeleryDispatcher:
+    """``send_task`` by name to the configured Redis broker."""
+
+    kind = "celery"
+    PING_CACHE_S = 5.0
+
+    def __init__(self, settings: Settings) -> None:
+        from worker.celery_app import make_celery
+
+        self.settings = settings
+        self.app = make_celery(settings)
+        self._ping_lock = threading.Lock()
+        self._ping_at = 0.0
+        self._ping_count = 0
+
+    def submit(self, job_id: str) -> None:
+        from worker.celery_app import TASK_NAME
+
+        self.app.send_task(
+            TASK_NAME,
+            args=[job_id],
+            queue=self.settings.queue,
+            task_id=job_id,
+            retry=True,
+            retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+        )
+
+    def workers_alive(self) -> int:
+        with self._ping_lock:  # a broadcast ping waits ~1 s: cache its answer briefly
+            if time.monotonic() - self._ping_at > self.PING_CACHE_S:
+                try:
+                    replies = self.app.control.ping(timeout=1.0) or []
+                except Exception as exc:
+                    log.warning("worker ping failed: %s", exc)
+                    replies = []
+                self._ping_count = len(replies)
+                self._ping_at = time.monotonic()
+            return self._ping_count
+
+    def broker_ok(self) -> bool:
+        try:
+            with self.app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=2)
+                conn.default_channel.client.ping()
+            return True
+        except Exception as exc:
+            log.warning("broker unreachable: %s", exc)
+            return False
+
+    def broker_queue_length(self) -> int | None:
+        from worker.celery_app import queue_length
+
+        try:
+            return queue_length(self.app, self.settings)
+        except Exception:
+            return None
+
+
+def make_dispatcher(settings: Settings, store: JobStore) -> Dispatcher:
+    return EmbeddedDispatcher(settings, store) if settings.embedded else CeleryDispatcher(settings)

@@ -1,0 +1,73 @@
+"""The FastAPI application: ``create_app(settings)`` wires settings, job store, dispatcher, routes.
+
+The API never imports torch or OpenSlide: jobs reach workers by Celery task *name* (with a
+broker) or through the SQLite job store (embedded default, see ``fprotoseg serve``).
+Run it with ``fprotoseg serve``, or ``uvicorn --factory app.main:create_app`` (settings from
+the environment) behind a process manager.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from fastapi import FastAPI
+
+from app.dispatch import make_dispatcher
+from app.metrics import install_metrics
+from app.problems import install_problem_handlers
+from app.routes import health, jobs, results, segment
+from app.upload import TEMP_PREFIX
+from worker.jobstore import open_jobstore
+from worker.settings import Settings, load_settings
+
+log = logging.getLogger("fprotoseg.api")
+
+STALE_UPLOAD_S = 6 * 3600.0
+
+DESCRIPTION = """Whole-slide H&E tissue segmentation (FProtoSeg).
+
+`POST /segment` a slide (multipart field `file`), poll `GET /jobs/{id}` until `succeeded`, then
+fetch `/geojson` (QuPath), `/stats` (µm² per class), `/mask`, `/overlay`, `/provenance`.
+Every endpoint but `/healthz`, `/readyz`, `/metrics` and the docs needs an `X-API-Key` header.
+Errors are `application/problem+json` with a stable `code`.
+"""
+
+
+def _remove_stale_uploads(settings: Settings) -> None:
+    """Temp files of uploads cut off by a crash; any younger one may belong to a live request."""
+    now = time.time()
+    for path in settings.uploads_dir.glob(f"{TEMP_PREFIX}*"):
+        try:
+            if now - path.stat().st_mtime > STALE_UPLOAD_S:
+                path.unlink()
+        except OSError:
+            pass
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API for ``settings`` (default: from the FPROTOSEG_* environment)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    settings = settings or load_settings()
+    settings.uploads_dir.mkdir(parents=True, exist_ok=True)
+    settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_uploads(settings)
+    store = open_jobstore(settings)
+    dispatcher = make_dispatcher(settings, store)
+    if not settings.auth_disabled and not settings.api_keys:
+        log.warning("no API key configured (FPROTOSEG_API_KEYS): every authenticated request gets 401")
+    try:
+        app_version = version("fprotoseg")
+    except PackageNotFoundError:
+        app_version = "0+unknown"
+
+    app = FastAPI(title="fprotoseg", version=app_version, description=DESCRIPTION)
+    app.state.settings = settings
+    app.state.store = store
+    app.state.dispatcher = dispatcher
+    install_problem_handlers(app)
+    app.state.metrics_registry = install_metrics(app, store, dispatcher)
+    for module in (segment, jobs, results, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,68 @@
+"""``/healthz`` (the process answers), ``/readyz`` (storage, broker, a worker), ``/metrics``."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.auth import require_api_key
+from app.deps import DispatcherDep, SettingsDep, StoreDep
+from app.problems import PROBLEM_MEDIA_TYPE
+from worker.jobstore import JobStoreError
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="Liveness: the API process answers")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def _storage_ok(settings: SettingsDep) -> bool:
+    probe = settings.data_dir / f".readyz-{uuid.uuid4().hex}"
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        return os.access(settings.uploads_dir, os.W_OK)
+    except OSError:
+        return False
+
+
+@router.get("/readyz", summary="Readiness: storage, job store, broker, at least one worker")
+def readyz(settings: SettingsDep, store: StoreDep, dispatcher: DispatcherDep) -> JSONResponse:
+    checks: dict[str, Any] = {"mode": dispatcher.kind, "storage": _storage_ok(settings)}
+    try:
+        store.ping()
+        checks["jobstore"] = True
+    except JobStoreError:
+        checks["jobstore"] = False
+    checks["broker"] = dispatcher.broker_ok()
+    workers = dispatcher.workers_alive() if checks["broker"] else 0
+    checks["workers"] = workers
+    ready = checks["storage"] and checks["jobstore"] and checks["broker"] and workers > 0
+    if ready:
+        return JSONResponse({"status": "ready", "checks": checks})
+    failing = [k for k in ("storage", "jobstore", "broker") if not checks[k]] + (
+        [] if workers else ["workers"]
+    )
+    body = {
+        "type": "urn:fprotoseg:problem:not_ready",
+        "title": "Service unavailable",
+        "status": 503,
+        "detail": "not ready: " + ", ".join(failing),
+        "code": "not_ready",
+        "checks": checks,
+    }
+    return JSONResponse(body, status_code=503, media_type=PROBLEM_MEDIA_TYPE)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def metrics(request: Request, settings: SettingsDep) -> Response:
+    if not settings.metrics_public:
+        require_api_key(request, request.headers.get("X-API-Key"))
+    return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,74 @@
+"""``GET /jobs`` (newest first, paginated), ``GET /jobs/{id}``, ``DELETE /jobs/{id}`` (cancel)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+
+from app.auth import ApiKey
+from app.deps import SettingsDep, StoreDep
+from app.problems import Problem
+from app.routes.views import base_url, job_view
+from worker.jobstore import CANCELLED, FAILED, SUCCEEDED, JobRecord, JobStore
+
+router = APIRouter(tags=["jobs"])
+
+StateFilter = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+def load_job(store: JobStore, job_id: str) -> JobRecord:
+    rec = store.get(job_id) if 0 < len(job_id) <= 64 else None
+    if rec is None:
+        raise Problem(404, f"no job {job_id[:64]!r}", code="job_not_found")
+    return rec
+
+
+@router.get("/jobs", summary="List jobs, newest first")
+def list_jobs(
+    request: Request,
+    _: ApiKey,
+    settings: SettingsDep,
+    store: StoreDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    state: StateFilter | None = None,
+) -> dict[str, Any]:
+    limit = min(limit, settings.jobs_page_max)
+    records, total = store.list(limit=limit, offset=offset, state=state)
+    next_url = None
+    if offset + len(records) < total:
+        query = f"limit={limit}&offset={offset + limit}" + (f"&state={state}" if state else "")
+        next_url = f"{base_url(request, settings)}/jobs?{query}"
+    return {
+        "jobs": [job_view(r, request, settings) for r in records],
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+        "next": next_url,
+    }
+
+
+@router.get("/jobs/{job_id}", summary="State, progress and result links of one job")
+def get_job(
+    job_id: str, request: Request, _: ApiKey, settings: SettingsDep, store: StoreDep
+) -> dict[str, Any]:
+    return job_view(load_job(store, job_id), request, settings)
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    status_code=202,
+    summary="Cancel a job (a running job stops at its next batch)",
+    responses={409: {"description": "the job has already finished"}},
+)
+def cancel_job(
+    job_id: str, request: Request, _: ApiKey, settings: SettingsDep, store: StoreDep
+) -> JSONResponse:
+    rec = load_job(store, job_id)
+    if rec.state in (SUCCEEDED, FAILED):
+        raise Problem(409, f"job {job_id} has already {rec.state}; nothing to cancel", code="job_finished")
+    if rec.state != CANCELLED:
+        rec = store.request_cancel(job_id) or rec
+    return JSONResponse(job_view(rec, request, settings), status_code=202)

@@ -1,0 +1,104 @@
+"""Result files of a succeeded job: ``/geojson`` (gzip when asked), ``/stats``, ``/mask``,
+``/overlay``, ``/provenance``. Served straight from the job's published results directory."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse
+
+from app.auth import ApiKey
+from app.deps import SettingsDep, StoreDep
+from app.problems import Problem
+from app.routes.jobs import load_job
+from worker.jobs import RESULT_FILES, results_complete
+from worker.jobstore import SUCCEEDED
+
+router = APIRouter(tags=["results"])
+
+MEDIA_TYPES = {
+    "geojson": "application/geo+json",
+    "stats": "application/json",
+    "mask": "image/tiff",
+    "overlay": "image/png",
+    "provenance": "application/json",
+}
+_RESPONSES = {
+    404: {"description": "no such job"},
+    409: {"description": "the job has not succeeded (yet)"},
+}
+
+
+def _result_path(settings: SettingsDep, store: StoreDep, job_id: str, name: str):  # type: ignore[no-untyped-def]
+    rec = load_job(store, job_id)
+    if rec.state != SUCCEEDED:
+        raise Problem(
+            409,
+            f"job {job_id} is {rec.state}; results exist once it has succeeded",
+            code="results_not_ready",
+            extra={"state": rec.state},
+        )
+    result_dir = settings.result_dir(job_id)
+    if not results_complete(result_dir):
+        raise Problem(
+            404, f"the results of job {job_id} are missing from the data dir", code="results_missing"
+        )
+    return result_dir / RESULT_FILES[name]
+
+
+def _file(path, name: str, job_id: str, *, attachment: bool) -> FileResponse:  # type: ignore[no-untyped-def]
+    disposition = "attachment" if attachment else "inline"
+    return FileResponse(
+        path,
+        media_type=MEDIA_TYPES[name],
+        headers={"Content-Disposition": f'{disposition}; filename="{job_id}-{path.name}"'},
+    )
+
+
+@router.get(
+    "/jobs/{job_id}/geojson",
+    summary="QuPath-compatible GeoJSON (gzip with Accept-Encoding)",
+    responses=_RESPONSES,
+)
+def get_geojson(
+    job_id: str, request: Request, _: ApiKey, settings: SettingsDep, store: StoreDep
+) -> FileResponse:
+    path = _result_path(settings, store, job_id, "geojson")
+    gz = path.with_name(path.name + ".gz")
+    wants_gzip = "gzip" in request.headers.get("accept-encoding", "").lower()
+    if wants_gzip and gz.is_file():
+        return FileResponse(
+            gz,
+            media_type=MEDIA_TYPES["geojson"],
+            headers={
+                "Content-Encoding": "gzip",
+                "Vary": "Accept-Encoding",
+                "Content-Disposition": f'attachment; filename="{job_id}-{path.name}"',
+            },
+        )
+    response = _file(path, "geojson", job_id, attachment=True)
+    response.headers["Vary"] = "Accept-Encoding"
+    return response
+
+
+@router.get("/jobs/{job_id}/stats", summary="Per-class areas in µm² (stats.json)", responses=_RESPONSES)
+def get_stats(job_id: str, _: ApiKey, settings: SettingsDep, store: StoreDep) -> FileResponse:
+    return _file(_result_path(settings, store, job_id, "stats"), "stats", job_id, attachment=False)
+
+
+@router.get("/jobs/{job_id}/mask", summary="Label mask, pyramidal TIFF", responses=_RESPONSES)
+def get_mask(job_id: str, _: ApiKey, settings: SettingsDep, store: StoreDep) -> FileResponse:
+    return _file(_result_path(settings, store, job_id, "mask"), "mask", job_id, attachment=True)
+
+
+@router.get(
+    "/jobs/{job_id}/overlay", summary="Thumbnail with classes drawn and a legend", responses=_RESPONSES
+)
+def get_overlay(job_id: str, _: ApiKey, settings: SettingsDep, store: StoreDep) -> FileResponse:
+    return _file(_result_path(settings, store, job_id, "overlay"), "overlay", job_id, attachment=False)
+
+
+@router.get(
+    "/jobs/{job_id}/provenance", summary="How the result was made (provenance.json)", responses=_RESPONSES
+)
+def get_provenance(job_id: str, _: ApiKey, settings: SettingsDep, store: StoreDep) -> FileResponse:
+    return _file(_result_path(settings, store, job_id, "provenance"), "provenance", job_id, attachment=False)

@@ -1,0 +1,60 @@
+"""The JSON shape of a job, shared by POST /segment, GET /jobs and GET /jobs/{id}."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from fastapi import Request
+
+from worker.jobs import RESULT_FILES
+from worker.jobstore import SUCCEEDED, JobRecord
+from worker.settings import Settings
+
+
+def iso(ts: float | None) -> str | None:
+    """UNIX seconds -> ISO 8601 UTC with milliseconds (``2026-01-02T03:04:05.678Z``)."""
+    if ts is None:
+        return None
+    return (
+        datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
+
+
+def base_url(request: Request, settings: Settings) -> str:
+    return (settings.public_url or str(request.base_url)).rstrip("/")
+
+
+def job_url(request: Request, settings: Settings, job_id: str) -> str:
+    return f"{base_url(request, settings)}/jobs/{job_id}"
+
+
+def job_view(rec: JobRecord, request: Request, settings: Settings) -> dict[str, Any]:
+    url = job_url(request, settings, rec.id)
+    links: dict[str, str] = {"self": url}
+    if rec.state == SUCCEEDED:
+        links.update({name: f"{url}/{name}" for name in RESULT_FILES})
+    return {
+        "job_id": rec.id,
+        "state": rec.state,
+        "progress": round(rec.progress, 4),
+        "stage": rec.stage,
+        "error": {"code": rec.error_code, "message": rec.error_message} if rec.error_code else None,
+        "created_at": iso(rec.created_at),
+        "started_at": iso(rec.started_at),
+        "finished_at": iso(rec.finished_at),
+        "updated_at": iso(rec.updated_at),
+        "attempts": rec.attempts,
+        "cancel_requested": rec.cancel_requested,
+        "upload": {
+            "filename": rec.filename,
+            "sha256": rec.upload_sha256,
+            "size_bytes": rec.upload_bytes,
+            "format": rec.upload_format,
+        },
+        "mpp": rec.mpp,
+        "callback_url": rec.callback_url,
+        "tiles": rec.tiles,
+        "duration_s": rec.duration_s,
+        "links": links,
+    }

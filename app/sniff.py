@@ -1,0 +1,235 @@
+"""What an upload is, decided from its bytes (never from its name or Content-Type).
+
+Accepted: TIFF and BigTIFF containers (Aperio SVS, Hamamatsu NDPI, OME-TIFF, Leica SCN, Philips
+TIFF, Ventana BIF, generic tiled TIFF) and DICOM (``DICM`` after the 128-byte preamble).
+Refused with 415 and a reason naming what the bytes look like: PNG, JPEG, JPEG 2000, ZIP, gzip,
+PDF, text, unknown bytes. A TIFF whose first directory or level-0 tiles lie beyond the end of
+the file is refused with 422 (a truncated upload) before any worker spends time on it. Pure
+Python on a few KB of the file: the API process stays free of OpenSlide.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.problems import Problem
+
+# Extensions a client may keep for the server-side name (cosmetic: readers detect by content).
+TIFF_EXTENSIONS = (".svs", ".ndpi", ".tif", ".tiff", ".scn", ".bif", ".qptiff", ".btf")
+
+_NOT_SLIDES = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "a JPEG 2000 image"),
+    (b"\xffO\xffQ", "a JPEG 2000 codestream"),
+    (b"PK\x03\x04", "a ZIP archive (upload the slide file itself; MIRAX .mrxs folders are not supported)"),
+    (b"PK\x05\x06", "an empty ZIP archive"),
+    (b"\x1f\x8b", "a gzip file (upload the uncompressed slide)"),
+    (b"BZh", "a bzip2 file"),
+    (b"\xfd7zXZ\x00", "an xz file"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
+    (b"%PDF", "a PDF document"),
+    (b"GIF8", "a GIF image"),
+    (b"BM", "a BMP image"),
+)
+
+_TAG_WIDTH, _TAG_HEIGHT, _TAG_DESCRIPTION = 256, 257, 270
+_TAG_STRIP_OFFSETS, _TAG_STRIP_COUNTS = 273, 279
+_TAG_TILE_OFFSETS, _TAG_TILE_COUNTS = 324, 325
+_TAG_NDPI = 65420
+_TYPE_SIZES = {
+    1: 1,
+    2: 1,
+    3: 2,
+    4: 4,
+    5: 8,
+    6: 1,
+    7: 1,
+    8: 2,
+    9: 4,
+    10: 8,
+    11: 4,
+    12: 8,
+    13: 4,
+    16: 8,
+    17: 8,
+    18: 8,
+}
+_TYPE_FORMATS = {3: "H", 4: "I", 16: "Q", 13: "I", 8: "h", 9: "i", 17: "q"}
+_MAX_IFD_ENTRIES = 4096
+_MAX_ARRAY_VALUES = 20_000_000
+
+
+@dataclass(frozen=True)
+class SlideFormat:
+    """What the sniffer decided: a short name, the server-side file extension, a media type."""
+
+    name: str
+    extension: str
+    media_type: str
+    width_px: int | None = None
+    height_px: int | None = None
+
+
+def _unsupported(detail: str) -> Problem:
+    return Problem(415, detail, code="unsupported_media_type")
+
+
+def _corrupt(detail: str) -> Problem:
+    return Problem(422, detail, code="corrupt_slide")
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if not head or b"\x00" in head:
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    printable = sum(ch.isprintable() or ch in "\r\n\t" for ch in text)
+    return printable >= 0.95 * len(text)
+
+
+class _TiffReader:
+    """Just enough TIFF to read the first directory's tags (classic and BigTIFF, both byte orders)."""
+
+    def __init__(self, fh, file_size: int, head: bytes) -> None:  # type: ignore[no-untyped-def]
+        self.fh, self.size = fh, file_size
+        self.bo = "<" if head[:2] == b"II" else ">"
+        self.big = head[2:4] in (b"+\x00", b"\x00+")
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        if offset < 0 or offset + n > self.size:
+            raise _corrupt("the TIFF structure points beyond the end of the file (truncated upload?)")
+        self.fh.seek(offset)
+        data = self.fh.read(n)
+        if len(data) != n:
+            raise _corrupt("the TIFF structure points beyond the end of the file (truncated upload?)")
+        return data
+
+    def first_ifd(self) -> dict[int, tuple[int, int, bytes]]:
+        """tag -> (type, count, raw value-or-offset field)."""
+        bo = self.bo
+        if self.big:
+            offset = struct.unpack(bo + "Q", self.read_at(8, 8))[0]
+            n = struct.unpack(bo + "Q", self.read_at(offset, 8))[0]
+            entry_size, first = 20, offset + 8
+        else:
+            offset = struct.unpack(bo + "I", self.read_at(4, 4))[0]
+            n = struct.unpack(bo + "H", self.read_at(offset, 2))[0]
+            entry_size, first = 12, offset + 2
+        if offset < 8:
+            raise _corrupt("the TIFF header's first directory offset is invalid")
+        if not 1 <= n <= _MAX_IFD_ENTRIES:
+            raise _corrupt(f"the TIFF's first directory has {n} entries; the file is corrupt")
+        raw = self.read_at(first, n * entry_size)
+        tags: dict[int, tuple[int, int, bytes]] = {}
+        for i in range(n):
+            e = raw[i * entry_size : (i + 1) * entry_size]
+            if self.big:
+                tag, typ, count = struct.unpack(bo + "HHQ", e[:12])
+                tags[tag] = (typ, count, e[12:20])
+            else:
+                tag, typ, count = struct.unpack(bo + "HHI", e[:8])
+                tags[tag] = (typ, count, e[8:12])
+        return tags
+
+    def values(self, entry: tuple[int, int, bytes], limit: int = _MAX_ARRAY_VALUES) -> list[int]:
+        typ, count, field = entry
+        fmt = _TYPE_FORMATS.get(typ)
+        if fmt is None or count > limit:
+            return []
+        nbytes = count * _TYPE_SIZES[typ]
+        inline = 8 if self.big else 4
+        if nbytes <= inline:
+            data = field[:nbytes]
+        else:
+            off = struct.unpack(self.bo + ("Q" if self.big else "I"), field)[0]
+            data = self.read_at(off, nbytes)
+        return list(struct.unpack(f"{self.bo}{count}{fmt}", data))
+
+    def ascii(self, entry: tuple[int, int, bytes], limit: int = 4096) -> str:
+        typ, count, field = entry
+        if typ != 2:
+            return ""
+        n = min(count, limit)
+        inline = 8 if self.big else 4
+        if count <= inline:
+            data = field[:n]
+        else:
+            off = struct.unpack(self.bo + ("Q" if self.big else "I"), field)[0]
+            data = self.read_at(off, n)
+        return data.decode("latin-1", errors="replace")
+
+
+def _sniff_tiff(path: Path, head: bytes, file_size: int, client_ext: str) -> SlideFormat:
+    with path.open("rb") as fh:
+        reader = _TiffReader(fh, file_size, head)
+        tags = reader.first_ifd()
+        width = (
+            reader.values(tags[_TAG_WIDTH])[0]
+            if _TAG_WIDTH in tags and reader.values(tags[_TAG_WIDTH])
+            else None
+        )
+        height = (
+            reader.values(tags[_TAG_HEIGHT])[0]
+            if _TAG_HEIGHT in tags and reader.values(tags[_TAG_HEIGHT])
+            else None
+        )
+        if not width or not height:
+            raise _corrupt("the TIFF's first image has no width or height")
+        # Level-0 pixel data must lie inside the file: a cut-off upload is refused here, not in a worker.
+        for off_tag, cnt_tag in (
+            (_TAG_TILE_OFFSETS, _TAG_TILE_COUNTS),
+            (_TAG_STRIP_OFFSETS, _TAG_STRIP_COUNTS),
+        ):
+            if off_tag in tags and cnt_tag in tags:
+                offsets, counts = reader.values(tags[off_tag]), reader.values(tags[cnt_tag])
+                if (
+                    offsets
+                    and counts
+                    and max(o + c for o, c in zip(offsets, counts, strict=False)) > file_size
+                ):
+                    raise _corrupt(
+                        "the slide's image data ends beyond the end of the file (truncated upload?)"
+                    )
+                break
+        description = reader.ascii(tags[_TAG_DESCRIPTION]) if _TAG_DESCRIPTION in tags else ""
+    if _TAG_NDPI in tags:
+        name, ext = "hamamatsu-ndpi", ".ndpi"
+    elif description.startswith("Aperio"):
+        name, ext = "aperio-svs", ".svs"
+    elif "OME" in description[:1024] and "<?xml" in description[:64]:
+        name, ext = "ome-tiff", ".ome.tif"
+    else:
+        name, ext = ("bigtiff" if reader.big else "tiff"), ".tif"
+    if client_ext in TIFF_EXTENSIONS and ext == ".tif":
+        ext = client_ext
+    return SlideFormat(name, ext, "image/tiff", width, height)
+
+
+def sniff(path: Path, client_filename: str | None = None) -> SlideFormat:
+    """Decide the format of the uploaded file at ``path``; raise Problem 400/415/422 if not a slide."""
+    file_size = path.stat().st_size
+    if file_size == 0:
+        raise Problem(400, "the uploaded file is empty", code="empty_upload")
+    with path.open("rb") as fh:
+        head = fh.read(4096)
+    client_ext = Path(client_filename or "").suffix.lower()
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        if file_size < 16:
+            raise _corrupt("the file has a TIFF header but nothing else (truncated upload?)")
+        return _sniff_tiff(path, head, file_size, client_ext)
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return SlideFormat("dicom", ".dcm", "application/dicom")
+    for magic, what in _NOT_SLIDES:
+        if head.startswith(magic):
+            raise _unsupported(f"the upload is {what}, not a whole-slide image")
+    if _looks_like_text(head):
+        raise _unsupported("the upload is a text file, not a whole-slide image")
+    raise _unsupported(
+        "the upload is not a whole-slide image format fprotoseg reads (TIFF-based: SVS, NDPI, "
+        "OME-TIFF, SCN, BIF, Philips TIFF, pyramidal TIFF; or DICOM)"
+    )

@@ -1,0 +1,211 @@
+"""Receive a multipart upload straight to disk, hashing while streaming, enforcing the size cap.
+
+FastAPI's ``UploadFile`` would buffer the whole body (to memory, then a temp file) before the
+route runs, so neither the cap nor the hash could act while the bytes arrive. Here the request
+stream goes through python-multipart's push parser: each chunk of the ``file`` part is written
+to a server-named temp file in the uploads directory and fed to sha256; small form fields are
+kept in memory up to a few KB. API memory stays flat whatever the slide size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from fastapi import Request
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from app.problems import Problem
+
+FILE_FIELD = "file"
+MAX_FIELD_BYTES = 8192
+MAX_FIELDS = 16
+# After the cap is hit, read (and discard) at most this much more so the client sees the 413
+# instead of a reset connection; beyond it the connection is simply closed.
+DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
+TEMP_PREFIX = ".incoming-"
+
+
+@dataclass
+class ReceivedUpload:
+    """A complete upload on disk (temp name) plus its form fields."""
+
+    path: Path
+    sha256: str
+    size_bytes: int
+    filename: str
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+def display_filename(raw: str | None) -> str:
+    """The client's file name reduced to a harmless label (for display only, never a path)."""
+    if not raw:
+        return ""
+    name = raw.replace("\\", "/").rsplit("/", 1)[-1]
+    name = re.sub(r"[^A-Za-z0-9._ ()+-]", "_", name).strip(" .")
+    return name[:200]
+
+
+def too_large(cap_bytes: int) -> Problem:
+    return Problem(
+        413,
+        f"the upload exceeds the limit of {cap_bytes / 2**20:g} MiB (FPROTOSEG_MAX_UPLOAD_MB)",
+        code="upload_too_large",
+    )
+
+
+class _Sink:
+    """python-multipart callbacks that route the file part to disk and fields to memory."""
+
+    def __init__(self, temp_path: Path, cap_bytes: int) -> None:
+        self.temp_path, self.cap_bytes = temp_path, cap_bytes
+        self.hasher = hashlib.sha256()
+        self.size = 0
+        self.over_cap = False
+        self.file_seen = False
+        self.filename = ""
+        self.fields: dict[str, str] = {}
+        self.error: Problem | None = None
+        self._fh: IO[bytes] | None = None
+        self._headers: dict[bytes, bytes] = {}
+        self._hname = b""
+        self._hvalue = b""
+        self._part: str | None = None  # "file" | field name | None (ignored part)
+        self._buf = bytearray()
+
+    def on_part_begin(self) -> None:
+        self._headers, self._part, self._buf = {}, None, bytearray()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._hname += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._hvalue += data[start:end]
+
+    def on_header_end(self) -> None:
+        self._headers[self._hname.strip().lower()] = self._hvalue.strip()
+        self._hname, self._hvalue = b"", b""
+
+    def on_headers_finished(self) -> None:
+        _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
+        name = params.get(b"name", b"").decode("utf-8", "replace")
+        if name == FILE_FIELD and b"filename" in params:
+            if self.file_seen:
+                self.error = Problem(422, "send exactly one file in the 'file' field", code="invalid_request")
+                return
+            self.file_seen = True
+            self.filename = params[b"filename"].decode("utf-8", "replace")
+            self._part = FILE_FIELD
+            self._fh = self.temp_path.open("wb")
+        elif name and len(self.fields) < MAX_FIELDS:
+            self._part = name
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._part == FILE_FIELD and self._fh is not None and not self.over_cap:
+            chunk = data[start:end]
+            self.size += len(chunk)
+            if self.size > self.cap_bytes:
+                self.over_cap = True
+                self._close_file()
+                return
+            self._fh.write(chunk)
+            self.hasher.update(chunk)
+        elif self._part is not None and self._part != FILE_FIELD:
+            if len(self._buf) + (end - start) > MAX_FIELD_BYTES:
+                self.error = Problem(422, f"form field {self._part!r} is too long", code="invalid_request")
+                self._part = None
+                return
+            self._buf += data[start:end]
+
+    def on_part_end(self) -> None:
+        if self._part == FILE_FIELD:
+            self._close_file()
+        elif self._part is not None:
+            self.fields[self._part] = self._buf.decode("utf-8", "replace").strip()
+        self._part = None
+
+    def _close_file(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def callbacks(self) -> dict[str, object]:
+        return {
+            name: getattr(self, name)
+            for name in (
+                "on_part_begin",
+                "on_header_field",
+                "on_header_value",
+                "on_header_end",
+                "on_headers_finished",
+                "on_part_data",
+                "on_part_end",
+            )
+        }
+
+
+async def receive_upload(request: Request, uploads_dir: Path, cap_bytes: int) -> ReceivedUpload:
+    """Stream the request body to ``uploads_dir``; Problem 400/413/415/422 on a bad request.
+
+    The caller owns the returned temp file (rename it or delete it).
+    """
+    content_type, params = parse_options_header(request.headers.get("content-type", ""))
+    if content_type != b"multipart/form-data" or not params.get(b"boundary"):
+        raise Problem(
+            415,
+            "send the slide as multipart/form-data in a field named 'file' (curl -F file=@slide.svs)",
+            code="unsupported_media_type",
+        )
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > cap_bytes + 1024 * 1024:
+        raise too_large(cap_bytes)  # before reading a byte (curl's Expect: 100-continue gets this)
+
+    uploads_dir.mkdir(parents=True, exist_ok=True)
+    temp_path = uploads_dir / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+    sink = _Sink(temp_path, cap_bytes)
+    parser = MultipartParser(params[b"boundary"], sink.callbacks())  # type: ignore[arg-type]
+    drained = 0
+    try:
+        async for chunk in request.stream():
+            if sink.over_cap or sink.error is not None:
+                drained += len(chunk)
+                if drained > DRAIN_LIMIT_BYTES:
+                    break
+                continue
+            parser.write(chunk)
+        if not sink.over_cap and sink.error is None:
+            parser.finalize()
+    except Problem:
+        temp_path.unlink(missing_ok=True)
+        raise
+    except Exception:
+        sink._close_file()
+        temp_path.unlink(missing_ok=True)
+        raise Problem(
+            400, "the multipart body is malformed or was cut off", code="malformed_upload"
+        ) from None
+    finally:
+        sink._close_file()
+
+    if sink.over_cap:
+        temp_path.unlink(missing_ok=True)
+        raise too_large(cap_bytes)
+    if sink.error is not None:
+        temp_path.unlink(missing_ok=True)
+        raise sink.error
+    if not sink.file_seen:
+        temp_path.unlink(missing_ok=True)
+        raise Problem(
+            422, "no file: send the slide in a multipart field named 'file'", code="invalid_request"
+        )
+    return ReceivedUpload(
+        path=temp_path,
+        sha256=sink.hasher.hexdigest(),
+        size_bytes=sink.size,
+        filename=display_filename(sink.filename),
+        fields=sink.fields,
+    )
