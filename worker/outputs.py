@@ -133,7 +133,7 @@ def write_mask_tiff(path: Path, label_map: np.ndarray, classes: Sequence[Any], o
     import tifffile
 
     levels = [label_map]
-    while max(levels[-1].shape) > 1024:
+    while max(levels[-1].shape) > 256:
         levels.append(levels[-1][::2, ::2])
     colormap = np.zeros((3, 256), dtype=np.uint16)
     colormap[:, 0] = 255 * 257  # background white

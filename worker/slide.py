@@ -14,10 +14,11 @@ truncated file fails in milliseconds with a one-line reason.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,15 +200,34 @@ def _to_rgb_on_white(rgba: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------- vetting
-def _vet_tiff(path: Path, file_size: int) -> None:
-    """Check claimed TIFF dimensions and tile offsets before any decoder touches the file."""
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """tifffile logs malformed headers before raising; we report them as one SlideError line."""
+    logger = logging.getLogger("tifffile")
+    previous = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = previous
+
+
+def _vet_tiff(path: Path, file_size: int) -> bool:
+    """Check claimed TIFF dimensions and tile offsets before any decoder touches the file.
+
+    Returns whether the file is an OME-TIFF (its pyramid lives in SubIFDs, which only tiffslide
+    reads; OpenSlide's generic-tiff driver would see level 0 alone).
+    """
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
             pages = list(tif.pages)
             if not pages:
-                raise SlideError(f"{path.name} is a TIFF without images")
+                raise SlideError(
+                    f"{path.name} is truncated or not a complete TIFF (no image directory inside "
+                    f"its {file_size} bytes); upload the complete file"
+                )
             widest = max(pages, key=lambda p: int(p.imagewidth) * int(p.imagelength))
             _check_dimensions(path, int(widest.imagewidth), int(widest.imagelength), file_size)
             for page in pages:
@@ -220,6 +240,7 @@ def _vet_tiff(path: Path, file_size: int) -> None:
                             f"{path.name} is truncated: image data runs to byte {end} but the file "
                             f"has {file_size} bytes; upload the complete file"
                         )
+            return bool(tif.is_ome)
     except SlideError:
         raise
     except Exception as exc:  # tifffile raises many types on malformed headers
@@ -268,7 +289,7 @@ def _mpp_from_tiff_tags(path: Path) -> tuple[float, str] | None:
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
             page = tif.pages.first
             desc = page.description or ""
             match = _OME_SIZE.search(desc)
@@ -313,8 +334,7 @@ def open_slide(path: str | Path, mpp_override: float | None = None, *, require_m
     with path.open("rb") as fh:
         magic = fh.read(4)
     is_tiff = magic in _TIFF_MAGICS
-    if is_tiff:
-        _vet_tiff(path, file_size)
+    is_ome = _vet_tiff(path, file_size) if is_tiff else False
 
     import openslide
 
@@ -322,7 +342,7 @@ def open_slide(path: str | Path, mpp_override: float | None = None, *, require_m
         fmt = openslide.OpenSlide.detect_format(str(path))
     except Exception:
         fmt = None
-    if fmt is not None:
+    if fmt is not None and not (is_ome and fmt == "generic-tiff"):
         slide = _open_openslide(path, fmt, file_size)
     elif is_tiff:
         slide = _open_tiffslide(path, file_size)
@@ -377,7 +397,8 @@ def _open_tiffslide(path: Path, file_size: int) -> Slide:
     import tiffslide
 
     try:
-        handle = tiffslide.TiffSlide(str(path))
+        with _quiet_tifffile():
+            handle = tiffslide.TiffSlide(str(path))
     except Exception as exc:
         raise SlideError(f"{path.name} is not a readable whole-slide image: {_one_line(exc)}") from exc
     try:
