@@ -27,7 +27,10 @@ class ConfigurationError(FprotosegError):
 class Settings(BaseSettings):
     """Configuration of the API, the embedded worker and the Celery workers."""
 
-    model_config = SettingsConfigDict(env_prefix="FPROTOSEG_", extra="ignore", validate_default=True)
+    # env_ignore_empty: `FPROTOSEG_X=` (as docker compose passes an unset variable) means "unset".
+    model_config = SettingsConfigDict(
+        env_prefix="FPROTOSEG_", extra="ignore", validate_default=True, env_ignore_empty=True
+    )
 
     # --- public contract (DESIGN.md section 3) ---------------------------------------------------
     data_dir: Path = Field(
