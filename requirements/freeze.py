@@ -92,7 +92,7 @@ def closure(roots: tuple[str, ...]) -> set[str]:
         names.add(key[0])
         for spec in md.distribution(req.name).requires or []:
             dep = Requirement(spec)
-            wanted = [""] + sorted(req.extras)
+            wanted = ["", *sorted(req.extras)]
             if dep.marker is None or any(dep.marker.evaluate({**env, "extra": e}) for e in wanted):
                 todo.append(dep)
     return names
