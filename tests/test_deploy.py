@@ -534,6 +534,45 @@ def test_api_serves_healthz_with_the_api_image_packages_only(tmp_path: Path) -> 
         log.close()
 
 
+@pytest.mark.slow
+def test_worker_healthcheck_answers_while_a_celery_worker_runs(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """The compose worker healthcheck passes against a real `fprotoseg worker`, fails once it stops."""
+    if not _redis_up():
+        pytest.skip("no Redis at 127.0.0.1:6379 (.ci/run starts one)")
+    tag = f"deploytest{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "FPROTOSEG_DATA_DIR": str(tmp_path / "data"),
+        "FPROTOSEG_BROKER_URL": "redis://127.0.0.1:6379/0",
+        "FPROTOSEG_QUEUE": tag,
+        "FPROTOSEG_REDIS_KEY_PREFIX": f"{tag}:",
+        "FPROTOSEG_CHECKPOINT": str(tiny_checkpoint),
+        "FPROTOSEG_DEVICE": "cpu",
+        "HOSTNAME": socket.gethostname(),  # Docker sets it in a container; Celery's %h is this name
+    }
+    test = compose()["services"]["worker"]["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL"
+    command = test[1].replace("$$", "$").replace("celery ", f"{Path(sys.executable).parent}/celery ", 1)
+    probe = ["sh", "-c", command]
+    log = (tmp_path / "worker.log").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker"],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while subprocess.run(probe, env=env, cwd=REPO_ROOT, capture_output=True, timeout=60).returncode != 0:
+            assert proc.poll() is None, (tmp_path / "worker.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-2000:]
+            time.sleep(1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+    down = subprocess.run(probe, env=env, cwd=REPO_ROOT, capture_output=True, timeout=60)
+    assert down.returncode != 0, "the healthcheck must fail when no worker answers"
+
+
 # ---- bench/gpu.py on the CPU path ---------------------------------------------------------------------
 def test_gpu_bench_runs_on_the_cpu_and_prints_its_tables(tiny_checkpoint: Path) -> None:
     from tests.conftest import shared_data_dir
