@@ -553,6 +553,7 @@ def test_worker_healthcheck_answers_while_a_celery_worker_runs(tmp_path: Path, t
     test = compose()["services"]["worker"]["healthcheck"]["test"]
     assert test[0] == "CMD-SHELL"
     command = test[1].replace("$$", "$").replace("celery ", f"{Path(sys.executable).parent}/celery ", 1)
+    command = command.replace("--timeout 10", "--timeout 3")  # only to fail faster once it is down
     probe = ["sh", "-c", command]
     log = (tmp_path / "worker.log").open("w+")
     proc = subprocess.Popen(
@@ -561,10 +562,12 @@ def test_worker_healthcheck_answers_while_a_celery_worker_runs(tmp_path: Path, t
     )
     try:
         deadline = time.monotonic() + 90
-        while subprocess.run(probe, env=env, cwd=REPO_ROOT, capture_output=True, timeout=60).returncode != 0:
+        while " ready." not in (tmp_path / "worker.log").read_text():
             assert proc.poll() is None, (tmp_path / "worker.log").read_text()[-2000:]
             assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-2000:]
-            time.sleep(1)
+            time.sleep(0.5)
+        up = subprocess.run(probe, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        assert up.returncode == 0, up.stdout + up.stderr
     finally:
         proc.terminate()
         proc.wait(timeout=60)
