@@ -324,6 +324,8 @@ def _process(
         )
         store.progress(job_id, "publishing results", 0.99)
         _publish(work_dir, result_dir)
+        for stale in result_dir.parent.glob("work-*"):  # partial output of attempts whose worker died
+            shutil.rmtree(stale, ignore_errors=True)
     except JobInterrupted:
         shutil.rmtree(work_dir, ignore_errors=True)
         store.transition(job_id, QUEUED, [RUNNING], attempts=attempt - 1, stage="requeued", progress=0.0)
