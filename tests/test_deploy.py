@@ -497,6 +497,16 @@ def _redis_up() -> bool:
         return False
 
 
+def _delete_redis_keys(prefix: str) -> None:
+    """Leave the shared Redis as found: drop every key a test process created under its prefix."""
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=6379, db=0)
+    for key in client.scan_iter(f"{prefix}*"):
+        client.delete(key)
+    client.close()
+
+
 def test_api_serves_healthz_with_the_api_image_packages_only(tmp_path: Path) -> None:
     """`fprotoseg serve` with a broker, torch/OpenSlide/numpy absent, answers the compose healthcheck."""
     from app.cli import build_parser
@@ -506,11 +516,12 @@ def test_api_serves_healthz_with_the_api_image_packages_only(tmp_path: Path) -> 
     if not _redis_up():
         pytest.skip("no Redis at 127.0.0.1:6379 (.ci/run starts one)")
     port = _free_port()
+    prefix = f"fprotoseg-test-deploy-{uuid.uuid4().hex[:8]}:"
     env = {
         **os.environ,
         "FPROTOSEG_DATA_DIR": str(tmp_path / "data"),
         "FPROTOSEG_BROKER_URL": "redis://127.0.0.1:6379/0",
-        "FPROTOSEG_REDIS_KEY_PREFIX": f"fprotoseg-test-deploy-{uuid.uuid4().hex[:8]}:",
+        "FPROTOSEG_REDIS_KEY_PREFIX": prefix,
         "FPROTOSEG_API_KEYS": "deploy-test-key",
     }
     log = (tmp_path / "serve.log").open("w+")
@@ -532,6 +543,7 @@ def test_api_serves_healthz_with_the_api_image_packages_only(tmp_path: Path) -> 
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+        _delete_redis_keys(prefix)
 
 
 @pytest.mark.slow
@@ -573,6 +585,7 @@ def test_worker_healthcheck_answers_while_a_celery_worker_runs(tmp_path: Path, t
         proc.wait(timeout=60)
         log.close()
     down = subprocess.run(probe, env=env, cwd=REPO_ROOT, capture_output=True, timeout=60)
+    _delete_redis_keys(f"{tag}:")
     assert down.returncode != 0, "the healthcheck must fail when no worker answers"
 
 
