@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from tests.app.live import (
+    CallbackRecorder,
     Proc,
     api_client,
     check_qupath_geojson,
@@ -43,31 +42,6 @@ def redis_env(tmp_path: Path) -> Iterator[dict[str, str]]:
 def start_worker(data_dir: Path, checkpoint: Path, log: Path, env_extra: dict[str, str]) -> Proc:
     env = service_env(data_dir, checkpoint, **env_extra)
     return Proc(fprotoseg_cmd("worker", "--loglevel", "INFO"), env, log)
-
-
-class CallbackRecorder:
-    """A LIMS stand-in: records every callback POST (body and headers)."""
-
-    def __init__(self) -> None:
-        self.received: list[tuple[dict[str, str], bytes]] = []
-        recorder = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                recorder.received.append((dict(self.headers), body))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/lims/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
 
 
 def test_slide_end_to_end_with_redis_and_celery(

@@ -1,0 +1,133 @@
+"""The job store, on SQLite and on a real Redis: the same behaviour from both."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.app.live import redis_url_for_tests
+from worker.jobstore import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    DuplicateJobError,
+    JobRecord,
+    JobStore,
+    RedisJobStore,
+    SqliteJobStore,
+)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator:
+    """A function returning a *new* store instance on the same storage (to test reopening)."""
+    if request.param == "sqlite":
+        yield lambda: SqliteJobStore(tmp_path / "jobs.sqlite3")
+        return
+    with redis_url_for_tests(tmp_path) as (url, prefix):
+        yield lambda: RedisJobStore(url, prefix)
+
+
+def new_job(store: JobStore, **kw) -> JobRecord:  # type: ignore[no-untyped-def]
+    return store.create(JobRecord(id=str(uuid.uuid4()), **kw))
+
+
+def test_create_get_and_reopen(store_factory) -> None:  # type: ignore[no-untyped-def]
+    store = store_factory()
+    rec = new_job(store, upload_sha256="ab" * 32, params_hash="p", filename="x.svs", mpp=0.5)
+    got = store.get(rec.id)
+    assert got == rec and got.state == QUEUED
+    assert store.get("nope") is None
+    reopened = store_factory()  # an API restart: a new process opens the same storage
+    assert reopened.get(rec.id) == rec
+
+
+def test_transitions_are_compare_and_set(store_factory) -> None:  # type: ignore[no-untyped-def]
+    store = store_factory()
+    rec = new_job(store)
+    running = store.transition(rec.id, RUNNING, [QUEUED], attempts=1, started_at=time.time())
+    assert running is not None and running.state == RUNNING and running.attempts == 1
+    assert store.transition(rec.id, RUNNING, [QUEUED]) is None  # not queued any more
+    assert store.progress(rec.id, "inference", 0.5)
+    done = store.transition(rec.id, SUCCEEDED, [RUNNING], progress=1.0)
+    assert done is not None and done.state == SUCCEEDED
+    assert store.transition(rec.id, SUCCEEDED, [RUNNING]) is None  # exactly once
+    assert store.transition(rec.id, FAILED, [QUEUED, RUNNING]) is None
+    assert not store.progress(rec.id, "late", 0.1)  # no progress writes after the end
+    assert store.get(rec.id).stage == "inference"
+
+
+def test_concurrent_claims_have_one_winner(store_factory) -> None:  # type: ignore[no-untyped-def]
+    store = store_factory()
+    rec = new_job(store)
+    wins: list[bool] = []
+
+    def claim() -> None:
+        wins.append(store_factory().transition(rec.id, RUNNING, [QUEUED]) is not None)
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(wins) == [False] * 7 + [True]
+
+
+def test_list_newest_first_paginated_and_counts(store_factory) -> None:  # type: ignore[no-untyped-def]
+    store = store_factory()
+    ids = []
+    for i in range(5):
+        ids.append(new_job(store, created_at=1000.0 + i).id)
+    store.transition(ids[0], RUNNING, [QUEUED])
+    page, total = store.list(limit=2, offset=0)
+    assert total == 5 and [r.id for r in page] == [ids[4], ids[3]]
+    page, _ = store.list(limit=2, offset=4)
+    assert [r.id for r in page] == [ids[0]]
+    running, n_running = store.list(limit=10, state=RUNNING)
+    assert n_running == 1 and running[0].id == ids[0]
+    counts = store.counts_by_state()
+    assert counts[QUEUED] == 4 and counts[RUNNING] == 1 and counts[SUCCEEDED] == 0
+    assert store.oldest_queued().id == ids[1]
+    assert store.ids_in_state(RUNNING) == [ids[0]]
+
+
+def test_idempotency_key_and_content_lookup(store_factory) -> None:  # type: ignore[no-untyped-def]
+    store = store_factory()
+    first = new_job(store, idempotency_key="k1", upload_sha256="s1", params_hash="p1")
+    with pytest.raises(DuplicateJobError) as info:
+        new_job(store, idempotency_key="k1", upload_sha256="s2", params_hash="p1")
+    assert info.value.existing_id == first.id
+    assert store.find_by_idempotency_key("k1").id == first.id
+    assert store.find_by_content("s1", "p1").id == first.id
+    assert store.find_by_content("s1", "other") is None
+    store.transition(first.id, FAILED, [QUEUED], error_code="x", error_message="y")
+    assert store.find_by_content("s1", "p1") is None  # a failed job is not reused
+
+
+def test_cancel_queued_is_immediate_running_is_flagged(store_factory) -> None:  # type: ignore[no-untyped-def]
+    store = store_factory()
+    queued, running = new_job(store), new_job(store)
+    store.transition(running.id, RUNNING, [QUEUED])
+    assert store.request_cancel(queued.id).state == CANCELLED
+    flagged = store.request_cancel(running.id)
+    assert flagged.state == RUNNING and flagged.cancel_requested
+    assert store.is_cancel_requested(running.id)
+
+
+def test_metrics_heartbeats_and_ping(store_factory) -> None:  # type: ignore[no-untyped-def]
+    store = store_factory()
+    store.ping()
+    store.record_finished_job(12.0, tiles=100)
+    store.record_finished_job(3.0, tiles=None)
+    m = store_factory().metrics()
+    assert m["duration_count"] == 2 and m["duration_sum"] == pytest.approx(15.0)
+    assert m["duration_le_5"] == 1 and m["duration_le_15"] == 2 and m["tiles_total"] == 100
+    store.heartbeat("w1")
+    assert time.time() - store.heartbeats()["w1"] < 5
