@@ -231,6 +231,19 @@ def print_end_to_end(rows: list[EndToEnd], slide: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Expected failures (bad checkpoint, unavailable device or precision) end as one line, exit 2."""
+    try:
+        return _main(argv)
+    except Exception as exc:
+        from model.errors import FprotosegError
+
+        if not isinstance(exc, FprotosegError):
+            raise
+        print(f"bench/gpu.py: error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Sequence[str] | None) -> int:
     if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()) and argv is None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
     args = parse_args(argv)

@@ -610,3 +610,14 @@ def test_gpu_bench_runs_on_the_cpu_and_prints_its_tables(tiny_checkpoint: Path) 
     if slide.exists():
         [e2e] = re.findall(r"^fp32\s+\d+\s+([\d.]+)\s+(\d+)\s+[\d.]+\s+open=", out, flags=re.M)
         assert float(e2e[0]) > 0 and int(e2e[1]) > 0, out  # seconds, tiles of one real slide
+
+
+def test_gpu_bench_rejects_a_missing_checkpoint_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.safetensors"
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / "gpu.py"), "--quick", "--device", "cpu",
+         "--no-slide", "--checkpoint", str(missing)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"bench/gpu.py: error: checkpoint not found: {missing}"
