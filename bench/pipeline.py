@@ -126,10 +126,18 @@ def _segmenter(checkpoint: str | None, batch_size: int):
     return model.load_segmenter(checkpoint, device="cpu", precision="fp32"), checkpoint
 
 
-def child(slide: Path, checkpoint: str | None, batch_size: int, reader_threads: int, out_dir: Path) -> dict:
-    """One measurement in this (fresh) process: model-only ceiling, then the full pipeline."""
+def _peak_rss_bytes() -> int:
+    """This process's own high-water mark (VmHWM; ru_maxrss would include the parent's across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(slide: Path, checkpoint: str | None, batch_size: int, reader_threads: int, out_dir: Path) -> dict:
+    """One measurement in this (fresh) process: model-only ceiling, then the full pipeline."""
     import torch
 
     from worker.pipeline import PipelineOptions, run
@@ -174,7 +182,7 @@ def child(slide: Path, checkpoint: str | None, batch_size: int, reader_threads: 
         "wall_s": wall,
         "timings_s": timings,
         "label_map_bytes": int(np.prod(result.provenance["output"]["label_map_shape"])),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": _peak_rss_bytes(),
     }
 
 

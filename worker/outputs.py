@@ -85,6 +85,15 @@ def write_geojson(out_dir: Path, collection: dict[str, Any], *, gzip_too: bool =
 
 
 # ------------------------------------------------------------------------------------------ stats
+def label_counts(label_map: np.ndarray, rows_per_band: int = 256) -> np.ndarray:
+    """Pixels per label value (256 bins), band by band: bincount widens its input to int64, which
+    on a whole map would cost 8 bytes per pixel."""
+    counts = np.zeros(256, dtype=np.int64)
+    for r0 in range(0, label_map.shape[0], rows_per_band):
+        counts += np.bincount(label_map[r0 : r0 + rows_per_band].ravel(), minlength=256)
+    return counts
+
+
 def compute_stats(
     label_map: np.ndarray,
     classes: Sequence[Any],
@@ -95,7 +104,7 @@ def compute_stats(
     warnings: list[str],
 ) -> dict[str, Any]:
     """Areas are pixel counts x output_mpp² (exact); fractions are over tissue (labels > 0)."""
-    counts = np.bincount(label_map.ravel(), minlength=len(classes) + 1)[: len(classes) + 1]
+    counts = label_counts(label_map)[: len(classes) + 1]
     px_area_um2 = output_mpp * output_mpp
     tissue_px = int(counts[1:].sum())
     per_class = []
@@ -194,18 +203,17 @@ def write_overlay_png(
 
     th, tw = thumbnail_rgb.shape[:2]
     labels = cv2.resize(label_map, (tw, th), interpolation=cv2.INTER_NEAREST)
-    palette = np.zeros((256, 3), dtype=np.float32)
+    palette = np.zeros((256, 3), dtype=np.uint8)
     for k, cls in enumerate(classes):
         palette[k + 1] = cls.color
     colored = palette[labels]
-    blend = thumbnail_rgb.astype(np.float32)
+    blend = cv2.addWeighted(thumbnail_rgb, 1 - alpha, colored, alpha, 0)
     tissue = labels > 0
-    blend[tissue] = (1 - alpha) * blend[tissue] + alpha * colored[tissue]
     # Class boundaries drawn solid so small regions stay visible.
     edges = cv2.morphologyEx(labels, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
-    edges &= tissue
-    blend[edges] = colored[edges]
-    image = Image.fromarray(blend.clip(0, 255).astype(np.uint8))
+    blend[edges & tissue] = colored[edges & tissue]
+    blend[~tissue] = thumbnail_rgb[~tissue]
+    image = Image.fromarray(blend)
 
     font = ImageFont.load_default()
     rows = [(BACKGROUND_NAME + " / glass", (255, 255, 255), None)]

@@ -29,7 +29,7 @@ from worker.errors import JobCancelledError, SlideError
 from worker.slide import Slide, open_slide
 from worker.stitch import LabelMapStitcher
 from worker.tiling import Tile, TileGrid, plan_tiles, read_tile
-from worker.tissue import TissueMask, detect_tissue
+from worker.tissue import TissueMask, detect_tissue_from_saturation, saturation
 from worker.vectorize import region_counts, vectorize
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -118,21 +118,33 @@ def _software_versions() -> dict[str, str]:
 
 
 def _tissue_stage(slide: Slide, options: PipelineOptions) -> tuple[TissueMask, np.ndarray]:
-    """Tissue mask plus a small RGB thumbnail for the overlay (the big thumbnail is freed)."""
+    """Tissue mask plus a small RGB thumbnail for the overlay, streamed chunk by chunk.
+
+    The full-resolution thumbnail never exists: each chunk contributes its saturation (one byte
+    per pixel) and its shrunken copy to the overlay thumbnail, then is dropped.
+    """
     import cv2
 
     area_um2 = slide.width_px * slide.height_px * slide.mpp * slide.mpp
     tissue_mpp = max(options.tissue_mpp, math.sqrt(area_um2 / MAX_TISSUE_THUMBNAIL_PX))
-    rgb, actual_mpp = slide.read_scaled(tissue_mpp)
-    tissue = detect_tissue(rgb, actual_mpp, min_tissue_area_um2=options.min_tissue_area_um2)
-    h, w = rgb.shape[:2]
-    shrink = max(h, w) / OVERLAY_MAX_SIDE_PX
-    if shrink > 1:
-        size = (max(1, round(w / shrink)), max(1, round(h / shrink)))
-        thumb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-    else:
-        thumb = rgb.copy()
-    del rgb
+    _, _, actual_mpp, (h, w) = slide.scaled_geometry(tissue_mpp)
+    sat = np.empty((h, w), dtype=np.uint8)
+    shrink = max(1.0, max(h, w) / OVERLAY_MAX_SIDE_PX)
+    thumb = np.empty((max(1, round(h / shrink)), max(1, round(w / shrink)), 3), dtype=np.uint8)
+    for y, x, chunk in slide.iter_scaled(tissue_mpp):
+        ch, cw = chunk.shape[:2]
+        sat[y : y + ch, x : x + cw] = saturation(chunk)
+        ty0, ty1 = round(y / shrink), min(thumb.shape[0], round((y + ch) / shrink))
+        tx0, tx1 = round(x / shrink), min(thumb.shape[1], round((x + cw) / shrink))
+        if ty1 > ty0 and tx1 > tx0:
+            if (ty1 - ty0, tx1 - tx0) == (ch, cw):
+                thumb[ty0:ty1, tx0:tx1] = chunk
+            else:
+                size = (tx1 - tx0, ty1 - ty0)
+                thumb[ty0:ty1, tx0:tx1] = cv2.resize(chunk, size, interpolation=cv2.INTER_AREA)
+    tissue = detect_tissue_from_saturation(
+        sat, actual_mpp, min_tissue_area_um2=options.min_tissue_area_um2
+    )
     return tissue, thumb
 
 

@@ -122,19 +122,24 @@ class Slide:
         out[y0 - y_px : y1 - y_px, x0 - x_px : x1 - x_px] = _to_rgb_on_white(rgba, size)
         return out
 
-    def read_scaled(self, target_mpp: float, chunk_px: int = 2048) -> tuple[np.ndarray, float]:
-        """The whole slide as RGB at about ``target_mpp``, built chunk by chunk (bounded memory).
+    def scaled_geometry(self, target_mpp: float) -> tuple[int, int, float, tuple[int, int]]:
+        """(level, integer factor, actual mpp, (height, width)) of the slide at about ``target_mpp``.
 
-        Returns (image, actual_mpp). The scale from the chosen level is an integer box factor, so
-        INTER_AREA is an exact average and chunk seams are invisible.
+        The scale from the chosen level is an integer box factor, so INTER_AREA is an exact
+        average and chunk seams are invisible.
         """
-        import cv2
-
         level = self.best_level_for_mpp(target_mpp)
         factor = max(1, math.floor(target_mpp / self.level_mpp(level) + 1e-6))
         lw, lh = self.level_dimensions[level]
-        out_w, out_h = max(1, math.ceil(lw / factor)), max(1, math.ceil(lh / factor))
-        out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+        shape = (max(1, math.ceil(lh / factor)), max(1, math.ceil(lw / factor)))
+        return level, factor, self.level_mpp(level) * factor, shape
+
+    def iter_scaled(self, target_mpp: float, chunk_px: int = 2048) -> Iterator[tuple[int, int, np.ndarray]]:
+        """The slide at about ``target_mpp`` as (row, col, RGB chunk) pieces: memory per chunk only."""
+        import cv2
+
+        level, factor, _, _ = self.scaled_geometry(target_mpp)
+        lw, lh = self.level_dimensions[level]
         step = max(factor, (chunk_px // factor) * factor)
         for y in range(0, lh, step):
             for x in range(0, lw, step):
@@ -143,8 +148,15 @@ class Slide:
                 tile = self.read_level(level, x, y, ow * factor, oh * factor)
                 if factor > 1:
                     tile = cv2.resize(tile, (ow, oh), interpolation=cv2.INTER_AREA)
-                out[y // factor : y // factor + oh, x // factor : x // factor + ow] = tile
-        return out, self.level_mpp(level) * factor
+                yield y // factor, x // factor, tile
+
+    def read_scaled(self, target_mpp: float, chunk_px: int = 2048) -> tuple[np.ndarray, float]:
+        """The whole slide as RGB at about ``target_mpp``; returns (image, actual_mpp)."""
+        _, _, mpp, (out_h, out_w) = self.scaled_geometry(target_mpp)
+        out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+        for y, x, tile in self.iter_scaled(target_mpp, chunk_px):
+            out[y : y + tile.shape[0], x : x + tile.shape[1]] = tile
+        return out, mpp
 
     def metadata(self) -> dict[str, Any]:
         """What ``fprotoseg info`` prints and provenance records."""

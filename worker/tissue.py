@@ -39,8 +39,23 @@ def _disk(radius_px: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
 
 
-def detect_tissue(
-    rgb: np.ndarray,
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation (uint8), zeroed where the pixel is very dark (pen, black padding)."""
+    import cv2
+
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    sat = hsv[:, :, 1].copy()
+    sat[hsv[:, :, 2] <= MAX_DARK_VALUE] = 0
+    return sat
+
+
+def detect_tissue(rgb: np.ndarray, mpp: float, **kwargs: float) -> TissueMask:
+    """Tissue mask of an RGB image at ``mpp`` µm/px (see :func:`detect_tissue_from_saturation`)."""
+    return detect_tissue_from_saturation(saturation(rgb), mpp, **kwargs)
+
+
+def detect_tissue_from_saturation(
+    sat: np.ndarray,
     mpp: float,
     *,
     close_radius_um: float = 16.0,
@@ -52,39 +67,45 @@ def detect_tissue(
 
     Holes smaller than ``min_hole_area_um2`` (nuclei-free cytoplasm, small lumina) are filled;
     larger ones (real lumina, fat) stay glass. Components below ``min_tissue_area_um2`` (dust)
-    are dropped.
+    are dropped. Works in place on one uint8 mask: memory is about two bytes per mask pixel.
     """
     import cv2
 
-    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
-    sat, val = hsv[:, :, 1], hsv[:, :, 2]
-    del hsv
     otsu, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     threshold = int(max(otsu, MIN_SATURATION))
-    mask = ((sat > threshold) & (val > MAX_DARK_VALUE)).astype(np.uint8)
-    del sat, val
+    _, mask = cv2.threshold(sat, threshold, 1, cv2.THRESH_BINARY)
 
     close_px = max(1, round(close_radius_um / mpp))
     open_px = round(open_radius_um / mpp)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _disk(close_px))
+    cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _disk(close_px), dst=mask)
     if open_px >= 1:
-        mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _disk(open_px))
+        cv2.morphologyEx(mask, cv2.MORPH_OPEN, _disk(open_px), dst=mask)
 
     px_area_um2 = mpp * mpp
-    mask = _drop_small_components(mask, math.ceil(min_tissue_area_um2 / px_area_um2))
-    # Fill small holes: glass islands below the hole size become tissue.
-    holes = _drop_small_components(1 - mask, math.ceil(min_hole_area_um2 / px_area_um2))
-    mask = (1 - holes).astype(bool)
-    return TissueMask(mask=mask, mpp=mpp, saturation_threshold=threshold)
+    _fill_small(mask, math.ceil(min_tissue_area_um2 / px_area_um2), holes=False)
+    _fill_small(mask, math.ceil(min_hole_area_um2 / px_area_um2), holes=True)
+    return TissueMask(mask=mask.view(bool), mpp=mpp, saturation_threshold=threshold)
 
 
-def _drop_small_components(mask: np.ndarray, min_px: int) -> np.ndarray:
-    """Zero the 8-connected components of a 0/1 uint8 mask smaller than ``min_px`` pixels."""
+def _fill_small(mask: np.ndarray, min_px: int, *, holes: bool) -> None:
+    """In place: erase tissue components (``holes=False``) or fill glass holes (``holes=True``)
+    whose pixel-edge area is below ``min_px``. Contours, not a label image: no int32 copy of
+    the mask."""
     import cv2
 
     if min_px <= 1 or not mask.any():
-        return mask
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_px
-    keep[0] = False
-    return keep[labels].astype(np.uint8)
+        return
+    contours, hierarchy = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if hierarchy is None:
+        return
+    small = [
+        c
+        for c, h in zip(contours, hierarchy[0], strict=True)
+        if (h[3] != -1) == holes and cv2.contourArea(c) + cv2.arcLength(c, True) / 2 + 1 < min_px
+    ]
+    if small:
+        if holes:
+            # a hole contour runs along the tissue pixels around the hole: filling it fills the hole
+            cv2.drawContours(mask, small, -1, 1, thickness=cv2.FILLED)
+        else:
+            cv2.drawContours(mask, small, -1, 0, thickness=cv2.FILLED)

@@ -9,8 +9,8 @@ Why these steps:
 - ``shapely.make_valid`` after every step that can break validity; QuPath rejects invalid rings.
 - One Feature per connected region; a MultiPolygon only where simplification or the half-pixel
   growth leaves one region in several parts (e.g. two blobs touching at a corner).
-- Memory: one boolean buffer the size of the label map, reused for every class (viewed as uint8
-  for OpenCV, no copy).
+- Memory: the map is traced in horizontal bands with one small reused buffer (viewed as uint8 for
+  OpenCV, no copy); regions cut by a band seam are unioned back together.
 """
 
 from __future__ import annotations
@@ -66,6 +66,58 @@ def _region_from_contours(shell: np.ndarray, holes: list[np.ndarray]) -> object 
     return raw.buffer(0.5, cap_style="square", join_style="mitre")
 
 
+def _band_rows(width_px: int, budget_bytes: int = 2 << 20) -> int:
+    return max(64, budget_bytes // max(1, width_px))
+
+
+def _class_pieces(label_map: np.ndarray, label: int, min_area_px: float) -> list[object]:
+    """Pixel-edge polygons of one label, band by band, merged across band seams.
+
+    Bands keep the working mask small (a few MB) whatever the map size; regions that reach a
+    seam are unioned with their neighbours, so the result is the same as one whole-map pass.
+    """
+    import cv2
+    import shapely
+
+    height, width = label_map.shape
+    rows = _band_rows(width)
+    mask = np.empty((min(rows, height), width), dtype=bool)
+    whole: list[object] = []
+    seam: list[object] = []
+    for r0 in range(0, height, rows):
+        r1 = min(height, r0 + rows)
+        band = mask[: r1 - r0]
+        np.equal(label_map[r0:r1], label, out=band)
+        if not band.any():
+            continue
+        contours, hierarchy = cv2.findContours(band.view(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+        if hierarchy is None:
+            continue
+        hier = hierarchy[0]
+        for i, contour in enumerate(contours):
+            if hier[i][3] != -1:
+                continue  # a hole; handled with its parent
+            _, y, _, h = cv2.boundingRect(contour)
+            at_seam = (y == 0 and r0 > 0) or (y + h == r1 - r0 and r1 < height)
+            # Pixel-edge area estimate (shoelace of centres + half the perimeter + 1): drop specks
+            # without building geometry (never a piece that may continue in the next band).
+            if not at_seam and cv2.contourArea(contour) + cv2.arcLength(contour, True) / 2 + 1 < min_area_px:
+                continue
+            holes = []
+            child = hier[i][2]
+            while child != -1:
+                holes.append(contours[child])
+                child = hier[child][0]
+            geom = _region_from_contours(contour, holes)
+            if r0:
+                geom = shapely.transform(geom, lambda xy, dy=float(r0): xy + np.array([0.0, dy]))
+            (seam if at_seam else whole).append(geom)
+    if seam:
+        merged = shapely.unary_union(seam, grid_size=1e-6)
+        whole.extend(shapely.get_parts(merged))
+    return whole
+
+
 def vectorize(
     label_map: np.ndarray,
     n_classes: int,
@@ -79,7 +131,6 @@ def vectorize(
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Region]:
     """Regions of every class (label ``k + 1`` -> class ``k``), largest first within a class."""
-    import cv2
     import shapely
     from shapely.geometry.polygon import orient
 
@@ -87,33 +138,14 @@ def vectorize(
     min_area_px = min_region_area_um2 / px_area_um2
     tol_px = simplify_tolerance_um / output_mpp
     scale = float(level0_px_per_output_px)
-    mask = np.empty(label_map.shape, dtype=bool)
+    bounds = shapely.box(0, 0, slide_width_px, slide_height_px)
     regions: list[Region] = []
     for k in range(n_classes):
-        np.equal(label_map, k + 1, out=mask)
         if progress is not None:
             progress(k, n_classes)
-        if not mask.any():
-            continue
-        contours, hierarchy = cv2.findContours(mask.view(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-        if hierarchy is None:
-            continue
-        hier = hierarchy[0]
         class_regions: list[Region] = []
-        for i, contour in enumerate(contours):
-            if hier[i][3] != -1:
-                continue  # a hole; handled with its parent
-            # Pixel-edge area estimate (shoelace of centres + half the perimeter + 1): skip specks
-            # without building geometry.
-            approx_px = cv2.contourArea(contour) + cv2.arcLength(contour, True) / 2 + 1
-            if approx_px < min_area_px:
-                continue
-            holes = []
-            child = hier[i][2]
-            while child != -1:
-                holes.append(contours[child])
-                child = hier[child][0]
-            geom = _region_from_contours(contour, holes)
+        for piece in _class_pieces(label_map, k + 1, min_area_px):
+            geom = piece
             if tol_px > 0:
                 geom = shapely.make_valid(geom.simplify(tol_px, preserve_topology=True))
             geom = _polygonal(geom)
@@ -123,7 +155,7 @@ def vectorize(
             if area_um2 < min_region_area_um2:
                 continue
             geom = shapely.transform(geom, lambda xy: xy * scale)
-            geom = geom.intersection(shapely.box(0, 0, slide_width_px, slide_height_px))
+            geom = geom.intersection(bounds)
             geom = _polygonal(shapely.make_valid(shapely.set_precision(geom, 0.001)))
             if geom is None:
                 continue

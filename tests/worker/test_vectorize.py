@@ -1,0 +1,60 @@
+"""Vectorisation on label maps whose answer is known exactly: pixel-edge areas, holes, band seams."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from worker.vectorize import _band_rows, vectorize
+
+
+def _vec(label_map: np.ndarray, n_classes: int = 2, **kw):
+    h, w = label_map.shape
+    return vectorize(label_map, n_classes, output_mpp=2.0, level0_px_per_output_px=4.0,
+                     slide_width_px=w * 4, slide_height_px=h * 4, **kw)
+
+
+def test_areas_holes_and_adjacent_classes_exact():
+    lm = np.zeros((300, 400), np.uint8)
+    lm[20:220, 30:230] = 1
+    lm[80:120, 90:150] = 0  # a hole
+    lm[20:220, 230:330] = 2  # shares an edge with class 1
+    regions = _vec(lm, simplify_tolerance_um=0)
+    by_class = {r.class_index: r for r in regions}
+    assert len(regions) == 2
+    # pixel-edge exact but for the hole's corners: cv2 traces holes 8-connected, cutting each
+    # corner by a quarter pixel (one pixel per rectangular hole)
+    assert by_class[0].area_um2 == pytest.approx((200 * 200 - 40 * 60 + 1) * 4.0)
+    assert by_class[1].area_um2 == pytest.approx(200 * 100 * 4.0)
+    poly = by_class[0].geometry
+    assert poly.geom_type == "Polygon" and len(poly.interiors) == 1
+    # level-0 coordinates: output px x 4, origin top-left, x is the column
+    assert poly.bounds == pytest.approx((30 * 4, 20 * 4, 230 * 4, 220 * 4))
+    assert not poly.intersection(by_class[1].geometry).area > 0
+
+
+def test_regions_crossing_band_seams_are_merged_with_their_holes():
+    width = 300
+    rows = _band_rows(width)
+    lm = np.zeros((rows * 3 + 17, width), np.uint8)
+    lm[rows - 50 : 2 * rows + 60, 40:260] = 1  # crosses two seams
+    lm[rows - 10 : rows + 10, 100:140] = 0  # a hole cut by the first seam
+    lm[5:25, 5:25] = 1  # a separate small region (400 px = 1600 µm²)
+    regions = _vec(lm, simplify_tolerance_um=0)
+    assert [r.class_index for r in regions] == [0, 0]
+    big = regions[0]
+    assert big.geometry.geom_type == "Polygon" and len(big.geometry.interiors) == 1
+    assert big.area_um2 == pytest.approx(((rows + 110) * 220 - 20 * 40 + 1) * 4.0)
+    assert regions[1].area_um2 == pytest.approx(400 * 4.0)
+
+
+def test_specks_below_min_area_dropped_and_simplification_keeps_area():
+    rng = np.random.default_rng(0)
+    lm = np.zeros((200, 200), np.uint8)
+    yy, xx = np.ogrid[:200, :200]
+    lm[(yy - 100) ** 2 + (xx - 100) ** 2 <= 70**2] = 1
+    lm[rng.integers(0, 20, 30), rng.integers(0, 20, 30)] = 2  # single-pixel specks (4 µm² each)
+    regions = _vec(lm, min_region_area_um2=50.0, simplify_tolerance_um=1.0)
+    assert [r.class_index for r in regions] == [0]
+    assert regions[0].area_um2 == pytest.approx((lm == 1).sum() * 4.0, rel=0.01)
+    assert regions[0].geometry.is_valid
