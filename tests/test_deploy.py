@@ -272,6 +272,33 @@ def test_flower_is_an_optional_profile_bound_to_localhost() -> None:
     assert all("profiles" not in doc["services"][s] for s in ("redis", "api", "worker"))
     assert interpolate(flower["ports"][0], env_example()).startswith("127.0.0.1:")
     assert_pinned_image(flower["image"], "flower")
+    # Flower reads the Celery config compose mounts, which carries the workers' Kombu key prefix.
+    assert "--config celeryconfig" in flower["command"][-1]
+    [mount] = flower["configs"]
+    assert mount["target"] == f"{flower['environment']['PYTHONPATH']}/celeryconfig.py"
+    config = flower_celeryconfig(mount["source"], "redis://redis:6379/0")
+    from worker.settings import Settings
+
+    assert config["broker_transport_options"]["global_keyprefix"] == Settings.model_fields[
+        "redis_key_prefix"
+    ].default
+
+
+def flower_celeryconfig(source: str, broker_url: str) -> dict:
+    """Execute the inline Celery config compose gives Flower; its module variables."""
+    content = compose()["configs"][source]["content"]
+    namespace: dict = {}
+    old = os.environ.get("FLOWER_BROKER_URL")
+    os.environ["FLOWER_BROKER_URL"] = broker_url
+    try:
+        exec(compile(content, "celeryconfig.py", "exec"), namespace)
+    finally:
+        if old is None:
+            del os.environ["FLOWER_BROKER_URL"]
+        else:
+            os.environ["FLOWER_BROKER_URL"] = old
+    assert namespace["broker_url"] == broker_url
+    return namespace
 
 
 def test_compose_images_are_pinned_and_built_images_versioned() -> None:
@@ -580,6 +607,20 @@ def test_worker_healthcheck_answers_while_a_celery_worker_runs(tmp_path: Path, t
             time.sleep(0.5)
         up = subprocess.run(probe, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
         assert up.returncode == 0, up.stdout + up.stderr
+        # Flower finds workers the same way (a broadcast under the workers' key prefix): the Celery
+        # config compose mounts for Flower must reach this worker (its prefix swapped for the test's).
+        source = compose()["services"]["flower"]["configs"][0]["source"]
+        content = compose()["configs"][source]["content"].replace('"fprotoseg:"', f'"{tag}:"')
+        assert f'"{tag}:"' in content
+        (tmp_path / "flowercfg").mkdir()
+        (tmp_path / "flowercfg" / "celeryconfig.py").write_text(content)
+        flower_env = {
+            **env, "PYTHONPATH": str(tmp_path / "flowercfg"), "FLOWER_BROKER_URL": env["FPROTOSEG_BROKER_URL"]
+        }
+        celery = str(Path(sys.executable).parent / "celery")
+        ping = [celery, "--config", "celeryconfig", "inspect", "ping", "--timeout", "5"]
+        seen = subprocess.run(ping, env=flower_env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert seen.returncode == 0 and "fprotoseg@" in seen.stdout, seen.stdout + seen.stderr
     finally:
         proc.terminate()
         proc.wait(timeout=60)
