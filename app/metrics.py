@@ -8,12 +8,13 @@ metrics are per API process. One registry per app: no global state.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.dispatch import Dispatcher
 from worker.jobstore import DURATION_BUCKETS_S, JobStore, JobStoreError
@@ -75,14 +76,33 @@ def install_metrics(app: FastAPI, store: JobStore, dispatcher: Dispatcher) -> Co
         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
     )
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    async def observe(scope: Scope, receive: Receive, send: Send, inner: ASGIApp) -> None:
+        """Pure ASGI (no BaseHTTPMiddleware): counts and times requests by route template."""
+        if scope["type"] != "http":
+            await inner(scope, receive, send)
+            return
         started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        requests.labels(request.method, path, str(response.status_code)).inc()
-        latency.labels(request.method, path).observe(time.perf_counter() - started)
-        return response
+        status = {"code": 500}
 
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await inner(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            requests.labels(scope["method"], path, str(status["code"])).inc()
+            latency.labels(scope["method"], path).observe(time.perf_counter() - started)
+
+    class _Observe:
+        def __init__(self, app: ASGIApp) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            await observe(scope, receive, send, self.app)
+
+    app.add_middleware(_Observe)
     return registry

@@ -42,6 +42,14 @@ def _heartbeat_loop(settings: Settings, stop: threading.Event) -> None:
 def run_embedded_worker(settings: Settings, stop: threading.Event | None = None) -> int:
     """Process queued jobs until ``stop`` is set (or SIGTERM/SIGINT in the main thread)."""
     stop = stop or threading.Event()
+    parent_pid = os.getppid()
+
+    def should_stop() -> bool:
+        """Stop when asked, or when ``fprotoseg serve`` died without asking (never run orphaned)."""
+        if os.getppid() != parent_pid:
+            stop.set()
+        return stop.is_set()
+
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
@@ -55,7 +63,7 @@ def run_embedded_worker(settings: Settings, stop: threading.Event | None = None)
     except Exception as exc:  # jobs will fail with this reason; keep serving the queue
         log.error("model could not be loaded: %s", exc)
     log.info("embedded worker ready (pid %d)", os.getpid())
-    while not stop.is_set():
+    while not should_stop():
         try:
             rec = store.oldest_queued()
         except JobStoreError as exc:
@@ -66,7 +74,7 @@ def run_embedded_worker(settings: Settings, stop: threading.Event | None = None)
             stop.wait(settings.embedded_poll_interval_s)
             continue
         try:
-            process_job(rec.id, settings, store, should_stop=stop.is_set)
+            process_job(rec.id, settings, store, should_stop=should_stop)
         except TransientJobError as exc:
             log.warning("%s; retrying", exc.message)
             stop.wait(2.0)
@@ -76,7 +84,11 @@ def run_embedded_worker(settings: Settings, stop: threading.Event | None = None)
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_embedded_worker(load_settings())
+    settings = load_settings()
+    if settings.embedded_worker_nice:
+        # Inference saturates every core; a lower priority keeps the API answering meanwhile.
+        os.nice(settings.embedded_worker_nice)
+    return run_embedded_worker(settings)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(default=0.5, ge=0, description="Least time between progress writes.")
     cancel_poll_interval_s: float = Field(default=1.0, ge=0, description="Least time between cancel checks.")
     embedded_poll_interval_s: float = Field(default=0.5, gt=0, description="Embedded worker queue poll.")
+    embedded_worker_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="Scheduling niceness of the embedded worker (API stays responsive).",
+    )
     heartbeat_stale_s: float = Field(default=15.0, gt=0, description="/readyz: worker heartbeat max age.")
 
     # --- callbacks -------------------------------------------------------------------------------

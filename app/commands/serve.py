@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -67,6 +68,10 @@ class LocalWorker:
             proc.wait()
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -107,6 +112,9 @@ def _serve(args: argparse.Namespace) -> int:
     )
     where = f"http://{settings.host}:{settings.port}"
     print(f"fprotoseg: serving {where} ({mode}; data in {settings.data_dir.resolve()})", file=sys.stderr)
+    # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler that would
+    # end this process before the local worker is stopped (leaving it orphaned). Exit cleanly instead.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         uvicorn.run(
             app,
