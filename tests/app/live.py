@@ -67,6 +67,7 @@ class Proc:
         return self.log_path.read_text(errors="replace")[-6000:]
 
     def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM, then check that no child (e.g. the embedded worker) outlives the process."""
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
             try:
@@ -74,6 +75,19 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.kill_group()
         self._log.close()
+        deadline = time.monotonic() + timeout_s
+        while self.group_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if self.group_alive():
+            self.kill_group()
+            raise AssertionError(f"{self.popen.args} left child processes running after SIGTERM")
+
+    def group_alive(self) -> bool:
+        try:
+            os.killpg(self.popen.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
     def kill_group(self) -> None:
         """SIGKILL the process and all its children (a Celery worker and its pool process)."""
