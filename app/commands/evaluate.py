@@ -1,0 +1,53 @@
+"""``fprotoseg evaluate``: score a checkpoint on image+mask pairs; prints ONE JSON object.
+
+Keys: miou, iou (per class), fwiou, dice (per class), mdice, pixel_accuracy, confusion_matrix,
+protocol, images, checkpoint, checkpoint_sha256, dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+DATASET_NAMES = ("wsss4luad", "luad-histoseg", "bcss-wsss")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("evaluate", help="mIoU/FwIoU/Dice of a checkpoint on image+mask pairs (JSON)")
+    p.add_argument("--dataset", choices=DATASET_NAMES, default="wsss4luad")
+    p.add_argument(
+        "--data-root", type=Path, required=True, help="folder with img/ and mask/ (or test|val/ inside)"
+    )
+    p.add_argument("--checkpoint", type=Path, default=None, help="default: the packaged model")
+    p.add_argument(
+        "--names",
+        default=None,
+        help="comma-separated image names to score (e.g. the held-out split); "
+        "'heldout' = the split stored in the checkpoint's config",
+    )
+    p.add_argument(
+        "--protocol",
+        default="ignore_background",
+        choices=["ignore_background", "tissue_mean_with_background"],
+        help="for datasets with a background class (LUAD-HistoSeg, BCSS-WSSS)",
+    )
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    from model.evaluate import evaluate_checkpoint, heldout_names
+
+    names = None
+    if args.names == "heldout":
+        names = heldout_names(args.checkpoint)
+    elif args.names:
+        names = [n.strip() for n in args.names.split(",") if n.strip()]
+    result = evaluate_checkpoint(
+        args.checkpoint, args.data_root, args.dataset, names, args.protocol, args.device, args.precision
+    )
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,287 @@
+"""Datasets: filename label conventions, image+mask pairs, and the weak-label crop source.
+
+Conventions (label vector in the filename, classes in dataset order):
+
+- LUAD-HistoSeg: ``...-[1 0 0 1].png``   classes TE, NEC, LYM, TAS
+- BCSS-WSSS:     ``...[1101].png``       classes TUM, STR, LYM, NEC
+- WSSS4LUAD:     ``...-[1, 0, 0].png``   classes tumor, stroma, normal; masks 0/1/2, 3 = ignore
+
+Folder names vary between releases (train/training, val/valid, img/image, mask/masks/label):
+:func:`find_dir` globs the variants. The weak-label source cuts crops from image+mask pairs and
+keeps **only** the image-level label of each crop; the mask itself never leaves this module.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from model.errors import FprotosegError
+
+
+class DatasetError(FprotosegError):
+    """A dataset folder or file does not follow the expected layout."""
+
+    code = "dataset"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Class names (dataset order), QuPath names/colours for checkpoints, mask ignore index."""
+
+    name: str
+    classes: tuple[str, ...]
+    qupath_names: tuple[str, ...]
+    colors: tuple[tuple[int, int, int], ...]
+    ignore_index: int
+    background_index: int | None  # mask value for background (protocol choice), None if absent
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "wsss4luad": DatasetSpec(
+        "wsss4luad",
+        ("tumor", "stroma", "normal"),
+        ("Tumor", "Stroma", "Normal"),
+        ((200, 0, 0), (150, 200, 150), (0, 120, 255)),
+        ignore_index=3,
+        background_index=None,
+    ),
+    "luad-histoseg": DatasetSpec(
+        "luad-histoseg",
+        ("TE", "NEC", "LYM", "TAS"),
+        ("Tumor", "Necrosis", "Immune cells", "Stroma"),
+        ((200, 0, 0), (50, 50, 50), (160, 90, 160), (150, 200, 150)),
+        ignore_index=255,
+        background_index=4,
+    ),
+    "bcss-wsss": DatasetSpec(
+        "bcss-wsss",
+        ("TUM", "STR", "LYM", "NEC"),
+        ("Tumor", "Stroma", "Immune cells", "Necrosis"),
+        ((200, 0, 0), (150, 200, 150), (160, 90, 160), (50, 50, 50)),
+        ignore_index=255,
+        background_index=4,
+    ),
+}
+
+_LABEL_RE = re.compile(r"\[([0-9,\s]+)\]")
+
+
+def parse_filename_label(name: str, num_classes: int | None = None) -> np.ndarray:
+    """Image-level label vector from a filename in any of the three conventions.
+
+    ``a-[1 0 0 1].png`` (spaces), ``a[1101].png`` (packed digits), ``a-[1, 0, 0].png`` (commas).
+    """
+    matches = list(_LABEL_RE.finditer(Path(name).name))
+    if not matches:
+        raise DatasetError(f"no [..] label vector in filename {name!r}")
+    body = matches[-1].group(1).strip()  # the last bracket group is the label
+    spaced = "," in body or " " in body
+    parts = [p for p in re.split(r"[,\s]+", body) if p] if spaced else list(body)
+    if not parts or any(p not in ("0", "1") for p in parts):
+        raise DatasetError(f"label vector in {name!r} must hold 0/1 values, got [{body}]")
+    label = np.asarray([int(p) for p in parts], dtype=np.float32)
+    if num_classes is not None and label.size != num_classes:
+        raise DatasetError(f"{name!r}: expected {num_classes} labels, got {label.size}")
+    return label
+
+
+_DIR_VARIANTS: dict[str, tuple[str, ...]] = {
+    "train": ("train", "training", "Train", "Training", "1.training"),
+    "val": ("val", "valid", "validation", "Val", "Valid", "Validation", "2.validation"),
+    "test": ("test", "testing", "Test", "Testing", "3.testing"),
+    "img": ("img", "image", "images", "Img", "Image", "Images"),
+    "mask": ("mask", "masks", "label", "labels", "gt", "Mask", "Masks", "background-mask"),
+}
+
+
+def find_dir(root: Path, role: str) -> Path | None:
+    """The first existing sub-folder of ``root`` whose name is a variant of ``role``."""
+    for name in _DIR_VARIANTS[role]:
+        cand = root / name
+        if cand.is_dir():
+            return cand
+    return None
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.array(im.convert("RGB"))  # writable: torch.from_numpy refuses read-only arrays
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Class indices from a palette (P) or grey (L) PNG; RGB masks are refused (ambiguous)."""
+    with Image.open(path) as im:
+        if im.mode not in ("P", "L", "I", "I;16"):
+            raise DatasetError(f"{path.name}: mask must be a palette or grey index image, got mode {im.mode}")
+        return np.asarray(im).astype(np.int64)
+
+
+@dataclass
+class MaskedImage:
+    """An image with its pixel mask (evaluation, or the source of crop-level labels)."""
+
+    name: str
+    rgb: np.ndarray  # (H, W, 3) uint8
+    mask: np.ndarray  # (H, W) int64 class indices
+
+
+def load_pairs(data_root: Path, names: Sequence[str] | None = None) -> list[MaskedImage]:
+    """Image+mask pairs from ``DIR/img`` and ``DIR/mask`` (folder-name variants accepted).
+
+    ``data_root`` may also be a dataset root holding test/ or val/ with img/ and mask/ inside.
+    """
+    data_root = Path(data_root)
+    if not data_root.is_dir():
+        raise DatasetError(f"data root not found: {data_root}")
+    img_dir, mask_dir = find_dir(data_root, "img"), find_dir(data_root, "mask")
+    if img_dir is None or mask_dir is None:
+        for role in ("test", "val"):
+            sub = find_dir(data_root, role)
+            if sub is not None and find_dir(sub, "img") and find_dir(sub, "mask"):
+                img_dir, mask_dir = find_dir(sub, "img"), find_dir(sub, "mask")
+                break
+    if img_dir is None or mask_dir is None:
+        raise DatasetError(f"{data_root} needs img/ and mask/ folders (or test|val/img and mask)")
+    wanted = set(names) if names is not None else None
+    pairs = []
+    for img_path in list_images(img_dir):
+        if wanted is not None and img_path.name not in wanted:
+            continue
+        cands = [mask_dir / img_path.name, *(mask_dir / (img_path.stem + s) for s in IMAGE_SUFFIXES)]
+        mask_path = next((c for c in cands if c.is_file()), None)
+        if mask_path is None:
+            raise DatasetError(f"no mask for {img_path.name} in {mask_dir}")
+        rgb, mask = read_rgb(img_path), read_mask(mask_path)
+        if rgb.shape[:2] != mask.shape:
+            raise DatasetError(f"{img_path.name}: image {rgb.shape[:2]} and mask {mask.shape} differ in size")
+        pairs.append(MaskedImage(img_path.name, rgb, mask))
+    if not pairs:
+        raise DatasetError(f"no image+mask pairs found under {data_root}")
+    return pairs
+
+
+def image_level_label(mask: np.ndarray, num_classes: int, min_fraction: float) -> np.ndarray:
+    """Classes whose area fraction within ``mask`` exceeds ``min_fraction``: the ONLY thing a
+    training crop takes from its mask."""
+    counts = np.bincount(mask.ravel(), minlength=num_classes)[:num_classes]
+    return (counts / float(mask.size) > min_fraction).astype(np.float32)
+
+
+@dataclass
+class WeakImage:
+    """A training image whose supervision is image-level only.
+
+    ``label`` labels the whole image; ``region_labels`` (optional) is a function of a crop box that
+    returns the crop's image-level label (computed from a mask the caller never sees).
+    """
+
+    name: str
+    rgb: np.ndarray
+    label: np.ndarray
+    _mask: np.ndarray | None = None
+
+    def crop_label(self, y: int, x: int, size: int, num_classes: int, min_fraction: float) -> np.ndarray:
+        if self._mask is None:
+            return self.label
+        return image_level_label(self._mask[y : y + size, x : x + size], num_classes, min_fraction)
+
+
+def weak_images_from_pairs(
+    pairs: Sequence[MaskedImage], num_classes: int, min_fraction: float
+) -> list[WeakImage]:
+    return [
+        WeakImage(p.name, p.rgb, image_level_label(p.mask, num_classes, min_fraction), p.mask) for p in pairs
+    ]
+
+
+def weak_images_from_labelled_folder(folder: Path, num_classes: int) -> list[WeakImage]:
+    """Patches whose filename carries the label (no mask at all)."""
+    return [
+        WeakImage(p.name, read_rgb(p), parse_filename_label(p.name, num_classes))
+        for p in list_images(Path(folder))
+    ]
+
+
+class WeakCropSampler:
+    """Random square crops with their image-level labels only (crops of all-ignore are skipped).
+
+    Images smaller than the crop are reflect-padded; padding is labelled as nothing.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[WeakImage],
+        crop_px: int,
+        num_classes: int,
+        min_fraction: float,
+        seed: int = 0,
+    ) -> None:
+        if not images:
+            raise DatasetError("no training images")
+        self.images = list(images)
+        self.crop_px = crop_px
+        self.num_classes = num_classes
+        self.min_fraction = min_fraction
+        self.rng = np.random.default_rng(seed)
+        # sample images in proportion to their area (big images hold more distinct crops)
+        areas = np.asarray(
+            [max(im.rgb.shape[0] * im.rgb.shape[1], crop_px * crop_px) for im in self.images], float
+        )
+        self.p = areas / areas.sum()
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        for _ in range(50):
+            im = self.images[int(self.rng.choice(len(self.images), p=self.p))]
+            h, w = im.rgb.shape[:2]
+            y = int(self.rng.integers(0, max(1, h - self.crop_px + 1)))
+            x = int(self.rng.integers(0, max(1, w - self.crop_px + 1)))
+            label = im.crop_label(y, x, self.crop_px, self.num_classes, self.min_fraction)
+            if label.sum() == 0:
+                continue
+            crop = im.rgb[y : y + self.crop_px, x : x + self.crop_px]
+            if crop.shape[0] < self.crop_px or crop.shape[1] < self.crop_px:
+                pad = ((0, self.crop_px - crop.shape[0]), (0, self.crop_px - crop.shape[1]), (0, 0))
+                crop = np.pad(crop, pad, mode="reflect")
+            return crop, label
+        raise DatasetError("could not sample a labelled crop in 50 tries (are all masks ignore?)")
+
+    def batches(self, batch_size: int, n_batches: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for _ in range(n_batches):
+            items = [self.sample() for _ in range(batch_size)]
+            yield np.stack([c for c, _ in items]), np.stack([lab for _, lab in items])
+
+
+def stratified_holdout(
+    pairs: Sequence[MaskedImage], num_classes: int, n_holdout: int, seed: int
+) -> list[str]:
+    """A fixed held-out subset stratified by the set of classes present (documented split).
+
+    Every class combination with >= 2 images contributes in proportion; singletons stay in training.
+    """
+    rng = np.random.default_rng(seed)
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for p in pairs:
+        key = tuple(int(v) for v in image_level_label(p.mask, num_classes, 0.02))
+        groups.setdefault(key, []).append(p.name)
+    total = len(pairs)
+    chosen: list[str] = []
+    for key in sorted(groups):
+        names = sorted(groups[key])
+        if len(names) < 2:
+            continue
+        k = max(1, round(n_holdout * len(names) / total))
+        chosen += sorted(rng.choice(names, size=min(k, len(names) - 1), replace=False).tolist())
+    return sorted(chosen)

@@ -1,0 +1,157 @@
+"""Evaluate a checkpoint on image+mask pairs: the same ``predict`` the whole-slide worker calls.
+
+Each crop is run whole (reflect-padded to a multiple of 32 px; crops larger than
+``max_whole_px`` are cut into tiles of the checkpoint's tile size), scores are upsampled to full
+resolution, argmax over the tissue classes, and pixels whose ground truth is ignore/background
+are handled by the chosen metric protocol. Baselines (best constant, colour threshold) go through
+the same metric code so the model card compares like with like.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.datasets import DATASETS, DatasetError, MaskedImage, load_pairs
+from model.metrics import confusion_matrix, evaluate_protocol
+
+PAD_MULTIPLE_PX = 32
+
+PredictFn = Callable[[np.ndarray], np.ndarray]  # uint8 (1, H, W, 3) -> (1, K, h, w) scores
+
+
+def _upsample_scores(scores: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear upsampling of (K, h, w) scores to (K, H, W) (torch: same kernel as training)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(scores))[None].float()
+    return F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)[0].numpy()
+
+
+def predict_labels(predict: PredictFn, rgb: np.ndarray, tile_px: int, max_whole_px: int = 1024) -> np.ndarray:
+    """(H, W) argmax labels for one RGB crop of any size."""
+    h, w = rgb.shape[:2]
+    if max(h, w) <= max_whole_px:
+        ph, pw = -h % PAD_MULTIPLE_PX, -w % PAD_MULTIPLE_PX
+        padded = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode="reflect") if (ph or pw) else rgb
+        scores = predict(padded[None])[0]
+        full = _upsample_scores(scores, h + ph, w + pw)[:, :h, :w]
+        return full.argmax(0)
+    # large crops: non-overlapping tiles with reflect padding at the border
+    ph, pw = -h % tile_px, -w % tile_px
+    padded = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode="reflect")
+    out = np.zeros(padded.shape[:2], dtype=np.int64)
+    for y in range(0, padded.shape[0], tile_px):
+        for x in range(0, padded.shape[1], tile_px):
+            scores = predict(padded[None, y : y + tile_px, x : x + tile_px])[0]
+            out[y : y + tile_px, x : x + tile_px] = _upsample_scores(scores, tile_px, tile_px).argmax(0)
+    return out[:h, :w]
+
+
+def confusion_over(
+    pairs: Sequence[MaskedImage],
+    label_fn: Callable[[MaskedImage], np.ndarray],
+    num_labels: int,
+    ignore: Sequence[int],
+) -> np.ndarray:
+    cm = np.zeros((num_labels, num_labels), dtype=np.int64)
+    for p in pairs:
+        cm += confusion_matrix(p.mask, label_fn(p), num_labels, ignore)
+    return cm
+
+
+def score_pairs(
+    pairs: Sequence[MaskedImage],
+    label_fn: Callable[[MaskedImage], np.ndarray],
+    dataset: str,
+    protocol: str = "ignore_background",
+) -> dict[str, Any]:
+    """Metrics for a labelling function over pairs under a protocol of the dataset."""
+    spec = DATASETS[dataset]
+    k = len(spec.classes)
+    if spec.background_index is None:
+        cm = confusion_over(pairs, label_fn, k, [spec.ignore_index])
+        result = evaluate_protocol(cm, spec.classes, "ignore_background", None)
+    else:
+        n = k + 1
+        cm = confusion_over(pairs, label_fn, n, [spec.ignore_index])
+        result = evaluate_protocol(cm, spec.classes, protocol, spec.background_index)
+    result["confusion_matrix"] = cm.tolist()
+    result["protocol"] = protocol if spec.background_index is not None else "ignore_background"
+    result["images"] = len(pairs)
+    return result
+
+
+def best_constant(pairs: Sequence[MaskedImage], dataset: str) -> dict[str, Any]:
+    """The best single-class prediction over the pairs (the floor any model must beat)."""
+    spec = DATASETS[dataset]
+    best: dict[str, Any] | None = None
+    for c in range(len(spec.classes)):
+        r = score_pairs(pairs, lambda p, c=c: np.full(p.mask.shape, c), dataset)
+        if best is None or r["miou"] > best["miou"]:
+            best = {**r, "constant": spec.classes[c]}
+    assert best is not None
+    return best
+
+
+def colour_threshold_labels(rgb: np.ndarray) -> np.ndarray:
+    """A training-free WSSS4LUAD baseline from H&E colour alone (wsss4luad class order).
+
+    Dark haematoxylin-rich pixels -> tumour (crowded nuclei), pink eosin -> stroma, pale
+    -> normal (air spaces of alveoli). Thresholds are fixed, chosen by stain chemistry, not fitted.
+    """
+    f = rgb.astype(np.float32) / 255.0
+    r, g, b = f[..., 0], f[..., 1], f[..., 2]
+    brightness = f.mean(-1)
+    out = np.full(rgb.shape[:2], 1, dtype=np.int64)  # stroma by default
+    out[(b - r > -0.05) & (brightness < 0.62)] = 0  # bluish-purple and dark: nuclei-rich tumour
+    out[brightness > 0.82] = 2  # pale: open alveolar spaces of normal lung
+    del g
+    return out
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path | None,
+    data_root: str | Path,
+    dataset: str = "wsss4luad",
+    names: Sequence[str] | None = None,
+    protocol: str = "ignore_background",
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> dict[str, Any]:
+    """Load a checkpoint through the worker's seam and score it on ``data_root`` pairs."""
+    from model import load_segmenter
+
+    if dataset not in DATASETS:
+        raise DatasetError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    seg = load_segmenter(checkpoint, device=device, precision=precision)
+    pairs = load_pairs(Path(data_root), names)
+    spec = DATASETS[dataset]
+    if len(seg.classes) != len(spec.classes):
+        raise DatasetError(
+            f"checkpoint has {len(seg.classes)} classes but {dataset} has {len(spec.classes)}; "
+            "pick the matching --dataset"
+        )
+    result = score_pairs(
+        pairs, lambda p: predict_labels(seg.predict, p.rgb, seg.tile_size_px), dataset, protocol
+    )
+    result["checkpoint"] = seg.name
+    result["checkpoint_sha256"] = seg.checksum_sha256
+    result["dataset"] = dataset
+    return result
+
+
+def heldout_names(checkpoint: str | Path | None) -> list[str]:
+    """The held-out image names recorded in a checkpoint's training config."""
+    from model import DEFAULT_CHECKPOINT
+    from model.checkpoint import read_checkpoint
+
+    _, manifest = read_checkpoint(Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT)
+    names = manifest.get("config", {}).get("data", {}).get("holdout")
+    if not names:
+        raise DatasetError("this checkpoint records no held-out split; pass --names a.png,b.png")
+    return list(names)

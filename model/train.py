@@ -1,0 +1,475 @@
+"""Weak-label training: stage 1 (text-prototype CAMs) or stage 2 (SegFormer on pseudo masks).
+
+One YAML config drives a run (``model/configs/*.yaml``). Per epoch: a fixed number of iterations
+on random crops that carry image-level labels only, then validation mIoU on held-out image+mask
+pairs through the same predict path the service uses; a CSV row and a PNG plot are written; the
+best epoch by validation mIoU is saved as a fprotoseg checkpoint. ``resume: true`` continues from
+the run folder's ``last.safetensors`` (model, optimiser, epoch, RNG-free: the sampler is reseeded
+per epoch so a resumed run sees the same crops as an uninterrupted one).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from model.checkpoint import read_checkpoint, save_checkpoint
+from model.datasets import (
+    DATASETS,
+    DatasetError,
+    MaskedImage,
+    WeakCropSampler,
+    WeakImage,
+    load_pairs,
+    weak_images_from_labelled_folder,
+    weak_images_from_pairs,
+)
+from model.errors import FprotosegError
+from model.evaluate import predict_labels, score_pairs
+from model.fprotoseg import OUTPUT_STRIDE, Stage1Inference, Stage2Inference, stage1_losses
+from model.pseudo import IGNORE_INDEX, make_pseudo_masks
+from model.text import class_text_embeddings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(FprotosegError):
+    code = "config"
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        alt = REPO_ROOT / "model" / "configs" / path.name
+        if not alt.is_file():
+            raise ConfigError(f"config not found: {path}")
+        path = alt
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path.name} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path.name} must hold a YAML mapping")
+    if "base" in cfg:  # ablation configs name the config they change, then only the change
+        base = load_config(path.parent / str(cfg.pop("base")))
+        base.pop("name", None)
+        cfg = deep_merge(base, cfg)
+    for dotted, value in (overrides or {}).items():
+        node = cfg
+        keys = dotted.split(".")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    cfg.setdefault("name", path.stem)
+    return cfg
+
+
+def deep_merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in change.items():
+        out[key] = (
+            deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+def resolve_path(p: str | Path) -> Path:
+    """Config paths are relative to the repository root (so configs work from any cwd)."""
+    p = Path(os.path.expandvars(str(p)))
+    return p if p.is_absolute() else (REPO_ROOT / p).resolve()
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class TrainData:
+    train: list[WeakImage]
+    val: list[MaskedImage]
+    dataset: str
+    description: str
+
+
+def build_data(cfg: dict[str, Any]) -> TrainData:
+    """Training images (image-level labels only) and validation pairs, from the config."""
+    d = cfg.get("data")
+    if not isinstance(d, dict):
+        raise ConfigError("the config has no data: section (see model/configs/wsss4luad_default.yaml)")
+    dataset = d.get("dataset", "wsss4luad")
+    if dataset not in DATASETS:
+        raise ConfigError(f"unknown data.dataset {dataset!r}")
+    k = len(DATASETS[dataset].classes)
+    min_frac = float(d.get("min_fraction", 0.03))
+    train: list[WeakImage] = []
+    val: list[MaskedImage] = []
+    parts = []
+    if "pairs_root" in d:
+        pairs = load_pairs(resolve_path(d["pairs_root"]))
+        holdout = set(d.get("holdout", []))
+        unknown = holdout - {p.name for p in pairs}
+        if unknown:
+            raise ConfigError(f"held-out names not in {d['pairs_root']}: {sorted(unknown)[:5]}")
+        train += weak_images_from_pairs([p for p in pairs if p.name not in holdout], k, min_frac)
+        val += [p for p in pairs if p.name in holdout]
+        parts.append(
+            f"{len(pairs) - len(holdout)} image+mask pairs of {d['pairs_root']} as crop-level image labels "
+            f"(classes above {min_frac:.0%} of the crop), {len(holdout)} held out for validation"
+        )
+    for folder in d.get("labelled_dirs", []):
+        imgs = weak_images_from_labelled_folder(resolve_path(folder), k)
+        train += imgs
+        parts.append(f"{len(imgs)} filename-labelled patches of {folder}")
+    if "val_root" in d:
+        val += load_pairs(resolve_path(d["val_root"]))
+        parts.append(f"validation pairs {d['val_root']}")
+    if not train:
+        raise DatasetError("the config names no training data (data.pairs_root or data.labelled_dirs)")
+    if not val:
+        raise DatasetError("the config names no validation pairs (data.holdout or data.val_root)")
+    return TrainData(train, val, dataset, "; ".join(parts))
+
+
+def augment(batch: np.ndarray, rng: np.random.Generator, colour: float) -> np.ndarray:
+    """Flips, rot90 and a mild per-image stain jitter (scale/shift per RGB channel)."""
+    out = np.empty_like(batch)
+    for i, img in enumerate(batch):
+        img = np.rot90(img, int(rng.integers(4)))
+        if rng.random() < 0.5:
+            img = img[:, ::-1]
+        if colour > 0:
+            scale = 1.0 + rng.uniform(-colour, colour, size=3)
+            shift = rng.uniform(-colour, colour, size=3) * 40.0
+            img = np.clip(img.astype(np.float32) * scale + shift, 0, 255).astype(np.uint8)
+        out[i] = img
+    return out
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+def class_manifest(dataset: str) -> list[dict[str, Any]]:
+    spec = DATASETS[dataset]
+    return [{"name": n, "color": list(c)} for n, c in zip(spec.qupath_names, spec.colors, strict=True)]
+
+
+NORMALISATION = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+
+
+def to_input(batch_uint8: np.ndarray, device: str) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(batch_uint8)).to(device).permute(0, 3, 1, 2).float()
+    return ((x / 255.0) - 0.5) / 0.5
+
+
+def inference_predict_fn(module: torch.nn.Module, device: str) -> Callable[[np.ndarray], np.ndarray]:
+    def predict(tiles: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(to_input(tiles, device)).float().cpu().numpy()
+
+    return predict
+
+
+def validate(module: torch.nn.Module, val: list[MaskedImage], dataset: str, tile_px: int, device: str):
+    module.eval()
+    predict = inference_predict_fn(module, device)
+    result = score_pairs(val, lambda p: predict_labels(predict, p.rgb, tile_px), dataset)
+    module.train()
+    return result
+
+
+# ------------------------------------------------------------------------------------ state
+
+
+def _opt_state_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for pid, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"__opt__.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def _load_opt_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = v
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def plot_history(rows: list[dict[str, Any]], path: Path) -> None:
+    """Loss and validation mIoU per epoch as a PNG (PIL only: no plotting library needed)."""
+    from PIL import Image, ImageDraw
+
+    w, h, m = 640, 360, 40
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([m, m, w - m, h - m], outline="black")
+    n = len(rows)
+    if n == 0:
+        img.save(path)
+        return
+    losses = [float(r["train_loss"]) for r in rows]
+    mious = [float(r["val_miou"]) for r in rows]
+    lmax = max(losses) or 1.0
+
+    def xy(i: int, v: float) -> tuple[float, float]:
+        x = m + (w - 2 * m) * (i / max(n - 1, 1))
+        return x, h - m - (h - 2 * m) * v
+
+    for series, colour, norm in ((losses, (200, 0, 0), lmax), (mious, (0, 90, 200), 1.0)):
+        pts = [xy(i, v / norm) for i, v in enumerate(series)]
+        if len(pts) > 1:
+            d.line(pts, fill=colour, width=2)
+        for p in pts:
+            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colour)
+    d.text(
+        (m, 10), f"red: train loss (max {lmax:.3f})   blue: val mIoU (best {max(mious):.3f})", fill="black"
+    )
+    d.text((m, h - m + 8), f"epochs 1..{n}", fill="black")
+    img.save(path)
+
+
+# ------------------------------------------------------------------------------------ train
+
+
+def poly_lr(base: float, it: int, total: int, warmup: int, power: float = 0.9) -> float:
+    if it < warmup:
+        return base * (it + 1) / warmup
+    return base * (1 - (it - warmup) / max(total - warmup, 1)) ** power
+
+
+def train(
+    cfg: dict[str, Any],
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run one training from a config; returns the best validation result and checkpoint path."""
+    from tqdm import tqdm
+
+    from model.segmenter import resolve_device
+
+    device = resolve_device(device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed = int(cfg.get("seed", 0))
+    torch.manual_seed(seed)
+    tcfg = cfg.get("train", {})
+    threads = tcfg.get("threads")
+    if threads and device == "cpu":
+        torch.set_num_threads(int(threads))
+    stage = int(cfg.get("stage", 1))
+    if stage not in (1, 2):
+        raise ConfigError(f"stage must be 1 or 2, got {stage}")
+    data = build_data(cfg)
+    spec = DATASETS[data.dataset]
+    k = len(spec.classes)
+    crop_px = int(cfg["data"].get("crop_px", 128))
+    tile_px = int(cfg.get("tile_size_px", 256))
+    min_frac = float(cfg["data"].get("min_fraction", 0.03))
+
+    text_record: dict[str, Any] = {}
+    teacher = None
+    if stage == 1:
+        emb, text_record = class_text_embeddings(list(spec.qupath_names), cfg.get("text", {}))
+        text_record["dim"] = int(emb.shape[1])
+        module: torch.nn.Module = Stage1Inference(cfg, k, emb.shape[1])
+        module.net.text_embeddings.data.copy_(torch.from_numpy(emb))
+        arch = "fprotoseg_cam"
+        net = module.net
+    elif stage == 2:
+        teacher_path = resolve_path(cfg["stage2"]["teacher"])
+        t_state, t_manifest = read_checkpoint(teacher_path)
+        if t_manifest["architecture"] != "fprotoseg_cam":
+            raise ConfigError(f"stage2.teacher must be a stage-1 (fprotoseg_cam) checkpoint: {teacher_path}")
+        t_cfg = t_manifest["config"]
+        text_record = t_manifest.get("text", {})
+        teacher_mod = Stage1Inference(t_cfg, k, int(text_record.get("dim", 384)))
+        teacher_mod.load_state_dict(t_state)
+        teacher = teacher_mod.net.to(device).eval()
+        cfg = {**cfg, "encoder": t_cfg.get("encoder", {})}
+        module = Stage2Inference(cfg, k)
+        if cfg["stage2"].get("init_encoder_from_teacher", True):
+            module.net.encoder.load_state_dict(teacher.encoder.state_dict())
+        arch = "fprotoseg_seg"
+        net = module.net
+    else:
+        raise ConfigError(f"stage must be 1 or 2, got {stage}")
+
+    pretrained = cfg.get("encoder", {}).get("pretrained")
+    if pretrained and stage == 1:
+        from model.mit import load_pretrained
+
+        report = load_pretrained(net.encoder, resolve_path(pretrained))
+        log(
+            f"pretrained encoder: {len(report['missing'])} missing, {len(report['unexpected'])} unexpected, "
+            f"{len(report['shape_mismatch'])} shape-mismatched keys"
+        )
+
+    module.to(device)
+    if device == "cuda":
+        module.to(memory_format=torch.channels_last)
+    epochs = int(tcfg.get("epochs", 10))
+    iters = int(tcfg.get("iters_per_epoch", 100))
+    bs = int(tcfg.get("batch_size", 16))
+    base_lr = float(tcfg.get("lr", 1e-4))
+    opt = torch.optim.AdamW(
+        [p for p in module.parameters() if p.requires_grad],
+        lr=base_lr,
+        weight_decay=float(tcfg.get("weight_decay", 1e-3)),
+    )
+    amp = str(tcfg.get("amp", "bf16")) if device == "cuda" else "off"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
+
+    csv_path, best_path, last_path = (
+        out_dir / "history.csv",
+        out_dir / "best.safetensors",
+        out_dir / "last.safetensors",
+    )
+    history: list[dict[str, Any]] = []
+    start_epoch, best_miou = 0, -1.0
+    if resume and last_path.is_file():
+        state, meta = read_checkpoint(last_path)
+        opt_tensors = {kk: v for kk, v in state.items() if kk.startswith("__opt__.")}
+        module.load_state_dict({kk: v for kk, v in state.items() if not kk.startswith("__opt__.")})
+        _load_opt_state(opt, opt_tensors)
+        start_epoch = int(meta["resume"]["epoch"])
+        best_miou = float(meta["resume"]["best_miou"])
+        if csv_path.is_file():
+            with csv_path.open() as fh:
+                history = list(csv.DictReader(fh))[:start_epoch]
+        log(f"resumed from {last_path} at epoch {start_epoch} (best mIoU {best_miou:.4f})")
+
+    def manifest(metrics: dict[str, Any] | None, epoch: int) -> dict[str, Any]:
+        return {
+            "name": cfg.get("name", "fprotoseg"),
+            "architecture": arch,
+            "config": cfg,
+            "classes": class_manifest(data.dataset),
+            "mpp": float(cfg["data"].get("mpp", 1.0)),
+            "tile_size_px": tile_px,
+            "output_stride": OUTPUT_STRIDE,
+            "normalisation": NORMALISATION,
+            "text": text_record,
+            "training": {
+                "data": data.description,
+                "supervision": "image-level labels only (masks never reach a loss)",
+                "epochs_done": epoch,
+                "crop_px": crop_px,
+            },
+            "metrics": metrics or {},
+        }
+
+    total_iters = epochs * iters
+    warmup = int(tcfg.get("warmup_iters", min(100, total_iters // 10)))
+    colour = float(tcfg.get("colour_jitter", 0.08))
+    loss_cfg = cfg.get("loss", {})
+    module.train()
+    t0 = time.time()
+    for epoch in range(start_epoch, epochs):
+        sampler = WeakCropSampler(data.train, crop_px, k, min_frac, seed=seed * 1000 + epoch)
+        rng = np.random.default_rng(seed * 1000 + epoch + 1)
+        sums: dict[str, float] = {}
+        bar = tqdm(
+            sampler.batches(bs, iters),
+            total=iters,
+            desc=f"epoch {epoch + 1}/{epochs}",
+            disable=not progress,
+            leave=False,
+        )
+        for i, (crops, labels_np) in enumerate(bar):
+            it = epoch * iters + i
+            for g in opt.param_groups:
+                g["lr"] = poly_lr(base_lr, it, total_iters, warmup)
+            x = to_input(augment(crops, rng, colour), device)
+            labels = torch.from_numpy(labels_np).to(device)
+            if device == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device, dtype=amp_dtype, enabled=amp_dtype is not None):
+                if stage == 1:
+                    out = net(x)
+                    terms = stage1_losses(
+                        net, {**out, "logits": [lg.float() for lg in out["logits"]]}, labels, loss_cfg
+                    )
+                else:
+                    target = make_pseudo_masks(teacher, x, labels, cfg["stage2"])
+                    logits = F.interpolate(
+                        net(x).float(), size=x.shape[-2:], mode="bilinear", align_corners=False
+                    )
+                    terms = {"total": F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)}
+            loss = terms["total"]
+            if not torch.isfinite(loss):
+                raise FprotosegError(
+                    f"training diverged at iteration {it} (loss {loss.item()}); lower train.lr"
+                )
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            for name, v in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(v.detach())
+            bar.set_postfix(loss=f"{sums['total'] / (i + 1):.4f}")
+        val = validate(module, data.val, data.dataset, tile_px, device)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": sums.get("total", 0.0) / iters,
+            **{f"train_{n}": v / iters for n, v in sums.items() if n != "total"},
+            "val_miou": val["miou"],
+            **{f"val_iou_{n}": v for n, v in val["iou"].items()},
+            "lr": opt.param_groups[0]["lr"],
+            "elapsed_s": round(time.time() - t0, 1),
+        }
+        history.append(row)
+        fields = list(dict.fromkeys(kk for r in history for kk in r))
+        with csv_path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(history)
+        plot_history(history, out_dir / "history.png")
+        log(
+            f"epoch {epoch + 1}/{epochs} loss {row['train_loss']:.4f} val mIoU {val['miou']:.4f} "
+            + " ".join(f"{n}={v:.3f}" for n, v in val["iou"].items() if v is not None)
+            + f" ({row['elapsed_s']:.0f}s)"
+        )
+        if val["miou"] > best_miou:
+            best_miou = val["miou"]
+            metrics = {
+                "heldout": {kk: val[kk] for kk in ("miou", "iou", "fwiou", "dice", "images")},
+                "epoch": epoch + 1,
+            }
+            save_checkpoint(best_path, module.state_dict(), manifest(metrics, epoch + 1))
+        resume_manifest = manifest(None, epoch + 1)
+        resume_manifest["resume"] = {"epoch": epoch + 1, "best_miou": best_miou}
+        save_checkpoint(last_path, {**module.state_dict(), **_opt_state_tensors(opt)}, resume_manifest)
+    result = {"best_miou": best_miou, "checkpoint": str(best_path), "history": str(csv_path)}
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.sub=value`` with value parsed as YAML (numbers, lists, booleans)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+__all__ = ["ConfigError", "build_data", "load_config", "parse_override", "train"]

@@ -1,0 +1,223 @@
+"""Prototype maths, losses, pseudo masks, the registered inference modules and checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import save_checkpoint
+from model.errors import CheckpointError
+from model.fprotoseg import (
+    FProtoSegStage1,
+    Stage1Inference,
+    Stage2Inference,
+    instance_cam,
+    kmeans_assign,
+    masked_mean,
+    normalise_cam,
+    stage1_losses,
+    structure_aware_prototypes,
+    text_alignment_loss,
+)
+from model.pseudo import IGNORE_INDEX, make_pseudo_masks, pseudo_masks
+
+TINY_ENCODER = {
+    "variant": "b0",
+    "embed_dims": [8, 16, 24, 32],
+    "num_heads": [1, 1, 1, 2],
+    "depths": [1, 1, 1, 1],
+}
+TINY_CFG = {
+    "encoder": TINY_ENCODER,
+    "cam_head": "text",
+    "text": {"source": "learnable"},
+    "prototypes": {"levels": [1, 2, 3], "n_sub": 2, "min_px_per_sub": 2},
+    "loss": {"consistency": 1.0, "alignment": 0.1},
+}
+CLASSES = [
+    {"name": "Tumor", "color": [200, 0, 0]},
+    {"name": "Stroma", "color": [150, 200, 150]},
+    {"name": "Normal", "color": [0, 120, 255]},
+]
+
+
+def _text(k: int = 3, d: int = 16) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.randn(k, d, generator=torch.Generator().manual_seed(0)), dim=1)
+
+
+def test_prototype_is_the_masked_mean() -> None:
+    feats = torch.arange(12, dtype=torch.float32).reshape(2, 6)  # C=2, P=6
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1]], dtype=torch.float32)
+    protos = masked_mean(feats, mask)
+    torch.testing.assert_close(protos, torch.tensor([[0.5, 6.5], [4.5, 10.5]]))
+
+
+def test_instance_cam_is_in_unit_range_and_peaks_on_its_prototype() -> None:
+    feats = torch.nn.functional.normalize(torch.randn(8, 50), dim=0)
+    protos = feats[:, [3, 7, 20]].t()
+    owners = torch.tensor([0, 0, 1])
+    cam = instance_cam(feats, protos, owners, 2)
+    assert cam.shape == (2, 50)
+    assert float(cam.min()) >= 0.0 and float(cam.max()) <= 1.0
+    assert cam[0, 3] == pytest.approx(1.0, abs=1e-5) and cam[1, 20] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_kmeans_separates_two_clusters() -> None:
+    a = torch.tensor([1.0, 0.0]) + 0.01 * torch.randn(10, 2)
+    b = torch.tensor([0.0, 1.0]) + 0.01 * torch.randn(10, 2)
+    labels = kmeans_assign(torch.cat([a, b]), 2)
+    assert len(set(labels[:10].tolist())) == 1 and len(set(labels[10:].tolist())) == 1
+    assert labels[0] != labels[10]
+
+
+def test_normalise_cam_is_min_max_per_channel() -> None:
+    cam = torch.tensor([[[[-1.0, 0.0], [1.0, 3.0]]]])
+    out = normalise_cam(cam)
+    assert float(out.min()) == 0.0 and float(out.max()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_stage1_losses_are_finite_with_gradients() -> None:
+    torch.manual_seed(0)
+    net = FProtoSegStage1(TINY_CFG, 3, _text())
+    x = torch.randn(2, 3, 64, 64)
+    labels = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    out = net(x)
+    assert [c.shape[-1] for c in out["cams"]] == [16, 8, 4, 4]  # strides 4, 8, 16, 16
+    terms = stage1_losses(net, out, labels, TINY_CFG["loss"])
+    assert set(terms) == {"cls", "consistency", "alignment", "total"}
+    assert all(torch.isfinite(v) for v in terms.values())
+    terms["total"].backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert net.align_proj[0].weight.grad is not None and net.align_proj[0].weight.grad.abs().sum() > 0
+    assert net.cam_head.scales.grad is not None
+
+
+def test_structure_aware_prototypes_one_owner_per_present_class_or_background() -> None:
+    torch.manual_seed(0)
+    net = FProtoSegStage1(TINY_CFG, 3, _text())
+    labels = torch.tensor([[1.0, 0.0, 1.0]])
+    out = net(torch.randn(1, 3, 64, 64))
+    po = structure_aware_prototypes(out["feats"], out["cams"], labels, {**TINY_CFG["prototypes"]})
+    owners = set(po.owners[0].tolist())
+    assert owners <= {-1, 0, 2}  # background, tumour, normal: never the absent stroma
+    assert po.protos[0].shape[1] == sum(TINY_ENCODER["embed_dims"][i] for i in (1, 2, 3))
+
+
+def test_text_alignment_prefers_own_class_text() -> None:
+    text = torch.eye(3)
+    proj = torch.nn.Identity()
+    aligned = text_alignment_loss([torch.eye(3)], [torch.tensor([0, 1, 2])], proj, text)
+    crossed = text_alignment_loss([torch.eye(3)], [torch.tensor([1, 2, 0])], proj, text)
+    assert float(aligned) < 0.01 < float(crossed)
+
+
+def test_pseudo_mask_shapes_and_background() -> None:
+    cams = torch.zeros(2, 3, 8, 8)
+    cams[:, 0, :4] = 1.0
+    cams[:, 1, 4:] = 0.95
+    labels = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    masks = pseudo_masks(cams, labels, bg_power=10.0)
+    assert masks.shape == (2, 8, 8) and masks.dtype == torch.int64
+    assert (masks[0, :4] == 0).all() and (masks[0, 4:] == 1).all()
+    assert (masks[1, 4:] == IGNORE_INDEX).all()  # stroma gated off -> background wins -> ignore
+    torch.manual_seed(0)
+    net = FProtoSegStage1(TINY_CFG, 3, _text())
+    m = make_pseudo_masks(net, torch.randn(2, 3, 64, 64), labels, {"flip_tta": True})
+    assert m.shape == (2, 64, 64)
+    assert set(torch.unique(m).tolist()) <= {0, 1, IGNORE_INDEX}  # only labelled classes appear
+
+
+def _manifest(arch: str) -> dict:
+    return {
+        "architecture": arch,
+        "config": TINY_CFG,
+        "classes": CLASSES,
+        "mpp": 1.0,
+        "tile_size_px": 64,
+        "output_stride": 4,
+        "normalisation": {"mean": [0.5] * 3, "std": [0.5] * 3},
+        "text": {"dim": 16},
+    }
+
+
+@pytest.mark.parametrize("arch", ["fprotoseg_cam", "fprotoseg_seg"])
+def test_checkpoint_round_trip_through_load_segmenter(tmp_path: Path, arch: str) -> None:
+    from model import load_segmenter
+
+    torch.manual_seed(0)
+    module = Stage1Inference(TINY_CFG, 3, 16) if arch == "fprotoseg_cam" else Stage2Inference(TINY_CFG, 3)
+    module.eval()
+    path = save_checkpoint(tmp_path / "m.safetensors", module.state_dict(), _manifest(arch))
+    seg = load_segmenter(path, device="cpu")
+    tiles = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    scores = seg.predict(tiles)
+    assert scores.shape == (2, 3, 16, 16) and scores.dtype == np.float32
+    assert scores.min() >= 0.0 and scores.max() <= 1.0
+    np.testing.assert_allclose(scores.sum(1), 1.0, atol=1e-5)
+    x = (torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5
+    with torch.no_grad():
+        np.testing.assert_allclose(module(x).numpy(), scores, atol=1e-4)
+    assert [c.name for c in seg.classes] == ["Tumor", "Stroma", "Normal"]
+
+
+def test_bf16_autocast_inference_on_cpu(tmp_path: Path) -> None:
+    from model import load_segmenter
+
+    module = Stage1Inference(TINY_CFG, 3, 16)
+    path = save_checkpoint(tmp_path / "m.safetensors", module.state_dict(), _manifest("fprotoseg_cam"))
+    tiles = np.random.default_rng(1).integers(0, 255, (1, 64, 64, 3), dtype=np.uint8)
+    fp32 = load_segmenter(path, device="cpu", precision="fp32").predict(tiles)
+    bf16 = load_segmenter(path, device="cpu", precision="bf16").predict(tiles)
+    assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
+    assert np.isfinite(bf16).all()
+    assert np.abs(bf16 - fp32).max() < 0.1
+
+
+def test_corrupted_and_foreign_files_are_checkpoint_errors(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from model import load_segmenter
+
+    module = Stage1Inference(TINY_CFG, 3, 16)
+    good = save_checkpoint(tmp_path / "m.safetensors", module.state_dict(), _manifest("fprotoseg_cam"))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    garbage = tmp_path / "slide.safetensors"
+    garbage.write_bytes(b"II*\x00" + b"\x00" * 200)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    wrong_arch = save_checkpoint(
+        tmp_path / "wrong.safetensors", {"w": torch.zeros(2)}, _manifest("fprotoseg_cam")
+    )
+    for path, pattern in [
+        (truncated, "not a readable"),
+        (garbage, "not a readable"),
+        (foreign, "not a fprotoseg checkpoint"),
+        (wrong_arch, "do not match"),
+        (tmp_path / "missing.safetensors", "not found"),
+    ]:
+        with pytest.raises(CheckpointError, match=pattern):
+            load_segmenter(path, device="cpu")
+
+
+def test_pretrained_loader_reports_mismatches(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from model.mit import MixTransformer, load_pretrained, mit_config
+
+    enc = MixTransformer(mit_config("b0", **{k: v for k, v in TINY_ENCODER.items() if k != "variant"}))
+    published = {
+        "patch_embed1.proj.weight": torch.ones_like(enc.patch_embeds[0].proj.weight),
+        "head.weight": torch.zeros(10, 4),
+        "block1.0.norm1.weight": torch.zeros(3),
+    }
+    path = tmp_path / "mit.safetensors"
+    save_file(published, str(path))
+    report = load_pretrained(enc, path)
+    assert (enc.patch_embeds[0].proj.weight == 1).all()  # published key names map onto ours
+    assert "head.weight" in report["unexpected"]
+    assert "stages.0.0.norm1.weight" in report["shape_mismatch"]
