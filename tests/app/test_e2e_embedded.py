@@ -17,6 +17,7 @@ import pytest
 
 from tests.app.live import (
     api_client,
+    api_server,
     assert_no_stack_trace,
     check_qupath_geojson,
     poll_job,
@@ -219,3 +220,20 @@ def test_api_restart_loses_no_job_and_no_result(
         assert again["state"] == "succeeded" and again["finished_at"] == done["finished_at"]
         assert client.get(f"/jobs/{job_id}/geojson").content == geojson
         assert client.get("/jobs").json()["total"] == 1
+
+
+def test_serve_without_a_configured_key_generates_one_once(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    import stat
+
+    data_dir = tmp_path / "data"
+    log = tmp_path / "serve.log"
+    with api_server(data_dir, tiny_checkpoint, log, FPROTOSEG_API_KEYS="") as url:
+        key_file = data_dir / "api-key"
+        key = key_file.read_text().strip()
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and len(key) >= 40
+        assert key in log.read_text()  # printed at start-up for the user to copy
+        assert httpx.get(url + "/jobs", timeout=10).status_code == 401
+        assert httpx.get(url + "/jobs", headers={"X-API-Key": key}, timeout=10).status_code == 200
+    with api_server(data_dir, tiny_checkpoint, tmp_path / "again.log", FPROTOSEG_API_KEYS="") as url:
+        assert key_file.read_text().strip() == key  # the same key after a restart
+        assert httpx.get(url + "/jobs", headers={"X-API-Key": key}, timeout=10).status_code == 200
