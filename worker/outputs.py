@@ -39,41 +39,30 @@ def write_json(path: Path, obj: Any) -> Path:
 
 
 # ---------------------------------------------------------------------------------------- geojson
-def geojson_feature_collection(regions: Sequence[Region], classes: Sequence[Any]) -> dict[str, Any]:
-    """QuPath-importable FeatureCollection: one annotation per connected region."""
-    from shapely.geometry import mapping
+def geojson_bytes(regions: Sequence[Region], classes: Sequence[Any]) -> bytes:
+    """QuPath-importable FeatureCollection, one annotation per connected region.
 
-    features = []
+    Geometry text comes from GEOS (``shapely.to_geojson``): building Python lists for every
+    vertex would cost more than the whole vectorisation on a large slide.
+    """
+    import shapely
+
+    parts = []
     for region in regions:
         cls = classes[region.class_index]
-        geometry = mapping(region.geometry)
-        features.append(
-            {
-                "type": "Feature",
-                "geometry": _lists(geometry),
-                "properties": {
-                    "objectType": "annotation",
-                    "classification": {"name": cls.name, "color": [int(v) for v in cls.color]},
-                    "measurements": {"area_um2": round(region.area_um2, 3)},
-                },
-            }
+        props = {
+            "objectType": "annotation",
+            "classification": {"name": cls.name, "color": [int(v) for v in cls.color]},
+            "measurements": {"area_um2": round(region.area_um2, 3)},
+        }
+        parts.append(
+            '{"type":"Feature","geometry":' + shapely.to_geojson(region.geometry)
+            + ',"properties":' + json.dumps(props, separators=(",", ":"), ensure_ascii=False) + "}"
         )
-    return {"type": "FeatureCollection", "features": features}
+    return ('{"type":"FeatureCollection","features":[' + ",".join(parts) + "]}").encode("utf-8")
 
 
-def _lists(obj: Any) -> Any:
-    """shapely's mapping uses tuples; JSON wants lists (and smaller floats)."""
-    if isinstance(obj, dict):
-        return {k: _lists(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        if obj and isinstance(obj[0], float):
-            return [round(v, 3) for v in obj]
-        return [_lists(v) for v in obj]
-    return obj
-
-
-def write_geojson(out_dir: Path, collection: dict[str, Any], *, gzip_too: bool = False) -> dict[str, Path]:
-    data = json.dumps(collection, separators=(",", ":")).encode("utf-8")
+def write_geojson(out_dir: Path, data: bytes, *, gzip_too: bool = False) -> dict[str, Path]:
     path = out_dir / GEOJSON_NAME
     _atomic_write_bytes(path, data)
     files = {"geojson": path}
@@ -232,6 +221,6 @@ def write_overlay_png(
         label = name if frac is None else f"{name}  {100 * frac:.1f}%"
         draw.text((x0 + swatch + 6, y + 2), label, fill=(0, 0, 0), font=font)
     tmp = path.with_name(path.name + ".tmp")
-    canvas.save(tmp, format="PNG", optimize=False)
+    canvas.save(tmp, format="PNG", compress_level=1)  # 4x faster than the default, ~20% larger
     os.replace(tmp, path)
     return path

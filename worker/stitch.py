@@ -43,7 +43,8 @@ class LabelMapStitcher:
         self.tissue = tissue
         self.label_map = np.zeros(shape, dtype=np.uint8)
 
-    def _tissue_window(self, tile: Tile) -> np.ndarray:
+    def _tissue_window(self, tile: Tile) -> np.ndarray | bool:
+        """Tissue (bool array) over the tile's owned window, or a plain bool when uniform."""
         o, t = self.output_mpp, self.tissue.mpp
         ys = (np.arange(tile.own_y0, tile.own_y1) + 0.5) * o / t - 0.5
         xs = (np.arange(tile.own_x0, tile.own_x1) + 0.5) * o / t - 0.5
@@ -51,6 +52,11 @@ class LabelMapStitcher:
         # Only the rows/cols we need, as float, so the sampling cost is per tile, not per slide.
         y0, y1, wy = _axis(ys, mask.shape[0])
         x0, x1, wx = _axis(xs, mask.shape[1])
+        support = mask[y0[0] : y1[-1] + 1, x0[0] : x1[-1] + 1]
+        if support.all():
+            return True  # inside tissue: most tiles
+        if not support.any():
+            return False
         r0 = mask[y0][:, x0].astype(np.float32)
         r1 = mask[y0][:, x1].astype(np.float32)
         r2 = mask[y1][:, x0].astype(np.float32)
@@ -69,5 +75,9 @@ class LabelMapStitcher:
         xs = ((np.arange(tile.own_x0, tile.own_x1) + 0.5) * o - tile.origin_x_um) / um_per_score_x - 0.5
         sampled = sample_bilinear(scores.astype(np.float32, copy=False), ys, xs)
         labels = (np.argmax(sampled, axis=0) + 1).astype(np.uint8)
-        labels[~self._tissue_window(tile)] = BACKGROUND
+        tissue = self._tissue_window(tile)
+        if tissue is False:
+            labels[:] = BACKGROUND
+        elif tissue is not True:
+            labels[~tissue] = BACKGROUND
         self.label_map[tile.own_y0 : tile.own_y1, tile.own_x0 : tile.own_x1] = labels
