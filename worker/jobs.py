@@ -229,7 +229,8 @@ def _finish(
     return store.get(job_id)
 
 
-def _fail(store: JobStore, settings: Settings, job_id: str, code: str, message: str) -> JobRecord | None:
+def fail_job(store: JobStore, settings: Settings, job_id: str, code: str, message: str) -> JobRecord | None:
+    """Mark a queued/running job failed (once) and send its callback."""
     return _finish(
         store,
         settings,
@@ -280,7 +281,7 @@ def _process(
     if rec.cancel_requested:
         return _finish(store, settings, job_id, CANCELLED, [QUEUED, RUNNING], stage="cancelled")
     if rec.attempts >= settings.max_delivery_attempts:
-        return _fail(
+        return fail_job(
             store,
             settings,
             job_id,
@@ -339,14 +340,16 @@ def _process(
         raise
     except FprotosegError as exc:
         shutil.rmtree(work_dir, ignore_errors=True)
-        return _fail(store, settings, job_id, exc.code, exc.message)
+        return fail_job(store, settings, job_id, exc.code, exc.message)
     except MemoryError:
         shutil.rmtree(work_dir, ignore_errors=True)
-        return _fail(store, settings, job_id, "out_of_memory", "the worker ran out of memory on this slide")
+        return fail_job(
+            store, settings, job_id, "out_of_memory", "the worker ran out of memory on this slide"
+        )
     except Exception as exc:
         shutil.rmtree(work_dir, ignore_errors=True)
         if type(exc).__name__ == "SoftTimeLimitExceeded":  # Celery's, matched by name (no import)
-            return _fail(
+            return fail_job(
                 store,
                 settings,
                 job_id,
@@ -355,7 +358,7 @@ def _process(
                 f"{settings.job_soft_time_limit_s:g} s",
             )
         log.exception("job %s: unexpected error", job_id)
-        return _fail(
+        return fail_job(
             store,
             settings,
             job_id,

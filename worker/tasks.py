@@ -13,8 +13,8 @@ import logging
 from typing import Any
 
 from worker.celery_app import TASK_NAME, make_celery
-from worker.jobs import TransientJobError, get_segmenter, process_job
-from worker.jobstore import JobStore, open_jobstore
+from worker.jobs import TransientJobError, fail_job, get_segmenter, process_job
+from worker.jobstore import JobStore, JobStoreError, open_jobstore
 from worker.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,21 @@ def register_tasks(app: Any, settings: Settings) -> Any:
         except Exception as exc:  # the job will fail with the same reason; the worker stays up
             log.error("model could not be loaded: %s", exc)
 
+    class JobTask(app.Task):  # type: ignore[name-defined,misc]
+        def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+            """Failures that never reach process_job's own handling still end the job record.
+
+            Celery calls this in the worker's main process after a hard time limit killed the
+            pool process, and after the last retry of a transient error.
+            """
+            job_id = (args[0] if args else None) or (kwargs or {}).get("job_id")
+            if job_id:
+                record_task_failure(job_id, exc, settings, store())
+
     @app.task(
         name=TASK_NAME,
+        shared=False,  # bound to this app only (one app per process; tests build several)
+        base=JobTask,
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,
@@ -52,6 +65,27 @@ def register_tasks(app: Any, settings: Settings) -> Any:
         return rec.state if rec is not None else None
 
     return process_job_task
+
+
+def record_task_failure(job_id: str, exc: BaseException, settings: Settings, store: JobStore) -> None:
+    """Mark the job failed for a hard time limit or exhausted retries (no-op when already final)."""
+    if type(exc).__name__ == "TimeLimitExceeded":
+        code = "time_limit"
+        message = (
+            "the job ran past FPROTOSEG_JOB_HARD_TIME_LIMIT_S="
+            f"{settings.job_hard_time_limit_s:g} s and its worker process was stopped"
+        )
+    elif isinstance(exc, TransientJobError):
+        code, message = (
+            "transient_error",
+            f"{exc.message} (gave up after {settings.transient_retries} retries)",
+        )
+    else:
+        return
+    try:
+        fail_job(store, settings, job_id, code, message)
+    except JobStoreError as err:
+        log.error("job %s: could not record %s: %s", job_id, code, err.message)
 
 
 def create_worker_app(settings: Settings | None = None) -> Any:
