@@ -70,6 +70,7 @@ class _Sink:
         self.filename = ""
         self.fields: dict[str, str] = {}
         self.error: Problem | None = None
+        self.ended = False  # the closing boundary arrived: the body was not cut off
         self._fh: IO[bytes] | None = None
         self._headers: dict[bytes, bytes] = {}
         self._hname = b""
@@ -128,6 +129,9 @@ class _Sink:
             self.fields[self._part] = self._buf.decode("utf-8", "replace").strip()
         self._part = None
 
+    def on_end(self) -> None:
+        self.ended = True
+
     def _close_file(self) -> None:
         if self._fh is not None:
             self._fh.close()
@@ -144,6 +148,7 @@ class _Sink:
                 "on_headers_finished",
                 "on_part_data",
                 "on_part_end",
+                "on_end",
             )
         }
 
@@ -197,6 +202,9 @@ async def receive_upload(request: Request, uploads_dir: Path, cap_bytes: int) ->
     if sink.error is not None:
         temp_path.unlink(missing_ok=True)
         raise sink.error
+    if not sink.ended:
+        temp_path.unlink(missing_ok=True)
+        raise Problem(400, "the multipart body was cut off before its end", code="malformed_upload")
     if not sink.file_seen:
         temp_path.unlink(missing_ok=True)
         raise Problem(

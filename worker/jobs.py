@@ -69,6 +69,12 @@ def results_complete(result_dir: Path) -> bool:
     )
 
 
+def upload_path(settings: Settings, rec: JobRecord) -> Path:
+    """The job's slide; records hold paths relative to the data dir (shared volume)."""
+    path = Path(rec.upload_path)
+    return path if path.is_absolute() else settings.data_dir / path
+
+
 def resolve_precision(settings: Settings) -> tuple[str, str]:
     """(device, precision) with ``auto`` resolved: fp16 on a GPU, fp32 on a CPU."""
     from model.segmenter import resolve_device
@@ -315,7 +321,7 @@ def _process(
         shutil.rmtree(work_dir, ignore_errors=True)
         work_dir.mkdir(parents=True)
         result = run(
-            Path(rec.upload_path),
+            upload_path(settings, rec),
             work_dir,
             segmenter,
             options=options,

@@ -158,7 +158,8 @@ async def create_segmentation(
             id=job_id,
             state=QUEUED,
             stage="queued",
-            upload_path=str(final_path.resolve()),
+            # relative to the data dir: API and workers may mount the shared volume at different paths
+            upload_path=str(final_path.relative_to(settings.data_dir)),
             upload_sha256=upload.sha256,
             upload_bytes=upload.size_bytes,
             upload_format=fmt.name,

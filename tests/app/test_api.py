@@ -92,6 +92,17 @@ def test_request_shape_errors(client: TestClient) -> None:
     assert r.status_code == 422 and "file" in r.json()["detail"]
 
 
+def test_a_multipart_body_cut_off_midway_is_refused(client: TestClient, slide_bytes: bytes) -> None:
+    head = b'--XX\r\nContent-Disposition: form-data; name="file"; filename="a.tif"\r\n\r\n'
+    r = client.post(
+        "/segment",
+        content=head + slide_bytes[: len(slide_bytes) // 2],
+        headers={**KEY, "Content-Type": "multipart/form-data; boundary=XX"},
+    )
+    assert r.status_code == 400 and r.json()["code"] == "malformed_upload"
+    assert list(client.app.state.settings.uploads_dir.iterdir()) == []
+
+
 def test_uploads_over_the_cap_are_413(tmp_path: Path, slide_bytes: bytes) -> None:
     with make_client(tmp_path, max_upload_mb=0.25) as c:
         r = upload(c, slide_bytes + b"\0" * 300_000)
