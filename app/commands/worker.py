@@ -41,6 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = subparsers.add_parser("worker", help="run a Celery worker (needs FPROTOSEG_BROKER_URL)")
     p.add_argument("--concurrency", type=int, default=None, help="parallel jobs (default 1: one GPU)")
     p.add_argument("--pool", default="prefork", choices=["prefork", "solo"], help="solo: no time limits")
-    p.add_argument("--hostname", default="fprotoseg@%h", help="Celery node name")
+    p.add_argument(
+        "--hostname",
+        default="fprotoseg@%h",
+        help="Celery node name (several workers on one host: give each its own, e.g. fprotoseg-gpu1@%%h)",
+    )
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(handler=_worker)
