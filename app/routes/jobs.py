@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from app.auth import ApiKey
 from app.deps import SettingsDep, StoreDep
 from app.problems import Problem
-from app.routes.views import base_url, job_view
+from app.routes.views import JobList, JobView, base_url, job_view
 from worker.jobstore import CANCELLED, FAILED, SUCCEEDED, JobRecord, JobStore
 
 router = APIRouter(tags=["jobs"])
@@ -25,7 +25,7 @@ def load_job(store: JobStore, job_id: str) -> JobRecord:
     return rec
 
 
-@router.get("/jobs", summary="List jobs, newest first")
+@router.get("/jobs", summary="List jobs, newest first", response_model=JobList)
 def list_jobs(
     request: Request,
     _: ApiKey,
@@ -50,7 +50,12 @@ def list_jobs(
     }
 
 
-@router.get("/jobs/{job_id}", summary="State, progress and result links of one job")
+@router.get(
+    "/jobs/{job_id}",
+    summary="State, progress and result links of one job",
+    response_model=JobView,
+    responses={404: {"description": "no such job"}},
+)
 def get_job(
     job_id: str, request: Request, _: ApiKey, settings: SettingsDep, store: StoreDep
 ) -> dict[str, Any]:
@@ -61,7 +66,8 @@ def get_job(
     "/jobs/{job_id}",
     status_code=202,
     summary="Cancel a job (a running job stops at its next batch)",
-    responses={409: {"description": "the job has already finished"}},
+    response_model=JobView,
+    responses={404: {"description": "no such job"}, 409: {"description": "the job has already finished"}},
 )
 def cancel_job(
     job_id: str, request: Request, _: ApiKey, settings: SettingsDep, store: StoreDep

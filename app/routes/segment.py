@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from app.auth import ApiKey
 from app.deps import DispatcherDep, SettingsDep, StoreDep
 from app.problems import Problem
-from app.routes.views import job_url, job_view
+from app.routes.views import SegmentAccepted, job_url, job_view
 from app.sniff import sniff
 from app.upload import receive_upload
 from worker.jobstore import FAILED, QUEUED, DuplicateJobError, JobRecord, JobStore
@@ -123,7 +123,10 @@ def _find_existing(store: JobStore, key: str | None, sha256: str, phash: str) ->
     summary="Upload a slide and start its segmentation",
     openapi_extra=_UPLOAD_SCHEMA,
     responses={
-        202: {"description": "job created (or the existing job for the same upload)"},
+        202: {
+            "description": "job created (or the existing job for the same upload)",
+            "model": SegmentAccepted,
+        },
         400: {"description": "empty or malformed upload"},
         401: {"description": "missing or wrong X-API-Key"},
         413: {"description": "larger than FPROTOSEG_MAX_UPLOAD_MB"},

@@ -3,13 +3,65 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Request
+from pydantic import BaseModel, Field
 
 from worker.jobs import RESULT_FILES
 from worker.jobstore import SUCCEEDED, JobRecord
 from worker.settings import Settings
+
+
+class JobErrorView(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. missing_mpp")
+    message: str = Field(description="one line for a human, naming the fix")
+
+
+class UploadView(BaseModel):
+    filename: str = Field(description="the client's file name, as a label only")
+    sha256: str
+    size_bytes: int
+    format: str = Field(
+        description="sniffed from the bytes: aperio-svs, hamamatsu-ndpi, ome-tiff, tiff, dicom, …"
+    )
+
+
+class JobView(BaseModel):
+    """One job as the API shows it."""
+
+    job_id: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: float = Field(ge=0, le=1)
+    stage: str
+    error: JobErrorView | None
+    created_at: str | None = Field(description="ISO 8601 UTC")
+    started_at: str | None
+    finished_at: str | None
+    updated_at: str | None
+    attempts: int = Field(description="deliveries so far (more than 1 after a worker was lost)")
+    cancel_requested: bool
+    upload: UploadView
+    mpp: float | None = Field(description="µm/px given with the upload (overrides slide metadata)")
+    callback_url: str | None
+    tiles: int | None = Field(description="tiles inferred, once succeeded")
+    duration_s: float | None
+    links: dict[str, str] = Field(description="self, and the result URLs once succeeded")
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+    total: int
+    limit: int
+    offset: int
+    next: str | None = Field(description="URL of the next page, or null")
+
+
+class SegmentAccepted(BaseModel):
+    job_id: str
+    status_url: str
+    state: str
+    job: JobView
 
 
 def iso(ts: float | None) -> str | None:

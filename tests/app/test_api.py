@@ -213,3 +213,6 @@ def test_openapi_documents_the_upload(client: TestClient) -> None:
     assert set(body["properties"]) == {"file", "mpp", "callback_url"}
     for path in ("/jobs", "/jobs/{job_id}", "/jobs/{job_id}/geojson", "/healthz", "/readyz", "/metrics"):
         assert path in spec["paths"]
+    job = spec["components"]["schemas"]["JobView"]["properties"]
+    assert job["state"]["enum"] == ["queued", "running", "succeeded", "failed", "cancelled"]
+    assert {"progress", "stage", "error", "links", "created_at"} <= set(job)
