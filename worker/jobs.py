@@ -130,13 +130,28 @@ class _Progress:
             self.store.progress(self.job_id, stage, self.value)
 
 
+class JobTimeLimitError(FprotosegError):
+    """The job ran longer than FPROTOSEG_JOB_SOFT_TIME_LIMIT_S."""
+
+    code = "time_limit"
+
+
 class _CancelCheck:
-    """Asks the job store whether the job was cancelled, at most every ``interval_s``."""
+    """Between batches: shutdown (requeue), the soft time limit (fail), cancel (asked of the job
+    store at most every ``interval_s``). The time limit is checked here as well as by Celery so
+    the embedded worker enforces it too."""
 
     def __init__(
-        self, store: JobStore, job_id: str, interval_s: float, should_stop: Callable[[], bool] | None
+        self,
+        store: JobStore,
+        job_id: str,
+        interval_s: float,
+        should_stop: Callable[[], bool] | None,
+        time_limit_s: float,
     ) -> None:
         self.store, self.job_id, self.interval_s, self.should_stop = store, job_id, interval_s, should_stop
+        self.time_limit_s = time_limit_s
+        self._started = time.monotonic()
         self._last = 0.0
         self._cancelled = False
 
@@ -144,6 +159,10 @@ class _CancelCheck:
         if self.should_stop is not None and self.should_stop():
             raise JobInterrupted("the worker is shutting down; the job is requeued")
         now = time.monotonic()
+        if now - self._started > self.time_limit_s:
+            raise JobTimeLimitError(
+                f"the job ran longer than FPROTOSEG_JOB_SOFT_TIME_LIMIT_S={self.time_limit_s:g} s"
+            )
         if not self._cancelled and now - self._last >= self.interval_s:
             self._last = now
             with contextlib.suppress(JobStoreError):  # a store blip must not stop a long job
@@ -327,7 +346,9 @@ def _process(
             options=options,
             mpp_override=rec.mpp,
             progress=_Progress(store, job_id, settings.progress_interval_s),
-            should_cancel=_CancelCheck(store, job_id, settings.cancel_poll_interval_s, should_stop),
+            should_cancel=_CancelCheck(
+                store, job_id, settings.cancel_poll_interval_s, should_stop, settings.job_soft_time_limit_s
+            ),
         )
         store.progress(job_id, "publishing results", 0.99)
         _publish(work_dir, result_dir)

@@ -111,6 +111,17 @@ def test_cancel_stops_a_running_job_at_the_next_batch(env, shared_data: Path, tm
     assert list((settings.jobs_dir / rec.id).iterdir()) == []  # the partial work is removed
 
 
+def test_a_job_over_the_soft_time_limit_fails_in_every_mode(env, shared_data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings, store = env
+    settings = settings.model_copy(update={"batch_size": 2, "job_soft_time_limit_s": 0.5})
+    mosaic = tmp_path / "mosaic.tif"
+    write_mosaic_slide(shared_data / SLIDE, mosaic, (2, 2))
+    rec = process_job(queue_slide(settings, store, mosaic).id, settings, store)
+    assert rec.state == FAILED and rec.error_code == "time_limit"
+    assert "FPROTOSEG_JOB_SOFT_TIME_LIMIT_S=0.5" in rec.error_message
+    assert not settings.result_dir(rec.id).exists()
+
+
 @pytest.mark.parametrize(
     ("content", "code"),
     [
