@@ -74,7 +74,12 @@ def fetch_and_check_results(client: httpx.Client, job: dict, slide_bytes: bytes)
 def embedded(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path):
     data_dir = tmp_path_factory.mktemp("embedded-data")
     log = tmp_path_factory.mktemp("logs") / "serve.log"
-    with api_client(data_dir, tiny_checkpoint, log, FPROTOSEG_MAX_UPLOAD_MB="3") as client:
+    env = {
+        "FPROTOSEG_MAX_UPLOAD_MB": "16",
+        "FPROTOSEG_BATCH_SIZE": "4",
+        "FPROTOSEG_CANCEL_POLL_INTERVAL_S": "0.2",
+    }
+    with api_client(data_dir, tiny_checkpoint, log, **env) as client:
         wait_ready(client)
         yield client, data_dir, log
 
@@ -150,7 +155,7 @@ def hostile_uploads(shared_data: Path) -> list[tuple[str, str, bytes]]:
         ("zip", "slide.zip", zbuf.getvalue()),
         ("gzip", "slide.svs.gz", gzip.compress(slide)),
         ("path traversal name", "../../../etc/passwd.svs", slide),
-        ("over the cap", "big.svs", slide + os.urandom(3 * 1024 * 1024)),
+        ("over the cap", "big.svs", slide + os.urandom(16 * 1024 * 1024)),
     ]
 
 
@@ -237,3 +242,30 @@ def test_serve_without_a_configured_key_generates_one_once(tmp_path: Path, tiny_
     with api_server(data_dir, tiny_checkpoint, tmp_path / "again.log", FPROTOSEG_API_KEYS="") as url:
         assert key_file.read_text().strip() == key  # the same key after a restart
         assert httpx.get(url + "/jobs", headers={"X-API-Key": key}, timeout=10).status_code == 200
+
+
+def test_delete_cancels_a_running_job(embedded, shared_data: Path, tmp_path: Path) -> None:
+    import time
+
+    from tests.app.live import write_mosaic_slide
+
+    client, data_dir, _ = embedded
+    mosaic = tmp_path / "mosaic.tif"
+    write_mosaic_slide(shared_data / SLIDE, mosaic, (3, 3))
+    with mosaic.open("rb") as fh:
+        job_id = client.post("/segment", files={"file": ("mosaic.tif", fh)}).json()["job_id"]
+    deadline = time.monotonic() + 120
+    job = {}
+    while time.monotonic() < deadline:
+        job = client.get(f"/jobs/{job_id}").json()
+        if job["state"] == "running" and job["stage"] == "inference":
+            break
+        time.sleep(0.1)
+    assert job["state"] == "running", job
+    r = client.delete(f"/jobs/{job_id}")
+    assert r.status_code == 202 and r.json()["cancel_requested"]
+    done = poll_job(client, job_id, timeout_s=60)
+    assert done["state"] == "cancelled" and done["progress"] < 1.0
+    assert client.get(f"/jobs/{job_id}/geojson").status_code == 409
+    assert not (data_dir / "jobs" / job_id / "results").exists()
+    assert client.delete(f"/jobs/{job_id}").status_code == 202
