@@ -24,7 +24,7 @@ from tests.app.live import (
     wait_ready,
     write_mosaic_slide,
 )
-from tests.app.test_e2e_embedded import SLIDE, fetch_and_check_results
+from tests.app.test_e2e_embedded import SLIDE, _tiff_claiming, fetch_and_check_results
 
 CALLBACK_SECRET = "callback-secret-for-tests"
 
@@ -61,13 +61,16 @@ def test_slide_end_to_end_with_redis_and_celery(
             job = poll_job(client, r.json()["job_id"])
             assert job["state"] == "succeeded", (job, worker.log())
             fetch_and_check_results(client, job, slide)
+            bomb = client.post("/segment", files={"file": ("bomb.tif", _tiff_claiming(200_000, 200_000))})
+            failed = poll_job(client, bomb.json()["job_id"])
+            assert failed["state"] == "failed" and failed["error"]["code"] == "slide_too_large", failed
             deadline = time.monotonic() + 10
             while not hook.received and time.monotonic() < deadline:
                 time.sleep(0.1)
     finally:
         worker.stop()
         hook.close()
-    assert len(hook.received) == 1
+    assert [json.loads(b)["state"] for _, b in hook.received] == ["succeeded"]  # no callback_url on the bomb
     headers, body = hook.received[0]
     from worker.callbacks import verify
 
