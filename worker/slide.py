@@ -18,6 +18,7 @@ import logging
 import math
 import re
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,16 +213,31 @@ def _to_rgb_on_white(rgba: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------- vetting
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @contextlib.contextmanager
-def _quiet_tifffile() -> Iterator[None]:
-    """tifffile logs malformed headers before raising; we report them as one SlideError line."""
+def _quiet_tifffile() -> Iterator[list[str]]:
+    """tifffile logs malformed headers (and carries on); we collect them instead of printing,
+    and report what matters as one SlideError line. Python warnings from readers are muted too."""
     logger = logging.getLogger("tifffile")
-    previous = logger.disabled
-    logger.disabled = True
+    collect = _Collect()
+    previous = logger.propagate
+    logger.addHandler(collect)
+    logger.propagate = False
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield collect.messages
     finally:
-        logger.disabled = previous
+        logger.removeHandler(collect)
+        logger.propagate = previous
 
 
 def _vet_tiff(path: Path, file_size: int) -> bool:
@@ -233,8 +249,13 @@ def _vet_tiff(path: Path, file_size: int) -> bool:
     import tifffile
 
     try:
-        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
+        with _quiet_tifffile() as complaints, tifffile.TiffFile(path) as tif:
             pages = list(tif.pages)
+            if any("offset" in c for c in complaints):
+                raise SlideError(
+                    f"{path.name} is truncated or corrupt (an image directory points past its "
+                    f"{file_size} bytes); upload the complete file"
+                )
             if not pages:
                 raise SlideError(
                     f"{path.name} is truncated or not a complete TIFF (no image directory inside "
@@ -380,7 +401,8 @@ def _open_openslide(path: Path, fmt: str, file_size: int) -> Slide:
     import openslide
 
     try:
-        handle = openslide.OpenSlide(str(path))
+        with _quiet_tifffile():
+            handle = openslide.OpenSlide(str(path))
     except Exception as exc:
         raise SlideError(f"{path.name} ({fmt}) cannot be opened: {_one_line(exc)}") from exc
     try:

@@ -93,3 +93,15 @@ def test_vetting_refuses_bombs_and_non_slides(tmp_path):
         open_slide(tmp_path / "missing.svs")
     with pytest.raises(SlideError, match="plausible"):
         open_slide(bomb, mpp_override=-1)
+
+
+@pytest.mark.parametrize("name", ["CMU-1-Small-Region.svs", "TCGA-CR-7395-01A-01-TS1.svs",
+                                  "test3-DAPI-2-387.ndpi", "derived/CMU-1-Small-Region.pyramid.tiff"])
+@pytest.mark.parametrize("percent", [30, 95, 99])
+def test_truncated_slides_are_refused_before_decoding(tmp_path, shared_data, name, percent):
+    """Regression: a cut-off upload once opened with tifffile log lines on stderr and failed late."""
+    data = (shared_data / "slides" / name).read_bytes()
+    path = tmp_path / "cut.svs"
+    path.write_bytes(data[: len(data) * percent // 100])
+    with pytest.raises(SlideError, match="truncated"):
+        open_slide(path, mpp_override=0.5)
