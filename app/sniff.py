@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from app.problems import Problem
 
@@ -95,7 +96,7 @@ def _looks_like_text(head: bytes) -> bool:
 class _TiffReader:
     """Just enough TIFF to read the first directory's tags (classic and BigTIFF, both byte orders)."""
 
-    def __init__(self, fh, file_size: int, head: bytes) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, fh: BinaryIO, file_size: int, head: bytes) -> None:
         self.fh, self.size = fh, file_size
         self.bo = "<" if head[:2] == b"II" else ">"
         self.big = head[2:4] in (b"+\x00", b"\x00+")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
@@ -11,7 +13,8 @@ from app.deps import SettingsDep, StoreDep
 from app.problems import Problem
 from app.routes.jobs import load_job
 from worker.jobs import RESULT_FILES, results_complete
-from worker.jobstore import SUCCEEDED
+from worker.jobstore import SUCCEEDED, JobStore
+from worker.settings import Settings
 
 router = APIRouter(tags=["results"])
 
@@ -28,7 +31,7 @@ _RESPONSES = {
 }
 
 
-def _result_path(settings: SettingsDep, store: StoreDep, job_id: str, name: str):  # type: ignore[no-untyped-def]
+def _result_path(settings: Settings, store: JobStore, job_id: str, name: str) -> Path:
     rec = load_job(store, job_id)
     if rec.state != SUCCEEDED:
         raise Problem(
@@ -45,7 +48,7 @@ def _result_path(settings: SettingsDep, store: StoreDep, job_id: str, name: str)
     return result_dir / RESULT_FILES[name]
 
 
-def _file(path, name: str, job_id: str, *, attachment: bool) -> FileResponse:  # type: ignore[no-untyped-def]
+def _file(path: Path, name: str, job_id: str, *, attachment: bool) -> FileResponse:
     disposition = "attachment" if attachment else "inline"
     return FileResponse(
         path,
