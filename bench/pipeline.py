@@ -269,8 +269,10 @@ def main() -> None:
         growth = b["peak_rss_bytes"] - a["peak_rss_bytes"]
         allowed = 1.2 * b["label_map_bytes"]
         print(f"\n== {2 * args.side_px}x{2 * args.side_px} px (4x area): {b['tiles']} tiles, "
+              f"model-only {b['model_only_tiles_per_s']:.1f} tiles/s, "
               f"end-to-end {b['end_to_end_tiles_per_s']:.1f} tiles/s "
-              f"(ratio {b['end_to_end_tiles_per_s'] / b['model_only_tiles_per_s']:.3f})")
+              f"(ratio {b['end_to_end_tiles_per_s'] / b['model_only_tiles_per_s']:.3f}); "
+              f"load average {b['load_average']:.1f}")
         print(f"peak RSS                       {b['peak_rss_bytes'] / gib:.3f} GiB; label map "
               f"{b['label_map_bytes'] / 2**20:.1f} MiB")
         print(f"RSS growth for 4x area         {growth / 2**20:.1f} MiB  vs larger label map + 20% = "

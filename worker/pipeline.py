@@ -30,7 +30,7 @@ from worker.slide import Slide, open_slide
 from worker.stitch import LabelMapStitcher
 from worker.tiling import Tile, TileGrid, plan_tiles, read_tile
 from worker.tissue import TissueMask, detect_tissue_from_saturation, saturation
-from worker.vectorize import region_counts, vectorize
+from worker.vectorize import absorb_small_regions, region_counts, vectorize
 
 ProgressCallback = Callable[[str, int, int], None]
 STAGES = ("open", "tissue", "tiling", "inference", "stitch", "vectorise", "write")
@@ -319,6 +319,9 @@ def run(
         )
 
     t = time.perf_counter()
+    absorbed = absorb_small_regions(
+        label_map, len(classes), options.min_region_area_um2 / options.output_mpp**2
+    )
     level0_per_out = options.output_mpp / slide.mpp
     regions = vectorize(
         label_map,
@@ -415,7 +418,11 @@ def run(
             "margin_px": grid.margin_px,
             "step_px": grid.step_px,
         },
-        "output": {"mpp": options.output_mpp, "label_map_shape": list(label_map.shape)},
+        "output": {
+            "mpp": options.output_mpp,
+            "label_map_shape": list(label_map.shape),
+            "small_regions_absorbed": absorbed,
+        },
         "options": {k: v for k, v in asdict(options).items()},
         "timings_s": {k: round(v, 4) for k, v in {**clock.seconds, **inner}.items()},
         "software": _software_versions(),

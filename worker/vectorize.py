@@ -70,6 +70,51 @@ def _band_rows(width_px: int, budget_bytes: int = 2 << 20) -> int:
     return max(64, budget_bytes // max(1, width_px))
 
 
+def absorb_small_regions(label_map: np.ndarray, n_classes: int, min_area_px: float) -> int:
+    """In place: give every region smaller than ``min_area_px`` the majority label around it.
+
+    Why: polygons below the minimum area are not worth a QuPath annotation, and dropping them
+    only from the GeoJSON would make the polygons disagree with stats.json and mask.tiff. After
+    this pass the label map, the statistics and the polygons describe the same regions.
+    Band by band (small buffers); a speck cut by a band seam is left alone. Returns the count.
+    """
+    import cv2
+
+    if min_area_px <= 1:
+        return 0
+    height, width = label_map.shape
+    rows = _band_rows(width)
+    mask = np.empty((min(rows, height), width), dtype=bool)
+    absorbed = 0
+    for label in range(1, n_classes + 1):
+        for r0 in range(0, height, rows):
+            r1 = min(height, r0 + rows)
+            band = mask[: r1 - r0]
+            np.equal(label_map[r0:r1], label, out=band)
+            if not band.any():
+                continue
+            contours, _ = cv2.findContours(band.view(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            for contour in contours:
+                if cv2.contourArea(contour) + cv2.arcLength(contour, True) / 2 + 1 >= min_area_px:
+                    continue
+                x, y, w, h = cv2.boundingRect(contour)
+                if (y == 0 and r0 > 0) or (y + h == r1 - r0 and r1 < height):
+                    continue
+                y0, y1 = max(0, y - 1), min(r1 - r0, y + h + 1)
+                x0, x1 = max(0, x - 1), min(width, x + w + 1)
+                window = label_map[r0 + y0 : r0 + y1, x0:x1]
+                speck = np.zeros(window.shape, dtype=np.uint8)
+                cv2.drawContours(speck, [contour], -1, 1, thickness=cv2.FILLED, offset=(-x0, -y0))
+                speck = speck.astype(bool) & (window == label)
+                ring = cv2.dilate(speck.view(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~speck
+                neighbours = window[ring & (window != label)]
+                if neighbours.size == 0:
+                    continue
+                window[speck] = np.bincount(neighbours, minlength=n_classes + 1).argmax()
+                absorbed += 1
+    return absorbed
+
+
 def _class_pieces(label_map: np.ndarray, label: int, min_area_px: float) -> list[object]:
     """Pixel-edge polygons of one label, band by band, merged across band seams.
 

@@ -58,3 +58,25 @@ def test_specks_below_min_area_dropped_and_simplification_keeps_area():
     assert [r.class_index for r in regions] == [0]
     assert regions[0].area_um2 == pytest.approx((lm == 1).sum() * 4.0, rel=0.01)
     assert regions[0].geometry.is_valid
+
+
+def test_specks_absorbed_so_polygons_agree_with_pixel_counts():
+    """Regression: specks dropped only from the GeoJSON made a speck-only class 100% off."""
+    from worker.vectorize import absorb_small_regions
+
+    rng = np.random.default_rng(1)
+    lm = np.zeros((400, 500), np.uint8)
+    lm[50:350, 50:450] = 1
+    ys, xs = rng.integers(60, 340, 300), rng.integers(60, 440, 300)
+    lm[ys, xs] = 2  # single-pixel specks inside class 1
+    lm[100:160, 100:180] = 2  # one real class-2 region (4800 px)
+    lm[200:202, 460:462] = 1  # a 4 px class-1 speck on glass
+    absorbed = absorb_small_regions(lm, 2, min_area_px=50 / 4.0)
+    assert absorbed > 250
+    assert lm[200:202, 460:462].max() == 0
+    regions = _vec(lm, min_region_area_um2=50.0, simplify_tolerance_um=0)
+    for k in (0, 1):
+        px = int((lm == k + 1).sum())
+        poly_um2 = sum(r.area_um2 for r in regions if r.class_index == k)
+        assert poly_um2 == pytest.approx(px * 4.0, rel=0.01), k
+    assert sum(r.class_index == 1 for r in regions) >= 1
