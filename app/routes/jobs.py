@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from app.auth import ApiKey
@@ -15,6 +15,7 @@ from worker.jobstore import CANCELLED, FAILED, SUCCEEDED, JobRecord, JobStore
 
 router = APIRouter(tags=["jobs"])
 
+POLL_AFTER_S = 2
 StateFilter = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -57,9 +58,12 @@ def list_jobs(
     responses={404: {"description": "no such job"}},
 )
 def get_job(
-    job_id: str, request: Request, _: ApiKey, settings: SettingsDep, store: StoreDep
+    job_id: str, request: Request, response: Response, _: ApiKey, settings: SettingsDep, store: StoreDep
 ) -> dict[str, Any]:
-    return job_view(load_job(store, job_id), request, settings)
+    rec = load_job(store, job_id)
+    if not rec.terminal:
+        response.headers["Retry-After"] = str(POLL_AFTER_S)  # a polite polling interval for a LIMS
+    return job_view(rec, request, settings)
 
 
 @router.delete(

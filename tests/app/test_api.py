@@ -56,7 +56,9 @@ def test_upload_creates_a_queued_job_with_a_server_side_file(client: TestClient,
     assert r.status_code == 202
     body = r.json()
     assert r.headers["location"] == body["status_url"] == f"http://testserver/jobs/{body['job_id']}"
-    job = client.get(f"/jobs/{body['job_id']}", headers=KEY).json()
+    response = client.get(f"/jobs/{body['job_id']}", headers=KEY)
+    assert response.headers["retry-after"] == "2"  # polling hint while not finished
+    job = response.json()
     assert job["state"] == "queued" and job["progress"] == 0 and job["error"] is None
     assert job["mpp"] == 0.5 and job["callback_url"] == "https://lims/x"
     assert job["upload"]["sha256"] == hashlib.sha256(slide_bytes).hexdigest()
