@@ -237,12 +237,20 @@ def _notify(settings: Settings, rec: JobRecord | None) -> None:
     log.info("job %s: callback to %s %s", rec.id, rec.callback_url, "delivered" if ok else "NOT delivered")
 
 
+def _discard_upload(settings: Settings, rec: JobRecord) -> None:
+    """With FPROTOSEG_KEEP_UPLOADS=false the slide goes once its job is final (results stay)."""
+    if not settings.keep_uploads and rec.upload_path:
+        with contextlib.suppress(OSError):
+            upload_path(settings, rec).unlink(missing_ok=True)
+
+
 def _finish(
     store: JobStore, settings: Settings, job_id: str, state: str, from_states: list[str], **changes: Any
 ) -> JobRecord | None:
     """Terminal compare-and-set; only the delivery that wins it sends the callback."""
     rec = store.transition(job_id, state, from_states, finished_at=time.time(), **changes)
     if rec is not None:
+        _discard_upload(settings, rec)
         log.info(
             "job %s: %s%s",
             job_id,
@@ -408,6 +416,7 @@ def _process(
     if final is None:  # cancelled while publishing, or a racing delivery finished first
         return store.get(job_id)
     log.info("job %s: succeeded in %.1f s (%s tiles)", job_id, duration_s, tiles)
+    _discard_upload(settings, final)
     with contextlib.suppress(JobStoreError):
         store.record_finished_job(duration_s, tiles)
     _notify(settings, final)

@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(default=0.5, ge=0, description="Least time between progress writes.")
     cancel_poll_interval_s: float = Field(default=1.0, ge=0, description="Least time between cancel checks.")
     embedded_poll_interval_s: float = Field(default=0.5, gt=0, description="Embedded worker queue poll.")
+    keep_uploads: bool = Field(
+        default=True, description="false = delete a slide's upload once its job has finished (saves disk)."
+    )
     embedded_worker_nice: int = Field(
         default=10,
         ge=0,

@@ -179,3 +179,13 @@ def test_a_failing_callback_never_fails_the_job(env, shared_data: Path) -> None:
     assert process_job(dead.id, settings, store).state == SUCCEEDED
     assert (settings.result_dir(rec.id) / COMPLETE_MARKER).is_file()
     assert set(RESULT_FILES.values()) <= {p.name for p in settings.result_dir(rec.id).iterdir()}
+
+
+def test_uploads_can_be_discarded_once_final(env, shared_data: Path) -> None:  # type: ignore[no-untyped-def]
+    settings, store = env
+    settings = settings.model_copy(update={"keep_uploads": False})
+    rec = queue_slide(settings, store, shared_data / SLIDE)
+    assert Path(rec.upload_path).is_file()
+    assert process_job(rec.id, settings, store).state == SUCCEEDED
+    assert not Path(rec.upload_path).exists() and results_complete(settings.result_dir(rec.id))
+    assert process_job(rec.id, settings, store).state == SUCCEEDED  # a redelivery needs no upload
