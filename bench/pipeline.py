@@ -136,7 +136,10 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def child(slide: Path, checkpoint: str | None, batch_size: int, reader_threads: int, out_dir: Path) -> dict:
+def child(
+    slide: Path, checkpoint: str | None, batch_size: int, reader_threads: int, torch_threads: int | None,
+    out_dir: Path,
+) -> dict:
     """One measurement in this (fresh) process: model-only ceiling, then the full pipeline."""
     import torch
 
@@ -146,6 +149,8 @@ def child(slide: Path, checkpoint: str | None, batch_size: int, reader_threads: 
     from worker.tissue import detect_tissue
 
     seg, ckpt = _segmenter(checkpoint, batch_size)
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
     # Real tiles of this slide for the ceiling (read once, outside the timing).
     with open_slide(slide) as s:
         rgb, mpp = s.read_scaled(8.0)
@@ -205,6 +210,8 @@ def run_child(slide: Path, args: argparse.Namespace) -> dict:
            "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, __file__, "--child", str(slide), "--batch-size", str(args.batch_size),
            "--reader-threads", str(args.reader_threads)]
+    if args.torch_threads:
+        cmd += ["--torch-threads", str(args.torch_threads)]
     if args.checkpoint:
         cmd += ["--checkpoint", args.checkpoint]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -226,13 +233,16 @@ def main() -> None:
     ap.add_argument("--side-px", type=int, default=16384)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--reader-threads", type=int, default=2)
+    ap.add_argument("--torch-threads", type=int, default=None, help="default: torch's own (= cores)")
     ap.add_argument("--skip-large", action="store_true", help="only the 16k slide (no memory-growth figure)")
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child is not None:
         out = BENCH_DIR / ("out-" + args.child.stem)
-        res = child(args.child, args.checkpoint, args.batch_size, args.reader_threads, out)
+        res = child(
+            args.child, args.checkpoint, args.batch_size, args.reader_threads, args.torch_threads, out
+        )
         print(json.dumps(res))
         return
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from worker.buffers import anonymous_array
 from worker.vectorize import Region
 
 GEOJSON_NAME = "segmentation.geojson"
@@ -132,7 +133,11 @@ def write_mask_tiff(path: Path, label_map: np.ndarray, classes: Sequence[Any], o
 
     levels = [label_map]
     while max(levels[-1].shape) > 256:
-        levels.append(levels[-1][::2, ::2])
+        # contiguous, outside the heap (tifffile would otherwise copy a strided view itself)
+        prev = levels[-1]
+        level = anonymous_array(((prev.shape[0] + 1) // 2, (prev.shape[1] + 1) // 2), np.uint8)
+        level[:] = prev[::2, ::2]
+        levels.append(level)
     colormap = np.zeros((3, 256), dtype=np.uint16)
     colormap[:, 0] = 255 * 257  # background white
     for k, cls in enumerate(classes):

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from worker import outputs
+from worker.buffers import anonymous_array
 from worker.errors import JobCancelledError, SlideError
 from worker.slide import Slide, open_slide
 from worker.stitch import LabelMapStitcher
@@ -128,7 +129,7 @@ def _tissue_stage(slide: Slide, options: PipelineOptions) -> tuple[TissueMask, n
     area_um2 = slide.width_px * slide.height_px * slide.mpp * slide.mpp
     tissue_mpp = max(options.tissue_mpp, math.sqrt(area_um2 / MAX_TISSUE_THUMBNAIL_PX))
     _, _, actual_mpp, (h, w) = slide.scaled_geometry(tissue_mpp)
-    sat = np.empty((h, w), dtype=np.uint8)
+    sat = anonymous_array((h, w), np.uint8)
     shrink = max(1.0, max(h, w) / OVERLAY_MAX_SIDE_PX)
     thumb = np.empty((max(1, round(h / shrink)), max(1, round(w / shrink)), 3), dtype=np.uint8)
     for y, x, chunk in slide.iter_scaled(tissue_mpp):
@@ -146,6 +147,25 @@ def _tissue_stage(slide: Slide, options: PipelineOptions) -> tuple[TissueMask, n
         sat, actual_mpp, min_tissue_area_um2=options.min_tissue_area_um2
     )
     return tissue, thumb
+
+
+def _write_rasters(
+    out_dir: Path,
+    label_map: np.ndarray,
+    thumbnail: np.ndarray,
+    classes: list[Any],
+    stats: dict[str, Any],
+    options: PipelineOptions,
+) -> dict[str, Path]:
+    """mask.tiff and overlay.png (run in the background while the polygons are traced)."""
+    files = {
+        "mask": outputs.write_mask_tiff(out_dir / outputs.MASK_NAME, label_map, classes, options.output_mpp)
+    }
+    if options.write_overlay:
+        files["overlay"] = outputs.write_overlay_png(
+            out_dir / outputs.OVERLAY_NAME, thumbnail, label_map, classes, stats
+        )
+    return files
 
 
 def _iter_tiles(
@@ -273,108 +293,117 @@ def run(
     clock = _Clock()
     started = time.time()
 
-    t = time.perf_counter()
-    progress("open", 0, 1)
-    slide = open_slide(slide_path, mpp_override=mpp_override)
-    with slide:
-        sha256 = file_sha256(slide_path)
-        progress("open", 1, 1)
-        clock.add("open", time.perf_counter() - t)
+    # One background thread: the slide's sha256 (during inference) and the raster outputs
+    # (during vectorisation), so neither adds to the wall time of a run.
+    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fprotoseg-bg")
+    try:
+        t = time.perf_counter()
+        progress("open", 0, 1)
+        slide = open_slide(slide_path, mpp_override=mpp_override)
+        sha_job = background.submit(file_sha256, slide_path)
+        with slide:
+            progress("open", 1, 1)
+            clock.add("open", time.perf_counter() - t)
+
+            t = time.perf_counter()
+            progress("tissue", 0, 1)
+            tissue, thumbnail = _tissue_stage(slide, options)
+            progress("tissue", 1, 1)
+            clock.add("tissue", time.perf_counter() - t)
+
+            t = time.perf_counter()
+            progress("tiling", 0, 1)
+            grid = plan_tiles(
+                slide,
+                tissue,
+                model_mpp=float(segmenter.mpp),
+                tile_size_px=int(segmenter.tile_size_px),
+                output_stride=int(segmenter.output_stride),
+                output_mpp=options.output_mpp,
+                margin_px=options.tile_margin_px,
+            )
+            progress("tiling", 1, 1)
+            clock.add("tiling", time.perf_counter() - t)
+
+            stitcher = LabelMapStitcher(grid.output_shape, options.output_mpp, tissue)
+            t = time.perf_counter()
+            inner = _infer(slide, grid, segmenter, stitcher, options, progress, should_cancel, clock)
+            # "stitch" is the time the network waited for stitching; the rest overlapped with it.
+            clock.add("inference", time.perf_counter() - t - inner["wait_for_stitch_s"])
+            progress("stitch", 1, 1)
+
+        label_map = stitcher.label_map
+        tissue_info = {
+            "mpp": tissue.mpp,
+            "saturation_threshold": tissue.saturation_threshold,
+            "area_um2": tissue.area_um2,
+        }
+        del stitcher, tissue  # the tissue mask is freed before vectorisation
+        classes = list(segmenter.classes)
+        warnings: list[str] = []
+        if not grid.tiles or not label_map.any():
+            warnings.append(
+                "no tissue detected: all areas are zero (blank slide, fluorescence image, or a tissue "
+                "mask threshold that does not fit this stain)"
+            )
 
         t = time.perf_counter()
-        progress("tissue", 0, 1)
-        tissue, thumbnail = _tissue_stage(slide, options)
-        progress("tissue", 1, 1)
-        clock.add("tissue", time.perf_counter() - t)
-
-        t = time.perf_counter()
-        progress("tiling", 0, 1)
-        grid = plan_tiles(
-            slide,
-            tissue,
-            model_mpp=float(segmenter.mpp),
-            tile_size_px=int(segmenter.tile_size_px),
-            output_stride=int(segmenter.output_stride),
+        absorbed = absorb_small_regions(
+            label_map, len(classes), options.min_region_area_um2 / options.output_mpp**2
+        )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        slide_info = {
+            "file": slide_path.name,
+            "width": slide.width_px,
+            "height": slide.height_px,
+            "mpp": slide.mpp,
+            "mpp_source": slide.mpp_source,
+            "vendor": slide.vendor,
+        }
+        # Areas come from the label map (final after absorption); region counts follow below.
+        stats = outputs.compute_stats(
+            label_map,
+            classes,
+            [0] * len(classes),
             output_mpp=options.output_mpp,
-            margin_px=options.tile_margin_px,
+            slide_info=slide_info,
+            warnings=warnings,
         )
-        progress("tiling", 1, 1)
-        clock.add("tiling", time.perf_counter() - t)
+        raster_job = background.submit(
+            _write_rasters, out_dir, label_map, thumbnail, classes, stats, options
+        )
+        regions = vectorize(
+            label_map,
+            len(classes),
+            output_mpp=options.output_mpp,
+            level0_px_per_output_px=options.output_mpp / slide.mpp,
+            slide_width_px=slide.width_px,
+            slide_height_px=slide.height_px,
+            simplify_tolerance_um=options.simplify_tolerance_um,
+            min_region_area_um2=options.min_region_area_um2,
+            progress=lambda d, n: progress("vectorise", d, n),
+        )
+        clock.add("vectorise", time.perf_counter() - t)
 
-        stitcher = LabelMapStitcher(grid.output_shape, options.output_mpp, tissue)
         t = time.perf_counter()
-        inner = _infer(slide, grid, segmenter, stitcher, options, progress, should_cancel, clock)
-        # "stitch" is the time the network waited for stitching; the rest overlapped with it.
-        clock.add("inference", time.perf_counter() - t - inner["wait_for_stitch_s"])
-        progress("stitch", 1, 1)
-
-    label_map = stitcher.label_map
-    del stitcher
-    classes = list(segmenter.classes)
-    warnings: list[str] = []
-    if not grid.tiles or not label_map.any():
-        warnings.append(
-            "no tissue detected: all areas are zero (blank slide, fluorescence image, or a tissue "
-            "mask threshold that does not fit this stain)"
+        progress("write", 0, 3)
+        for entry, count in zip(stats["classes"], region_counts(regions, len(classes)), strict=True):
+            entry["region_count"] = count
+        files: dict[str, Path] = {}
+        files.update(
+            outputs.write_geojson(
+                out_dir, outputs.geojson_bytes(regions, classes), gzip_too=options.geojson_gzip
+            )
         )
-
-    t = time.perf_counter()
-    absorbed = absorb_small_regions(
-        label_map, len(classes), options.min_region_area_um2 / options.output_mpp**2
-    )
-    level0_per_out = options.output_mpp / slide.mpp
-    regions = vectorize(
-        label_map,
-        len(classes),
-        output_mpp=options.output_mpp,
-        level0_px_per_output_px=level0_per_out,
-        slide_width_px=slide.width_px,
-        slide_height_px=slide.height_px,
-        simplify_tolerance_um=options.simplify_tolerance_um,
-        min_region_area_um2=options.min_region_area_um2,
-        progress=lambda d, n: progress("vectorise", d, n),
-    )
-    clock.add("vectorise", time.perf_counter() - t)
-
-    t = time.perf_counter()
-    progress("write", 0, 5)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    slide_info = {
-        "file": slide_path.name,
-        "width": slide.width_px,
-        "height": slide.height_px,
-        "mpp": slide.mpp,
-        "mpp_source": slide.mpp_source,
-        "vendor": slide.vendor,
-    }
-    stats = outputs.compute_stats(
-        label_map,
-        classes,
-        region_counts(regions, len(classes)),
-        output_mpp=options.output_mpp,
-        slide_info=slide_info,
-        warnings=warnings,
-    )
-    files: dict[str, Path] = {}
-    files.update(
-        outputs.write_geojson(
-            out_dir, outputs.geojson_bytes(regions, classes), gzip_too=options.geojson_gzip
-        )
-    )
-    del regions
-    progress("write", 1, 5)
-    files["mask"] = outputs.write_mask_tiff(
-        out_dir / outputs.MASK_NAME, label_map, classes, options.output_mpp
-    )
-    progress("write", 2, 5)
-    if options.write_overlay:
-        files["overlay"] = outputs.write_overlay_png(
-            out_dir / outputs.OVERLAY_NAME, thumbnail, label_map, classes, stats
-        )
-    progress("write", 3, 5)
-    files["stats"] = outputs.write_json(out_dir / outputs.STATS_NAME, stats)
-    progress("write", 4, 5)
-    clock.add("write", time.perf_counter() - t)
+        del regions
+        progress("write", 1, 3)
+        files.update(raster_job.result())
+        files["stats"] = outputs.write_json(out_dir / outputs.STATS_NAME, stats)
+        progress("write", 2, 3)
+        sha256 = sha_job.result()
+        clock.add("write", time.perf_counter() - t)
+    finally:
+        background.shutdown(wait=True)
 
     provenance = {
         "fprotoseg_version": _software_versions().get("fprotoseg", "unknown"),
@@ -403,11 +432,7 @@ def run(
             "device": getattr(segmenter, "device", "unknown"),
             "precision": getattr(segmenter, "precision", "unknown"),
         },
-        "tissue": {
-            "mpp": tissue.mpp,
-            "saturation_threshold": tissue.saturation_threshold,
-            "area_um2": tissue.area_um2,
-        },
+        "tissue": tissue_info,
         "tiles": {
             "grid_rows": grid.grid_rows,
             "grid_cols": grid.grid_cols,
@@ -431,5 +456,5 @@ def run(
     }
     provenance["timings_s"]["total"] = round(time.time() - started, 4)
     files["provenance"] = outputs.write_json(out_dir / outputs.PROVENANCE_NAME, provenance)
-    progress("write", 5, 5)
+    progress("write", 3, 3)
     return RunResult(out_dir=out_dir, files=files, stats=stats, provenance=provenance)

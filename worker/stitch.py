@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from worker.buffers import anonymous_array
 from worker.tiling import Tile
 from worker.tissue import TissueMask
 
@@ -41,7 +42,7 @@ class LabelMapStitcher:
     def __init__(self, shape: tuple[int, int], output_mpp: float, tissue: TissueMask) -> None:
         self.output_mpp = output_mpp
         self.tissue = tissue
-        self.label_map = np.zeros(shape, dtype=np.uint8)
+        self.label_map = anonymous_array(shape, np.uint8)
 
     def _tissue_window(self, tile: Tile) -> np.ndarray | bool:
         """Tissue (bool array) over the tile's owned window, or a plain bool when uniform."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from worker.buffers import anonymous_array
+
 # Saturation (0..255, OpenCV HSV) below which a pixel is glass whatever Otsu says.
 MIN_SATURATION = 20
 # Very dark pixels (pen, slide edge, black padding) are not tissue either.
@@ -73,13 +75,19 @@ def detect_tissue_from_saturation(
 
     otsu, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     threshold = int(max(otsu, MIN_SATURATION))
-    _, mask = cv2.threshold(sat, threshold, 1, cv2.THRESH_BINARY)
+    # Two mask-sized buffers outside the heap, ping-ponged: OpenCV never needs its own copy.
+    mask = anonymous_array(sat.shape, np.uint8)
+    spare = anonymous_array(sat.shape, np.uint8)
+    cv2.threshold(sat, threshold, 1, cv2.THRESH_BINARY, dst=mask)
 
-    close_px = max(1, round(close_radius_um / mpp))
+    close_kernel = _disk(max(1, round(close_radius_um / mpp)))
+    cv2.dilate(mask, close_kernel, dst=spare)
+    cv2.erode(spare, close_kernel, dst=mask)
     open_px = round(open_radius_um / mpp)
-    cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _disk(close_px), dst=mask)
     if open_px >= 1:
-        cv2.morphologyEx(mask, cv2.MORPH_OPEN, _disk(open_px), dst=mask)
+        cv2.erode(mask, _disk(open_px), dst=spare)
+        cv2.dilate(spare, _disk(open_px), dst=mask)
+    del spare
 
     px_area_um2 = mpp * mpp
     _fill_small(mask, math.ceil(min_tissue_area_um2 / px_area_um2), holes=False)
@@ -87,25 +95,34 @@ def detect_tissue_from_saturation(
     return TissueMask(mask=mask.view(bool), mpp=mpp, saturation_threshold=threshold)
 
 
-def _fill_small(mask: np.ndarray, min_px: int, *, holes: bool) -> None:
+def _fill_small(mask: np.ndarray, min_px: int, *, holes: bool, band_bytes: int = 4 << 20) -> None:
     """In place: erase tissue components (``holes=False``) or fill glass holes (``holes=True``)
-    whose pixel-edge area is below ``min_px``. Contours, not a label image: no int32 copy of
-    the mask."""
+    whose pixel-edge area is below ``min_px``.
+
+    Contours, not a label image (no int32 copy of the mask), traced band by band so OpenCV's
+    internal copy stays a few MB; a component cut by a band seam is left as it is.
+    """
     import cv2
 
     if min_px <= 1 or not mask.any():
         return
-    contours, hierarchy = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    if hierarchy is None:
-        return
-    small = [
-        c
-        for c, h in zip(contours, hierarchy[0], strict=True)
-        if (h[3] != -1) == holes and cv2.contourArea(c) + cv2.arcLength(c, True) / 2 + 1 < min_px
-    ]
-    if small:
-        if holes:
+    height, width = mask.shape
+    rows = max(64, band_bytes // max(1, width))
+    for r0 in range(0, height, rows):
+        r1 = min(height, r0 + rows)
+        band = mask[r0:r1]
+        contours, hierarchy = cv2.findContours(band, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+        if hierarchy is None:
+            continue
+        small = []
+        for c, h in zip(contours, hierarchy[0], strict=True):
+            if (h[3] != -1) != holes:
+                continue
+            _, y, _, bh = cv2.boundingRect(c)
+            if (y == 0 and r0 > 0) or (y + bh == r1 - r0 and r1 < height):
+                continue
+            if cv2.contourArea(c) + cv2.arcLength(c, True) / 2 + 1 < min_px:
+                small.append(c)
+        if small:
             # a hole contour runs along the tissue pixels around the hole: filling it fills the hole
-            cv2.drawContours(mask, small, -1, 1, thickness=cv2.FILLED)
-        else:
-            cv2.drawContours(mask, small, -1, 0, thickness=cv2.FILLED)
+            cv2.drawContours(band, small, -1, 1 if holes else 0, thickness=cv2.FILLED)

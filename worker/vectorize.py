@@ -30,6 +30,13 @@ class Region:
     area_um2: float
 
 
+def _valid(geom: object) -> object:
+    """make_valid only where needed: the validity test is several times cheaper than a rebuild."""
+    import shapely
+
+    return geom if shapely.is_valid(geom) else shapely.make_valid(geom)
+
+
 def _polygonal(geom: object) -> object | None:
     """Keep only polygonal parts (make_valid may return lines/points beside them)."""
     import shapely
@@ -52,13 +59,12 @@ def _polygonal(geom: object) -> object | None:
 
 def _region_from_contours(shell: np.ndarray, holes: list[np.ndarray]) -> object | None:
     """Pixel-centre contours (cv2 point arrays) -> pixel-edge polygon in output-pixel units."""
-    import shapely
     from shapely.geometry import LineString, Point, Polygon
 
     pts = shell.reshape(-1, 2).astype(np.float64) + 0.5
     if len(pts) >= 3:
         rings = [h.reshape(-1, 2).astype(np.float64) + 0.5 for h in holes if len(h) >= 3]
-        raw = shapely.make_valid(Polygon(pts, rings))
+        raw = _valid(Polygon(pts, rings))
     elif len(pts) == 2:
         raw = LineString(pts)
     else:
@@ -192,7 +198,7 @@ def vectorize(
         for piece in _class_pieces(label_map, k + 1, min_area_px):
             geom = piece
             if tol_px > 0:
-                geom = shapely.make_valid(geom.simplify(tol_px, preserve_topology=True))
+                geom = _valid(geom.simplify(tol_px, preserve_topology=True))
             geom = _polygonal(geom)
             if geom is None:
                 continue
@@ -200,8 +206,9 @@ def vectorize(
             if area_um2 < min_region_area_um2:
                 continue
             geom = shapely.transform(geom, lambda xy: xy * scale)
-            geom = geom.intersection(bounds)
-            geom = _polygonal(shapely.make_valid(shapely.set_precision(geom, 0.001)))
+            if not bounds.contains(geom):
+                geom = geom.intersection(bounds)
+            geom = _polygonal(_valid(shapely.set_precision(geom, 0.001)))
             if geom is None:
                 continue
             if geom.geom_type == "Polygon":
