@@ -206,7 +206,8 @@ def child(
 
 
 def run_child(slide: Path, args: argparse.Namespace) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736",
+    # The worker's allocator settings (keep torch's buffers: twice as fast on CPU).
+    env = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736", **os.environ,
            "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, __file__, "--child", str(slide), "--batch-size", str(args.batch_size),
            "--reader-threads", str(args.reader_threads)]

@@ -157,7 +157,7 @@ def _write_rasters(
     stats: dict[str, Any],
     options: PipelineOptions,
 ) -> dict[str, Path]:
-    """mask.tiff and overlay.png (run in the background while the polygons are traced)."""
+    """mask.tiff and overlay.png."""
     files = {
         "mask": outputs.write_mask_tiff(out_dir / outputs.MASK_NAME, label_map, classes, options.output_mpp)
     }
@@ -293,8 +293,7 @@ def run(
     clock = _Clock()
     started = time.time()
 
-    # One background thread: the slide's sha256 (during inference) and the raster outputs
-    # (during vectorisation), so neither adds to the wall time of a run.
+    # One background thread hashes the slide (1 MiB at a time) while the network runs.
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fprotoseg-bg")
     try:
         t = time.perf_counter()
@@ -369,9 +368,6 @@ def run(
             slide_info=slide_info,
             warnings=warnings,
         )
-        raster_job = background.submit(
-            _write_rasters, out_dir, label_map, thumbnail, classes, stats, options
-        )
         regions = vectorize(
             label_map,
             len(classes),
@@ -397,7 +393,9 @@ def run(
         )
         del regions
         progress("write", 1, 3)
-        files.update(raster_job.result())
+        # After the polygons, not beside them: run concurrently, the two would hold their
+        # temporaries at once (in two malloc arenas), and peak memory would grow with the slide.
+        files.update(_write_rasters(out_dir, label_map, thumbnail, classes, stats, options))
         files["stats"] = outputs.write_json(out_dir / outputs.STATS_NAME, stats)
         progress("write", 2, 3)
         sha256 = sha_job.result()

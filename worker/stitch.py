@@ -49,19 +49,20 @@ class LabelMapStitcher:
         o, t = self.output_mpp, self.tissue.mpp
         ys = (np.arange(tile.own_y0, tile.own_y1) + 0.5) * o / t - 0.5
         xs = (np.arange(tile.own_x0, tile.own_x1) + 0.5) * o / t - 0.5
-        mask = self.tissue.mask
-        # Only the rows/cols we need, as float, so the sampling cost is per tile, not per slide.
-        y0, y1, wy = _axis(ys, mask.shape[0])
-        x0, x1, wx = _axis(xs, mask.shape[1])
-        support = mask[y0[0] : y1[-1] + 1, x0[0] : x1[-1] + 1]
+        # Only the window we need, unpacked, so the sampling cost is per tile, not per slide.
+        y0, y1, wy = _axis(ys, self.tissue.shape[0])
+        x0, x1, wx = _axis(xs, self.tissue.shape[1])
+        by, bx = int(y0[0]), int(x0[0])
+        support = self.tissue.window(by, int(y1[-1]) + 1, bx, int(x1[-1]) + 1)
         if support.all():
             return True  # inside tissue: most tiles
         if not support.any():
             return False
-        r0 = mask[y0][:, x0].astype(np.float32)
-        r1 = mask[y0][:, x1].astype(np.float32)
-        r2 = mask[y1][:, x0].astype(np.float32)
-        r3 = mask[y1][:, x1].astype(np.float32)
+        y0, y1, x0, x1 = y0 - by, y1 - by, x0 - bx, x1 - bx
+        r0 = support[y0][:, x0].astype(np.float32)
+        r1 = support[y0][:, x1].astype(np.float32)
+        r2 = support[y1][:, x0].astype(np.float32)
+        r3 = support[y1][:, x1].astype(np.float32)
         top = r0 * (1 - wx)[None, :] + r1 * wx[None, :]
         bottom = r2 * (1 - wx)[None, :] + r3 * wx[None, :]
         return (top * (1 - wy)[:, None] + bottom * wy[:, None]) >= 0.5

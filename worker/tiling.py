@@ -109,9 +109,8 @@ def plan_tiles(
 
     # "Any tissue here?" on the owned window grown by one mask pixel (the stitcher interpolates
     # the mask, so a pixel next to tissue can become tissue). Slices, no slide-sized temporaries.
-    mask = tissue.mask
     t_per_out = output_mpp / tissue.mpp
-    th, tw = tissue.mask.shape
+    th, tw = tissue.shape
 
     read_size = round(tile_size_px * level_px_per_model_px)
     tiles: list[Tile] = []
@@ -125,7 +124,7 @@ def plan_tiles(
             if ox1 <= ox0:
                 continue
             tx0, tx1 = max(0, math.floor(ox0 * t_per_out) - 1), min(tw, math.ceil(ox1 * t_per_out) + 1)
-            if ty1 <= ty0 or tx1 <= tx0 or not mask[ty0:ty1, tx0:tx1].any():
+            if ty1 <= ty0 or tx1 <= tx0 or not tissue.window(ty0, ty1, tx0, tx1).any():
                 continue
             lx = round((c * step - margin) * level_px_per_model_px)
             ly = round((r * step - margin) * level_px_per_model_px)

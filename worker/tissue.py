@@ -21,17 +21,51 @@ MIN_SATURATION = 20
 MAX_DARK_VALUE = 30
 
 
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
 @dataclass(frozen=True)
 class TissueMask:
-    """Boolean mask at ``mpp`` µm/px, origin at the slide's top-left corner."""
+    """Tissue mask at ``mpp`` µm/px, origin at the slide's top-left corner.
 
-    mask: np.ndarray  # bool (h, w)
+    Stored one bit per pixel: it lives beside the label map for the whole inference stage, and at
+    a byte per pixel it alone would add a quarter of the label map's size to peak memory.
+    """
+
+    packed: np.ndarray  # uint8 (h, ceil(w / 8)), np.packbits along rows
+    shape: tuple[int, int]
     mpp: float
     saturation_threshold: int
 
+    @classmethod
+    def from_mask(
+        cls, mask: np.ndarray, mpp: float, saturation_threshold: int, rows: int = 256
+    ) -> TissueMask:
+        h, w = mask.shape
+        packed = np.empty((h, (w + 7) // 8), dtype=np.uint8)
+        for r0 in range(0, h, rows):
+            packed[r0 : r0 + rows] = np.packbits(mask[r0 : r0 + rows] != 0, axis=1)
+        return cls(packed=packed, shape=(h, w), mpp=mpp, saturation_threshold=saturation_threshold)
+
+    def window(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """bool (y1 - y0, x1 - x0), indices clipped to the mask."""
+        y0, y1 = max(0, y0), min(self.shape[0], y1)
+        x0, x1 = max(0, x0), min(self.shape[1], x1)
+        if y1 <= y0 or x1 <= x0:
+            return np.zeros((max(0, y1 - y0), max(0, x1 - x0)), dtype=bool)
+        b0, b1 = x0 // 8, (x1 + 7) // 8
+        bits = np.unpackbits(self.packed[y0:y1, b0:b1], axis=1)
+        return bits[:, x0 - 8 * b0 : x1 - 8 * b0].astype(bool)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The whole mask as bool (small slides and tests; the pipeline uses windows)."""
+        return self.window(0, self.shape[0], 0, self.shape[1])
+
     @property
     def area_um2(self) -> float:
-        return float(self.mask.sum()) * self.mpp * self.mpp
+        pixels = sum(int(_POPCOUNT[self.packed[r : r + 256]].sum()) for r in range(0, self.shape[0], 256))
+        return pixels * self.mpp * self.mpp
 
 
 def _disk(radius_px: int) -> np.ndarray:
@@ -92,7 +126,7 @@ def detect_tissue_from_saturation(
     px_area_um2 = mpp * mpp
     _fill_small(mask, math.ceil(min_tissue_area_um2 / px_area_um2), holes=False)
     _fill_small(mask, math.ceil(min_hole_area_um2 / px_area_um2), holes=True)
-    return TissueMask(mask=mask.view(bool), mpp=mpp, saturation_threshold=threshold)
+    return TissueMask.from_mask(mask, mpp, threshold)
 
 
 def _fill_small(mask: np.ndarray, min_px: int, *, holes: bool, band_bytes: int = 4 << 20) -> None:
