@@ -258,8 +258,14 @@ class WeakCropSampler:
             return crop, label
         raise DatasetError("could not sample a labelled crop in 50 tries (are all masks ignore?)")
 
-    def batches(self, batch_size: int, n_batches: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def batches(
+        self, batch_size: int, n_batches: int, crop_sizes_px: Sequence[int] | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Batches of (crops, labels); with ``crop_sizes_px`` each batch draws its crop size
+        (multi-scale: small crops are mostly single-class, large ones teach context)."""
         for _ in range(n_batches):
+            if crop_sizes_px:
+                self.crop_px = int(self.rng.choice(list(crop_sizes_px)))
             items = [self.sample() for _ in range(batch_size)]
             yield np.stack([c for c, _ in items]), np.stack([lab for _, lab in items])
 

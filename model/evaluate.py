@@ -1,8 +1,7 @@
 """Evaluate a checkpoint on image+mask pairs: the same ``predict`` the whole-slide worker calls.
 
-Each crop is run whole (reflect-padded to a multiple of 32 px; crops larger than
-``max_whole_px`` are cut into tiles of the checkpoint's tile size), scores are upsampled to full
-resolution, argmax over the tissue classes, and pixels whose ground truth is ignore/background
+Each crop is cut into tiles of the checkpoint's tile size (symmetric padding at the border),
+exactly as the whole-slide worker tiles a slide; scores are upsampled to full resolution, argmax over the tissue classes, and pixels whose ground truth is ignore/background
 are handled by the chosen metric protocol. Baselines (best constant, colour threshold) go through
 the same metric code so the model card compares like with like.
 """
@@ -18,8 +17,6 @@ import numpy as np
 from model.datasets import DATASETS, DatasetError, MaskedImage, load_pairs
 from model.metrics import confusion_matrix, evaluate_protocol
 
-PAD_MULTIPLE_PX = 32
-
 PredictFn = Callable[[np.ndarray], np.ndarray]  # uint8 (1, H, W, 3) -> (1, K, h, w) scores
 
 
@@ -32,23 +29,26 @@ def _upsample_scores(scores: np.ndarray, height: int, width: int) -> np.ndarray:
     return F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)[0].numpy()
 
 
-def predict_labels(predict: PredictFn, rgb: np.ndarray, tile_px: int, max_whole_px: int = 1024) -> np.ndarray:
-    """(H, W) argmax labels for one RGB crop of any size."""
+def predict_labels(predict: PredictFn, rgb: np.ndarray, tile_px: int) -> np.ndarray:
+    """(H, W) argmax labels for one RGB crop of any size, tiled exactly as the service tiles.
+
+    Non-overlapping ``tile_px`` tiles (the checkpoint's tile size) over the crop, reflect-padded
+    at the border; scores upsampled bilinearly to pixels. Running the whole crop at once would
+    show the network a context size it never sees in a slide.
+    """
     h, w = rgb.shape[:2]
-    if max(h, w) <= max_whole_px:
-        ph, pw = -h % PAD_MULTIPLE_PX, -w % PAD_MULTIPLE_PX
-        padded = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode="reflect") if (ph or pw) else rgb
-        scores = predict(padded[None])[0]
-        full = _upsample_scores(scores, h + ph, w + pw)[:, :h, :w]
-        return full.argmax(0)
-    # large crops: non-overlapping tiles with reflect padding at the border
     ph, pw = -h % tile_px, -w % tile_px
-    padded = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode="reflect")
+    padded = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode="symmetric") if (ph or pw) else rgb
     out = np.zeros(padded.shape[:2], dtype=np.int64)
+    tiles, origins = [], []
     for y in range(0, padded.shape[0], tile_px):
         for x in range(0, padded.shape[1], tile_px):
-            scores = predict(padded[None, y : y + tile_px, x : x + tile_px])[0]
-            out[y : y + tile_px, x : x + tile_px] = _upsample_scores(scores, tile_px, tile_px).argmax(0)
+            tiles.append(padded[y : y + tile_px, x : x + tile_px])
+            origins.append((y, x))
+    for start in range(0, len(tiles), 32):
+        scores = predict(np.stack(tiles[start : start + 32]))
+        for (y, x), s in zip(origins[start : start + 32], scores, strict=True):
+            out[y : y + tile_px, x : x + tile_px] = _upsample_scores(s, tile_px, tile_px).argmax(0)
     return out[:h, :w]
 
 

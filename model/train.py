@@ -143,16 +143,20 @@ def build_data(cfg: dict[str, Any]) -> TrainData:
 
 
 def augment(batch: np.ndarray, rng: np.random.Generator, colour: float) -> np.ndarray:
-    """Flips, rot90 and a mild per-image stain jitter (scale/shift per RGB channel)."""
+    """Flips, rot90 and a per-image stain jitter (saturation, gain and offset per RGB channel)."""
     out = np.empty_like(batch)
     for i, img in enumerate(batch):
         img = np.rot90(img, int(rng.integers(4)))
         if rng.random() < 0.5:
             img = img[:, ::-1]
         if colour > 0:
-            scale = 1.0 + rng.uniform(-colour, colour, size=3)
-            shift = rng.uniform(-colour, colour, size=3) * 40.0
-            img = np.clip(img.astype(np.float32) * scale + shift, 0, 255).astype(np.uint8)
+            # stain variation between slides dominates colour: jitter channel gains/offsets and
+            # saturation so the network has to rely on texture, not on one lab's H&E tint
+            f = img.astype(np.float32)
+            grey = f.mean(axis=2, keepdims=True)
+            f = grey + (f - grey) * (1.0 + rng.uniform(-colour, colour))
+            f = f * (1.0 + rng.uniform(-colour, colour, size=3)) + rng.uniform(-colour, colour, size=3) * 40.0
+            img = np.clip(f, 0, 255).astype(np.uint8)
         out[i] = img
     return out
 
@@ -281,7 +285,9 @@ def train(
     data = build_data(cfg)
     spec = DATASETS[data.dataset]
     k = len(spec.classes)
-    crop_px = int(cfg["data"].get("crop_px", 128))
+    crop_cfg = cfg["data"].get("crop_px", 128)
+    crop_sizes = [int(c) for c in crop_cfg] if isinstance(crop_cfg, list) else [int(crop_cfg)]
+    crop_px = max(crop_sizes)
     tile_px = int(cfg.get("tile_size_px", 256))
     min_frac = float(cfg["data"].get("min_fraction", 0.03))
 
@@ -373,7 +379,7 @@ def train(
                 "data": data.description,
                 "supervision": "image-level labels only (masks never reach a loss)",
                 "epochs_done": epoch,
-                "crop_px": crop_px,
+                "crop_px": crop_sizes,
             },
             "metrics": metrics or {},
         }
@@ -389,7 +395,7 @@ def train(
         rng = np.random.default_rng(seed * 1000 + epoch + 1)
         sums: dict[str, float] = {}
         bar = tqdm(
-            sampler.batches(bs, iters),
+            sampler.batches(bs, iters, crop_sizes if len(crop_sizes) > 1 else None),
             total=iters,
             desc=f"epoch {epoch + 1}/{epochs}",
             disable=not progress,
@@ -456,6 +462,9 @@ def train(
                 "epoch": epoch + 1,
             }
             save_checkpoint(best_path, module.state_dict(), manifest(metrics, epoch + 1))
+        if tcfg.get("keep_every_epoch"):
+            save_checkpoint(out_dir / f"epoch{epoch + 1:03d}.safetensors", module.state_dict(),
+                            manifest({"heldout": {"miou": val["miou"]}}, epoch + 1))
         resume_manifest = manifest(None, epoch + 1)
         resume_manifest["resume"] = {"epoch": epoch + 1, "best_miou": best_miou}
         save_checkpoint(last_path, {**module.state_dict(), **_opt_state_tensors(opt)}, resume_manifest)

@@ -74,10 +74,10 @@ def _tiny_config(root: Path, holdout: list[str], epochs: int) -> dict:
         "loss": {"level_weights": [0.0, 0.1, 1.0, 1.0], "consistency": 1.0, "alignment": 0.1},
         "train": {
             "epochs": epochs,
-            "iters_per_epoch": 25,
-            "batch_size": 8,
+            "iters_per_epoch": 12,
+            "batch_size": 6,
             "lr": 2e-3,
-            "threads": 2,
+            "threads": 1,
             "warmup_iters": 5,
         },
     }
