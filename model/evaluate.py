@@ -1,9 +1,10 @@
 """Evaluate a checkpoint on image+mask pairs: the same ``predict`` the whole-slide worker calls.
 
 Each crop is cut into tiles of the checkpoint's tile size (symmetric padding at the border),
-exactly as the whole-slide worker tiles a slide; scores are upsampled to full resolution, argmax over the tissue classes, and pixels whose ground truth is ignore/background
-are handled by the chosen metric protocol. Baselines (best constant, colour threshold) go through
-the same metric code so the model card compares like with like.
+exactly as the whole-slide worker tiles a slide; scores are upsampled to full resolution, argmax
+over the tissue classes, and pixels whose ground truth is ignore/background are handled by the
+chosen metric protocol. Baselines (best constant, colour threshold) go through the same metric
+code so the model card compares like with like.
 """
 
 from __future__ import annotations

@@ -463,8 +463,11 @@ def train(
             }
             save_checkpoint(best_path, module.state_dict(), manifest(metrics, epoch + 1))
         if tcfg.get("keep_every_epoch"):
-            save_checkpoint(out_dir / f"epoch{epoch + 1:03d}.safetensors", module.state_dict(),
-                            manifest({"heldout": {"miou": val["miou"]}}, epoch + 1))
+            save_checkpoint(
+                out_dir / f"epoch{epoch + 1:03d}.safetensors",
+                module.state_dict(),
+                manifest({"heldout": {"miou": val["miou"]}}, epoch + 1),
+            )
         resume_manifest = manifest(None, epoch + 1)
         resume_manifest["resume"] = {"epoch": epoch + 1, "best_miou": best_miou}
         save_checkpoint(last_path, {**module.state_dict(), **_opt_state_tensors(opt)}, resume_manifest)
