@@ -161,7 +161,10 @@ def child(
         del rgb
     for _ in range(2):
         seg.predict(batch)  # warm-up
-    n_batches = max(4, min(40, len(grid.tiles) // (2 * batch_size)))
+    t0 = time.perf_counter()
+    seg.predict(batch)
+    one_batch_s = time.perf_counter() - t0
+    n_batches = max(3, min(40, round(12.0 / max(one_batch_s, 1e-3))))  # about 12 s per measurement
 
     def ceiling() -> tuple[float, float]:
         """(tiles/s wall, tiles per CPU-second) of the bare network on preloaded batches."""
