@@ -142,7 +142,9 @@ def build_data(cfg: dict[str, Any]) -> TrainData:
     return TrainData(train, val, dataset, "; ".join(parts))
 
 
-def augment(batch: np.ndarray, rng: np.random.Generator, colour: float) -> np.ndarray:
+def augment(
+    batch: np.ndarray, rng: np.random.Generator, colour: float, saturation: float = 0.0
+) -> np.ndarray:
     """Flips, rot90 and a per-image stain jitter (saturation, gain and offset per RGB channel)."""
     out = np.empty_like(batch)
     for i, img in enumerate(batch):
@@ -154,7 +156,8 @@ def augment(batch: np.ndarray, rng: np.random.Generator, colour: float) -> np.nd
             # saturation so the network has to rely on texture, not on one lab's H&E tint
             f = img.astype(np.float32)
             grey = f.mean(axis=2, keepdims=True)
-            f = grey + (f - grey) * (1.0 + rng.uniform(-colour, colour))
+            if saturation > 0:
+                f = grey + (f - grey) * (1.0 + rng.uniform(-saturation, saturation))
             f = f * (1.0 + rng.uniform(-colour, colour, size=3)) + rng.uniform(-colour, colour, size=3) * 40.0
             img = np.clip(f, 0, 255).astype(np.uint8)
         out[i] = img
@@ -387,6 +390,7 @@ def train(
     total_iters = epochs * iters
     warmup = int(tcfg.get("warmup_iters", min(100, total_iters // 10)))
     colour = float(tcfg.get("colour_jitter", 0.08))
+    saturation = float(tcfg.get("saturation_jitter", 0.0))
     loss_cfg = cfg.get("loss", {})
     module.train()
     t0 = time.time()
@@ -405,7 +409,7 @@ def train(
             it = epoch * iters + i
             for g in opt.param_groups:
                 g["lr"] = poly_lr(base_lr, it, total_iters, warmup)
-            x = to_input(augment(crops, rng, colour), device)
+            x = to_input(augment(crops, rng, colour, saturation), device)
             labels = torch.from_numpy(labels_np).to(device)
             if device == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -105,6 +105,19 @@ def test_tiny_training_learns_and_resumes(tmp_path: Path) -> None:
     assert seg.mpp == 1.0 and seg.output_stride == 4 and seg.classes[0].name == "Tumor"
     assert seg.predict(np.zeros((1, 64, 64, 3), np.uint8)).shape == (1, 3, 16, 16)
 
+    # stage 2: a SegFormer head on pseudo masks of this stage-1 teacher, served the same way
+    cfg2 = {
+        **_tiny_config(root, holdout, epochs=1),
+        "stage": 2,
+        "stage2": {"teacher": str(out / "best.safetensors"), "embed_dim": 16, "flip_tta": True},
+    }
+    cfg2["train"] = {**cfg2["train"], "iters_per_epoch": 4}
+    res2 = train(cfg2, tmp_path / "run2", device="cpu", progress=False, log=lambda s: None)
+    seg2 = load_segmenter(res2["checkpoint"], device="cpu")
+    assert seg2.manifest["architecture"] == "fprotoseg_seg"
+    scores = seg2.predict(np.zeros((2, 64, 64, 3), np.uint8))
+    assert scores.shape == (2, 3, 16, 16) and np.allclose(scores.sum(1), 1.0, atol=1e-5)
+
     # resume: one more epoch continues from epoch 3 rather than starting again
     cfg4 = _tiny_config(root, holdout, epochs=4)
     train(cfg4, out, device="cpu", resume=True, progress=False, log=lambda s: None)
