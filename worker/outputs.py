@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -40,37 +42,53 @@ def write_json(path: Path, obj: Any) -> Path:
 
 
 # ---------------------------------------------------------------------------------------- geojson
-def geojson_bytes(regions: Sequence[Region], classes: Sequence[Any]) -> bytes:
-    """QuPath-importable FeatureCollection, one annotation per connected region.
-
-    Geometry text comes from GEOS (``shapely.to_geojson``): building Python lists for every
-    vertex would cost more than the whole vectorisation on a large slide.
-    """
+def _feature_text(region: Region, classes: Sequence[Any]) -> str:
     import shapely
 
-    parts = []
-    for region in regions:
-        cls = classes[region.class_index]
-        props = {
-            "objectType": "annotation",
-            "classification": {"name": cls.name, "color": [int(v) for v in cls.color]},
-            "measurements": {"area_um2": round(region.area_um2, 3)},
-        }
-        parts.append(
-            '{"type":"Feature","geometry":' + shapely.to_geojson(region.geometry)
-            + ',"properties":' + json.dumps(props, separators=(",", ":"), ensure_ascii=False) + "}"
-        )
-    return ('{"type":"FeatureCollection","features":[' + ",".join(parts) + "]}").encode("utf-8")
+    cls = classes[region.class_index]
+    props = {
+        "objectType": "annotation",
+        "classification": {"name": cls.name, "color": [int(v) for v in cls.color]},
+        "measurements": {"area_um2": round(region.area_um2, 3)},
+    }
+    return (
+        '{"type":"Feature","geometry":' + shapely.to_geojson(region.geometry)
+        + ',"properties":' + json.dumps(props, separators=(",", ":"), ensure_ascii=False) + "}"
+    )
 
 
-def write_geojson(out_dir: Path, data: bytes, *, gzip_too: bool = False) -> dict[str, Path]:
+def write_geojson(
+    out_dir: Path, regions: Sequence[Region], classes: Sequence[Any], *, gzip_too: bool = False
+) -> dict[str, Path]:
+    """QuPath-importable FeatureCollection, one annotation per connected region, streamed.
+
+    Feature by feature to the file (and its gzip twin): the text of a large slide's polygons never
+    sits in memory whole. Geometry text comes from GEOS (``shapely.to_geojson``), not from Python
+    lists per vertex.
+    """
     path = out_dir / GEOJSON_NAME
-    _atomic_write_bytes(path, data)
+    tmp = path.with_name(path.name + ".tmp")
+    gz_path = out_dir / (GEOJSON_NAME + ".gz")
+    gz_tmp = gz_path.with_name(gz_path.name + ".tmp")
+    with contextlib.ExitStack() as stack:
+        sinks = [stack.enter_context(tmp.open("w", encoding="utf-8"))]
+        if gzip_too:
+            raw = stack.enter_context(gz_tmp.open("wb"))
+            gz = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0))
+            sinks.append(stack.enter_context(io.TextIOWrapper(gz, encoding="utf-8")))
+        for sink in sinks:
+            sink.write('{"type":"FeatureCollection","features":[')
+        for i, region in enumerate(regions):
+            text = ("," if i else "") + _feature_text(region, classes)
+            for sink in sinks:
+                sink.write(text)
+        for sink in sinks:
+            sink.write("]}")
+    os.replace(tmp, path)
     files = {"geojson": path}
     if gzip_too:
-        gz = out_dir / (GEOJSON_NAME + ".gz")
-        _atomic_write_bytes(gz, gzip.compress(data, compresslevel=6, mtime=0))
-        files["geojson_gz"] = gz
+        os.replace(gz_tmp, gz_path)
+        files["geojson_gz"] = gz_path
     return files
 
 

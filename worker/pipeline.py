@@ -403,7 +403,7 @@ def run(
         files: dict[str, Path] = {}
         files.update(
             outputs.write_geojson(
-                out_dir, outputs.geojson_bytes(regions, classes), gzip_too=options.geojson_gzip
+                out_dir, regions, classes, gzip_too=options.geojson_gzip
             )
         )
         del regions
