@@ -29,9 +29,9 @@ def validate_manifest(manifest: dict[str, Any]) -> None:
         raise CheckpointError("checkpoint manifest has no classes")
     for c in classes:
         color = c.get("color") if isinstance(c, dict) else None
-        if not isinstance(c, dict) or not c.get("name") or not (
-            isinstance(color, list) and len(color) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in color)
-        ):
+        color_ok = isinstance(color, list) and len(color) == 3
+        color_ok = color_ok and all(isinstance(v, int) and 0 <= v <= 255 for v in color)
+        if not isinstance(c, dict) or not c.get("name") or not color_ok:
             raise CheckpointError(f"checkpoint class entry {c!r} needs a name and an [r, g, b] color")
     if not float(manifest["mpp"]) > 0:
         raise CheckpointError("checkpoint mpp must be positive")
@@ -67,7 +67,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise CheckpointError(f"{path.name} is not a readable .safetensors checkpoint ({exc})") from None
     raw = meta.get(MANIFEST_KEY)
     if raw is None:
-        raise CheckpointError(f"{path.name} is a safetensors file but not a fprotoseg checkpoint (no manifest)")
+        raise CheckpointError(
+            f"{path.name} is a safetensors file but not a fprotoseg checkpoint (no manifest)"
+        )
     try:
         manifest = json.loads(raw)
     except json.JSONDecodeError as exc:

@@ -25,12 +25,8 @@ def register(name: str) -> Callable[[Builder], Builder]:
 
 def _ensure_registered() -> None:
     # Importing the architecture modules registers their builders.
+    import model.fprotoseg
     import model.tiny  # noqa: F401
-
-    try:
-        import model.fprotoseg  # noqa: F401
-    except ImportError:
-        pass
 
 
 def build_inference_module(manifest: dict[str, Any], state_dict: dict[str, Any]) -> Any:

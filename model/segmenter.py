@@ -114,8 +114,9 @@ class TorchSegmenter:
 
     def predict(self, tiles_nhwc_uint8: np.ndarray) -> np.ndarray:
         torch = self._torch
-        if tiles_nhwc_uint8.dtype != np.uint8 or tiles_nhwc_uint8.ndim != 4 or tiles_nhwc_uint8.shape[3] != 3:
-            raise ValueError(f"expected uint8 (N, H, W, 3), got {tiles_nhwc_uint8.dtype} {tiles_nhwc_uint8.shape}")
+        tiles = tiles_nhwc_uint8
+        if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[3] != 3:
+            raise ValueError(f"expected uint8 (N, H, W, 3), got {tiles.dtype} {tiles.shape}")
         host = torch.from_numpy(np.ascontiguousarray(tiles_nhwc_uint8))
         if self.device == "cuda":
             host = host.pin_memory()
