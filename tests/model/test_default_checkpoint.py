@@ -12,7 +12,7 @@ from model import DEFAULT_CHECKPOINT
 pytestmark = pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="packaged default not built")
 
 # The packaged default's held-out mIoU (docs/model.md); the test guards against regressions.
-HELDOUT_MIOU_FLOOR = 0.60  # measured 0.616; the 0.70 target was not reached (docs/model.md)
+HELDOUT_MIOU_FLOOR = 0.65  # measured 0.674; the 0.70 target was not reached (docs/model.md)
 
 
 def test_default_manifest_is_complete() -> None:
@@ -22,7 +22,8 @@ def test_default_manifest_is_complete() -> None:
     assert [c["name"] for c in manifest["classes"]] == ["Tumor", "Stroma", "Normal"]
     assert all(len(c["color"]) == 3 for c in manifest["classes"])
     assert manifest["mpp"] == 1.0
-    assert manifest["text"]["prompts"]["Tumor"]
+    assert manifest["text"]["dim"] > 0  # class embeddings travel in the state dict, no text model needed
+    assert manifest["metrics"]["heldout_wsss4luad"]["miou"] >= HELDOUT_MIOU_FLOOR
     assert "image-level" in manifest["training"]["supervision"]
     assert DEFAULT_CHECKPOINT.stat().st_size < 20 * 1024 * 1024
 
