@@ -20,6 +20,7 @@ Inference modules registered for checkpoints (forward: normalised NCHW -> (N, K,
 
 - ``fprotoseg_cam``: stage 1; softmax over classes of the level-fused CAM logits.
 - ``fprotoseg_seg``: stage 2; softmax of the SegFormer head.
+- ``fprotoseg_seg_gated``: stage 2 plus the frozen stage-1 teacher's tile-level class logits.
 """
 
 from __future__ import annotations
@@ -402,6 +403,27 @@ class Stage2Inference(nn.Module):
         return torch.softmax(self.net(x).float(), dim=1)
 
 
+class GatedStage2Inference(nn.Module):
+    """Stage 2 with the stage-1 network's tile-level class scores added to every pixel's logits.
+
+    Pseudo masks are gated by the true image labels; at inference there are none, and a stage-2
+    softmax alone lets a rare class (normal lung here) win pixels in tiles that hold none of it.
+    The frozen stage-1 teacher's GAP logits of the tile play the labels' part (ours, not from the
+    paper; measured in docs/model.md). ``stage2.teacher_config`` holds the teacher's config.
+    """
+
+    def __init__(self, cfg: dict[str, Any], num_classes: int, text_dim: int) -> None:
+        super().__init__()
+        s2 = cfg.get("stage2", {})
+        self.net = FProtoSegStage2(cfg, num_classes)
+        self.gate = FProtoSegStage1(s2["teacher_config"], num_classes, torch.zeros(num_classes, text_dim))
+        self.gate_weight = float(s2.get("gate_weight", 1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tile_logits = self.gate(x)["logits"][-1].float()
+        return torch.softmax(self.net(x).float() + self.gate_weight * tile_logits[:, :, None, None], dim=1)
+
+
 @register("fprotoseg_cam")
 def _build_stage1(config: dict[str, Any], manifest: dict[str, Any]) -> nn.Module:
     text_dim = int(manifest.get("text", {}).get("dim", 384))
@@ -411,3 +433,10 @@ def _build_stage1(config: dict[str, Any], manifest: dict[str, Any]) -> nn.Module
 @register("fprotoseg_seg")
 def _build_stage2(config: dict[str, Any], manifest: dict[str, Any]) -> nn.Module:
     return Stage2Inference(config, len(manifest["classes"]))
+
+
+@register("fprotoseg_seg_gated")
+def _build_stage2_gated(config: dict[str, Any], manifest: dict[str, Any]) -> nn.Module:
+    return GatedStage2Inference(
+        config, len(manifest["classes"]), int(manifest.get("text", {}).get("dim", 384))
+    )

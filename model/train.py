@@ -37,7 +37,13 @@ from model.datasets import (
 )
 from model.errors import FprotosegError
 from model.evaluate import predict_labels, score_pairs
-from model.fprotoseg import OUTPUT_STRIDE, Stage1Inference, Stage2Inference, stage1_losses
+from model.fprotoseg import (
+    OUTPUT_STRIDE,
+    GatedStage2Inference,
+    Stage1Inference,
+    Stage2Inference,
+    stage1_losses,
+)
 from model.pseudo import IGNORE_INDEX, make_pseudo_masks
 from model.text import class_text_embeddings
 
@@ -253,6 +259,15 @@ def plot_history(rows: list[dict[str, Any]], path: Path) -> None:
 # ------------------------------------------------------------------------------------ train
 
 
+def checkpoint_state(module: torch.nn.Module, tcfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict to ship; ``train.checkpoint_dtype: fp16`` halves the file (weights are cast
+    back to fp32 on load, inference precision is unaffected in practice)."""
+    state = module.state_dict()
+    if tcfg.get("checkpoint_dtype", "fp32") == "fp16":
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    return state
+
+
 def poly_lr(base: float, it: int, total: int, warmup: int, power: float = 0.9) -> float:
     if it < warmup:
         return base * (it + 1) / warmup
@@ -314,10 +329,17 @@ def train(
         teacher_mod.load_state_dict(t_state)
         teacher = teacher_mod.net.to(device).eval()
         cfg = {**cfg, "encoder": t_cfg.get("encoder", {})}
-        module = Stage2Inference(cfg, k)
+        if cfg["stage2"].get("gate_with_teacher", False):
+            cfg = {**cfg, "stage2": {**cfg["stage2"], "teacher_config": t_cfg}}
+            module = GatedStage2Inference(cfg, k, int(text_record.get("dim", 384)))
+            module.gate.load_state_dict(teacher.state_dict())
+            module.gate.requires_grad_(False)
+            arch = "fprotoseg_seg_gated"
+        else:
+            module = Stage2Inference(cfg, k)
+            arch = "fprotoseg_seg"
         if cfg["stage2"].get("init_encoder_from_teacher", True):
             module.net.encoder.load_state_dict(teacher.encoder.state_dict())
-        arch = "fprotoseg_seg"
         net = module.net
     else:
         raise ConfigError(f"stage must be 1 or 2, got {stage}")
@@ -465,7 +487,7 @@ def train(
                 "heldout": {kk: val[kk] for kk in ("miou", "iou", "fwiou", "dice", "images")},
                 "epoch": epoch + 1,
             }
-            save_checkpoint(best_path, module.state_dict(), manifest(metrics, epoch + 1))
+            save_checkpoint(best_path, checkpoint_state(module, tcfg), manifest(metrics, epoch + 1))
         if tcfg.get("keep_every_epoch"):
             save_checkpoint(
                 out_dir / f"epoch{epoch + 1:03d}.safetensors",

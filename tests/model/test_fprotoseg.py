@@ -221,3 +221,40 @@ def test_pretrained_loader_reports_mismatches(tmp_path: Path) -> None:
     assert (enc.patch_embeds[0].proj.weight == 1).all()  # published key names map onto ours
     assert "head.weight" in report["unexpected"]
     assert "stages.0.0.norm1.weight" in report["shape_mismatch"]
+
+
+def test_gated_stage2_vetoes_classes_the_tile_score_rules_out(tmp_path: Path) -> None:
+    """The gated stage-2 module adds the teacher's tile logits to the stage-2 logits: weight 0 is
+    plain stage 2, a dominant weight makes the tile's verdict win every pixel; the module survives
+    a checkpoint round trip stored in fp16."""
+    from model import load_segmenter
+    from model.fprotoseg import GatedStage2Inference
+
+    torch.manual_seed(0)
+    cfg = {**TINY_CFG, "stage2": {"teacher_config": TINY_CFG, "gate_weight": 0.0, "embed_dim": 16}}
+    module = GatedStage2Inference(cfg, 3, 16).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), torch.softmax(module.net(x), dim=1))
+        # a teacher that is sure tile 0 holds class 2 only and tile 1 class 0 only
+        verdict = torch.tensor([[-20.0, -20.0, 20.0], [20.0, -20.0, -20.0]])
+        real_gate_forward = module.gate.forward
+        module.gate.forward = lambda inp: {"logits": [verdict]}
+        module.gate_weight = 1.0
+        labels = module(x).argmax(1)
+        module.gate.forward = real_gate_forward
+        assert (labels[0] == 2).all() and (labels[1] == 0).all()
+    module.gate_weight = 1.0
+    manifest = {
+        **_manifest("fprotoseg_seg_gated"),
+        "config": {**cfg, "stage2": {**cfg["stage2"], "gate_weight": 1.0}},
+    }
+    state = {k: v.half() if v.is_floating_point() else v for k, v in module.state_dict().items()}
+    seg = load_segmenter(save_checkpoint(tmp_path / "g.safetensors", state, manifest), device="cpu")
+    tiles = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    scores = seg.predict(tiles)
+    assert scores.shape == (2, 3, 16, 16) and np.isfinite(scores).all()
+    np.testing.assert_allclose(scores.sum(1), 1.0, atol=1e-4)
+    xin = (torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5
+    with torch.no_grad():
+        np.testing.assert_allclose(module(xin).numpy(), scores, atol=2e-2)  # fp16 storage
