@@ -15,7 +15,7 @@ Why these steps:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,11 +150,17 @@ def absorb_small_regions(label_map: np.ndarray, n_classes: int, min_area_px: flo
     return absorbed
 
 
-def _class_pieces(label_map: np.ndarray, label: int, min_area_px: float) -> list[object]:
+def _class_pieces(
+    label_map: np.ndarray, label: int, min_area_px: float, tol_px: float = 0.0
+) -> Iterator[object]:
     """Pixel-edge polygons of one label, band by band, merged across band seams.
 
     Bands keep the working mask small (a few MB) whatever the map size; regions that reach a
     seam are unioned with their neighbours, so the result is the same as one whole-map pass.
+    A generator, and every piece is simplified as soon as it is traced: only simplified seam
+    pieces are ever held together, and the union of a region spanning the whole slide works on
+    a fraction of the raw vertices (unioned on a grid of half the tolerance, which closes the
+    sub-tolerance gaps that independent simplification can leave along a seam).
     """
     import cv2
     import shapely
@@ -162,8 +168,7 @@ def _class_pieces(label_map: np.ndarray, label: int, min_area_px: float) -> list
     height, width = label_map.shape
     rows = _band_rows(width)
     mask = np.empty((min(rows, height), width), dtype=bool)
-    whole: list[object] = []
-    seam: list[object] = []
+    open_pieces: list[object] = []  # pieces cut by a band seam, unioned at the end
     for r0 in range(0, height, rows):
         r1 = min(height, r0 + rows)
         band = mask[: r1 - r0]
@@ -197,17 +202,23 @@ def _class_pieces(label_map: np.ndarray, label: int, min_area_px: float) -> list
             geom = _region_from_contours(contour, holes)
             if r0:
                 geom = shapely.transform(geom, lambda xy, dy=float(r0): xy + np.array([0.0, dy]))
-            (seam if at_seam else whole).append(geom)
-    for group in _touching_groups(seam):
+            if tol_px > 0:
+                geom = _simplify_keeping_area(geom, tol_px)
+            if at_seam:
+                open_pieces.append(geom)
+            else:
+                yield geom
+    # Pieces within the tolerance of each other are one region (simplification may open a gap
+    # narrower than the tolerance along a seam): their union is yielded as ONE geometry, a
+    # MultiPolygon where such a gap remains, never split into separate regions.
+    for group in _touching_groups(open_pieces, distance=tol_px):
         if len(group) == 1:
-            whole.append(seam[group[0]])
+            yield open_pieces[group[0]]
         else:
-            merged = shapely.union_all([seam[i] for i in group], grid_size=1e-6)
-            whole.extend(shapely.get_parts(merged))
-    return whole
+            yield shapely.union_all([open_pieces[i] for i in group], grid_size=max(1e-6, tol_px / 4))
 
 
-def _touching_groups(geoms: list[object]) -> list[list[int]]:
+def _touching_groups(geoms: list[object], distance: float = 0.0) -> list[list[int]]:
     """Indices of pieces that touch, transitively (so each union is small, not one per class)."""
     import shapely
 
@@ -221,7 +232,11 @@ def _touching_groups(geoms: list[object]) -> list[list[int]]:
             i = parent[i]
         return i
 
-    pairs = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    tree = shapely.STRtree(geoms)
+    if distance > 0:
+        pairs = tree.query(geoms, predicate="dwithin", distance=distance)
+    else:
+        pairs = tree.query(geoms, predicate="intersects")
     for a, b in zip(pairs[0].tolist(), pairs[1].tolist(), strict=True):
         ra, rb = find(a), find(b)
         if ra != rb:
@@ -258,11 +273,8 @@ def vectorize(
         if progress is not None:
             progress(k, n_classes)
         class_regions: list[Region] = []
-        for piece in _class_pieces(label_map, k + 1, min_area_px):
-            geom = piece
-            if tol_px > 0:
-                geom = _simplify_keeping_area(geom, tol_px)
-            geom = _polygonal(geom)
+        for piece in _class_pieces(label_map, k + 1, min_area_px, tol_px):
+            geom = _polygonal(_valid(piece))
             if geom is None:
                 continue
             area_um2 = float(geom.area) * px_area_um2
@@ -271,7 +283,9 @@ def vectorize(
             geom = shapely.transform(geom, lambda xy: xy * scale)
             if not bounds.contains(geom):
                 geom = geom.intersection(bounds)
-            geom = _polygonal(_valid(shapely.set_precision(geom, 0.001)))
+            # 0.001 px rounding by coordinate transform: set_precision (a full overlay) on a
+            # slide-spanning region costs memory in proportion to its vertices.
+            geom = _polygonal(_valid(shapely.transform(geom, lambda xy: np.round(xy, 3))))
             if geom is None:
                 continue
             if geom.geom_type == "Polygon":
