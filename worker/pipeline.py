@@ -11,7 +11,6 @@ Cancellation is checked between batches.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import platform
 import time
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from model.segmenter import file_sha256
 from worker import outputs
 from worker.buffers import anonymous_array
 from worker.errors import JobCancelledError, SlideError
@@ -86,14 +86,6 @@ class _Clock:
 
 def _noop_progress(stage: str, done: int, total: int) -> None:
     return None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _software_versions() -> dict[str, str]:
