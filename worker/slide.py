@@ -405,26 +405,8 @@ def _open_openslide(path: Path, fmt: str, file_size: int) -> Slide:
             handle = openslide.OpenSlide(str(path))
     except Exception as exc:
         raise SlideError(f"{path.name} ({fmt}) cannot be opened: {_one_line(exc)}") from exc
-    try:
-        width, height = handle.dimensions
-        _check_dimensions(path, int(width), int(height), file_size)
-        props = dict(handle.properties)
-        return Slide(
-            path=path,
-            reader="openslide",
-            vendor=props.get("openslide.vendor", fmt),
-            width_px=int(width),
-            height_px=int(height),
-            mpp=0.0,
-            mpp_source="",
-            level_dimensions=tuple((int(w), int(h)) for w, h in handle.level_dimensions),
-            level_downsamples=tuple(float(d) for d in handle.level_downsamples),
-            properties=props,
-            _handle=handle,
-        )
-    except BaseException:
-        handle.close()
-        raise
+    props = dict(handle.properties)
+    return _slide_from_handle(path, handle, "openslide", props.get("openslide.vendor", fmt), props, file_size)
 
 
 def _open_tiffslide(path: Path, file_size: int) -> Slide:
@@ -435,14 +417,22 @@ def _open_tiffslide(path: Path, file_size: int) -> Slide:
             handle = tiffslide.TiffSlide(str(path))
     except Exception as exc:
         raise SlideError(f"{path.name} is not a readable whole-slide image: {_one_line(exc)}") from exc
+    props = {k: str(v) for k, v in handle.properties.items() if v is not None}
+    vendor = props.get("tiffslide.vendor") or ("ome-tiff" if ".ome." in path.name.lower() else "tiff")
+    return _slide_from_handle(path, handle, "tiffslide", vendor, props, file_size)
+
+
+def _slide_from_handle(
+    path: Path, handle: Any, reader: str, vendor: str, props: dict[str, str], file_size: int
+) -> Slide:
+    """Wrap an open OpenSlide/TiffSlide handle after the size guard; close it on any failure."""
     try:
         width, height = handle.dimensions
         _check_dimensions(path, int(width), int(height), file_size)
-        props = {k: str(v) for k, v in handle.properties.items() if v is not None}
         return Slide(
             path=path,
-            reader="tiffslide",
-            vendor=props.get("tiffslide.vendor") or ("ome-tiff" if ".ome." in path.name.lower() else "tiff"),
+            reader=reader,
+            vendor=vendor,
             width_px=int(width),
             height_px=int(height),
             mpp=0.0,
