@@ -137,8 +137,7 @@ def _simplify_keeping_area(geom: object, tol_px: float) -> object:
     return corrected if corrected is not None else simple
 
 
-def _band_rows(width_px: int, budget_bytes: int = 16 << 20) -> int:
-    # 16 MB of mask per band (64 MB supersampled): few seams, so few costly seam unions.
+def _band_rows(width_px: int, budget_bytes: int = 4 << 20) -> int:
     return max(64, budget_bytes // max(1, width_px))
 
 
