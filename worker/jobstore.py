@@ -119,14 +119,20 @@ class JobStore(ABC):
         """The newest job on the same bytes with the same parameters that is not failed/cancelled."""
 
     @abstractmethod
+    def _modify(
+        self, job_id: str, allowed: Iterable[str], to_state: str | None, changes: dict[str, Any]
+    ) -> JobRecord | None:
+        """Atomically apply ``changes`` (and ``to_state`` if given) when the state is in ``allowed``."""
+
     def transition(
         self, job_id: str, to_state: str, from_states: Iterable[str], **changes: Any
     ) -> JobRecord | None:
         """Compare-and-set: move to ``to_state`` only from one of ``from_states``; None if not."""
+        return self._modify(job_id, from_states, to_state, changes)
 
-    @abstractmethod
     def update(self, job_id: str, only_in_state: str, **changes: Any) -> bool:
         """Change fields (not the state) if the job is still in ``only_in_state``."""
+        return self._modify(job_id, (only_in_state,), None, changes) is not None
 
     @abstractmethod
     def counts_by_state(self) -> dict[str, int]: ...
@@ -340,14 +346,6 @@ class SqliteJobStore(JobStore):
             )
             return rec
 
-    def transition(
-        self, job_id: str, to_state: str, from_states: Iterable[str], **changes: Any
-    ) -> JobRecord | None:
-        return self._modify(job_id, from_states, to_state, changes)
-
-    def update(self, job_id: str, only_in_state: str, **changes: Any) -> bool:
-        return self._modify(job_id, (only_in_state,), None, changes) is not None
-
     def counts_by_state(self) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)
         for state, n in self._read("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
@@ -510,14 +508,6 @@ class RedisJobStore(JobStore):
                     return new
                 except self._watch_error:
                     continue
-
-    def transition(
-        self, job_id: str, to_state: str, from_states: Iterable[str], **changes: Any
-    ) -> JobRecord | None:
-        return self._modify(job_id, from_states, to_state, changes)
-
-    def update(self, job_id: str, only_in_state: str, **changes: Any) -> bool:
-        return self._modify(job_id, (only_in_state,), None, changes) is not None
 
     def counts_by_state(self) -> dict[str, int]:
         with self._errors():
