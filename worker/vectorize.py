@@ -141,6 +141,22 @@ def _band_rows(width_px: int, budget_bytes: int = 4 << 20) -> int:
     return max(64, budget_bytes // max(1, width_px))
 
 
+def _label_bands(label_map: np.ndarray, label: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(r0, r1, mask of ``label`` in rows r0..r1) band by band, in ONE reused buffer of a few MB.
+
+    Empty bands are skipped. The mask is overwritten by the next band: use it before advancing.
+    """
+    height, width = label_map.shape
+    rows = _band_rows(width)
+    mask = np.empty((min(rows, height), width), dtype=bool)
+    for r0 in range(0, height, rows):
+        r1 = min(height, r0 + rows)
+        band = mask[: r1 - r0]
+        np.equal(label_map[r0:r1], label, out=band)
+        if band.any():
+            yield r0, r1, band
+
+
 def absorb_small_regions(label_map: np.ndarray, n_classes: int, min_area_px: float) -> int:
     """In place: give every region smaller than ``min_area_px`` the majority label around it.
 
@@ -154,16 +170,9 @@ def absorb_small_regions(label_map: np.ndarray, n_classes: int, min_area_px: flo
     if min_area_px <= 1:
         return 0
     height, width = label_map.shape
-    rows = _band_rows(width)
-    mask = np.empty((min(rows, height), width), dtype=bool)
     absorbed = 0
     for label in range(1, n_classes + 1):
-        for r0 in range(0, height, rows):
-            r1 = min(height, r0 + rows)
-            band = mask[: r1 - r0]
-            np.equal(label_map[r0:r1], label, out=band)
-            if not band.any():
-                continue
+        for r0, r1, band in _label_bands(label_map, label):
             contours, _ = cv2.findContours(band.view(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
             for contour in contours:
                 if cv2.contourArea(contour) + cv2.arcLength(contour, True) / 2 + 1 >= min_area_px:
@@ -201,16 +210,9 @@ def _class_pieces(
     import cv2
     import shapely
 
-    height, width = label_map.shape
-    rows = _band_rows(width)
-    mask = np.empty((min(rows, height), width), dtype=bool)
+    height = label_map.shape[0]
     open_pieces: list[object] = []  # pieces cut by a band seam, unioned at the end
-    for r0 in range(0, height, rows):
-        r1 = min(height, r0 + rows)
-        band = mask[: r1 - r0]
-        np.equal(label_map[r0:r1], label, out=band)
-        if not band.any():
-            continue
+    for r0, r1, band in _label_bands(label_map, label):
         fine = cv2.resize(
             band.view(np.uint8), None, fx=SUPERSAMPLE, fy=SUPERSAMPLE, interpolation=cv2.INTER_NEAREST
         )
