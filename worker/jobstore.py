@@ -93,6 +93,14 @@ class JobRecord:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    def changed(self, changes: dict[str, Any], to_state: str | None = None) -> JobRecord:
+        """A copy with ``changes`` applied (and the state, if given), stamped ``updated_at`` now."""
+        data = {**self.to_dict(), **changes}
+        if to_state is not None:
+            data["state"] = to_state
+        data["updated_at"] = time.time()
+        return JobRecord.from_dict(data)
+
 
 _COLUMNS = tuple(f.name for f in fields(JobRecord))
 
@@ -333,12 +341,7 @@ class SqliteJobStore(JobStore):
             rec = JobRecord.from_dict(json.loads(row[0]))
             if rec.state not in allowed:
                 return None
-            data = rec.to_dict()
-            data.update(changes)
-            if to_state is not None:
-                data["state"] = to_state
-            data["updated_at"] = time.time()
-            rec = JobRecord.from_dict(data)
+            rec = rec.changed(changes, to_state)
             db.execute(
                 "UPDATE jobs SET state = ?, created_at = ?, sha256 = ?, params_hash = ?, "
                 "idempotency_key = ?, record = ? WHERE id = ?",
@@ -493,12 +496,7 @@ class RedisJobStore(JobStore):
                         pipe.unwatch()
                         return None
                     old_state = rec.state
-                    data = rec.to_dict()
-                    data.update(changes)
-                    if to_state is not None:
-                        data["state"] = to_state
-                    data["updated_at"] = time.time()
-                    new = JobRecord.from_dict(data)
+                    new = rec.changed(changes, to_state)
                     pipe.multi()
                     pipe.set(key, _encode(new))
                     if new.state != old_state:
