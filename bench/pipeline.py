@@ -178,8 +178,20 @@ def child(
     # load drifts, and a single measurement on one side would bias the ratio.
     before = ceiling()
     options = PipelineOptions(batch_size=batch_size, reader_threads=reader_threads)
+    # The high-water mark as each stage ends: which stage sets the peak (a stage's own growth is
+    # hidden while it stays under an earlier stage's peak, as the heap is reused).
+    peak_by_stage: dict[str, int] = {}
+    current = {"stage": ""}
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if stage != current["stage"]:
+            if current["stage"]:
+                peak_by_stage[current["stage"]] = _peak_rss_bytes()
+            current["stage"] = stage
+
     t0, c0 = time.perf_counter(), time.process_time()
-    result = run(slide, out_dir, seg, options=options)
+    result = run(slide, out_dir, seg, options=options, progress=on_progress)
+    peak_by_stage[current["stage"]] = _peak_rss_bytes()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     after = ceiling()
     model_tps = (before[0] + after[0]) / 2
@@ -205,6 +217,7 @@ def child(
         "timings_s": timings,
         "label_map_bytes": int(np.prod(result.provenance["output"]["label_map_shape"])),
         "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes_by_stage_end": peak_by_stage,
     }
 
 
@@ -228,6 +241,13 @@ def _stage_line(res: dict) -> str:
     stages = ("open", "tissue", "tiling", "inference", "stitch", "vectorise", "write")
     return "time per stage (s)             " + "  ".join(
         f"{s} {res['timings_s'].get(s, 0):.2f}" for s in stages
+    )
+
+
+def _peak_line(res: dict) -> str:
+    marks = res.get("peak_rss_bytes_by_stage_end", {})
+    return "  peak RSS as each stage ended (GiB)  " + "  ".join(
+        f"{stage} {v / 2**30:.3f}" for stage, v in marks.items()
     )
 
 
@@ -278,6 +298,7 @@ def main() -> None:
           f"{a['end_to_end_tiles_per_cpu_s'] / a['model_only_tiles_per_cpu_s']:.3f}")
     print(f"peak RSS                       {a['peak_rss_bytes'] / gib:.3f} GiB  (target < 1.5 GiB); "
           f"label map {a['label_map_bytes'] / 2**20:.1f} MiB")
+    print(_peak_line(a))
     if large is not None:
         b = run_child(large, args)
         growth = b["peak_rss_bytes"] - a["peak_rss_bytes"]
@@ -291,6 +312,7 @@ def main() -> None:
               f"{b['label_map_bytes'] / 2**20:.1f} MiB")
         print(f"RSS growth for 4x area         {growth / 2**20:.1f} MiB  vs larger label map + 20% = "
               f"{allowed / 2**20:.1f} MiB  -> {'OK' if growth <= allowed else 'OVER'}")
+        print(_peak_line(b))
         print(_stage_line(b))
 
 
