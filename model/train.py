@@ -151,22 +151,40 @@ def build_data(cfg: dict[str, Any]) -> TrainData:
 def augment(
     batch: np.ndarray, rng: np.random.Generator, colour: float, saturation: float = 0.0
 ) -> np.ndarray:
-    """Flips, rot90 and a per-image stain jitter (saturation, gain and offset per RGB channel)."""
+    """Flips, rot90 and a per-image stain jitter (saturation, gain and offset per RGB channel),
+    image by image (one random stream order: the packaged default was trained with it)."""
     out = np.empty_like(batch)
     for i, img in enumerate(batch):
         img = np.rot90(img, int(rng.integers(4)))
         if rng.random() < 0.5:
             img = img[:, ::-1]
-        if colour > 0:
-            # stain variation between slides dominates colour: jitter channel gains/offsets and
-            # saturation so the network has to rely on texture, not on one lab's H&E tint
-            f = img.astype(np.float32)
-            grey = f.mean(axis=2, keepdims=True)
-            if saturation > 0:
-                f = grey + (f - grey) * (1.0 + rng.uniform(-saturation, saturation))
-            f = f * (1.0 + rng.uniform(-colour, colour, size=3)) + rng.uniform(-colour, colour, size=3) * 40.0
-            img = np.clip(f, 0, 255).astype(np.uint8)
-        out[i] = img
+        out[i] = stain_jitter(img[None], rng, colour, saturation)[0]
+    return out
+
+
+def flip_rotate(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    out = np.empty_like(batch)
+    for i, img in enumerate(batch):
+        img = np.rot90(img, int(rng.integers(4)))
+        out[i] = img[:, ::-1] if rng.random() < 0.5 else img
+    return out
+
+
+def stain_jitter(
+    batch: np.ndarray, rng: np.random.Generator, colour: float, saturation: float = 0.0
+) -> np.ndarray:
+    """Stain variation between slides dominates colour: jitter channel gains/offsets and
+    saturation per image so the network has to rely on texture, not on one lab's H&E tint."""
+    if colour <= 0 and saturation <= 0:
+        return batch
+    out = np.empty_like(batch)
+    for i, img in enumerate(batch):
+        f = img.astype(np.float32)
+        grey = f.mean(axis=2, keepdims=True)
+        if saturation > 0:
+            f = grey + (f - grey) * (1.0 + rng.uniform(-saturation, saturation))
+        f = f * (1.0 + rng.uniform(-colour, colour, size=3)) + rng.uniform(-colour, colour, size=3) * 40.0
+        out[i] = np.clip(f, 0, 255).astype(np.uint8)
     return out
 
 
@@ -414,6 +432,7 @@ def train(
     colour = float(tcfg.get("colour_jitter", 0.08))
     saturation = float(tcfg.get("saturation_jitter", 0.0))
     loss_cfg = cfg.get("loss", {})
+    teacher_clean = bool(cfg.get("stage2", {}).get("teacher_sees_clean", False))
     module.train()
     t0 = time.time()
     for epoch in range(start_epoch, epochs):
@@ -431,7 +450,11 @@ def train(
             it = epoch * iters + i
             for g in opt.param_groups:
                 g["lr"] = poly_lr(base_lr, it, total_iters, warmup)
-            x = to_input(augment(crops, rng, colour, saturation), device)
+            if teacher_clean:
+                geometric = flip_rotate(crops, rng)
+                x = to_input(stain_jitter(geometric, rng, colour, saturation), device)
+            else:
+                x = to_input(augment(crops, rng, colour, saturation), device)
             labels = torch.from_numpy(labels_np).to(device)
             if device == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -442,7 +465,13 @@ def train(
                         net, {**out, "logits": [lg.float() for lg in out["logits"]]}, labels, loss_cfg
                     )
                 else:
-                    target = make_pseudo_masks(teacher, x, labels, cfg["stage2"])
+                    # the frozen teacher labels the crop before the stain jitter (when
+                    # stage2.teacher_sees_clean): the student must give the same answer under
+                    # a tint shift, the error stage 1 makes most on held-out slides
+                    seen = to_input(geometric, device) if teacher_clean else x
+                    if device == "cuda":
+                        seen = seen.contiguous(memory_format=torch.channels_last)
+                    target = make_pseudo_masks(teacher, seen, labels, cfg["stage2"])
                     logits = F.interpolate(
                         net(x).float(), size=x.shape[-2:], mode="bilinear", align_corners=False
                     )

@@ -109,9 +109,14 @@ def test_tiny_training_learns_and_resumes(tmp_path: Path) -> None:
     cfg2 = {
         **_tiny_config(root, holdout, epochs=1),
         "stage": 2,
-        "stage2": {"teacher": str(out / "best.safetensors"), "embed_dim": 16, "flip_tta": True},
+        "stage2": {
+            "teacher": str(out / "best.safetensors"),
+            "embed_dim": 16,
+            "flip_tta": True,
+            "teacher_sees_clean": True,  # the teacher labels the crop before the stain jitter
+        },
     }
-    cfg2["train"] = {**cfg2["train"], "iters_per_epoch": 4}
+    cfg2["train"] = {**cfg2["train"], "iters_per_epoch": 4, "colour_jitter": 0.3, "saturation_jitter": 0.3}
     res2 = train(cfg2, tmp_path / "run2", device="cpu", progress=False, log=lambda s: None)
     seg2 = load_segmenter(res2["checkpoint"], device="cpu")
     assert seg2.manifest["architecture"] == "fprotoseg_seg"
@@ -132,3 +137,20 @@ def test_bad_configs_are_one_line_errors(tmp_path: Path, bad: str) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(bad + "\n")
     assert main(["train", str(cfg), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+
+
+def test_stain_jitter_changes_colour_not_geometry() -> None:
+    """The clean-teacher stage 2 relies on it: the student's crop is the teacher's crop with
+    another tint, pixel for pixel (flips and rotations are applied once, before both)."""
+    from model.train import flip_rotate, stain_jitter
+
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+    crops[:, :16] //= 4  # a dark top half: a structure to follow
+    geometric = flip_rotate(crops, np.random.default_rng(1))
+    jittered = stain_jitter(geometric, np.random.default_rng(2), 0.3, 0.3)
+    assert not np.array_equal(jittered, geometric)
+    for g, j in zip(geometric, jittered, strict=True):
+        corr = np.corrcoef(g.astype(float).mean(2).ravel(), j.astype(float).mean(2).ravel())[0, 1]
+        assert corr > 0.9
+    assert stain_jitter(geometric, np.random.default_rng(2), 0.0, 0.0) is geometric
