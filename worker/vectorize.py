@@ -129,6 +129,15 @@ def _lattice_pixels(contours: Sequence[np.ndarray], region: np.ndarray) -> np.nd
     return np.add.reduceat(per_ring, np.flatnonzero(is_shell))
 
 
+def _directions(rings: _Rings) -> tuple[np.ndarray, np.ndarray]:
+    """Unit direction of each point's outgoing edge, and each point's predecessor index."""
+    nxt = rings.successor()
+    e = rings.xy[nxt] - rings.xy
+    prev = np.empty(len(e), dtype=np.int64)
+    prev[nxt] = np.arange(len(e))
+    return e / np.maximum(np.hypot(e[:, 0], e[:, 1]), 1e-12)[:, None], prev
+
+
 def _offset(rings: _Rings, d: np.ndarray) -> tuple[_Rings, np.ndarray]:
     """Mitre offset of every ring by its region's ``d`` to the right of its direction: outwards
     for shells with positive area and holes with negative area. Also returns, per output point,
@@ -139,11 +148,8 @@ def _offset(rings: _Rings, d: np.ndarray) -> tuple[_Rings, np.ndarray]:
     (what little overlap that leaves is repaired by make_valid later).
     """
     xy = rings.xy
-    e = xy[rings.successor()] - xy
-    t = e / np.maximum(np.hypot(e[:, 0], e[:, 1]), 1e-12)[:, None]
+    t, prev = _directions(rings)
     n = np.stack([t[:, 1], -t[:, 0]], axis=1)
-    prev = np.empty(len(xy), dtype=np.int64)
-    prev[rings.successor()] = np.arange(len(xy))
     t_prev, n_prev = t[prev], n[prev]
     dp = d[rings.region][rings.ring_of_point][:, None]
     dot = (n_prev * n).sum(axis=1)
@@ -168,10 +174,7 @@ def _offset(rings: _Rings, d: np.ndarray) -> tuple[_Rings, np.ndarray]:
 
 def _corner_sums(rings: _Rings) -> np.ndarray:
     """Per ring, the sum of tan(turn/2): a mitre offset by d adds perimeter*d + this*d²."""
-    e = rings.xy[rings.successor()] - rings.xy
-    t = e / np.maximum(np.hypot(e[:, 0], e[:, 1]), 1e-12)[:, None]
-    prev = np.empty(len(t), dtype=np.int64)
-    prev[rings.successor()] = np.arange(len(t))
+    t, prev = _directions(rings)
     tp = t[prev]
     cross = tp[:, 0] * t[:, 1] - tp[:, 1] * t[:, 0]
     return rings.sums(cross / np.maximum(1.0 + (tp * t).sum(axis=1), 0.25))
@@ -560,8 +563,8 @@ def _merge_seam_pieces(seam_rings: list[_Rings], seam_ys: np.ndarray) -> np.ndar
         merged.append(geom)
     # One validity check, after the union: a coverage union of valid, non-overlapping pieces is
     # valid, and checking the slide-spanning pieces before it too would double the cost.
-    merged_arr = _repair(_object_array(merged))
-    return _object_array([g for g in (_polygonal(g) for g in merged_arr if g is not None) if g is not None])
+    repaired = _repair(_object_array(merged))
+    return _object_array([g for g in map(_polygonal, repaired) if g is not None])
 
 
 def _seam_groups(pieces: list[object], seam_ys: np.ndarray) -> list[list[int]]:
