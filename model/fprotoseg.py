@@ -32,15 +32,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.efficientnet import IMAGENET_NORMALISATION, LITE_VARIANTS, EfficientNetLite
 from model.mit import MixTransformer, mit_config
 from model.registry import register
 
 OUTPUT_STRIDE = 4
+HALF_NORMALISATION = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+_LITE_OPTIONS = ("output_stride", "frozen_stages")
 
 
-def build_encoder(enc_cfg: dict[str, Any]) -> MixTransformer:
+def build_encoder(enc_cfg: dict[str, Any]) -> nn.Module:
+    """MiT-B0..B3 (``variant: b0``) or EfficientNet-Lite0..2 (``variant: lite0``) from the config.
+
+    Both return four feature levels and expose ``out_channels``; ``pretrained`` is read by the
+    trainer (weights load once, before training), never here (inference needs no weight file).
+    """
+    variant = str(enc_cfg.get("variant", "b0"))
+    if variant in LITE_VARIANTS:
+        unknown = set(enc_cfg) - {"variant", "pretrained", *_LITE_OPTIONS}
+        if unknown:
+            raise ValueError(f"unknown EfficientNet-Lite option(s) {sorted(unknown)}")
+        return EfficientNetLite(
+            variant, int(enc_cfg.get("output_stride", 32)), int(enc_cfg.get("frozen_stages", 0))
+        )
     overrides = {k: v for k, v in enc_cfg.items() if k not in ("variant", "pretrained")}
-    return MixTransformer(mit_config(enc_cfg.get("variant", "b0"), **overrides))
+    return MixTransformer(mit_config(variant, **overrides))
+
+
+def encoder_normalisation(enc_cfg: dict[str, Any]) -> dict[str, list[float]]:
+    """The input normalisation an encoder expects: ImageNet statistics for ImageNet weights,
+    0.5/0.5 for MiT trained from scratch (what the first checkpoints used). Stored in the manifest."""
+    if str(enc_cfg.get("variant", "b0")) in LITE_VARIANTS or enc_cfg.get("pretrained"):
+        return IMAGENET_NORMALISATION
+    return HALF_NORMALISATION
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,14 +315,22 @@ def text_alignment_loss(
     return torch.stack(per_image).mean()
 
 
+def partial_bce(logits: torch.Tensor, targets: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """BCE averaged over the known entries only: a dataset that says "tumour present, normal
+    absent" and nothing about stroma (LC25000) must not teach "no stroma"."""
+    per = F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * known
+    return per.sum() / known.sum().clamp(min=1.0)
+
+
 def stage1_losses(
     net: FProtoSegStage1, out: dict[str, Any], labels: torch.Tensor, loss_cfg: dict[str, Any]
 ) -> dict[str, torch.Tensor]:
     """All stage-1 losses with their configured weights; ``total`` is what gets back-propagated."""
     level_w = [float(w) for w in loss_cfg.get("level_weights", [0.0, 0.1, 1.0, 1.0])]
+    known = (labels >= 0).to(out["logits"][-1].dtype)  # partial labels: -1 = unknown, no loss
+    targets = labels.clamp(min=0.0)
     cls = sum(
-        w * F.binary_cross_entropy_with_logits(lg, labels)
-        for w, lg in zip(level_w, out["logits"], strict=True)
+        w * partial_bce(lg, targets, known) for w, lg in zip(level_w, out["logits"], strict=True) if w
     )
     terms: dict[str, torch.Tensor] = {"cls": cls}
     total = cls
@@ -306,7 +338,8 @@ def stage1_losses(
     w_align = float(loss_cfg.get("alignment", 0.0))
     if w_cons > 0 or w_align > 0:
         proto_cfg = {**net.cfg.get("prototypes", {}), "levels": net.proto_levels}
-        po = structure_aware_prototypes(out["feats"], out["cams"], labels, proto_cfg)
+        maybe_present = (labels != 0).to(labels.dtype)  # unknown (-1) may be present: not gated out
+        po = structure_aware_prototypes(out["feats"], out["cams"], maybe_present, proto_cfg)
         terms["consistency"] = po.consistency
         total = total + w_cons * po.consistency
         if w_align > 0:
@@ -316,6 +349,22 @@ def stage1_losses(
             total = total + w_align * align
     terms["total"] = total
     return terms
+
+
+def tile_class_logits(cam: torch.Tensor, pool_cells: int, size: tuple[int, int]) -> torch.Tensor:
+    """The network's class verdict around each pixel, added to its logits at inference.
+
+    ``pool_cells`` 0: one verdict per tile (GAP, as trained); that breaks on a slide where a tile
+    straddles different tissue (or glass), so ``pool_cells`` k > 0 averages the CAM logits over a
+    k x k window of feature cells instead (zero padding not counted): the verdict then depends on
+    the neighbourhood only, the same in a crop and in a slide.
+    """
+    if pool_cells <= 0:
+        return cam.float().mean(dim=(2, 3))[:, :, None, None]
+    local = F.avg_pool2d(
+        cam.float(), pool_cells, stride=1, padding=pool_cells // 2, count_include_pad=False
+    )[..., : cam.shape[-2], : cam.shape[-1]]
+    return F.interpolate(local, size=size, mode="bilinear", align_corners=False)
 
 
 class Stage1Inference(nn.Module):
@@ -334,13 +383,14 @@ class Stage1Inference(nn.Module):
         self.fusion = [float(w) for w in inf.get("fusion", [0.0, 0.3, 0.3, 0.4])]
         self.flip_tta = bool(inf.get("flip_tta", False))
         self.image_logit_weight = float(inf.get("image_logit_weight", 0.0))
+        self.image_logit_pool = int(inf.get("image_logit_pool", 0))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         size = (x.shape[-2] // OUTPUT_STRIDE, x.shape[-1] // OUTPUT_STRIDE)
         cams = self.net(x)["cams"]
         fused = fuse_levels(cams, self.fusion, size)
         if self.image_logit_weight:
-            fused = fused + self.image_logit_weight * cams[-1].mean(dim=(2, 3))[:, :, None, None]
+            fused = fused + self.image_logit_weight * tile_class_logits(cams[-1], self.image_logit_pool, size)
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -418,10 +468,12 @@ class GatedStage2Inference(nn.Module):
         self.net = FProtoSegStage2(cfg, num_classes)
         self.gate = FProtoSegStage1(s2["teacher_config"], num_classes, torch.zeros(num_classes, text_dim))
         self.gate_weight = float(s2.get("gate_weight", 1.0))
+        self.gate_pool = int(s2.get("gate_pool", 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tile_logits = self.gate(x)["logits"][-1].float()
-        return torch.softmax(self.net(x).float() + self.gate_weight * tile_logits[:, :, None, None], dim=1)
+        logits = self.net(x).float()
+        gate = tile_class_logits(self.gate(x)["cams"][-1], self.gate_pool, logits.shape[-2:])
+        return torch.softmax(logits + self.gate_weight * gate, dim=1)
 
 
 @register("fprotoseg_cam")

@@ -3,15 +3,14 @@
 Follows the published SegFormer code (NVlabs/SegFormer, ``mix_transformer.py``): overlapping
 patch embeddings, efficient self-attention with spatial reduction, Mix-FFN with a depthwise 3x3
 conv. As in TPRO/PBIP the last stage keeps stride 1, so a 224 px tile gives maps at 56/28/14/14.
-Random init by default; :func:`load_pretrained` loads a user-supplied state dict and reports keys
-that do not match instead of failing (ImageNet MiT weights use the same key names).
+Random init by default; ``model.pretrained.load_encoder_weights`` loads published ImageNet weights
+(NVlabs or Hugging Face layout, renamed by :func:`rename_published`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -200,44 +199,52 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _rename_published(key: str) -> str:
+_HF_PARTS = (
+    ("attention.self.query.", "attn.q."),
+    ("attention.self.sr.", "attn.sr."),
+    ("attention.self.layer_norm.", "attn.norm."),
+    ("attention.output.dense.", "attn.proj."),
+    ("layer_norm_1.", "norm1."),
+    ("layer_norm_2.", "norm2."),
+    ("mlp.dense1.", "mlp.fc1."),
+    ("mlp.dense2.", "mlp.fc2."),
+)
+
+
+def rename_published(key: str) -> str:
+    """One key of a published MiT state dict -> this module's name.
+
+    Two layouts exist: NVlabs' ``mit_b*.pth`` (``patch_embed1.``, ``block1.0.``, ``norm1.``,
+    ``mlp.dwconv.dwconv.``) and the Hugging Face ``nvidia/mit-b*`` one (``segformer.encoder.
+    patch_embeddings.0.``, ``block.0.0.attention.self.query.`` ...). Keys and values that the HF
+    layout keeps apart are fused by :func:`fuse_hf_kv`.
+    """
+    for prefix in ("module.", "segformer.encoder.", "encoder.", "backbone."):
+        key = key.removeprefix(prefix)
+    key = key.replace("mlp.dwconv.dwconv.", "mlp.dwconv.")
     for i in range(1, 5):
-        if key.startswith(f"patch_embed{i}."):
-            return f"patch_embeds.{i - 1}." + key[len(f"patch_embed{i}.") :]
-        if key.startswith(f"block{i}."):
-            return f"stages.{i - 1}." + key[len(f"block{i}.") :]
-        if key.startswith(f"norm{i}."):
-            return f"norms.{i - 1}." + key[len(f"norm{i}.") :]
+        pairs = ((f"patch_embed{i}.", "patch_embeds"), (f"block{i}.", "stages"), (f"norm{i}.", "norms"))
+        for old, new in pairs:
+            if key.startswith(old):
+                return f"{new}.{i - 1}." + key[len(old) :]
+    if key.startswith(("patch_embeddings.", "block.", "layer_norm.")):
+        head, rest = key.split(".", 1)
+        names = {"patch_embeddings": "patch_embeds", "block": "stages", "layer_norm": "norms"}
+        key = names[head] + "." + rest
+        if key.startswith("patch_embeds."):
+            key = key.replace(".layer_norm.", ".norm.")
+        for old, new in _HF_PARTS:
+            key = key.replace(old, new)
     return key
 
 
-def load_pretrained(encoder: MixTransformer, path: str | Path) -> dict[str, list[str]]:
-    """Load a user-supplied state dict (.safetensors, or a torch file read with weights_only).
-
-    Returns {"missing": [...], "unexpected": [...], "shape_mismatch": [...]}; never fails on keys,
-    because ImageNet checkpoints carry a classification head and sometimes other prefixes.
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        raw = load_file(str(path))
-    else:
-        raw = torch.load(str(path), map_location="cpu", weights_only=True)
-        if isinstance(raw, dict) and "state_dict" in raw:
-            raw = raw["state_dict"]
-    own = encoder.state_dict()
-    renamed: dict[str, torch.Tensor] = {}
-    for key, value in raw.items():
-        for prefix in ("module.", "backbone.", "encoder."):
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-        renamed[_rename_published(key)] = value
-    usable = {k: v for k, v in renamed.items() if k in own and own[k].shape == v.shape}
-    report = {
-        "missing": sorted(k for k in own if k not in usable),
-        "unexpected": sorted(k for k in renamed if k not in own),
-        "shape_mismatch": sorted(k for k in renamed if k in own and own[k].shape != renamed[k].shape),
-    }
-    encoder.load_state_dict(usable, strict=False)
-    return report
+def fuse_hf_kv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF keeps ``attention.self.key`` and ``.value`` apart; this module has one ``attn.kv``."""
+    out = dict(state)
+    for k in [k for k in state if ".attention.self.key." in k]:
+        v = k.replace(".key.", ".value.")
+        if v in state:
+            fused = k.replace("attention.self.key.", "attention.self.kv.")
+            out[fused] = torch.cat([state[k], state[v]], dim=0)
+            del out[k], out[v]
+    return {k.replace("attention.self.kv.", "attn.kv."): v for k, v in out.items()}
