@@ -62,7 +62,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "bcss-wsss": DatasetSpec(
         "bcss-wsss",
         ("TUM", "STR", "LYM", "NEC"),
-        ("Tumor", "Stroma", "Immune cells", "Necrosis"),
+        ("Tumor", "Stroma", "Lymphocytes", "Necrosis"),
         ((200, 0, 0), (150, 200, 150), (160, 90, 160), (50, 50, 50)),
         ignore_index=255,
         background_index=4,
@@ -207,6 +207,31 @@ def weak_images_from_pairs(
     ]
 
 
+def weak_images_from_class_folder(
+    folder: Path, label: Sequence[int], scale: float = 1.0, limit: int | None = None
+) -> list[WeakImage]:
+    """Every image of a one-class-per-folder dataset (LC25000) with one, possibly partial, label.
+
+    ``label`` holds 1 (present), 0 (absent) or -1 (unknown: masked out of the loss); an
+    adenocarcinoma image says "tumour present, normal absent" and nothing about stroma.
+    ``scale`` resizes on load so the tissue matches the training µm/px.
+    """
+    vec = np.asarray(label, dtype=np.float32)
+    if vec.ndim != 1 or not np.isin(vec, (-1.0, 0.0, 1.0)).all() or not (vec == 1).any():
+        raise DatasetError(f"class-folder label must hold 1/0/-1 with one 1 at least, got {list(label)}")
+    out = []
+    for p in list_images(Path(folder))[:limit]:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            if scale != 1.0:
+                size = (max(8, round(im.width * scale)), max(8, round(im.height * scale)))
+                im = im.resize(size, Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC)
+            out.append(WeakImage(p.name, np.array(im), vec.copy()))
+    if not out:
+        raise DatasetError(f"no images in {folder}")
+    return out
+
+
 def weak_images_from_labelled_folder(folder: Path, num_classes: int) -> list[WeakImage]:
     """Patches whose filename carries the label (no mask at all)."""
     return [
@@ -228,10 +253,12 @@ class WeakCropSampler:
         num_classes: int,
         min_fraction: float,
         seed: int = 0,
+        glass_prob: float = 0.0,
     ) -> None:
         if not images:
             raise DatasetError("no training images")
         self.images = list(images)
+        self.glass_prob = glass_prob
         self.crop_px = crop_px
         self.num_classes = num_classes
         self.min_fraction = min_fraction
@@ -242,16 +269,48 @@ class WeakCropSampler:
         )
         self.p = areas / areas.sum()
 
+    def _glass_cover(self) -> np.ndarray:
+        """A band of glass along one or two edges of the crop (15-60 % of its width each)."""
+        n = self.crop_px
+        cover = np.zeros((n, n), bool)
+        for side in self.rng.choice(4, size=int(self.rng.integers(1, 3)), replace=False):
+            k = int(n * self.rng.uniform(0.15, 0.6))
+            if side == 0:
+                cover[:k] = True
+            elif side == 1:
+                cover[-k:] = True
+            elif side == 2:
+                cover[:, :k] = True
+            else:
+                cover[:, -k:] = True
+        return cover
+
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        """One crop and its image-level label. With ``glass_prob`` a band of empty glass replaces
+        part of a mask-backed crop, and the label is that of the tissue left visible: slides put
+        glass beside tissue in many tiles, and a network that never saw it paints it (and the
+        tissue near it) as a class."""
         for _ in range(50):
             im = self.images[int(self.rng.choice(len(self.images), p=self.p))]
             h, w = im.rgb.shape[:2]
             y = int(self.rng.integers(0, max(1, h - self.crop_px + 1)))
             x = int(self.rng.integers(0, max(1, w - self.crop_px + 1)))
-            label = im.crop_label(y, x, self.crop_px, self.num_classes, self.min_fraction)
-            if label.sum() == 0:
+            cover = None
+            if self.glass_prob > 0 and im._mask is not None and self.rng.random() < self.glass_prob:
+                cover = self._glass_cover()
+                sub = im._mask[y : y + self.crop_px, x : x + self.crop_px].copy()
+                sub[cover[: sub.shape[0], : sub.shape[1]]] = self.num_classes  # not tissue any more
+                label = image_level_label(sub, self.num_classes, self.min_fraction)
+            else:
+                label = im.crop_label(y, x, self.crop_px, self.num_classes, self.min_fraction)
+            if not (label > 0).any():
                 continue
             crop = im.rgb[y : y + self.crop_px, x : x + self.crop_px]
+            if cover is not None:
+                crop = crop.copy()
+                c = cover[: crop.shape[0], : crop.shape[1]]
+                noise = self.rng.normal(0.0, 3.0, size=(int(c.sum()), 3))
+                crop[c] = np.clip(244.0 + noise, 0, 255).astype(np.uint8)
             if crop.shape[0] < self.crop_px or crop.shape[1] < self.crop_px:
                 pad = ((0, self.crop_px - crop.shape[0]), (0, self.crop_px - crop.shape[1]), (0, 0))
                 crop = np.pad(crop, pad, mode="reflect")

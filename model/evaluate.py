@@ -30,16 +30,32 @@ def _upsample_scores(scores: np.ndarray, height: int, width: int) -> np.ndarray:
     return F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)[0].numpy()
 
 
-def predict_labels(predict: PredictFn, rgb: np.ndarray, tile_px: int) -> np.ndarray:
+GLASS_RGB = 244  # the white of empty glass in a scan (also what mosaic slides are laid on)
+CONTEXTS = ("reflect", "glass")
+
+
+def predict_labels(
+    predict: PredictFn, rgb: np.ndarray, tile_px: int, context: str = "reflect", offset_px: int = 48
+) -> np.ndarray:
     """(H, W) argmax labels for one RGB crop of any size, tiled exactly as the service tiles.
 
-    Non-overlapping ``tile_px`` tiles (the checkpoint's tile size) over the crop, reflect-padded
-    at the border; scores upsampled bilinearly to pixels. Running the whole crop at once would
-    show the network a context size it never sees in a slide.
+    Non-overlapping ``tile_px`` tiles (the checkpoint's tile size) over the crop; scores upsampled
+    bilinearly to pixels. Running the whole crop at once would show the network a context size it
+    never sees in a slide. ``context`` says what fills a tile beyond the crop: ``reflect`` mirrors
+    the crop (the crop-level protocol of the literature); ``glass`` lays the crop on empty glass
+    ``offset_px`` from the tile corner, as a biopsy edge or a mosaic slide looks to the whole-slide
+    worker. A network that only holds up under ``reflect`` fails on slides.
     """
+    if context not in CONTEXTS:
+        raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
     h, w = rgb.shape[:2]
-    ph, pw = -h % tile_px, -w % tile_px
-    padded = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode="symmetric") if (ph or pw) else rgb
+    off = offset_px if context == "glass" else 0
+    ph, pw = -(h + off) % tile_px, -(w + off) % tile_px
+    if context == "glass":
+        padded = np.full((h + off + ph, w + off + pw, 3), GLASS_RGB, np.uint8)
+        padded[off : off + h, off : off + w] = rgb
+    else:
+        padded = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode="symmetric") if (ph or pw) else rgb
     out = np.zeros(padded.shape[:2], dtype=np.int64)
     tiles, origins = [], []
     for y in range(0, padded.shape[0], tile_px):
@@ -50,7 +66,7 @@ def predict_labels(predict: PredictFn, rgb: np.ndarray, tile_px: int) -> np.ndar
         scores = predict(np.stack(tiles[start : start + 32]))
         for (y, x), s in zip(origins[start : start + 32], scores, strict=True):
             out[y : y + tile_px, x : x + tile_px] = _upsample_scores(s, tile_px, tile_px).argmax(0)
-    return out[:h, :w]
+    return out[off : off + h, off : off + w]
 
 
 def confusion_over(
@@ -123,8 +139,10 @@ def evaluate_checkpoint(
     protocol: str = "ignore_background",
     device: str = "cpu",
     precision: str = "fp32",
+    context: str = "reflect",
 ) -> dict[str, Any]:
-    """Load a checkpoint through the worker's seam and score it on ``data_root`` pairs."""
+    """Load a checkpoint through the worker's seam and score it on ``data_root`` pairs
+    (``context``: what surrounds each crop in its tiles, see :func:`predict_labels`)."""
     from model import load_segmenter
 
     if dataset not in DATASETS:
@@ -138,8 +156,9 @@ def evaluate_checkpoint(
             "pick the matching --dataset"
         )
     result = score_pairs(
-        pairs, lambda p: predict_labels(seg.predict, p.rgb, seg.tile_size_px), dataset, protocol
+        pairs, lambda p: predict_labels(seg.predict, p.rgb, seg.tile_size_px, context), dataset, protocol
     )
+    result["context"] = context
     result["checkpoint"] = seg.name
     result["checkpoint_sha256"] = seg.checksum_sha256
     result["dataset"] = dataset

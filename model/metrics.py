@@ -51,6 +51,9 @@ def scores_from_confusion(
     fwiou = float((t_freq[valid] * t_iou[valid]).sum() / max(t_freq[valid].sum(), 1.0))
     return {
         "miou": float(np.nanmean(t_iou)) if valid.any() else float("nan"),
+        # the mean over classes the ground truth holds (a class only predicted counts elsewhere:
+        # as false positives of the present ones); what BCSS-WSSS test sets without tumour report
+        "miou_present": float(np.nanmean(t_iou[t_freq > 0])) if (t_freq > 0).any() else float("nan"),
         "iou": {class_names[i]: _nan_to_none(iou[i]) for i in tissue},
         "fwiou": fwiou,
         "dice": {class_names[i]: _nan_to_none(dice[i]) for i in tissue},

@@ -41,6 +41,7 @@ DEFAULT_PROMPTS: dict[str, list[str]] = {
     ],
     "Necrosis": ["necrosis", "dead tissue with fragmented nuclei and debris", "necrotic tissue"],
     "Immune cells": ["lymphocytes", "dense small round blue immune cells", "lymphocytic infiltrate"],
+    "Lymphocytes": ["lymphocytes", "dense small round blue immune cells", "lymphocytic infiltrate"],
 }
 
 

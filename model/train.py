@@ -32,6 +32,7 @@ from model.datasets import (
     WeakCropSampler,
     WeakImage,
     load_pairs,
+    weak_images_from_class_folder,
     weak_images_from_labelled_folder,
     weak_images_from_pairs,
 )
@@ -42,6 +43,7 @@ from model.fprotoseg import (
     GatedStage2Inference,
     Stage1Inference,
     Stage2Inference,
+    encoder_normalisation,
     stage1_losses,
 )
 from model.pseudo import IGNORE_INDEX, make_pseudo_masks
@@ -138,6 +140,19 @@ def build_data(cfg: dict[str, Any]) -> TrainData:
         imgs = weak_images_from_labelled_folder(resolve_path(folder), k)
         train += imgs
         parts.append(f"{len(imgs)} filename-labelled patches of {folder}")
+    for entry in d.get("class_dirs", []):
+        if not isinstance(entry, dict) or "dir" not in entry or "label" not in entry:
+            raise ConfigError("each data.class_dirs entry needs dir: and label: (1/0/-1 per class)")
+        if len(entry["label"]) != k:
+            raise ConfigError(f"data.class_dirs label {entry['label']} needs {k} entries")
+        imgs = weak_images_from_class_folder(
+            resolve_path(entry["dir"]), entry["label"], float(entry.get("scale", 1.0)), entry.get("limit")
+        )
+        train += imgs
+        parts.append(
+            f"{len(imgs)} images of {entry['dir']} with the partial label {entry['label']} "
+            f"(-1 = unknown, no loss), resized x{float(entry.get('scale', 1.0)):g}"
+        )
     if "val_root" in d:
         val += load_pairs(resolve_path(d["val_root"]))
         parts.append(f"validation pairs {d['val_root']}")
@@ -170,6 +185,28 @@ def flip_rotate(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+# Ruifrok & Johnston's H&E(-DAB) stain vectors (optical density per RGB channel), rows H, E, D.
+_HED_FROM_RGB = np.linalg.inv(
+    np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
+)
+_RGB_FROM_HED = np.linalg.inv(_HED_FROM_RGB)
+
+
+def hed_jitter(batch: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
+    """Stain augmentation in the space where stains mix (Tellez et al. 2018): per image, scale and
+    shift the haematoxylin, eosin and residual optical densities by U(1-s, 1+s) and U(-s, s).
+    Unlike RGB gain jitter it produces colours a real lab's H&E can have."""
+    if sigma <= 0:
+        return batch
+    n = batch.shape[0]
+    od = -np.log(np.maximum(batch.astype(np.float64), 1.0) / 255.0)  # optical density, >= 0
+    hed = od @ _HED_FROM_RGB
+    alpha = rng.uniform(1 - sigma, 1 + sigma, size=(n, 1, 1, 3))
+    beta = rng.uniform(-sigma, sigma, size=(n, 1, 1, 3))
+    od = np.maximum((hed * alpha + beta) @ _RGB_FROM_HED, 0.0)
+    return np.clip(255.0 * np.exp(-od), 0, 255).astype(np.uint8)
+
+
 def stain_jitter(
     batch: np.ndarray, rng: np.random.Generator, colour: float, saturation: float = 0.0
 ) -> np.ndarray:
@@ -196,26 +233,39 @@ def class_manifest(dataset: str) -> list[dict[str, Any]]:
     return [{"name": n, "color": list(c)} for n, c in zip(spec.qupath_names, spec.colors, strict=True)]
 
 
-NORMALISATION = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+Normalisation = dict[str, list[float]]
 
 
-def to_input(batch_uint8: np.ndarray, device: str) -> torch.Tensor:
+def to_input(batch_uint8: np.ndarray, device: str, norm: Normalisation) -> torch.Tensor:
+    """uint8 NHWC -> normalised float NCHW with the encoder's own statistics (as the service does)."""
     x = torch.from_numpy(np.ascontiguousarray(batch_uint8)).to(device).permute(0, 3, 1, 2).float()
-    return ((x / 255.0) - 0.5) / 0.5
+    mean = torch.tensor(norm["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(norm["std"], device=device).view(1, 3, 1, 1)
+    return (x / 255.0 - mean) / std
 
 
-def inference_predict_fn(module: torch.nn.Module, device: str) -> Callable[[np.ndarray], np.ndarray]:
+def inference_predict_fn(
+    module: torch.nn.Module, device: str, norm: Normalisation
+) -> Callable[[np.ndarray], np.ndarray]:
     def predict(tiles: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return module(to_input(tiles, device)).float().cpu().numpy()
+            return module(to_input(tiles, device, norm)).float().cpu().numpy()
 
     return predict
 
 
-def validate(module: torch.nn.Module, val: list[MaskedImage], dataset: str, tile_px: int, device: str):
+def validate(
+    module: torch.nn.Module,
+    val: list[MaskedImage],
+    dataset: str,
+    tile_px: int,
+    device: str,
+    norm: Normalisation,
+    context: str = "reflect",
+) -> dict[str, Any]:
     module.eval()
-    predict = inference_predict_fn(module, device)
-    result = score_pairs(val, lambda p: predict_labels(predict, p.rgb, tile_px), dataset)
+    predict = inference_predict_fn(module, device, norm)
+    result = score_pairs(val, lambda p: predict_labels(predict, p.rgb, tile_px, context), dataset)
     module.train()
     return result
 
@@ -363,15 +413,18 @@ def train(
         raise ConfigError(f"stage must be 1 or 2, got {stage}")
 
     pretrained = cfg.get("encoder", {}).get("pretrained")
-    if pretrained and stage == 1:
-        from model.mit import load_pretrained
+    from_teacher = stage == 2 and cfg["stage2"].get("init_encoder_from_teacher", True)
+    if pretrained and not from_teacher:
+        from model.pretrained import load_encoder_weights
 
-        report = load_pretrained(net.encoder, resolve_path(pretrained))
+        source = pretrained if pretrained == "imagenet" else resolve_path(pretrained)
+        report = load_encoder_weights(net.encoder, source)
         log(
             f"pretrained encoder: {len(report['missing'])} missing, {len(report['unexpected'])} unexpected, "
             f"{len(report['shape_mismatch'])} shape-mismatched keys"
         )
 
+    norm = encoder_normalisation(cfg.get("encoder", {}))
     module.to(device)
     if device == "cuda":
         module.to(memory_format=torch.channels_last)
@@ -390,7 +443,7 @@ def train(
 
     csv_path, best_path, last_path = (
         out_dir / "history.csv",
-        out_dir / "best.safetensors",
+        out_dir / ("final.safetensors" if str(tcfg.get("keep", "best")) == "last" else "best.safetensors"),
         out_dir / "last.safetensors",
     )
     history: list[dict[str, Any]] = []
@@ -416,7 +469,7 @@ def train(
             "mpp": float(cfg["data"].get("mpp", 1.0)),
             "tile_size_px": tile_px,
             "output_stride": OUTPUT_STRIDE,
-            "normalisation": NORMALISATION,
+            "normalisation": norm,
             "text": text_record,
             "training": {
                 "data": data.description,
@@ -431,12 +484,20 @@ def train(
     warmup = int(tcfg.get("warmup_iters", min(100, total_iters // 10)))
     colour = float(tcfg.get("colour_jitter", 0.08))
     saturation = float(tcfg.get("saturation_jitter", 0.0))
+    hed = float(tcfg.get("hed_jitter", 0.0))
+    glass_prob = float(tcfg.get("glass_prob", 0.0))
+    keep = str(tcfg.get("keep", "best"))
+    if keep not in ("best", "last"):
+        raise ConfigError(f"train.keep must be best or last, got {keep!r}")
+    contexts = [str(c) for c in tcfg.get("val_contexts", ["reflect"])]
     loss_cfg = cfg.get("loss", {})
     teacher_clean = bool(cfg.get("stage2", {}).get("teacher_sees_clean", False))
     module.train()
     t0 = time.time()
     for epoch in range(start_epoch, epochs):
-        sampler = WeakCropSampler(data.train, crop_px, k, min_frac, seed=seed * 1000 + epoch)
+        sampler = WeakCropSampler(
+            data.train, crop_px, k, min_frac, seed=seed * 1000 + epoch, glass_prob=glass_prob
+        )
         rng = np.random.default_rng(seed * 1000 + epoch + 1)
         sums: dict[str, float] = {}
         bar = tqdm(
@@ -452,9 +513,10 @@ def train(
                 g["lr"] = poly_lr(base_lr, it, total_iters, warmup)
             if teacher_clean:
                 geometric = flip_rotate(crops, rng)
-                x = to_input(stain_jitter(geometric, rng, colour, saturation), device)
+                tinted = stain_jitter(geometric, rng, colour, saturation)
+                x = to_input(hed_jitter(tinted, rng, hed), device, norm)
             else:
-                x = to_input(augment(crops, rng, colour, saturation), device)
+                x = to_input(hed_jitter(augment(crops, rng, colour, saturation), rng, hed), device, norm)
             labels = torch.from_numpy(labels_np).to(device)
             if device == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -468,10 +530,11 @@ def train(
                     # the frozen teacher labels the crop before the stain jitter (when
                     # stage2.teacher_sees_clean): the student must give the same answer under
                     # a tint shift, the error stage 1 makes most on held-out slides
-                    seen = to_input(geometric, device) if teacher_clean else x
+                    seen = to_input(geometric, device, norm) if teacher_clean else x
                     if device == "cuda":
                         seen = seen.contiguous(memory_format=torch.channels_last)
-                    target = make_pseudo_masks(teacher, seen, labels, cfg["stage2"])
+                    # unknown (-1) classes may be present: they are not gated out of the pseudo mask
+                    target = make_pseudo_masks(teacher, seen, (labels != 0).float(), cfg["stage2"])
                     logits = F.interpolate(
                         net(x).float(), size=x.shape[-2:], mode="bilinear", align_corners=False
                     )
@@ -488,13 +551,16 @@ def train(
             for name, v in terms.items():
                 sums[name] = sums.get(name, 0.0) + float(v.detach())
             bar.set_postfix(loss=f"{sums['total'] / (i + 1):.4f}")
-        val = validate(module, data.val, data.dataset, tile_px, device)
+        vals = {c: validate(module, data.val, data.dataset, tile_px, device, norm, c) for c in contexts}
+        val = vals[contexts[0]]
         row = {
             "epoch": epoch + 1,
             "train_loss": sums.get("total", 0.0) / iters,
             **{f"train_{n}": v / iters for n, v in sums.items() if n != "total"},
             "val_miou": val["miou"],
             **{f"val_iou_{n}": v for n, v in val["iou"].items()},
+            # the same crops laid on glass, as a slide shows them to the worker
+            **{f"val_{c}_miou": v["miou"] for c, v in vals.items() if c != contexts[0]},
             "lr": opt.param_groups[0]["lr"],
             "elapsed_s": round(time.time() - t0, 1),
         }
@@ -508,13 +574,24 @@ def train(
         log(
             f"epoch {epoch + 1}/{epochs} loss {row['train_loss']:.4f} val mIoU {val['miou']:.4f} "
             + " ".join(f"{n}={v:.3f}" for n, v in val["iou"].items() if v is not None)
+            + "".join(f" {c} {v['miou']:.4f}" for c, v in vals.items() if c != contexts[0])
             + f" ({row['elapsed_s']:.0f}s)"
         )
-        if val["miou"] > best_miou:
+        # keep: best = the epoch with the best validation mIoU (optimistic when reported: chosen
+        # on the split); keep: last = a fixed schedule, the honest choice for a model card
+        score = float(np.mean([v["miou"] for v in vals.values()]))
+        if keep == "last" or score > best_miou:
+            best_miou = score
             best_miou = val["miou"]
             metrics = {
                 "heldout": {kk: val[kk] for kk in ("miou", "iou", "fwiou", "dice", "images")},
+                **{
+                    f"heldout_{c}": {kk: v[kk] for kk in ("miou", "iou")}
+                    for c, v in vals.items()
+                    if c != contexts[0]
+                },
                 "epoch": epoch + 1,
+                "kept": keep,
             }
             save_checkpoint(best_path, checkpoint_state(module, tcfg), manifest(metrics, epoch + 1))
         if tcfg.get("keep_every_epoch"):
