@@ -19,7 +19,7 @@ from typing import IO
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from app.problems import Problem
+from fprotoseg.app.errors import Problem
 
 FILE_FIELD = "file"
 MAX_FIELD_BYTES = 8192

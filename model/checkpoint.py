@@ -12,8 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from model.errors import CheckpointError
+from fprotoseg.model.errors import CheckpointError
 
+# The packaged default model (package data; the API image ships without it).
+DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "fprotoseg_wsss4luad.safetensors"
 MANIFEST_KEY = "fprotoseg_manifest"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("architecture", "config", "classes", "mpp", "tile_size_px", "output_stride")

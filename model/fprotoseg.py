@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.mit import MixTransformer, mit_config
-from model.registry import register
+from fprotoseg.model.mit import MixTransformer, mit_config
+from fprotoseg.model.registry import register
 
 OUTPUT_STRIDE = 4
 

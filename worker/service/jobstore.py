@@ -21,36 +21,32 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from model.errors import FprotosegError
-from worker.settings import Settings
+from fprotoseg.worker.errors import DuplicateJobError, JobStoreError
+from fprotoseg.worker.service.settings import Settings
+from fprotoseg.worker.service.states import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    STATES,
+    SUCCEEDED,
+    TERMINAL_STATES,
+    JobState,
+)
 
-QUEUED = "queued"
-RUNNING = "running"
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-CANCELLED = "cancelled"
-STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
-TERMINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
+__all__ = [
+    "DURATION_BUCKETS_S",
+    "JobRecord",
+    "JobStore",
+    "RedisJobStore",
+    "SqliteJobStore",
+    "open_jobstore",
+]
+
 
 # Prometheus-style job duration buckets (seconds): a small slide on a GPU takes seconds, a
 # large one on a CPU hours.
 DURATION_BUCKETS_S = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0)
-
-
-class JobStoreError(FprotosegError):
-    """The job store (SQLite file or Redis) cannot be reached or written."""
-
-    code = "jobstore_unavailable"
-
-
-class DuplicateJobError(FprotosegError):
-    """A job with this Idempotency-Key exists already; ``existing_id`` names it."""
-
-    code = "duplicate_job"
-
-    def __init__(self, existing_id: str) -> None:
-        super().__init__(f"a job with this Idempotency-Key exists: {existing_id}")
-        self.existing_id = existing_id
 
 
 @dataclass
@@ -58,7 +54,7 @@ class JobRecord:
     """Everything known about one job. Times are UNIX epoch seconds (UTC)."""
 
     id: str
-    state: str = QUEUED
+    state: JobState = QUEUED
     progress: float = 0.0
     stage: str = "queued"
     created_at: float = field(default_factory=time.time)
