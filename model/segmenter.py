@@ -146,6 +146,11 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _rgb(color: Sequence[Any]) -> tuple[int, int, int]:
+    red, green, blue = (int(v) for v in color)
+    return red, green, blue
+
+
 def build_inference_module(manifest: dict[str, Any], state_dict: dict[str, Any]) -> Any:
     """Rebuild the network named in the manifest and load its weights strictly."""
     # Importing the architecture modules registers their builders.
@@ -185,7 +190,7 @@ def load_segmenter(
         torch.set_num_threads(num_threads)
     state, manifest = read_checkpoint(ckpt_path)
     module = build_inference_module(manifest, state)
-    classes = [TissueClass(c["name"], tuple(int(v) for v in c["color"])) for c in manifest["classes"]]
+    classes = [TissueClass(c["name"], _rgb(c["color"])) for c in manifest["classes"]]
     norm = manifest.get("normalisation", {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]})
     return TorchSegmenter(
         module=module,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
@@ -19,7 +20,7 @@ from fprotoseg.worker.wsi.result_files import GZIP_SUFFIX, MEDIA_TYPES, RESULT_F
 
 router = APIRouter(tags=["results"])
 
-_RESPONSES = {
+_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"description": "no such job"},
     409: {"description": "the job has not succeeded (yet)"},
 }

@@ -154,14 +154,14 @@ def _run_pipeline(
             "upload the slide again"
         )
     # The gzip copy lets the API answer Accept-Encoding: gzip without recompressing per request.
-    extra = {"batch_size": settings.batch_size} if settings.batch_size else {}
+    options = PipelineOptions(geojson_gzip=True, batch_size=settings.batch_size or PipelineOptions.batch_size)
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
     return run(
         slide,
         work_dir,
         segmenter,
-        options=PipelineOptions(geojson_gzip=True, **extra),
+        options=options,
         mpp_override=rec.mpp,
         progress=JobProgress(store, rec.id, settings.progress_interval_s),
         should_cancel=StopCheck(

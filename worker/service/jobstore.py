@@ -10,6 +10,7 @@ loses nothing. Cheap to import: no torch, no Celery.
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 import threading
@@ -29,7 +30,6 @@ from fprotoseg.worker.service.states import (
     QUEUED,
     RUNNING,
     STATES,
-    SUCCEEDED,
     TERMINAL_STATES,
     JobState,
 )
@@ -112,7 +112,7 @@ class JobStore(ABC):
     def get(self, job_id: str) -> JobRecord | None: ...
 
     @abstractmethod
-    def list(self, *, limit: int, offset: int = 0, state: str | None = None) -> tuple[list[JobRecord], int]:
+    def list(self, *, limit: int, offset: int = 0, state: str | None = None) -> tuple[builtins.list[JobRecord], int]:
         """A page of records, newest first, and the total count (of that state)."""
 
     @abstractmethod
@@ -146,7 +146,7 @@ class JobStore(ABC):
         """The next job for the embedded worker (first in, first out)."""
 
     @abstractmethod
-    def ids_in_state(self, state: str) -> list[str]: ...
+    def ids_in_state(self, state: str) -> builtins.list[str]: ...
 
     @abstractmethod
     def incr_metrics(self, increments: dict[str, float]) -> None:
@@ -268,7 +268,7 @@ class SqliteJobStore(JobStore):
         except sqlite3.Error as exc:
             raise JobStoreError(f"job store {self.path}: {exc}") from None
 
-    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> builtins.list[tuple[Any, ...]]:
         try:
             return self._db().execute(sql, args).fetchall()
         except sqlite3.Error as exc:
@@ -305,7 +305,7 @@ class SqliteJobStore(JobStore):
         rows = self._read("SELECT record FROM jobs WHERE id = ?", (job_id,))
         return JobRecord.from_dict(json.loads(rows[0][0])) if rows else None
 
-    def list(self, *, limit: int, offset: int = 0, state: str | None = None) -> tuple[list[JobRecord], int]:
+    def list(self, *, limit: int, offset: int = 0, state: str | None = None) -> tuple[builtins.list[JobRecord], int]:
         where, args = ("WHERE state = ?", (state,)) if state else ("", ())
         rows = self._read(
             f"SELECT record FROM jobs {where} ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
@@ -346,7 +346,7 @@ class SqliteJobStore(JobStore):
             return rec
 
     def counts_by_state(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATES, 0)
+        counts: dict[str, int] = dict.fromkeys(STATES, 0)
         for state, n in self._read("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
             counts[state] = int(n)
         return counts
@@ -357,7 +357,7 @@ class SqliteJobStore(JobStore):
         )
         return JobRecord.from_dict(json.loads(rows[0][0])) if rows else None
 
-    def ids_in_state(self, state: str) -> list[str]:
+    def ids_in_state(self, state: str) -> builtins.list[str]:
         return [r[0] for r in self._read("SELECT id FROM jobs WHERE state = ? ORDER BY created_at", (state,))]
 
     def incr_metrics(self, increments: dict[str, float]) -> None:
@@ -444,7 +444,7 @@ class RedisJobStore(JobStore):
             pipe.execute()
         return record
 
-    def _get_many(self, ids: list[bytes] | list[str]) -> list[JobRecord]:
+    def _get_many(self, ids: builtins.list[bytes] | builtins.list[str]) -> builtins.list[JobRecord]:
         if not ids:
             return []
         keys = [self._k("job", i.decode() if isinstance(i, bytes) else i) for i in ids]
@@ -455,7 +455,7 @@ class RedisJobStore(JobStore):
             raw = self.client.get(self._k("job", job_id))
         return JobRecord.from_dict(json.loads(raw)) if raw else None
 
-    def list(self, *, limit: int, offset: int = 0, state: str | None = None) -> tuple[list[JobRecord], int]:
+    def list(self, *, limit: int, offset: int = 0, state: str | None = None) -> tuple[builtins.list[JobRecord], int]:
         key = self._k("state", state) if state else self._k("jobs")
         with self._errors():
             ids = self.client.zrevrange(key, offset, offset + limit - 1)
@@ -516,7 +516,7 @@ class RedisJobStore(JobStore):
         recs = self._get_many(ids)
         return recs[0] if recs else None
 
-    def ids_in_state(self, state: str) -> list[str]:
+    def ids_in_state(self, state: str) -> builtins.list[str]:
         with self._errors():
             return [i.decode() for i in self.client.zrange(self._k("state", state), 0, -1)]
 

@@ -37,7 +37,7 @@ def register_tasks(app: Any, settings: Settings) -> Any:
         except Exception as exc:  # the job will fail with the same reason; the worker stays up
             log.error("model could not be loaded: %s", exc)
 
-    class JobTask(app.Task):  # type: ignore[name-defined,misc]
+    class JobTask(app.Task):  # app: Any (Celery is untyped), so its Task is too
         def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
             """Failures that never reach process_job's own handling still end the job record.
 
