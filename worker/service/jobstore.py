@@ -112,7 +112,9 @@ class JobStore(ABC):
     def get(self, job_id: str) -> JobRecord | None: ...
 
     @abstractmethod
-    def list(self, *, limit: int, offset: int = 0, state: str | None = None) -> tuple[builtins.list[JobRecord], int]:
+    def list(
+        self, *, limit: int, offset: int = 0, state: str | None = None
+    ) -> tuple[builtins.list[JobRecord], int]:
         """A page of records, newest first, and the total count (of that state)."""
 
     @abstractmethod
@@ -305,7 +307,9 @@ class SqliteJobStore(JobStore):
         rows = self._read("SELECT record FROM jobs WHERE id = ?", (job_id,))
         return JobRecord.from_dict(json.loads(rows[0][0])) if rows else None
 
-    def list(self, *, limit: int, offset: int = 0, state: str | None = None) -> tuple[builtins.list[JobRecord], int]:
+    def list(
+        self, *, limit: int, offset: int = 0, state: str | None = None
+    ) -> tuple[builtins.list[JobRecord], int]:
         where, args = ("WHERE state = ?", (state,)) if state else ("", ())
         rows = self._read(
             f"SELECT record FROM jobs {where} ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
@@ -455,7 +459,9 @@ class RedisJobStore(JobStore):
             raw = self.client.get(self._k("job", job_id))
         return JobRecord.from_dict(json.loads(raw)) if raw else None
 
-    def list(self, *, limit: int, offset: int = 0, state: str | None = None) -> tuple[builtins.list[JobRecord], int]:
+    def list(
+        self, *, limit: int, offset: int = 0, state: str | None = None
+    ) -> tuple[builtins.list[JobRecord], int]:
         key = self._k("state", state) if state else self._k("jobs")
         with self._errors():
             ids = self.client.zrevrange(key, offset, offset + limit - 1)
