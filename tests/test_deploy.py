@@ -486,7 +486,7 @@ import importlib.abc, importlib.metadata as md, re, sys
 def canon(n): return re.sub(r"[-_.]+", "-", n).lower()
 allowed = {canon(l.split("==")[0]) for l in open(sys.argv[1]) if "==" in l} | {"pip", "setuptools"}
 blocked = {top for top, dists in md.packages_distributions().items()
-           if top not in {"app", "worker", "model"} and not any(canon(d) in allowed for d in dists)}
+           if top != "fprotoseg" and not any(canon(d) in allowed for d in dists)}
 class NotInApiImage(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.partition(".")[0] in blocked:
