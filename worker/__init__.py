@@ -5,3 +5,12 @@
 settings) and calls the pipeline. ``fprotoseg.worker.errors`` is the one error module of this
 layer. Importing this package is cheap (no torch, no OpenSlide).
 """
+
+
+def __getattr__(name: str) -> object:
+    """``fprotoseg.worker.open_slide``, imported on first use so the package stays light."""
+    if name == "open_slide":
+        from fprotoseg.worker.wsi.slide import open_slide
+
+        return open_slide
+    raise AttributeError(f"module 'fprotoseg.worker' has no attribute {name!r}")
