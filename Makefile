@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export MALLOC_MMAP_MAX_ := 0
 export MALLOC_TRIM_THRESHOLD_ := 68719476736
 
-.PHONY: install serve test test-fast lint bench clean
+.PHONY: install serve test test-fast lint typecheck bench clean
 
 $(BIN)/fprotoseg: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,7 @@ serve: install
 
 test: install
 	$(BIN)/ruff check .
+	$(MAKE) --no-print-directory typecheck
 	$(BIN)/pytest -q
 
 test-fast: install
@@ -30,6 +31,15 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# mypy on app/, worker/ and the model's public API under their installed names (fprotoseg.*):
+# build/typecheck/fprotoseg/{app,worker,model} link to the folders (see [tool.mypy] in pyproject.toml).
+TYPECHECK_ROOT := build/typecheck/fprotoseg
+typecheck: install
+	@mkdir -p $(TYPECHECK_ROOT)
+	@for d in app worker model; do ln -sfn ../../../$$d $(TYPECHECK_ROOT)/$$d; done
+	$(BIN)/mypy -p fprotoseg.app -p fprotoseg.worker -m fprotoseg.model -m fprotoseg.model.segmenter \
+	    -m fprotoseg.model.errors -m fprotoseg.model.checkpoint -m fprotoseg.model.registry
 
 bench: install
 	$(BIN)/python bench/pipeline.py

@@ -13,8 +13,8 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from app.problems import Problem
-from worker.settings import Settings
+from fprotoseg.app.errors import Problem
+from fprotoseg.worker.service.settings import Settings
 
 
 def load_or_create_api_key(settings: Settings) -> tuple[str, bool]:

@@ -1,4 +1,4 @@
-"""The ``fprotoseg`` command line: one entry point, one module per subcommand in ``app.commands``.
+"""The ``fprotoseg`` command line: one entry point, one module per subcommand in ``fprotoseg.app.commands``.
 
 Subcommand modules import heavy dependencies (torch, OpenSlide) only inside their handlers, so
 ``fprotoseg --help`` and the API process stay light. Expected failures (FprotosegError) end as a
@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# name of module in app.commands -> each defines `register(subparsers) -> None`
+# name of module in fprotoseg.app.commands -> each defines `register(subparsers) -> None`
 COMMAND_MODULES = ("segment", "info", "serve", "worker", "train", "evaluate")
 
 
@@ -24,9 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
-            module = importlib.import_module(f"app.commands.{name}")
+            module = importlib.import_module(f"fprotoseg.app.commands.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"app.commands.{name}":
+            if exc.name == f"fprotoseg.app.commands.{name}":
                 continue  # subcommand not built yet
             raise
         module.register(sub)
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from model.errors import FprotosegError
+    from fprotoseg.model.errors import FprotosegError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except FprotosegError as exc:
         print(f"fprotoseg: error: {exc.message}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("fprotoseg: interrupted", file=sys.stderr)
         return 130

@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.dispatch import Dispatcher
-from worker.jobstore import JobStore
-from worker.settings import Settings
+from fprotoseg.app.dispatch import Dispatcher
+from fprotoseg.worker.service.jobstore import JobStore
+from fprotoseg.worker.service.settings import Settings
 
 
 def get_settings(request: Request) -> Settings:

@@ -2,7 +2,7 @@
 
 Both dispatchers also answer "is a worker there?" for /readyz and "how many are waiting in the
 broker?" for /metrics. Neither imports torch: the Celery app here is configuration only
-(``worker.celery_app``), the task is named, never imported.
+(``fprotoseg.worker.service.celery_app``), the task is named, never imported.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import threading
 import time
 from typing import Protocol
 
-from worker.jobstore import JobStore
-from worker.settings import Settings
+from fprotoseg.worker.service.jobstore import JobStore
+from fprotoseg.worker.service.settings import Settings
 
 log = logging.getLogger("fprotoseg.api")
 
@@ -62,7 +62,7 @@ class CeleryDispatcher:
     PING_CACHE_S = 5.0
 
     def __init__(self, settings: Settings) -> None:
-        from worker.celery_app import make_celery
+        from fprotoseg.worker.service.celery_app import make_celery
 
         self.settings = settings
         self.app = make_celery(settings)
@@ -71,7 +71,7 @@ class CeleryDispatcher:
         self._ping_count = 0
 
     def submit(self, job_id: str) -> None:
-        from worker.celery_app import TASK_NAME
+        from fprotoseg.worker.service.celery_app import TASK_NAME
 
         self.app.send_task(
             TASK_NAME,
@@ -105,7 +105,7 @@ class CeleryDispatcher:
             return False
 
     def broker_queue_length(self) -> int | None:
-        from worker.celery_app import queue_length
+        from fprotoseg.worker.service.celery_app import queue_length
 
         try:
             return queue_length(self.app, self.settings)

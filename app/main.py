@@ -2,7 +2,7 @@
 
 The API never imports torch or OpenSlide: jobs reach workers by Celery task *name* (with a
 broker) or through the SQLite job store (embedded default, see ``fprotoseg serve``).
-Run it with ``fprotoseg serve``, or ``uvicorn --factory app.main:create_app`` (settings from
+Run it with ``fprotoseg serve``, or ``uvicorn --factory fprotoseg.app.main:create_app`` (settings from
 the environment) behind a process manager.
 """
 
@@ -13,13 +13,13 @@ import time
 
 from fastapi import FastAPI
 
-from app.dispatch import make_dispatcher
-from app.metrics import install_metrics
-from app.problems import install_problem_handlers
-from app.routes import health, jobs, results, segment
-from app.upload import TEMP_PREFIX
-from worker.jobstore import open_jobstore
-from worker.settings import Settings, load_settings
+from fprotoseg.app.dispatch import make_dispatcher
+from fprotoseg.app.metrics import install_metrics
+from fprotoseg.app.problems import install_problem_handlers
+from fprotoseg.app.routes import health, jobs, results, segment
+from fprotoseg.app.upload import TEMP_PREFIX
+from fprotoseg.worker.service.jobstore import open_jobstore
+from fprotoseg.worker.service.settings import Settings, load_settings
 
 log = logging.getLogger("fprotoseg.api")
 

@@ -16,8 +16,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.dispatch import Dispatcher
-from worker.jobstore import DURATION_BUCKETS_S, JobStore, JobStoreError
+from fprotoseg.app.dispatch import Dispatcher
+from fprotoseg.worker.errors import JobStoreError
+from fprotoseg.worker.service.jobstore import DURATION_BUCKETS_S, JobStore
 
 
 class JobCollector(Collector):

@@ -2,6 +2,8 @@
 
 Every error the API returns carries ``type``, ``title``, ``status``, ``detail`` and a stable
 ``code`` (the same codes as job errors), so a LIMS can branch on ``code`` and show ``detail``.
+Mapping is by class: every :class:`~fprotoseg.model.errors.FprotosegError` (a
+:class:`~fprotoseg.app.errors.Problem` included) answers with its own ``http_status``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.errors import FprotosegError
+from fprotoseg.app.errors import Problem
+from fprotoseg.model.errors import FprotosegError
+
+__all__ = ["PROBLEM_MEDIA_TYPE", "Problem", "install_problem_handlers", "problem_response"]
 
 log = logging.getLogger("fprotoseg.api")
 
@@ -32,24 +37,6 @@ _TITLES = {
     500: "Internal server error",
     503: "Service unavailable",
 }
-
-
-class Problem(Exception):
-    """Raise from a route to answer with a problem body."""
-
-    def __init__(
-        self,
-        status: int,
-        detail: str,
-        *,
-        code: str,
-        headers: dict[str, str] | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(detail)
-        self.status, self.detail, self.code = status, detail, code
-        self.headers = headers or {}
-        self.extra = extra or {}
 
 
 def problem_response(
@@ -85,16 +72,6 @@ def _validation_detail(exc: RequestValidationError) -> str:
 def install_problem_handlers(app: FastAPI) -> None:
     """Route every error path (ours, FastAPI's, Starlette's, unexpected) to a problem body."""
 
-    @app.exception_handler(Problem)
-    async def _problem(request: Request, exc: Problem) -> JSONResponse:
-        return problem_response(
-            exc.status,
-            exc.detail,
-            code=exc.code,
-            instance=request.url.path,
-            headers=exc.headers,
-            extra=exc.extra,
-        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -116,8 +93,16 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(FprotosegError)
     async def _fprotoseg(request: Request, exc: FprotosegError) -> JSONResponse:
-        status = 503 if exc.code in ("jobstore_unavailable", "broker_unavailable") else 400
-        return problem_response(status, exc.message, code=exc.code, instance=request.url.path)
+        """Any error of any layer, by its class: its ``http_status``, ``code`` and one-line message."""
+        problem = exc if isinstance(exc, Problem) else None
+        return problem_response(
+            exc.http_status,
+            exc.message,
+            code=exc.code,
+            instance=request.url.path,
+            headers=problem.headers if problem else None,
+            extra=problem.extra if problem else None,
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

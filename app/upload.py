@@ -19,7 +19,7 @@ from typing import IO
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from app.problems import Problem
+from fprotoseg.app.errors import Problem
 
 FILE_FIELD = "file"
 MAX_FIELD_BYTES = 8192
@@ -172,7 +172,7 @@ async def receive_upload(request: Request, uploads_dir: Path, cap_bytes: int) ->
     uploads_dir.mkdir(parents=True, exist_ok=True)
     temp_path = uploads_dir / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
     sink = _Sink(temp_path, cap_bytes)
-    parser = MultipartParser(params[b"boundary"], sink.callbacks())  # type: ignore[arg-type]
+    parser = MultipartParser(params[b"boundary"], sink.callbacks())
     drained = 0
     try:
         async for chunk in request.stream():

@@ -3,7 +3,7 @@
 For a lab sizing a GPU host (or checking a new one): it times the network through the same seam the
 worker uses (``model.load_segmenter(...).predict(uint8 NHWC)``, so host->device copy, normalisation,
 autocast and the copy of the scores back are all included) for fp32, fp16 and bf16 at batch sizes
-16..256, then runs one whole slide end to end through ``worker.pipeline.run``. It prints tables;
+16..256, then runs one whole slide end to end through ``fprotoseg.worker.wsi.pipeline.run``. It prints tables;
 ratios are to fp32 at the same batch size. Nothing is asserted: speed depends on the machine.
 
 Without a CUDA GPU it says so and measures the CPU instead (fp32 and bf16; fp16 is GPU-only), with
@@ -109,13 +109,13 @@ def make_plan(device: str, args: argparse.Namespace, *, bf16_ok: bool) -> Plan:
 
 def resolve_checkpoint(arg: Path | None, tmp: Path) -> tuple[Path, str]:
     """The checkpoint to time and a line saying what it is (a random network is said to be one)."""
-    from model import DEFAULT_CHECKPOINT
+    from fprotoseg.model import DEFAULT_CHECKPOINT
 
     if arg is not None:
         return arg, str(arg)
     if DEFAULT_CHECKPOINT.exists():
         return DEFAULT_CHECKPOINT, f"packaged default ({DEFAULT_CHECKPOINT.name})"
-    from model.tiny import write_random_tiny_checkpoint
+    from fprotoseg.model.tiny import write_random_tiny_checkpoint
 
     path = write_random_tiny_checkpoint(tmp / "tiny-random.safetensors")
     return path, "random tiny CNN (the packaged model is not installed: speeds are not the product's)"
@@ -143,7 +143,7 @@ def measure(checkpoint: Path, plan: Plan) -> tuple[list[Cell], dict[str, Any]]:
     import numpy as np
     import torch
 
-    import model
+    from fprotoseg import model
 
     cuda = plan.device == "cuda"
 
@@ -181,9 +181,9 @@ def end_to_end(slide: Path, segmenter: Any, batch_size: int, out_dir: Path) -> E
     """Seconds for one slide through the real pipeline (open, tissue, tiles, network, stitch, write)."""
     result = EndToEnd(str(segmenter.precision), batch_size)
     try:
-        from worker import pipeline
+        from fprotoseg.worker.wsi import pipeline
     except ImportError as exc:
-        result.note = f"worker.pipeline not available ({exc})"
+        result.note = f"fprotoseg.worker.wsi.pipeline not available ({exc})"
         return result
     options = pipeline.PipelineOptions(batch_size=batch_size)
     start = time.perf_counter()
@@ -219,7 +219,7 @@ def print_throughput(cells: list[Cell], plan: Plan) -> None:
 
 
 def print_end_to_end(rows: list[EndToEnd], slide: Path) -> None:
-    print(f"\nend to end: one slide through worker.pipeline.run ({slide.name})")
+    print(f"\nend to end: one slide through fprotoseg.worker.wsi.pipeline.run ({slide.name})")
     print(f"{'precision':<10}{'batch':>6}{'seconds':>9}{'tiles':>7}{'tiles/s':>9}  seconds per stage")
     for r in rows:
         rate = r.tiles / r.seconds if r.tiles and r.seconds else None
@@ -235,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
     except Exception as exc:
-        from model.errors import FprotosegError
+        from fprotoseg.model.errors import FprotosegError
 
         if not isinstance(exc, FprotosegError):
             raise

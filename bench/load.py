@@ -149,7 +149,7 @@ def start_server(data_dir: Path, port: int, checkpoint: Path) -> subprocess.Pope
     cmd = [
         sys.executable,
         "-m",
-        "app.cli",
+        "fprotoseg.app.cli",
         "serve",
         "--host",
         "127.0.0.1",
@@ -169,7 +169,7 @@ async def main_async(args: argparse.Namespace) -> int:
         tmp_dir = Path(tmp)
         checkpoint = args.checkpoint
         if checkpoint is None:
-            from model.tiny import write_random_tiny_checkpoint
+            from fprotoseg.model.tiny import write_random_tiny_checkpoint
 
             checkpoint = write_random_tiny_checkpoint(tmp_dir / "tiny.safetensors")
         import socket

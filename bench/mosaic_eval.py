@@ -42,7 +42,8 @@ def slide_scores(checkpoint: Path | None, data_root: Path, names: list[str], wor
         (mask / n).symlink_to((data_root / "mask" / n).resolve())
     out = _run([sys.executable, str(TOOLS / "mosaic.py"), str(img), str(mask), str(work / "mosaic")])
     width, height = (int(v) for v in re.search(r"(\d+)x(\d+)", out).groups())
-    cmd = [sys.executable, "-m", "app.cli", "segment", str(work / "mosaic.tiff"), "--out", str(work / "out")]
+    cmd = [sys.executable, "-m", "fprotoseg.app.cli", "segment", str(work / "mosaic.tiff")]
+    cmd += ["--out", str(work / "out")]
     if checkpoint is not None:
         cmd += ["--checkpoint", str(checkpoint)]
     _run(cmd)
@@ -65,8 +66,7 @@ def slide_scores(checkpoint: Path | None, data_root: Path, names: list[str], wor
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, str(REPO))
-    from model.evaluate import evaluate_checkpoint, heldout_names
+    from fprotoseg.model.evaluate import evaluate_checkpoint, heldout_names
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", type=Path, default=None, help="default: the packaged model")

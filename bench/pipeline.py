@@ -1,7 +1,7 @@
 """Benchmark of the whole-slide pipeline: throughput against the network's own ceiling, and memory.
 
 What it prints (nothing is pass/fail; the targets are printed beside the figures):
-- end-to-end tiles/s of ``worker.pipeline.run`` on a >= 16k x 16k px slide built from real H&E
+- end-to-end tiles/s of ``fprotoseg.worker.wsi.pipeline.run`` on a >= 16k x 16k px slide built from real H&E
   tiles (whole run, open -> write; and the inference stage alone),
 - model-only tiles/s of the same network, same batch size, same torch threads, measured in the
   same process right before (the ceiling: preloaded uint8 batches, nothing else running),
@@ -10,7 +10,7 @@ What it prints (nothing is pass/fail; the targets are printed beside the figures
   label-map sizes (target: < 1.5 GiB, growth <= the larger label map + 20%).
 
 Usage: ``python bench/pipeline.py [--checkpoint PATH] [--side-px 16384] [--batch-size 32]``.
-Default network: the packaged default model if present, else the random tiny CNN of model.tiny.
+Default network: the packaged default model if present, else the random tiny CNN of fprotoseg.model.tiny.
 Slides are written once under /tmp/fprotoseg-bench/ (real tiles from ../shared/data/patches).
 """
 
@@ -116,8 +116,8 @@ def build_slide(side_px: int, levels: int = 4) -> Path:
 
 # ----------------------------------------------------------------------------------- measurement
 def _segmenter(checkpoint: str | None, batch_size: int):
-    import model
-    from model.tiny import write_random_tiny_checkpoint
+    from fprotoseg import model
+    from fprotoseg.model.tiny import write_random_tiny_checkpoint
 
     if checkpoint is None and model.DEFAULT_CHECKPOINT.exists():
         checkpoint = str(model.DEFAULT_CHECKPOINT)
@@ -143,10 +143,10 @@ def child(
     """One measurement in this (fresh) process: model-only ceiling, then the full pipeline."""
     import torch
 
-    from worker.pipeline import PipelineOptions, run
-    from worker.slide import open_slide
-    from worker.tiling import plan_tiles, read_tile
-    from worker.tissue import detect_tissue
+    from fprotoseg.worker.wsi.pipeline import PipelineOptions, run
+    from fprotoseg.worker.wsi.slide import open_slide
+    from fprotoseg.worker.wsi.tiling import plan_tiles, read_tile
+    from fprotoseg.worker.wsi.tissue import detect_tissue
 
     seg, ckpt = _segmenter(checkpoint, batch_size)
     if torch_threads:

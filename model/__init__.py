@@ -1,7 +1,7 @@
 """FProtoSeg: the network, its training, evaluation and checkpoints.
 
 No web, no Celery. Importing this package is cheap (no torch): the worker and the API reach the
-network only through :func:`load_segmenter` and the :class:`~model.segmenter.Segmenter` protocol.
+network only through :func:`load_segmenter` and the :class:`~fprotoseg.model.segmenter.Segmenter` protocol.
 """
 
 from __future__ import annotations
@@ -9,10 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from model.segmenter import Segmenter
+from fprotoseg.model.checkpoint import DEFAULT_CHECKPOINT
 
-DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "fprotoseg_wsss4luad.safetensors"
+if TYPE_CHECKING:
+    from fprotoseg.model.segmenter import Segmenter
+
+__all__ = ["DEFAULT_CHECKPOINT", "load_segmenter"]
 
 
 def load_segmenter(
@@ -24,8 +26,8 @@ def load_segmenter(
 ) -> Segmenter:
     """Load a checkpoint (``None`` = the packaged default) into a ready-to-call Segmenter.
 
-    Imported lazily so that ``import model`` never pulls torch into the API process.
+    Imported lazily so that ``import fprotoseg.model`` never pulls torch into the API process.
     """
-    from model.segmenter import load_segmenter as _load
+    from fprotoseg.model.segmenter import load_segmenter as _load
 
     return _load(path, device=device, precision=precision, num_threads=num_threads)

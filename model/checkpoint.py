@@ -12,8 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from model.errors import CheckpointError
+from fprotoseg.model.errors import CheckpointError
 
+# The packaged default model (package data; the API image ships without it).
+DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "fprotoseg_wsss4luad.safetensors"
 MANIFEST_KEY = "fprotoseg_manifest"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("architecture", "config", "classes", "mpp", "tile_size_px", "output_stride")
@@ -30,7 +32,7 @@ def validate_manifest(manifest: dict[str, Any]) -> None:
     for c in classes:
         color = c.get("color") if isinstance(c, dict) else None
         color_ok = isinstance(color, list) and len(color) == 3
-        color_ok = color_ok and all(isinstance(v, int) and 0 <= v <= 255 for v in color)
+        color_ok = color_ok and all(isinstance(v, int) and 0 <= v <= 255 for v in color or ())
         if not isinstance(c, dict) or not c.get("name") or not color_ok:
             raise CheckpointError(f"checkpoint class entry {c!r} needs a name and an [r, g, b] color")
     if not float(manifest["mpp"]) > 0:

@@ -21,13 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.errors import FprotosegError
-
-
-class DatasetError(FprotosegError):
-    """A dataset folder or file does not follow the expected layout."""
-
-    code = "dataset"
+from fprotoseg.model.errors import DatasetError
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.errors import CheckpointError
+from fprotoseg.model.errors import CheckpointError
 
 # Stage table shared by every Lite variant: (expand ratio, kernel, stride).
 _STAGES: tuple[tuple[int, int, int], ...] = (

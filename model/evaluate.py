@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from model.datasets import DATASETS, DatasetError, MaskedImage, load_pairs
-from model.metrics import confusion_matrix, evaluate_protocol
+from fprotoseg.model.datasets import DATASETS, DatasetError, MaskedImage, load_pairs
+from fprotoseg.model.metrics import confusion_matrix, evaluate_protocol
 
 PredictFn = Callable[[np.ndarray], np.ndarray]  # uint8 (1, H, W, 3) -> (1, K, h, w) scores
 
@@ -143,7 +143,7 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Load a checkpoint through the worker's seam and score it on ``data_root`` pairs
     (``context``: what surrounds each crop in its tiles, see :func:`predict_labels`)."""
-    from model import load_segmenter
+    from fprotoseg.model import load_segmenter
 
     if dataset not in DATASETS:
         raise DatasetError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
@@ -167,8 +167,8 @@ def evaluate_checkpoint(
 
 def heldout_names(checkpoint: str | Path | None) -> list[str]:
     """The held-out image names recorded in a checkpoint's training config."""
-    from model import DEFAULT_CHECKPOINT
-    from model.checkpoint import read_checkpoint
+    from fprotoseg.model import DEFAULT_CHECKPOINT
+    from fprotoseg.model.checkpoint import read_checkpoint
 
     _, manifest = read_checkpoint(Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT)
     names = manifest.get("config", {}).get("data", {}).get("holdout")

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.efficientnet import IMAGENET_NORMALISATION, LITE_VARIANTS, EfficientNetLite
-from model.mit import MixTransformer, mit_config
-from model.registry import register
+from fprotoseg.model.efficientnet import IMAGENET_NORMALISATION, LITE_VARIANTS, EfficientNetLite
+from fprotoseg.model.mit import MixTransformer, mit_config
+from fprotoseg.model.registry import register
 
 OUTPUT_STRIDE = 4
 HALF_NORMALISATION = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}

@@ -4,7 +4,7 @@ Why a step of its own: the model card quotes the manifest, so the numbers in it 
 the same code path as ``fprotoseg evaluate`` (the worker's seam, tiled like a slide) and sit beside
 the floors any model must beat on the same images (best constant, colour threshold).
 
-    python -m model.package runs/wsss4luad_stage2/best.safetensors   # -> model/weights/...
+    python -m fprotoseg.model.package runs/wsss4luad_stage2/best.safetensors   # -> model/weights/...
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from model.checkpoint import read_checkpoint, save_checkpoint
+from fprotoseg.model.checkpoint import read_checkpoint, save_checkpoint
 
 KEYS = ("miou", "iou", "fwiou", "dice", "images", "protocol")
 
 
 def heldout_metrics(checkpoint: Path, data_root: Path) -> dict[str, Any]:
     """The run's held-out scores and the two floors, on the split its config records."""
-    from model.datasets import load_pairs
-    from model.evaluate import (
+    from fprotoseg.model.datasets import load_pairs
+    from fprotoseg.model.evaluate import (
         best_constant,
         colour_threshold_labels,
         evaluate_checkpoint,
@@ -57,7 +57,7 @@ def package(checkpoint: Path, data_root: Path, out: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model import DEFAULT_CHECKPOINT
+    from fprotoseg.model import DEFAULT_CHECKPOINT
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint", type=Path)

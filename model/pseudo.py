@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from model.fprotoseg import FProtoSegStage1, normalise_cam
+from fprotoseg.model.fprotoseg import FProtoSegStage1, normalise_cam
 
 IGNORE_INDEX = 255
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from model.errors import CheckpointError, DeviceError
+from fprotoseg.model.errors import CheckpointError, DeviceError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -60,6 +60,16 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise DeviceError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     return device
+
+
+def choose_device_and_precision(device: str, precision: str | None) -> tuple[str, str]:
+    """The one device/precision choice: ``auto`` device -> a GPU where one exists; ``auto`` (or no)
+    precision -> fp16 on a GPU, fp32 on a CPU. Used by the CLI and the job service alike."""
+    resolved = resolve_device(device)
+    if precision in (None, "auto"):
+        precision = "fp16" if resolved == "cuda" else "fp32"
+    check_precision(resolved, precision)
+    return resolved, precision
 
 
 def check_precision(device: str, precision: str) -> None:
@@ -136,6 +146,28 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _rgb(color: Sequence[Any]) -> tuple[int, int, int]:
+    red, green, blue = (int(v) for v in color)
+    return red, green, blue
+
+
+def build_inference_module(manifest: dict[str, Any], state_dict: dict[str, Any]) -> Any:
+    """Rebuild the network named in the manifest and load its weights strictly."""
+    # Importing the architecture modules registers their builders.
+    import fprotoseg.model.fprotoseg
+    import fprotoseg.model.tiny  # noqa: F401
+    from fprotoseg.model.registry import builder
+
+    arch = manifest["architecture"]
+    module = builder(arch)(manifest["config"], manifest)
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"checkpoint weights do not match architecture {arch!r}: {first}") from None
+    return module
+
+
 def load_segmenter(
     path: str | Path | None = None,
     *,
@@ -146,9 +178,7 @@ def load_segmenter(
     """Read a ``.safetensors`` checkpoint, rebuild its architecture, and wrap it for inference."""
     import torch
 
-    from model import DEFAULT_CHECKPOINT
-    from model.checkpoint import read_checkpoint
-    from model.registry import build_inference_module
+    from fprotoseg.model.checkpoint import DEFAULT_CHECKPOINT, read_checkpoint
 
     ckpt_path = Path(path) if path is not None else DEFAULT_CHECKPOINT
     if path is None and not ckpt_path.exists():
@@ -160,7 +190,7 @@ def load_segmenter(
         torch.set_num_threads(num_threads)
     state, manifest = read_checkpoint(ckpt_path)
     module = build_inference_module(manifest, state)
-    classes = [TissueClass(c["name"], tuple(int(v) for v in c["color"])) for c in manifest["classes"]]
+    classes = [TissueClass(c["name"], _rgb(c["color"])) for c in manifest["classes"]]
     norm = manifest.get("normalisation", {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]})
     return TorchSegmenter(
         module=module,

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from model.errors import FprotosegError
+from fprotoseg.model.errors import TextEmbeddingError
 
 # Short pathology descriptions per class (the prompt style of TPRO's knowledge-attention texts).
 DEFAULT_PROMPTS: dict[str, list[str]] = {
@@ -43,12 +43,6 @@ DEFAULT_PROMPTS: dict[str, list[str]] = {
     "Immune cells": ["lymphocytes", "dense small round blue immune cells", "lymphocytic infiltrate"],
     "Lymphocytes": ["lymphocytes", "dense small round blue immune cells", "lymphocytic infiltrate"],
 }
-
-
-class TextEmbeddingError(FprotosegError):
-    """Class prompt embeddings could not be produced (missing extra, bad file)."""
-
-    code = "text_embeddings"
 
 
 def prompts_for(

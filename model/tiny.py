@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.checkpoint import save_checkpoint
-from model.registry import register
+from fprotoseg.model.checkpoint import save_checkpoint
+from fprotoseg.model.registry import register
 
 
 class TinySegNet(nn.Module):

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from model.checkpoint import read_checkpoint, save_checkpoint
-from model.datasets import (
+from fprotoseg.model.checkpoint import read_checkpoint, save_checkpoint
+from fprotoseg.model.datasets import (
     DATASETS,
     DatasetError,
     MaskedImage,
@@ -36,9 +36,12 @@ from model.datasets import (
     weak_images_from_labelled_folder,
     weak_images_from_pairs,
 )
-from model.errors import FprotosegError
-from model.evaluate import predict_labels, score_pairs
-from model.fprotoseg import (
+
+# ConfigError is the one ConfigurationError (same code wherever a setting or config is wrong).
+from fprotoseg.model.errors import ConfigurationError as ConfigError
+from fprotoseg.model.errors import FprotosegError
+from fprotoseg.model.evaluate import predict_labels, score_pairs
+from fprotoseg.model.fprotoseg import (
     OUTPUT_STRIDE,
     GatedStage2Inference,
     Stage1Inference,
@@ -46,14 +49,10 @@ from model.fprotoseg import (
     encoder_normalisation,
     stage1_losses,
 )
-from model.pseudo import IGNORE_INDEX, make_pseudo_masks
-from model.text import class_text_embeddings
+from fprotoseg.model.pseudo import IGNORE_INDEX, make_pseudo_masks
+from fprotoseg.model.text import class_text_embeddings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-class ConfigError(FprotosegError):
-    code = "config"
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -354,7 +353,7 @@ def train(
     """Run one training from a config; returns the best validation result and checkpoint path."""
     from tqdm import tqdm
 
-    from model.segmenter import resolve_device
+    from fprotoseg.model.segmenter import resolve_device
 
     device = resolve_device(device)
     out_dir = Path(out_dir)
@@ -415,7 +414,7 @@ def train(
     pretrained = cfg.get("encoder", {}).get("pretrained")
     from_teacher = stage == 2 and cfg["stage2"].get("init_encoder_from_teacher", True)
     if pretrained and not from_teacher:
-        from model.pretrained import load_encoder_weights
+        from fprotoseg.model.pretrained import load_encoder_weights
 
         source = pretrained if pretrained == "imagenet" else resolve_path(pretrained)
         report = load_encoder_weights(net.encoder, source)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.segmenter import TissueClass
+from fprotoseg.model.segmenter import TissueClass
 
 STUB_CLASSES = (
     TissueClass("Tumor", (200, 0, 0)),

@@ -99,7 +99,7 @@ def test_info_without_mpp_says_how_to_fix(shared_data):
 
 
 def test_segment_without_checkpoint_uses_packaged_default_or_says_so(shared_data, tmp_path):
-    from model import DEFAULT_CHECKPOINT
+    from fprotoseg.model import DEFAULT_CHECKPOINT
 
     slide = shared_data / "slides" / "OS-1-detail.ome.tif"
     proc = run_cli("segment", str(slide), "--out", str(tmp_path / "o"), "--no-progress", "--device", "cpu")
@@ -187,8 +187,8 @@ def test_bomb_is_refused_without_allocating(tmp_path):
     bomb = write_claimed_size_tiff(tmp_path / "bomb.tiff", 200_000, 200_000)
     code = (
         "import re, sys\n"
-        "from worker.slide import open_slide\n"
-        "from worker.errors import SlideTooLargeError\n"
+        "from fprotoseg.worker.wsi.slide import open_slide\n"
+        "from fprotoseg.worker.errors import SlideTooLargeError\n"
         "try:\n"
         f"    open_slide({str(bomb)!r})\n"
         "except SlideTooLargeError as e:\n"

@@ -277,7 +277,7 @@ def test_flower_is_an_optional_profile_bound_to_localhost() -> None:
     [mount] = flower["configs"]
     assert mount["target"] == f"{flower['environment']['PYTHONPATH']}/celeryconfig.py"
     config = flower_celeryconfig(mount["source"], "redis://redis:6379/0")
-    from worker.settings import Settings
+    from fprotoseg.worker.service.settings import Settings
 
     assert config["broker_transport_options"]["global_keyprefix"] == Settings.model_fields[
         "redis_key_prefix"
@@ -320,7 +320,7 @@ def test_every_compose_variable_is_documented_in_env_example_and_vice_versa() ->
 
 def test_compose_environment_is_a_valid_service_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
     """The values compose hands the containers (from .env.example) pass the service's own Settings."""
-    from worker.settings import load_settings
+    from fprotoseg.worker.service.settings import load_settings
 
     env = {**env_example(), "FPROTOSEG_API_KEYS": "k1,k2"}
     for service in ("api", "worker"):
@@ -486,14 +486,14 @@ import importlib.abc, importlib.metadata as md, re, sys
 def canon(n): return re.sub(r"[-_.]+", "-", n).lower()
 allowed = {canon(l.split("==")[0]) for l in open(sys.argv[1]) if "==" in l} | {"pip", "setuptools"}
 blocked = {top for top, dists in md.packages_distributions().items()
-           if top not in {"app", "worker", "model"} and not any(canon(d) in allowed for d in dists)}
+           if top != "fprotoseg" and not any(canon(d) in allowed for d in dists)}
 class NotInApiImage(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.partition(".")[0] in blocked:
             raise ModuleNotFoundError(f"No module named {name!r} (not in requirements/api.txt)", name=name)
         return None
 sys.meta_path.insert(0, NotInApiImage())
-from app.cli import main
+from fprotoseg.app.cli import main
 sys.argv = ["fprotoseg", *sys.argv[2:]]
 sys.exit(main())
 """
@@ -536,7 +536,7 @@ def _delete_redis_keys(prefix: str) -> None:
 
 def test_api_serves_healthz_with_the_api_image_packages_only(tmp_path: Path) -> None:
     """`fprotoseg serve` with a broker, torch/OpenSlide/numpy absent, answers the compose healthcheck."""
-    from app.cli import build_parser
+    from fprotoseg.app.cli import build_parser
 
     if "serve" not in build_parser()._subparsers._group_actions[0].choices:  # type: ignore[union-attr]
         pytest.skip("fprotoseg serve is not built yet")
@@ -596,7 +596,7 @@ def test_worker_healthcheck_answers_while_a_celery_worker_runs(tmp_path: Path, t
     probe = ["sh", "-c", command]
     log = (tmp_path / "worker.log").open("w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "worker"],
+        [sys.executable, "-m", "fprotoseg.app.cli", "worker"],
         cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     try:

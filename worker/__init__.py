@@ -1,15 +1,16 @@
-"""Everything that turns a slide into results. Celery tasks are thin wrappers over
-:func:`worker.pipeline.run`.
+"""Everything that turns a slide into results, in two rooms.
 
-Importing this package is cheap (no torch, no OpenSlide) so the API can import
-``worker.settings`` and ``worker.errors``.
+``fprotoseg.worker.wsi`` turns one slide file into result files (no jobs, no queue);
+``fprotoseg.worker.service`` runs jobs (job store, Celery task, embedded worker, callbacks,
+settings) and calls the pipeline. ``fprotoseg.worker.errors`` is the one error module of this
+layer. Importing this package is cheap (no torch, no OpenSlide).
 """
 
 
 def __getattr__(name: str) -> object:
-    """``worker.open_slide`` (DESIGN.md section 4), imported on first use so the package stays light."""
+    """``fprotoseg.worker.open_slide``, imported on first use so the package stays light."""
     if name == "open_slide":
-        from worker.slide import open_slide
+        from fprotoseg.worker.wsi.slide import open_slide
 
         return open_slide
-    raise AttributeError(f"module 'worker' has no attribute {name!r}")
+    raise AttributeError(f"module 'fprotoseg.worker' has no attribute {name!r}")

@@ -39,7 +39,7 @@ def register(subparsers: Any) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from model.evaluate import evaluate_checkpoint, heldout_names
+    from fprotoseg.model.evaluate import evaluate_checkpoint, heldout_names
 
     names = None
     if args.names == "heldout":

@@ -20,7 +20,7 @@ def register(subparsers: Any) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from worker.slide import open_slide
+    from fprotoseg.worker.wsi.slide import open_slide
 
     # info is where users find out a slide lacks its pixel size: print mpp null and the fix.
     slide = open_slide(args.slide, mpp_override=args.mpp, require_mpp=False)

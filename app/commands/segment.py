@@ -7,7 +7,6 @@ with a one-line reason. torch, OpenSlide and the pipeline are imported inside th
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,9 +31,10 @@ def register(subparsers: Any) -> None:
         help="model .safetensors (default: $FPROTOSEG_CHECKPOINT, else the packaged default model)",
     )
     p.add_argument("--mpp", type=float, default=None, help="level-0 µm/px, overriding the slide metadata")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="default: $FPROTOSEG_DEVICE, else auto (a GPU where one exists)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
-                   help="default: fp16 on CUDA, fp32 on CPU")
+                   help="default: $FPROTOSEG_PRECISION, else fp16 on CUDA, fp32 on CPU")
     p.add_argument("--batch-size", type=int, default=32, help="tiles per network call (default 32)")
     p.add_argument(
         "--output-mpp", type=float, default=2.0, help="µm/px of the label map and polygons (default 2.0)"
@@ -84,28 +84,34 @@ class _Bar:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from model.errors import FprotosegError
-    from worker.errors import SlideError
-    from worker.slide import open_slide
+    from fprotoseg.app.errors import UsageError
+    from fprotoseg.model.errors import CheckpointError
+    from fprotoseg.worker.service.settings import load_settings
+    from fprotoseg.worker.wsi.slide import MAX_MPP, MIN_MPP, open_slide
 
     if args.batch_size < 1:
-        raise SlideError("--batch-size must be >= 1")
+        raise UsageError("--batch-size must be >= 1")
     if args.reader_threads < 1:
-        raise SlideError("--reader-threads must be >= 1")
+        raise UsageError("--reader-threads must be >= 1")
+    if args.mpp is not None and not MIN_MPP <= args.mpp <= MAX_MPP:
+        raise UsageError(
+            f"--mpp {args.mpp} is not a plausible pixel size (expected {MIN_MPP}..{MAX_MPP} µm/px)"
+        )
     # Vet the slide first: a bad file fails before the (slower) model load.
     open_slide(args.slide, mpp_override=args.mpp).close()
 
-    import model
-    from worker.pipeline import PipelineOptions, run
+    from fprotoseg import model
+    from fprotoseg.model.segmenter import choose_device_and_precision
+    from fprotoseg.worker.wsi.pipeline import PipelineOptions, run
 
-    checkpoint = args.checkpoint or (Path(os.environ["FPROTOSEG_CHECKPOINT"])
-                                     if os.environ.get("FPROTOSEG_CHECKPOINT") else None)
+    # Flags win; unset ones come from the same Settings the service reads (FPROTOSEG_CHECKPOINT, ...).
+    settings = load_settings()
+    checkpoint = args.checkpoint or settings.checkpoint
     if checkpoint is not None and not checkpoint.is_file():
-        raise FprotosegError(f"checkpoint not found: {checkpoint}", code="invalid_checkpoint")
-    from model.segmenter import resolve_device
-
-    device = resolve_device(args.device)
-    precision = args.precision or ("fp16" if device == "cuda" else "fp32")
+        raise CheckpointError(f"checkpoint not found: {checkpoint}")
+    device, precision = choose_device_and_precision(
+        args.device or settings.device, args.precision or settings.precision
+    )
     segmenter = model.load_segmenter(
         checkpoint, device=device, precision=precision, num_threads=args.num_threads
     )

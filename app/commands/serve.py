@@ -1,7 +1,7 @@
 """``fprotoseg serve``: the HTTP API, plus a local worker process when no broker is configured.
 
 Embedded default (FPROTOSEG_BROKER_URL unset): jobs live in SQLite in the data dir and a local
-worker process (``python -m worker.embedded``) runs them; it is restarted if it dies. With a
+worker process (``python -m fprotoseg.worker.service.embedded``) runs them; it is restarted if it dies. With a
 broker the API only enqueues and ``fprotoseg worker`` processes. With no API key configured and
 auth not disabled, a key is generated once into ``<data dir>/api-key`` (mode 0600) and printed.
 """
@@ -37,7 +37,7 @@ class LocalWorker:
         # glibc would return torch's large buffers to the OS after each batch (halves CPU speed).
         env.setdefault("MALLOC_MMAP_MAX_", "0")
         env.setdefault("MALLOC_TRIM_THRESHOLD_", "68719476736")
-        return subprocess.Popen([sys.executable, "-m", "worker.embedded"], env=env)
+        return subprocess.Popen([sys.executable, "-m", "fprotoseg.worker.service.embedded"], env=env)
 
     def start(self) -> None:
         self.proc = self._spawn()
@@ -75,9 +75,9 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.auth import load_or_create_api_key
-    from app.main import create_app
-    from worker.settings import load_settings
+    from fprotoseg.app.auth import load_or_create_api_key
+    from fprotoseg.app.main import create_app
+    from fprotoseg.worker.service.settings import load_settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides: dict[str, Any] = {}
@@ -130,7 +130,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "serve",
         help="run the HTTP API (+ a local worker when FPROTOSEG_BROKER_URL is unset)",

@@ -44,7 +44,7 @@ def register(subparsers: Any) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from model.train import load_config, parse_override, train
+    from fprotoseg.model.train import load_config, parse_override, train
 
     overrides = dict(parse_override(o) for o in args.overrides)
     if args.epochs is not None:

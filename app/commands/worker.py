@@ -10,7 +10,8 @@ import argparse
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from worker.settings import ConfigurationError, load_settings
+    from fprotoseg.model.errors import ConfigurationError
+    from fprotoseg.worker.service.settings import load_settings
 
     overrides = {"worker_concurrency": args.concurrency} if args.concurrency else {}
     settings = load_settings(**overrides)
@@ -20,7 +21,7 @@ def _worker(args: argparse.Namespace) -> int:
             "alone (it includes a worker)"
         )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    from worker.tasks import create_worker_app
+    from fprotoseg.worker.service.tasks import create_worker_app
 
     app = create_worker_app(settings)
     argv = [
@@ -37,7 +38,7 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("worker", help="run a Celery worker (needs FPROTOSEG_BROKER_URL)")
     p.add_argument("--concurrency", type=int, default=None, help="parallel jobs (default 1: one GPU)")
     p.add_argument("--pool", default="prefork", choices=["prefork", "solo"], help="solo: no time limits")

@@ -10,10 +10,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.auth import require_api_key
-from app.deps import DispatcherDep, SettingsDep, StoreDep
-from app.problems import PROBLEM_MEDIA_TYPE
-from worker.jobstore import JobStoreError
+from fprotoseg.app.auth import require_api_key
+from fprotoseg.app.deps import DispatcherDep, SettingsDep, StoreDep
+from fprotoseg.app.problems import PROBLEM_MEDIA_TYPE
+from fprotoseg.worker.errors import JobStoreError
 
 router = APIRouter(tags=["health"])
 

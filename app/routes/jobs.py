@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from app.auth import ApiKey
-from app.deps import SettingsDep, StoreDep
-from app.problems import Problem
-from app.routes.views import JobList, JobView, base_url, job_view
-from worker.jobstore import CANCELLED, FAILED, SUCCEEDED, JobRecord, JobStore
+from fprotoseg.app.auth import ApiKey
+from fprotoseg.app.deps import SettingsDep, StoreDep
+from fprotoseg.app.errors import Problem
+from fprotoseg.app.routes.views import JobList, JobView, base_url, job_view
+from fprotoseg.worker.service.jobstore import JobRecord, JobStore
+from fprotoseg.worker.service.states import CANCELLED, FAILED, SUCCEEDED, JobState
 
 router = APIRouter(tags=["jobs"])
 
 POLL_AFTER_S = 2
-StateFilter = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 def load_job(store: JobStore, job_id: str) -> JobRecord:
@@ -34,7 +34,7 @@ def list_jobs(
     store: StoreDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
-    state: StateFilter | None = None,
+    state: JobState | None = None,
 ) -> dict[str, Any]:
     limit = min(limit, settings.jobs_page_max)
     records, total = store.list(limit=limit, offset=offset, state=state)

@@ -4,28 +4,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
-from app.auth import ApiKey
-from app.deps import SettingsDep, StoreDep
-from app.problems import Problem
-from app.routes.jobs import load_job
-from worker.jobs import RESULT_FILES, results_complete
-from worker.jobstore import SUCCEEDED, JobStore
-from worker.settings import Settings
+from fprotoseg.app.auth import ApiKey
+from fprotoseg.app.deps import SettingsDep, StoreDep
+from fprotoseg.app.errors import Problem
+from fprotoseg.app.routes.jobs import load_job
+from fprotoseg.worker.service.jobstore import JobStore
+from fprotoseg.worker.service.settings import Settings
+from fprotoseg.worker.service.states import SUCCEEDED
+from fprotoseg.worker.wsi.result_files import GZIP_SUFFIX, MEDIA_TYPES, RESULT_FILES, results_complete
 
 router = APIRouter(tags=["results"])
 
-MEDIA_TYPES = {
-    "geojson": "application/geo+json",
-    "stats": "application/json",
-    "mask": "image/tiff",
-    "overlay": "image/png",
-    "provenance": "application/json",
-}
-_RESPONSES = {
+_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"description": "no such job"},
     409: {"description": "the job has not succeeded (yet)"},
 }
@@ -66,7 +61,7 @@ def get_geojson(
     job_id: str, request: Request, _: ApiKey, settings: SettingsDep, store: StoreDep
 ) -> FileResponse:
     path = _result_path(settings, store, job_id, "geojson")
-    gz = path.with_name(path.name + ".gz")
+    gz = path.with_name(path.name + GZIP_SUFFIX)
     wants_gzip = "gzip" in request.headers.get("accept-encoding", "").lower()
     if wants_gzip and gz.is_file():
         return FileResponse(

@@ -20,14 +20,17 @@ from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from app.auth import ApiKey
-from app.deps import DispatcherDep, SettingsDep, StoreDep
-from app.problems import Problem
-from app.routes.views import SegmentAccepted, job_url, job_view
-from app.sniff import sniff
-from app.upload import receive_upload
-from worker.jobstore import FAILED, QUEUED, DuplicateJobError, JobRecord, JobStore
-from worker.settings import Settings
+from fprotoseg.app.auth import ApiKey
+from fprotoseg.app.deps import DispatcherDep, SettingsDep, StoreDep
+from fprotoseg.app.errors import Problem
+from fprotoseg.app.routes.views import SegmentAccepted, base_url, job_view
+from fprotoseg.app.upload import receive_upload
+from fprotoseg.worker.errors import BrokerUnavailableError, DuplicateJobError
+from fprotoseg.worker.service.callbacks import job_links
+from fprotoseg.worker.service.jobstore import JobRecord, JobStore
+from fprotoseg.worker.service.settings import Settings
+from fprotoseg.worker.service.states import FAILED, QUEUED
+from fprotoseg.worker.wsi.validate import sniff
 
 log = logging.getLogger("fprotoseg.api")
 router = APIRouter(tags=["segment"])
@@ -95,7 +98,7 @@ def params_hash(settings: Settings, mpp: float | None, callback_url: str | None)
 
 
 def _accepted(rec: JobRecord, request: Request, settings: Settings, *, replayed: bool) -> JSONResponse:
-    url = job_url(request, settings, rec.id)
+    url = job_links(base_url(request, settings), rec.id, rec.state)["self"]
     body = {"job_id": rec.id, "status_url": url, "state": rec.state, "job": job_view(rec, request, settings)}
     headers = {"Location": url}
     if replayed:
@@ -190,12 +193,10 @@ async def create_segmentation(
                 FAILED,
                 [QUEUED],
                 stage="failed",
-                error_code="broker_unavailable",
+                error_code=BrokerUnavailableError.code,
                 error_message="the job could not be queued (broker unreachable); upload it again",
             )
-            raise Problem(
-                503, "the job queue (broker) is unreachable; try again", code="broker_unavailable"
-            ) from None
+            raise BrokerUnavailableError("the job queue (broker) is unreachable; try again") from None
         log.info("job %s: queued (%s, %d bytes, %s)", job_id, fmt.name, upload.size_bytes, upload.sha256[:12])
         return _accepted(rec, request, settings, replayed=False)
     finally:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import Request
 from pydantic import BaseModel, Field
 
-from worker.jobs import RESULT_FILES
-from worker.jobstore import SUCCEEDED, JobRecord
-from worker.settings import Settings
+from fprotoseg.worker.service.callbacks import job_links
+from fprotoseg.worker.service.jobstore import JobRecord
+from fprotoseg.worker.service.settings import Settings
+from fprotoseg.worker.service.states import JobState
 
 
 class JobErrorView(BaseModel):
@@ -31,7 +32,7 @@ class JobView(BaseModel):
     """One job as the API shows it."""
 
     job_id: str
-    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    state: JobState
     progress: float = Field(ge=0, le=1)
     stage: str
     error: JobErrorView | None
@@ -77,15 +78,8 @@ def base_url(request: Request, settings: Settings) -> str:
     return (settings.public_url or str(request.base_url)).rstrip("/")
 
 
-def job_url(request: Request, settings: Settings, job_id: str) -> str:
-    return f"{base_url(request, settings)}/jobs/{job_id}"
-
-
 def job_view(rec: JobRecord, request: Request, settings: Settings) -> dict[str, Any]:
-    url = job_url(request, settings, rec.id)
-    links: dict[str, str] = {"self": url}
-    if rec.state == SUCCEEDED:
-        links.update({name: f"{url}/{name}" for name in RESULT_FILES})
+    links = job_links(base_url(request, settings), rec.id, rec.state)
     return {
         "job_id": rec.id,
         "state": rec.state,

@@ -31,7 +31,7 @@ def free_port() -> int:
 
 def fprotoseg_cmd(*args: str) -> list[str]:
     exe = shutil.which("fprotoseg", path=str(Path(sys.executable).parent))
-    return [exe, *args] if exe else [sys.executable, "-m", "app.cli", *args]
+    return [exe, *args] if exe else [sys.executable, "-m", "fprotoseg.app.cli", *args]
 
 
 def service_env(data_dir: Path, checkpoint: Path, **extra: str) -> dict[str, str]:

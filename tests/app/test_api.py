@@ -12,10 +12,10 @@ import pytest
 import tifffile
 from fastapi.testclient import TestClient
 
-from app.auth import load_or_create_api_key
-from app.main import create_app
+from fprotoseg.app.auth import load_or_create_api_key
+from fprotoseg.app.main import create_app
+from fprotoseg.worker.service.settings import Settings
 from tests.app.live import assert_no_stack_trace
-from worker.settings import Settings
 
 KEY = {"X-API-Key": "k-1"}
 

@@ -72,7 +72,7 @@ def test_slide_end_to_end_with_redis_and_celery(
         hook.close()
     assert [json.loads(b)["state"] for _, b in hook.received] == ["succeeded"]  # no callback_url on the bomb
     headers, body = hook.received[0]
-    from worker.callbacks import verify
+    from fprotoseg.worker.service.callbacks import verify
 
     assert verify(CALLBACK_SECRET, headers["X-Fprotoseg-Timestamp"], body, headers["X-Fprotoseg-Signature"])
     payload = json.loads(body)

@@ -1,4 +1,4 @@
-"""Format sniffing from the bytes: real slides pass, everything else gets a reason."""
+"""Format sniffing from the bytes (worker.wsi.validate): slides pass, everything else gets a reason."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from app.problems import Problem
-from app.sniff import sniff
+from fprotoseg.worker.errors import SlideError
+from fprotoseg.worker.wsi.validate import sniff
 
 
 @pytest.mark.parametrize(
@@ -43,10 +43,10 @@ def test_generated_tiff_and_bigtiff(tmp_path: Path, bigtiff: bool) -> None:
     assert (found.width_px, found.height_px) == (700, 600) and found.extension == ".tif"
 
 
-def _refused(tmp_path: Path, content: bytes, filename: str = "x.svs") -> Problem:
+def _refused(tmp_path: Path, content: bytes, filename: str = "x.svs") -> SlideError:
     path = tmp_path / "upload"
     path.write_bytes(content)
-    with pytest.raises(Problem) as info:
+    with pytest.raises(SlideError) as info:
         sniff(path, filename)
     return info.value
 
@@ -71,17 +71,19 @@ def test_non_slides_are_refused_with_what_they_look_like(tmp_path: Path) -> None
     }
     for what, content in cases.items():
         problem = _refused(tmp_path, content)
-        assert problem.status == 415 and what in problem.detail, (what, problem.detail)
+        assert problem.http_status == 415 and what in problem.message, (what, problem.message)
+        assert problem.code == "unsupported_format"
     random_bytes = np.random.default_rng(0).integers(0, 256, 10_000, dtype=np.uint8).tobytes()
-    assert _refused(tmp_path, random_bytes).status == 415
+    assert _refused(tmp_path, random_bytes).http_status == 415
     empty = _refused(tmp_path, b"")
-    assert empty.status == 400 and empty.code == "empty_upload"
+    assert empty.http_status == 400 and empty.code == "empty_upload"
 
 
 def test_truncated_tiffs_are_refused_before_any_worker_sees_them(tmp_path: Path, shared_data: Path) -> None:
     slide = (shared_data / "slides/CMU-1-Small-Region.svs").read_bytes()
     for cut in (8, 100, len(slide) // 3, len(slide) // 2):  # level-0 tiles fill the first ~90%
         problem = _refused(tmp_path, slide[:cut])
-        assert problem.status == 422 and "truncated" in problem.detail, (cut, problem.detail)
-    assert _refused(tmp_path, b"II*\x00").status == 422
-    assert _refused(tmp_path, b"II*\x00\xff\xff\xff\x7f" + b"\0" * 100).status == 422  # IFD past the end
+        assert problem.http_status == 422 and "truncated" in problem.message, (cut, problem.message)
+        assert problem.code == "corrupt_slide"
+    assert _refused(tmp_path, b"II*\x00").http_status == 422
+    assert _refused(tmp_path, b"II*\x00\xff\xff\xff\x7f" + b"\0" * 100).http_status == 422  # IFD past the end

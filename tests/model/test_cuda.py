@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import save_checkpoint
-from model.fprotoseg import FProtoSegStage1, Stage1Inference, stage1_losses
+from fprotoseg.model.checkpoint import save_checkpoint
+from fprotoseg.model.fprotoseg import FProtoSegStage1, Stage1Inference, stage1_losses
 
 pytestmark = [
     pytest.mark.cuda,
@@ -49,7 +49,7 @@ def test_one_amp_training_step_channels_last(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_inference_through_the_seam_on_cuda(tmp_path: Path, precision: str) -> None:
-    from model import load_segmenter
+    from fprotoseg.model import load_segmenter
 
     module = Stage1Inference(CFG, 3, 384)
     manifest = {

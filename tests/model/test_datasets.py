@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.datasets import (
+from fprotoseg.model.datasets import (
     DatasetError,
     WeakCropSampler,
     find_dir,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from model import DEFAULT_CHECKPOINT
+from fprotoseg.model import DEFAULT_CHECKPOINT
 
 pytestmark = pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="packaged default not built")
 
@@ -16,7 +16,7 @@ HELDOUT_MIOU_FLOOR = 0.70  # measured 0.723 (docs/model.md); the issue's target 
 
 
 def test_default_manifest_is_complete() -> None:
-    from model.checkpoint import read_checkpoint
+    from fprotoseg.model.checkpoint import read_checkpoint
 
     _, manifest = read_checkpoint(DEFAULT_CHECKPOINT)
     assert [c["name"] for c in manifest["classes"]] == ["Tumor", "Stroma", "Normal"]
@@ -30,7 +30,7 @@ def test_default_manifest_is_complete() -> None:
 
 @pytest.mark.slow
 def test_default_heldout_miou(shared_data: Path) -> None:
-    from model.evaluate import evaluate_checkpoint, heldout_names
+    from fprotoseg.model.evaluate import evaluate_checkpoint, heldout_names
 
     result = evaluate_checkpoint(
         None, shared_data / "masks" / "wsss4luad" / "test", "wsss4luad", heldout_names(None)
@@ -40,7 +40,7 @@ def test_default_heldout_miou(shared_data: Path) -> None:
 
 
 def test_evaluate_cli_prints_one_json_object(shared_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from app.cli import main
+    from fprotoseg.app.cli import main
 
     root = shared_data / "masks" / "wsss4luad" / "test"
     assert (
@@ -56,7 +56,7 @@ def test_evaluate_cli_prints_one_json_object(shared_data: Path, capsys: pytest.C
 def test_evaluate_cli_bad_checkpoint_is_one_line_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from app.cli import main
+    from fprotoseg.app.cli import main
 
     bad = tmp_path / "x.safetensors"
     bad.write_bytes(b"not a checkpoint")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import save_checkpoint
-from model.errors import CheckpointError
-from model.fprotoseg import (
+from fprotoseg.model.checkpoint import save_checkpoint
+from fprotoseg.model.errors import CheckpointError
+from fprotoseg.model.fprotoseg import (
     FProtoSegStage1,
     Stage1Inference,
     Stage2Inference,
@@ -22,7 +22,7 @@ from model.fprotoseg import (
     structure_aware_prototypes,
     text_alignment_loss,
 )
-from model.pseudo import IGNORE_INDEX, make_pseudo_masks, pseudo_masks
+from fprotoseg.model.pseudo import IGNORE_INDEX, make_pseudo_masks, pseudo_masks
 
 TINY_ENCODER = {
     "variant": "b0",
@@ -146,7 +146,7 @@ def _manifest(arch: str) -> dict:
 
 @pytest.mark.parametrize("arch", ["fprotoseg_cam", "fprotoseg_seg"])
 def test_checkpoint_round_trip_through_load_segmenter(tmp_path: Path, arch: str) -> None:
-    from model import load_segmenter
+    from fprotoseg.model import load_segmenter
 
     torch.manual_seed(0)
     module = Stage1Inference(TINY_CFG, 3, 16) if arch == "fprotoseg_cam" else Stage2Inference(TINY_CFG, 3)
@@ -165,7 +165,7 @@ def test_checkpoint_round_trip_through_load_segmenter(tmp_path: Path, arch: str)
 
 
 def test_bf16_autocast_inference_on_cpu(tmp_path: Path) -> None:
-    from model import load_segmenter
+    from fprotoseg.model import load_segmenter
 
     module = Stage1Inference(TINY_CFG, 3, 16)
     path = save_checkpoint(tmp_path / "m.safetensors", module.state_dict(), _manifest("fprotoseg_cam"))
@@ -180,7 +180,7 @@ def test_bf16_autocast_inference_on_cpu(tmp_path: Path) -> None:
 def test_corrupted_and_foreign_files_are_checkpoint_errors(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from model import load_segmenter
+    from fprotoseg.model import load_segmenter
 
     module = Stage1Inference(TINY_CFG, 3, 16)
     good = save_checkpoint(tmp_path / "m.safetensors", module.state_dict(), _manifest("fprotoseg_cam"))
@@ -208,8 +208,8 @@ def test_gated_stage2_vetoes_classes_the_tile_score_rules_out(tmp_path: Path) ->
     """The gated stage-2 module adds the teacher's tile logits to the stage-2 logits: weight 0 is
     plain stage 2, a dominant weight makes the tile's verdict win every pixel; the module survives
     a checkpoint round trip stored in fp16."""
-    from model import load_segmenter
-    from model.fprotoseg import GatedStage2Inference
+    from fprotoseg.model import load_segmenter
+    from fprotoseg.model.fprotoseg import GatedStage2Inference
 
     torch.manual_seed(0)
     cfg = {**TINY_CFG, "stage2": {"teacher_config": TINY_CFG, "gate_weight": 0.0, "embed_dim": 16}}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.metrics import confusion_matrix, evaluate_protocol, scores_from_confusion
+from fprotoseg.model.metrics import confusion_matrix, evaluate_protocol, scores_from_confusion
 
 
 def test_confusion_matrix_counts_and_ignore() -> None:

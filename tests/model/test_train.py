@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.datasets import load_pairs
-from model.evaluate import best_constant
+from fprotoseg.model.datasets import load_pairs
+from fprotoseg.model.evaluate import best_constant
 
 CLASS_RGB = {0: (110, 40, 150), 1: (235, 150, 200), 2: (250, 245, 250)}  # purple, pink, pale
 
@@ -84,8 +84,8 @@ def _tiny_config(root: Path, holdout: list[str], epochs: int) -> dict:
 
 
 def test_tiny_training_learns_and_resumes(tmp_path: Path) -> None:
-    from model import load_segmenter
-    from model.train import train
+    from fprotoseg.model import load_segmenter
+    from fprotoseg.model.train import train
 
     root = tmp_path / "data"
     names = _write_generated_pairs(root, 24, seed=0)
@@ -134,8 +134,8 @@ def test_tiny_training_learns_and_resumes(tmp_path: Path) -> None:
 def test_tiny_training_per_encoder_loss_falls(tmp_path: Path, variant: str) -> None:
     """Each encoder family trains end to end on generated tissue: the loss falls over a few
     steps, the manifest stores the encoder's own input normalisation, and the served file loads."""
-    from model import load_segmenter
-    from model.train import train
+    from fprotoseg.model import load_segmenter
+    from fprotoseg.model.train import train
 
     root = tmp_path / "data"
     names = _write_generated_pairs(root, 12, seed=1)
@@ -164,7 +164,7 @@ def test_tiny_training_per_encoder_loss_falls(tmp_path: Path, variant: str) -> N
 def test_glass_context_lays_the_crop_on_glass() -> None:
     """``predict_labels(context="glass")`` shows the network the crop on empty glass, offset from
     the tile corner, and returns labels for the crop's own pixels only."""
-    from model.evaluate import GLASS_RGB, predict_labels
+    from fprotoseg.model.evaluate import GLASS_RGB, predict_labels
 
     seen = []
 
@@ -186,7 +186,7 @@ def test_glass_context_lays_the_crop_on_glass() -> None:
 
 @pytest.mark.parametrize("bad", ["stage: 3", "data: {dataset: nope}"])
 def test_bad_configs_are_one_line_errors(tmp_path: Path, bad: str) -> None:
-    from app.cli import main
+    from fprotoseg.app.cli import main
 
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(bad + "\n")
@@ -196,7 +196,7 @@ def test_bad_configs_are_one_line_errors(tmp_path: Path, bad: str) -> None:
 def test_stain_jitter_changes_colour_not_geometry() -> None:
     """The clean-teacher stage 2 relies on it: the student's crop is the teacher's crop with
     another tint, pixel for pixel (flips and rotations are applied once, before both)."""
-    from model.train import flip_rotate, stain_jitter
+    from fprotoseg.model.train import flip_rotate, stain_jitter
 
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)

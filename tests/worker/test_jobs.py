@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from fprotoseg.worker.service.callbacks import verify
+from fprotoseg.worker.service.jobs import process_job
+from fprotoseg.worker.service.jobstore import JobRecord, SqliteJobStore
+from fprotoseg.worker.service.settings import Settings
+from fprotoseg.worker.service.states import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
+from fprotoseg.worker.wsi.result_files import COMPLETE_MARKER, RESULT_FILES, results_complete
 from tests.app.live import CallbackRecorder, write_mosaic_slide
-from worker.callbacks import verify
-from worker.jobs import COMPLETE_MARKER, RESULT_FILES, process_job, results_complete
-from worker.jobstore import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, SqliteJobStore
-from worker.settings import Settings
 
 SLIDE = "slides/CMU-1-Small-Region.svs"
 

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from fprotoseg.worker.errors import TransientJobError
+from fprotoseg.worker.service.celery_app import TASK_NAME
+from fprotoseg.worker.service.jobstore import JobRecord, RedisJobStore
+from fprotoseg.worker.service.settings import Settings
+from fprotoseg.worker.service.states import FAILED, RUNNING, SUCCEEDED
+from fprotoseg.worker.service.tasks import create_worker_app
 from tests.app.live import redis_url_for_tests
-from worker.celery_app import TASK_NAME
-from worker.jobs import TransientJobError
-from worker.jobstore import FAILED, RUNNING, SUCCEEDED, JobRecord, RedisJobStore
-from worker.settings import Settings
-from worker.tasks import create_worker_app
 
 
 @pytest.fixture()

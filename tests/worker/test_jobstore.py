@@ -10,19 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from fprotoseg.worker.errors import DuplicateJobError
+from fprotoseg.worker.service.jobstore import JobRecord, JobStore, RedisJobStore, SqliteJobStore
+from fprotoseg.worker.service.states import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from tests.app.live import redis_url_for_tests
-from worker.jobstore import (
-    CANCELLED,
-    FAILED,
-    QUEUED,
-    RUNNING,
-    SUCCEEDED,
-    DuplicateJobError,
-    JobRecord,
-    JobStore,
-    RedisJobStore,
-    SqliteJobStore,
-)
 
 
 @pytest.fixture(params=["sqlite", "redis"])

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fprotoseg.worker.errors import JobCancelledError
+from fprotoseg.worker.wsi.pipeline import STAGES, PipelineOptions, run
 from tests.stubs import ChannelStubSegmenter, render_known_slide_rgb, write_pyramid_tiff
-from worker.errors import JobCancelledError
-from worker.pipeline import STAGES, PipelineOptions, run
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_cancel_between_batches(tmp_path, known_slide):
 
 
 def test_real_network_through_the_seam_and_optional_outputs(tmp_path, known_slide, tiny_checkpoint):
-    import model
+    from fprotoseg import model
 
     segmenter = model.load_segmenter(tiny_checkpoint, device="cpu", precision="fp32")
     opts = PipelineOptions(batch_size=8, geojson_gzip=True, output_mpp=4.0)
@@ -88,7 +88,7 @@ def test_real_network_through_the_seam_and_optional_outputs(tmp_path, known_slid
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path, known_slide, tiny_checkpoint):
-    import model
+    from fprotoseg import model
 
     segmenter = model.load_segmenter(tiny_checkpoint, device="cpu", precision="bf16")
     result = run(known_slide[0], tmp_path / "out", segmenter, options=PipelineOptions(batch_size=8))

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import tifffile
 
+from fprotoseg.worker.wsi.pipeline import PipelineOptions, run
 from tests.stubs import ChannelStubSegmenter, render_known_slide_rgb, render_truth, write_pyramid_tiff
 from tests.worker.geometry import iou, qupath_rule_violations, rasterize_features
-from worker.pipeline import PipelineOptions, run
 
 GRID_MPP = 2.0
 

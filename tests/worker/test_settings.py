@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.settings import ConfigurationError, Settings, load_settings
+from fprotoseg.model.errors import ConfigurationError
+from fprotoseg.worker.service.settings import Settings, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -82,7 +83,11 @@ def test_cli_reports_a_bad_setting_without_traceback(tmp_path: Path) -> None:
 
     env = {**os.environ, "FPROTOSEG_BROKER_URL": "amqp://x", "FPROTOSEG_DATA_DIR": str(tmp_path)}
     out = subprocess.run(
-        [sys.executable, "-m", "app.cli", "worker"], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "fprotoseg.app.cli", "worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 2
     assert out.stderr.startswith("fprotoseg: error:") and "Traceback" not in out.stderr

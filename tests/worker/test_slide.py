@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import tifffile
 
+from fprotoseg.worker.errors import MissingMppError, SlideError, SlideTooLargeError, UnsupportedFormatError
+from fprotoseg.worker.wsi.slide import open_slide
 from tests.stubs import write_claimed_size_tiff, write_pyramid_tiff
-from worker.errors import MissingMppError, SlideError, SlideTooLargeError, UnsupportedFormatError
-from worker.slide import open_slide
 
 
 def _rgb(h: int = 600, w: int = 800) -> np.ndarray:

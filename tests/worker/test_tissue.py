@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.slide import open_slide
-from worker.tissue import TissueMask, detect_tissue
+from fprotoseg.worker.wsi.slide import open_slide
+from fprotoseg.worker.wsi.tissue import TissueMask, detect_tissue
 
 
 @pytest.mark.parametrize(("slide", "reference", "min_iou"), [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.vectorize import _band_rows, vectorize
+from fprotoseg.worker.wsi.vectorize import _band_rows, vectorize
 
 
 def _vec(label_map: np.ndarray, n_classes: int = 2, **kw):
@@ -63,7 +63,7 @@ def test_specks_below_min_area_dropped_and_simplification_keeps_area():
 
 def test_specks_absorbed_so_polygons_agree_with_pixel_counts():
     """Regression: specks dropped only from the GeoJSON made a speck-only class 100% off."""
-    from worker.vectorize import absorb_small_regions
+    from fprotoseg.worker.wsi.vectorize import absorb_small_regions
 
     rng = np.random.default_rng(1)
     lm = np.zeros((400, 500), np.uint8)
@@ -88,7 +88,7 @@ def test_fragmented_multiclass_map_areas_within_one_percent():
     class): after absorption, every class's polygon area is within 1% of its pixel area."""
     import cv2
 
-    from worker.vectorize import absorb_small_regions
+    from fprotoseg.worker.wsi.vectorize import absorb_small_regions
 
     rng = np.random.default_rng(7)
     fields = [cv2.GaussianBlur(rng.random((600, 700)).astype(np.float32), (0, 0), s) for s in (6, 6, 3)]
@@ -120,7 +120,7 @@ def test_band_seams_change_nothing(tol_um):
     The pieces of a region meet exactly on each seam, so the merge leaves no seam trace."""
     import shapely
 
-    from worker.vectorize import absorb_small_regions
+    from fprotoseg.worker.wsi.vectorize import absorb_small_regions
 
     lm = _fragmented_map(3)
     lm[:, 300:302] = 3  # a two-pixel-wide vertical line crossing every seam

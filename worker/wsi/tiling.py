@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worker.slide import Slide
-from worker.tissue import TissueMask
+from fprotoseg.worker.wsi.slide import Slide
+from fprotoseg.worker.wsi.tissue import TissueMask
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ Cancellation is checked between batches.
 from __future__ import annotations
 
 import math
-import platform
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,15 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from model.segmenter import file_sha256
-from worker import outputs
-from worker.buffers import anonymous_array
-from worker.errors import JobCancelledError, SlideError
-from worker.slide import Slide, open_slide
-from worker.stitch import LabelMapStitcher
-from worker.tiling import Tile, TileGrid, plan_tiles, read_tile
-from worker.tissue import TissueMask, detect_tissue_from_saturation, saturation
-from worker.vectorize import absorb_small_regions, region_counts, vectorize
+from fprotoseg.model.segmenter import Segmenter, file_sha256
+from fprotoseg.worker.errors import JobCancelledError, PipelineOptionsError, SegmenterOutputError
+from fprotoseg.worker.wsi import outputs
+from fprotoseg.worker.wsi.buffers import anonymous_array
+from fprotoseg.worker.wsi.slide import Slide, open_slide
+from fprotoseg.worker.wsi.stitch import LabelMapStitcher
+from fprotoseg.worker.wsi.tiling import Tile, TileGrid, plan_tiles, read_tile
+from fprotoseg.worker.wsi.tissue import TissueMask, detect_tissue_from_saturation, saturation
+from fprotoseg.worker.wsi.vectorize import absorb_small_regions, region_counts, vectorize
 
 ProgressCallback = Callable[[str, int, int], None]
 STAGES = ("open", "tissue", "tiling", "inference", "stitch", "vectorise", "write")
@@ -59,19 +58,22 @@ class PipelineOptions:
 
     def __post_init__(self) -> None:
         if not (0.1 <= self.output_mpp <= 100):
-            raise SlideError(f"output_mpp {self.output_mpp} µm/px is out of range (0.1..100)")
+            raise PipelineOptionsError(f"output_mpp {self.output_mpp} µm/px is out of range (0.1..100)")
         if self.batch_size < 1 or self.reader_threads < 1 or self.prefetch_batches < 1:
-            raise SlideError("batch_size, reader_threads and prefetch_batches must be >= 1")
+            raise PipelineOptionsError("batch_size, reader_threads and prefetch_batches must be >= 1")
         if self.tissue_mpp <= 0 or self.simplify_tolerance_um < 0 or self.min_region_area_um2 < 0:
-            raise SlideError("tissue_mpp must be > 0; tolerances and areas must be >= 0")
+            raise PipelineOptionsError("tissue_mpp must be > 0; tolerances and areas must be >= 0")
 
 
 @dataclass
 class RunResult:
+    """What one run wrote (``files`` by result key) and what it found."""
+
     out_dir: Path
     files: dict[str, Path]
     stats: dict[str, Any]
     provenance: dict[str, Any]
+    tiles_inferred: int
 
 
 @dataclass
@@ -86,28 +88,6 @@ class _Clock:
 
 def _noop_progress(stage: str, done: int, total: int) -> None:
     return None
-
-
-def _software_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    versions = {"python": platform.python_version()}
-    for dist in (
-        "fprotoseg",
-        "numpy",
-        "torch",
-        "openslide-python",
-        "openslide-bin",
-        "tiffslide",
-        "tifffile",
-        "opencv-python-headless",
-        "shapely",
-    ):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
 
 
 def _tissue_stage(slide: Slide, options: PipelineOptions) -> tuple[TissueMask, np.ndarray]:
@@ -194,7 +174,7 @@ def _iter_tiles(
 def _infer(
     slide: Slide,
     grid: TileGrid,
-    segmenter: Any,
+    segmenter: Segmenter,
     stitcher: LabelMapStitcher,
     options: PipelineOptions,
     progress: ProgressCallback,
@@ -241,7 +221,7 @@ def _infer(
         scores = segmenter.predict(batch[:n])
         timings["model_s"] += time.perf_counter() - t0
         if scores.shape[:2] != (n, n_classes) or scores.shape[2] != expected_hw:
-            raise SlideError(
+            raise SegmenterOutputError(
                 f"segmenter returned scores of shape {scores.shape}, expected ({n}, {n_classes}, "
                 f"{expected_hw}, {expected_hw})"
             )
@@ -284,14 +264,20 @@ def _infer(
 def run(
     slide_path: str | Path,
     out_dir: str | Path,
-    segmenter: Any,
+    segmenter: Segmenter,
     *,
     options: PipelineOptions | None = None,
     mpp_override: float | None = None,
     progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    slide_sha256: str | None = None,
 ) -> RunResult:
-    """Segment one slide into ``out_dir`` (created). Raises FprotosegError subclasses on bad input."""
+    """Segment one slide into ``out_dir`` (created). Raises FprotosegError subclasses on bad input.
+
+    ``slide_sha256``: the slide's checksum when the caller already has it (the job service
+    records it while the upload streams in); the slide is then never hashed again. Without it
+    (the CLI) one background thread hashes the slide while the network runs.
+    """
     options = options or PipelineOptions()
     progress = progress or _noop_progress
     should_cancel = should_cancel or (lambda: False)
@@ -306,7 +292,7 @@ def run(
         t = time.perf_counter()
         progress("open", 0, 1)
         slide = open_slide(slide_path, mpp_override=mpp_override)
-        sha_job = background.submit(file_sha256, slide_path)
+        sha_job = None if slide_sha256 else background.submit(file_sha256, slide_path)
         with slide:
             progress("open", 1, 1)
             clock.add("open", time.perf_counter() - t)
@@ -405,61 +391,28 @@ def run(
         files.update(_write_rasters(out_dir, label_map, thumbnail, classes, stats, options))
         files["stats"] = outputs.write_json(out_dir / outputs.STATS_NAME, stats)
         progress("write", 2, 3)
-        sha256 = sha_job.result()
+        sha256 = slide_sha256 or (sha_job.result() if sha_job is not None else "")
         clock.add("write", time.perf_counter() - t)
     finally:
         background.shutdown(wait=True)
 
-    provenance = {
-        "fprotoseg_version": _software_versions().get("fprotoseg", "unknown"),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "slide": {
-            **slide.metadata(),
-            "path": str(slide_path),
-            "sha256": sha256,
-            "size_bytes": slide_path.stat().st_size,
-        },
-        "read": {
-            "level": grid.level,
-            "level_mpp": grid.level_mpp,
-            "level_downsample": grid.level_mpp / slide.mpp,
-            "mpp": slide.mpp,
-            "mpp_source": slide.mpp_source,
-        },
-        "model": {
-            "name": getattr(segmenter, "name", "unknown"),
-            "checksum_sha256": getattr(segmenter, "checksum_sha256", ""),
-            "classes": [{"name": c.name, "color": list(c.color)} for c in classes],
-            "mpp": float(segmenter.mpp),
-            "tile_size_px": int(segmenter.tile_size_px),
-            "output_stride": int(segmenter.output_stride),
-            "device": getattr(segmenter, "device", "unknown"),
-            "precision": getattr(segmenter, "precision", "unknown"),
-        },
-        "tissue": tissue_info,
-        "tiles": {
-            "grid_rows": grid.grid_rows,
-            "grid_cols": grid.grid_cols,
-            "grid_total": grid.grid_total,
-            "inferred": len(grid.tiles),
-            "skipped_no_tissue": grid.grid_total - len(grid.tiles),
-            "tile_size_px": grid.tile_size_px,
-            "margin_px": grid.margin_px,
-            "step_px": grid.step_px,
-        },
-        "output": {
-            "mpp": options.output_mpp,
-            "label_map_shape": list(label_map.shape),
-            "small_regions_absorbed": absorbed,
-        },
-        "options": {k: v for k, v in asdict(options).items()},
-        "timings_s": {k: round(v, 4) for k, v in {**clock.seconds, **inner}.items()},
-        "software": _software_versions(),
-        "platform": {"system": platform.platform(), "machine": platform.machine()},
-        "warnings": warnings,
-    }
-    provenance["timings_s"]["total"] = round(time.time() - started, 4)
+    provenance = outputs.build_provenance(
+        slide=slide,
+        slide_path=slide_path,
+        slide_sha256=sha256,
+        grid=grid,
+        segmenter=segmenter,
+        classes=classes,
+        tissue_info=tissue_info,
+        label_map_shape=label_map.shape,
+        small_regions_absorbed=absorbed,
+        options=asdict(options),
+        timings_s={**clock.seconds, **inner},
+        started_at_s=started,
+        warnings=warnings,
+    )
     files["provenance"] = outputs.write_json(out_dir / outputs.PROVENANCE_NAME, provenance)
     progress("write", 3, 3)
-    return RunResult(out_dir=out_dir, files=files, stats=stats, provenance=provenance)
+    return RunResult(
+        out_dir=out_dir, files=files, stats=stats, provenance=provenance, tiles_inferred=len(grid.tiles)
+    )

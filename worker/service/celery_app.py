@@ -1,8 +1,8 @@
 """The Celery application: configuration only, no tasks, so the API can send jobs by name.
 
 The API builds this app to call ``send_task(TASK_NAME, ...)``; it never imports
-``worker.tasks`` (and so never torch or OpenSlide). Workers add the task with
-:func:`worker.tasks.create_worker_app`. The settings follow Celery's guide for long tasks:
+``fprotoseg.worker.service.tasks`` (and so never torch or OpenSlide). Workers add the task with
+:func:`fprotoseg.worker.service.tasks.create_worker_app`. The settings follow Celery's guide for long tasks:
 acknowledge late, prefetch one, requeue when a worker dies, a visibility timeout above the
 longest job.
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.settings import Settings
+from fprotoseg.model.errors import ConfigurationError
+from fprotoseg.worker.service.settings import Settings
 
 TASK_NAME = "fprotoseg.process_job"
 
@@ -35,8 +36,6 @@ def make_celery(settings: Settings) -> Any:
     from celery import Celery
 
     if not settings.broker_url:
-        from worker.settings import ConfigurationError
-
         raise ConfigurationError(
             "FPROTOSEG_BROKER_URL is not set; `fprotoseg serve` runs an embedded worker instead"
         )

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +51,7 @@ def _valid(geom: object) -> object:
     return geom if shapely.is_valid(geom) else shapely.make_valid(geom)
 
 
-def _polygonal(geom: object) -> object | None:
+def _polygonal(geom: Any) -> Any:
     """Keep only polygonal parts (make_valid may return lines/points beside them)."""
     import shapely
     from shapely.geometry import MultiPolygon, Polygon
@@ -274,7 +275,7 @@ def _edge_rings(
         point_region = rings.region[rings.ring_of_point]
         facing &= at_seam[point_region]
         seam_len = np.bincount(point_region[facing], np.abs(seg[facing, 0]), len(regions))
-        short -= 0.5 * seam_len
+        short = short - 0.5 * seam_len
         perimeter = perimeter - seam_len
     disc = perimeter * perimeter + 4.0 * corners * short
     root = np.sqrt(np.maximum(disc, 0.0))
@@ -484,9 +485,9 @@ def _class_polygons(
         groups: list[list[np.ndarray]] = []
         at_seam: list[bool] = []
         for i in np.flatnonzero(hier[:, 3] == -1):  # outer contours; holes come with their parent
-            _, y, _, h = cv2.boundingRect(contours[i])
+            _, y, _, h = cv2.boundingRect(contours[int(i)])
             at_seam.append(bool((y == 0 and r0 > 0) or (y + h == r1 - r0 and r1 < height)))
-            group = [contours[i]]
+            group = [contours[int(i)]]
             child = hier[i][2]
             while child != -1:
                 group.append(contours[child])

@@ -1,6 +1,7 @@
 """Every setting of the service in one pydantic-settings class (environment prefix ``FPROTOSEG_``).
 
-Lives in ``worker`` because both the API and the workers read it (app -> worker -> model). The
+Lives in the job service because both the API and the workers read it (app -> worker -> model).
+It is the one home of the checkpoint, device and precision settings: the CLI reads them here too. The
 names of DESIGN.md section 3 (``FPROTOSEG_DATA_DIR``, ``FPROTOSEG_BROKER_URL``,
 ``FPROTOSEG_API_KEYS``, ``FPROTOSEG_AUTH_DISABLED``, ``FPROTOSEG_MAX_UPLOAD_MB``,
 ``FPROTOSEG_CHECKPOINT``, ``FPROTOSEG_CALLBACK_SECRET``) are part of the public contract; the rest
@@ -10,18 +11,14 @@ tune the service and have safe defaults. Importing this module is cheap (no torc
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from model.errors import FprotosegError
+from fprotoseg.model.errors import ConfigurationError
 
-
-class ConfigurationError(FprotosegError):
-    """A setting is missing or inconsistent; the message names the variable to fix."""
-
-    code = "configuration_error"
+__all__ = ["Settings", "load_settings"]
 
 
 class Settings(BaseSettings):
@@ -170,17 +167,22 @@ class Settings(BaseSettings):
     def api_key_file(self) -> Path:
         return self.data_dir / "api-key"
 
+    def upload_file(self, stored_path: str) -> Path:
+        """A job's slide; records hold paths relative to the data dir (a shared volume)."""
+        path = Path(stored_path)
+        return path if path.is_absolute() else self.data_dir / path
+
     def result_dir(self, job_id: str) -> Path:
         """Where the finished result files of a job live (complete or absent, never partial)."""
         return self.jobs_dir / job_id / "results"
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment; a bad value becomes one ConfigurationError line, not a traceback."""
     from pydantic import ValidationError
 
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return Settings(**overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))

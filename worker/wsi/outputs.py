@@ -2,7 +2,8 @@
 
 ``segmentation.geojson`` (QuPath import rules), ``stats.json`` (areas from the label map, exact),
 ``mask.tiff`` (tiled pyramidal label TIFF with resolution tags and a colour palette),
-``overlay.png`` (thumbnail with classes and a legend), ``provenance.json``.
+``overlay.png`` (thumbnail with classes and a legend), ``provenance.json`` (built here from what
+the pipeline did). The file names come from :mod:`fprotoseg.worker.wsi.result_files`.
 """
 
 from __future__ import annotations
@@ -12,20 +13,44 @@ import gzip
 import io
 import json
 import os
+import platform
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from worker.buffers import anonymous_array
-from worker.vectorize import Region
+from fprotoseg.worker.wsi.buffers import anonymous_array
+from fprotoseg.worker.wsi.result_files import (
+    GEOJSON_NAME,
+    GZIP_SUFFIX,
+    MASK_NAME,
+    OVERLAY_NAME,
+    PROVENANCE_NAME,
+    STATS_NAME,
+)
+from fprotoseg.worker.wsi.vectorize import Region
 
-GEOJSON_NAME = "segmentation.geojson"
-STATS_NAME = "stats.json"
-MASK_NAME = "mask.tiff"
-OVERLAY_NAME = "overlay.png"
-PROVENANCE_NAME = "provenance.json"
+if TYPE_CHECKING:
+    from fprotoseg.model.segmenter import Segmenter
+    from fprotoseg.worker.wsi.slide import Slide
+    from fprotoseg.worker.wsi.tiling import TileGrid
+
+__all__ = [
+    "GEOJSON_NAME",
+    "MASK_NAME",
+    "OVERLAY_NAME",
+    "PROVENANCE_NAME",
+    "STATS_NAME",
+    "build_provenance",
+    "compute_stats",
+    "write_geojson",
+    "write_json",
+    "write_mask_tiff",
+    "write_overlay_png",
+]
+
 
 BACKGROUND_NAME = "Background"
 
@@ -68,7 +93,7 @@ def write_geojson(
     """
     path = out_dir / GEOJSON_NAME
     tmp = path.with_name(path.name + ".tmp")
-    gz_path = out_dir / (GEOJSON_NAME + ".gz")
+    gz_path = out_dir / (GEOJSON_NAME + GZIP_SUFFIX)
     gz_tmp = gz_path.with_name(gz_path.name + ".tmp")
     with contextlib.ExitStack() as stack:
         sinks = [stack.enter_context(tmp.open("w", encoding="utf-8"))]
@@ -247,3 +272,101 @@ def write_overlay_png(
     canvas.save(tmp, format="PNG", compress_level=1)  # 4x faster than the default, ~20% larger
     os.replace(tmp, path)
     return path
+
+
+# ------------------------------------------------------------------------------------- provenance
+def software_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for dist in (
+        "fprotoseg",
+        "numpy",
+        "torch",
+        "openslide-python",
+        "openslide-bin",
+        "tiffslide",
+        "tifffile",
+        "opencv-python-headless",
+        "shapely",
+    ):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _utc(ts_s: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts_s))
+
+
+def build_provenance(
+    *,
+    slide: Slide,
+    slide_path: Path,
+    slide_sha256: str,
+    grid: TileGrid,
+    segmenter: Segmenter,
+    classes: Sequence[Any],
+    tissue_info: dict[str, Any],
+    label_map_shape: tuple[int, ...],
+    small_regions_absorbed: int,
+    options: dict[str, Any],
+    timings_s: dict[str, float],
+    started_at_s: float,
+    warnings: list[str],
+) -> dict[str, Any]:
+    """``provenance.json``: the slide and how it was read, the model, tiles, timings, software."""
+    software = software_versions()
+    provenance: dict[str, Any] = {
+        "fprotoseg_version": software.get("fprotoseg", "unknown"),
+        "started_at": _utc(started_at_s),
+        "finished_at": _utc(time.time()),
+        "slide": {
+            **slide.metadata(),
+            "path": str(slide_path),
+            "sha256": slide_sha256,
+            "size_bytes": slide_path.stat().st_size,
+        },
+        "read": {
+            "level": grid.level,
+            "level_mpp": grid.level_mpp,
+            "level_downsample": grid.level_mpp / slide.mpp,
+            "mpp": slide.mpp,
+            "mpp_source": slide.mpp_source,
+        },
+        "model": {
+            "name": segmenter.name,
+            "checksum_sha256": segmenter.checksum_sha256,
+            "classes": [{"name": c.name, "color": list(c.color)} for c in classes],
+            "mpp": float(segmenter.mpp),
+            "tile_size_px": int(segmenter.tile_size_px),
+            "output_stride": int(segmenter.output_stride),
+            "device": segmenter.device,
+            "precision": segmenter.precision,
+        },
+        "tissue": tissue_info,
+        "tiles": {
+            "grid_rows": grid.grid_rows,
+            "grid_cols": grid.grid_cols,
+            "grid_total": grid.grid_total,
+            "inferred": len(grid.tiles),
+            "skipped_no_tissue": grid.grid_total - len(grid.tiles),
+            "tile_size_px": grid.tile_size_px,
+            "margin_px": grid.margin_px,
+            "step_px": grid.step_px,
+        },
+        "output": {
+            "mpp": options["output_mpp"],
+            "label_map_shape": list(label_map_shape),
+            "small_regions_absorbed": small_regions_absorbed,
+        },
+        "options": dict(options),
+        "timings_s": {k: round(v, 4) for k, v in timings_s.items()},
+        "software": software,
+        "platform": {"system": platform.platform(), "machine": platform.machine()},
+        "warnings": warnings,
+    }
+    provenance["timings_s"]["total"] = round(time.time() - started_at_s, 4)
+    return provenance

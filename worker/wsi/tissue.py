@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worker.buffers import anonymous_array
+from fprotoseg.worker.wsi.buffers import anonymous_array
 
 # Saturation (0..255, OpenCV HSV) below which a pixel is glass whatever Otsu says.
 MIN_SATURATION = 20

@@ -1,4 +1,7 @@
-"""Completion callbacks: a signed JSON POST to the LIMS, retried with backoff, never failing the job.
+"""Job links and completion callbacks: a signed JSON POST to the LIMS, retried, never failing the job.
+
+:func:`job_links` is the one place the URLs of a job and its results are made: the API's job
+views and the callback payload both use it.
 
 Signature: ``X-Fprotoseg-Signature: sha256=<hex>`` where hex = HMAC-SHA256(secret,
 ``<X-Fprotoseg-Timestamp>.<raw body>``). Signing the timestamp with the body lets a receiver
@@ -17,6 +20,11 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Any
+
+from fprotoseg.worker.service.jobstore import JobRecord
+from fprotoseg.worker.service.settings import Settings
+from fprotoseg.worker.service.states import SUCCEEDED
+from fprotoseg.worker.wsi.result_files import RESULT_FILES
 
 log = logging.getLogger(__name__)
 
@@ -76,3 +84,45 @@ def send_callback(
             sleep(delay_s)
             delay_s *= 2
     return False
+
+
+def job_links(base_url: str, job_id: str, state: str) -> dict[str, str]:
+    """``self``, and once the job has succeeded one URL per result file (``/jobs/{id}/{key}``).
+
+    ``base_url`` is FPROTOSEG_PUBLIC_URL (or, in the API, the URL the request came in on);
+    empty gives relative links.
+    """
+    url = f"{base_url.rstrip('/')}/jobs/{job_id}"
+    links = {"self": url}
+    if state == SUCCEEDED:
+        links.update({key: f"{url}/{key}" for key in RESULT_FILES})
+    return links
+
+
+def callback_payload(settings: Settings, rec: JobRecord) -> dict[str, Any]:
+    """The JSON body POSTed when a job ends (links absolute when FPROTOSEG_PUBLIC_URL is set)."""
+    payload: dict[str, Any] = {
+        "job_id": rec.id,
+        "state": rec.state,
+        "finished_at": rec.finished_at,
+        "upload_sha256": rec.upload_sha256,
+        "links": job_links(settings.public_url or "", rec.id, rec.state),
+    }
+    if rec.error_code:
+        payload["error"] = {"code": rec.error_code, "message": rec.error_message}
+    return payload
+
+
+def notify(settings: Settings, rec: JobRecord | None) -> None:
+    """Send the job's callback, if it asked for one (logged; a failure never fails the job)."""
+    if rec is None or not rec.callback_url:
+        return
+    ok = send_callback(
+        rec.callback_url,
+        callback_payload(settings, rec),
+        secret=settings.callback_secret,
+        timeout_s=settings.callback_timeout_s,
+        attempts=settings.callback_attempts,
+        backoff_s=settings.callback_backoff_s,
+    )
+    log.info("job %s: callback to %s %s", rec.id, rec.callback_url, "delivered" if ok else "NOT delivered")

@@ -1,21 +1,44 @@
-"""What an upload is, decided from its bytes (never from its name or Content-Type).
+"""Is this file a whole-slide image we can read, and is it whole? One module for every such check.
+
+Used by the upload sniffer in the API (:func:`sniff`: pure Python on the first KB and the first
+TIFF directory, before a byte is stored under the job's name) and by the slide reader in the
+worker (:func:`vet_tiff`: every directory, through tifffile, before a decoder touches the file).
+Both raise the same classes from :mod:`fprotoseg.worker.errors` (empty 400, unsupported format
+415, truncated 422, decompression bomb), so a fault has one code wherever it is caught.
 
 Accepted: TIFF and BigTIFF containers (Aperio SVS, Hamamatsu NDPI, OME-TIFF, Leica SCN, Philips
-TIFF, Ventana BIF, generic tiled TIFF) and DICOM (``DICM`` after the 128-byte preamble).
-Refused with 415 and a reason naming what the bytes look like: PNG, JPEG, JPEG 2000, ZIP, gzip,
-PDF, text, unknown bytes. A TIFF whose first directory or level-0 tiles lie beyond the end of
-the file is refused with 422 (a truncated upload) before any worker spends time on it. Pure
-Python on a few KB of the file: the API process stays free of OpenSlide.
+TIFF, Ventana BIF, generic tiled TIFF) and DICOM (``DICM`` after the 128-byte preamble). Refused
+with a reason naming what the bytes look like: PNG, JPEG, JPEG 2000, ZIP, gzip, PDF, text,
+unknown bytes. No numpy, OpenSlide or tifffile at import time: the API process imports this.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import struct
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from app.problems import Problem
+from fprotoseg.worker.errors import (
+    EmptySlideError,
+    SlideError,
+    SlideTooLargeError,
+    TruncatedSlideError,
+    UnsupportedFormatError,
+)
+
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+# Decompression-bomb guard. The largest real slides are ~200k x 100k px; nothing real exceeds these.
+MAX_SIDE_PX = 500_000
+MAX_PIXELS = 100_000_000_000
+# Level-0 pixels per byte of file. JPEG-compressed blank glass stays below ~100; deflate of pure
+# white ~300. A header claiming far more pixels than its bytes can hold is a bomb or a truncation.
+MAX_PIXELS_PER_FILE_BYTE = 1000.0
 
 # Extensions a client may keep for the server-side name (cosmetic: readers detect by content).
 TIFF_EXTENSIONS = (".svs", ".ndpi", ".tif", ".tiff", ".scn", ".bif", ".qptiff", ".btf")
@@ -74,12 +97,12 @@ class SlideFormat:
     height_px: int | None = None
 
 
-def _unsupported(detail: str) -> Problem:
-    return Problem(415, detail, code="unsupported_media_type")
+def _unsupported(detail: str) -> UnsupportedFormatError:
+    return UnsupportedFormatError(detail)
 
 
-def _corrupt(detail: str) -> Problem:
-    return Problem(422, detail, code="corrupt_slide")
+def _corrupt(detail: str) -> TruncatedSlideError:
+    return TruncatedSlideError(detail)
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -212,14 +235,17 @@ def _sniff_tiff(path: Path, head: bytes, file_size: int, client_ext: str) -> Sli
 
 
 def sniff(path: Path, client_filename: str | None = None) -> SlideFormat:
-    """Decide the format of the uploaded file at ``path``; raise Problem 400/415/422 if not a slide."""
+    """Decide the format of the uploaded file at ``path`` from its first KB and first TIFF directory.
+
+    Raises EmptySlideError (400), UnsupportedFormatError (415) or TruncatedSlideError (422).
+    """
     file_size = path.stat().st_size
     if file_size == 0:
-        raise Problem(400, "the uploaded file is empty", code="empty_upload")
+        raise EmptySlideError("the uploaded file is empty")
     with path.open("rb") as fh:
         head = fh.read(4096)
     client_ext = Path(client_filename or "").suffix.lower()
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+    if head[:4] in TIFF_MAGICS:
         if file_size < 16:
             raise _corrupt("the file has a TIFF header but nothing else (truncated upload?)")
         return _sniff_tiff(path, head, file_size, client_ext)
@@ -234,3 +260,91 @@ def sniff(path: Path, client_filename: str | None = None) -> SlideFormat:
         "the upload is not a whole-slide image format fprotoseg reads (TIFF-based: SVS, NDPI, "
         "OME-TIFF, SCN, BIF, Philips TIFF, pyramidal TIFF; or DICOM)"
     )
+
+
+# ------------------------------------------------ the reader's check of every directory (tifffile)
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def quiet_tifffile() -> Iterator[list[str]]:
+    """tifffile logs malformed headers (and carries on); we collect them instead of printing,
+    and report what matters as one SlideError line. Python warnings from readers are muted too."""
+    logger = logging.getLogger("tifffile")
+    collect = _Collect()
+    previous = logger.propagate
+    logger.addHandler(collect)
+    logger.propagate = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield collect.messages
+    finally:
+        logger.removeHandler(collect)
+        logger.propagate = previous
+
+
+def vet_tiff(path: Path, file_size: int) -> bool:
+    """Check claimed TIFF dimensions and tile offsets before any decoder touches the file.
+
+    Returns whether the file is an OME-TIFF (its pyramid lives in SubIFDs, which only tiffslide
+    reads; OpenSlide's generic-tiff driver would see level 0 alone).
+    """
+    import tifffile
+
+    try:
+        with quiet_tifffile() as complaints, tifffile.TiffFile(path) as tif:
+            pages = list(tif.pages)
+            if any("offset" in c for c in complaints):
+                raise TruncatedSlideError(
+                    f"{path.name} is truncated or corrupt (an image directory points past its "
+                    f"{file_size} bytes); upload the complete file"
+                )
+            if not pages:
+                raise TruncatedSlideError(
+                    f"{path.name} is truncated or not a complete TIFF (no image directory inside "
+                    f"its {file_size} bytes); upload the complete file"
+                )
+            widest = max(pages, key=lambda p: int(p.imagewidth) * int(p.imagelength))
+            check_dimensions(path, int(widest.imagewidth), int(widest.imagelength), file_size)
+            for page in pages:
+                offsets, counts = page.dataoffsets, page.databytecounts
+                if len(offsets) and len(counts) == len(offsets):
+                    end = max(int(o) + int(c) for o, c in zip(offsets, counts, strict=True))
+                    if end > file_size:
+                        raise TruncatedSlideError(
+                            f"{path.name} is truncated: image data runs to byte {end} but the file "
+                            f"has {file_size} bytes; upload the complete file"
+                        )
+            return bool(tif.is_ome)
+    except SlideError:
+        raise
+    except Exception as exc:  # tifffile raises many types on malformed headers
+        raise SlideError(f"{path.name} is not a readable TIFF/whole-slide image: {one_line(exc)}") from exc
+
+
+def check_dimensions(path: Path, width_px: int, height_px: int, file_size: int) -> None:
+    if width_px <= 0 or height_px <= 0:
+        raise SlideError(f"{path.name} claims an empty image ({width_px}x{height_px} px)")
+    pixels = width_px * height_px
+    if max(width_px, height_px) > MAX_SIDE_PX or pixels > MAX_PIXELS:
+        raise SlideTooLargeError(
+            f"{path.name} claims {width_px}x{height_px} px, beyond any real slide "
+            f"(limits: side {MAX_SIDE_PX} px, {MAX_PIXELS:.0e} px); refusing to read it"
+        )
+    if file_size > 0 and pixels / file_size > MAX_PIXELS_PER_FILE_BYTE:
+        raise SlideTooLargeError(
+            f"{path.name} claims {width_px}x{height_px} px but holds only {file_size} bytes "
+            f"(a decompression bomb or a truncated file); refusing to read it"
+        )
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] if text else type(exc).__name__

@@ -10,6 +10,7 @@ loses nothing. Cheap to import: no torch, no Celery.
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 import threading
@@ -21,36 +22,31 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from model.errors import FprotosegError
-from worker.settings import Settings
+from fprotoseg.worker.errors import DuplicateJobError, JobStoreError
+from fprotoseg.worker.service.settings import Settings
+from fprotoseg.worker.service.states import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    STATES,
+    TERMINAL_STATES,
+    JobState,
+)
 
-QUEUED = "queued"
-RUNNING = "running"
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-CANCELLED = "cancelled"
-STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
-TERMINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
+__all__ = [
+    "DURATION_BUCKETS_S",
+    "JobRecord",
+    "JobStore",
+    "RedisJobStore",
+    "SqliteJobStore",
+    "open_jobstore",
+]
+
 
 # Prometheus-style job duration buckets (seconds): a small slide on a GPU takes seconds, a
 # large one on a CPU hours.
 DURATION_BUCKETS_S = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0)
-
-
-class JobStoreError(FprotosegError):
-    """The job store (SQLite file or Redis) cannot be reached or written."""
-
-    code = "jobstore_unavailable"
-
-
-class DuplicateJobError(FprotosegError):
-    """A job with this Idempotency-Key exists already; ``existing_id`` names it."""
-
-    code = "duplicate_job"
-
-    def __init__(self, existing_id: str) -> None:
-        super().__init__(f"a job with this Idempotency-Key exists: {existing_id}")
-        self.existing_id = existing_id
 
 
 @dataclass
@@ -58,7 +54,7 @@ class JobRecord:
     """Everything known about one job. Times are UNIX epoch seconds (UTC)."""
 
     id: str
-    state: str = QUEUED
+    state: JobState = QUEUED
     progress: float = 0.0
     stage: str = "queued"
     created_at: float = field(default_factory=time.time)
@@ -116,7 +112,9 @@ class JobStore(ABC):
     def get(self, job_id: str) -> JobRecord | None: ...
 
     @abstractmethod
-    def list(self, *, limit: int, offset: int = 0, state: str | None = None) -> tuple[list[JobRecord], int]:
+    def list(
+        self, *, limit: int, offset: int = 0, state: str | None = None
+    ) -> tuple[builtins.list[JobRecord], int]:
         """A page of records, newest first, and the total count (of that state)."""
 
     @abstractmethod
@@ -150,7 +148,7 @@ class JobStore(ABC):
         """The next job for the embedded worker (first in, first out)."""
 
     @abstractmethod
-    def ids_in_state(self, state: str) -> list[str]: ...
+    def ids_in_state(self, state: str) -> builtins.list[str]: ...
 
     @abstractmethod
     def incr_metrics(self, increments: dict[str, float]) -> None:
@@ -272,7 +270,7 @@ class SqliteJobStore(JobStore):
         except sqlite3.Error as exc:
             raise JobStoreError(f"job store {self.path}: {exc}") from None
 
-    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> builtins.list[tuple[Any, ...]]:
         try:
             return self._db().execute(sql, args).fetchall()
         except sqlite3.Error as exc:
@@ -309,7 +307,9 @@ class SqliteJobStore(JobStore):
         rows = self._read("SELECT record FROM jobs WHERE id = ?", (job_id,))
         return JobRecord.from_dict(json.loads(rows[0][0])) if rows else None
 
-    def list(self, *, limit: int, offset: int = 0, state: str | None = None) -> tuple[list[JobRecord], int]:
+    def list(
+        self, *, limit: int, offset: int = 0, state: str | None = None
+    ) -> tuple[builtins.list[JobRecord], int]:
         where, args = ("WHERE state = ?", (state,)) if state else ("", ())
         rows = self._read(
             f"SELECT record FROM jobs {where} ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
@@ -350,7 +350,7 @@ class SqliteJobStore(JobStore):
             return rec
 
     def counts_by_state(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATES, 0)
+        counts: dict[str, int] = dict.fromkeys(STATES, 0)
         for state, n in self._read("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
             counts[state] = int(n)
         return counts
@@ -361,7 +361,7 @@ class SqliteJobStore(JobStore):
         )
         return JobRecord.from_dict(json.loads(rows[0][0])) if rows else None
 
-    def ids_in_state(self, state: str) -> list[str]:
+    def ids_in_state(self, state: str) -> builtins.list[str]:
         return [r[0] for r in self._read("SELECT id FROM jobs WHERE state = ? ORDER BY created_at", (state,))]
 
     def incr_metrics(self, increments: dict[str, float]) -> None:
@@ -448,7 +448,7 @@ class RedisJobStore(JobStore):
             pipe.execute()
         return record
 
-    def _get_many(self, ids: list[bytes] | list[str]) -> list[JobRecord]:
+    def _get_many(self, ids: builtins.list[bytes] | builtins.list[str]) -> builtins.list[JobRecord]:
         if not ids:
             return []
         keys = [self._k("job", i.decode() if isinstance(i, bytes) else i) for i in ids]
@@ -459,7 +459,9 @@ class RedisJobStore(JobStore):
             raw = self.client.get(self._k("job", job_id))
         return JobRecord.from_dict(json.loads(raw)) if raw else None
 
-    def list(self, *, limit: int, offset: int = 0, state: str | None = None) -> tuple[list[JobRecord], int]:
+    def list(
+        self, *, limit: int, offset: int = 0, state: str | None = None
+    ) -> tuple[builtins.list[JobRecord], int]:
         key = self._k("state", state) if state else self._k("jobs")
         with self._errors():
             ids = self.client.zrevrange(key, offset, offset + limit - 1)
@@ -520,7 +522,7 @@ class RedisJobStore(JobStore):
         recs = self._get_many(ids)
         return recs[0] if recs else None
 
-    def ids_in_state(self, state: str) -> list[str]:
+    def ids_in_state(self, state: str) -> builtins.list[str]:
         with self._errors():
             return [i.decode() for i in self.client.zrange(self._k("state", state), 0, -1)]
 

@@ -8,17 +8,16 @@ PIL ImageSlide, which would decode the whole image at once.
 Why the vetting: a TIFF header can claim any size. Before a single pixel is decoded we check the
 claimed dimensions against absolute limits and against the bytes the file really holds, and that
 no tile points past the end of the file (a truncated upload), so a decompression bomb or a
-truncated file fails in milliseconds with a one-line reason.
+truncated file fails in milliseconds with a one-line reason. The checks live in
+:mod:`fprotoseg.worker.wsi.validate`, shared with the upload sniffer of the API.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import re
 import threading
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,20 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from worker.errors import MissingMppError, SlideError, SlideTooLargeError, UnsupportedFormatError
+from fprotoseg.worker.errors import EmptySlideError, MissingMppError, SlideError, UnsupportedFormatError
+from fprotoseg.worker.wsi.validate import TIFF_MAGICS, check_dimensions, one_line, quiet_tifffile, vet_tiff
 
-# Decompression-bomb guard. The largest real slides are ~200k x 100k px; nothing real exceeds these.
-MAX_SIDE_PX = 500_000
-MAX_PIXELS = 100_000_000_000
-# Level-0 pixels per byte of file. JPEG-compressed blank glass stays below ~100; deflate of pure
-# white ~300. A header claiming far more pixels than its bytes can hold is a bomb or a truncation.
-MAX_PIXELS_PER_FILE_BYTE = 1000.0
 # Smallest plausible pixel size (µm/px): anything below is a unit error in the metadata.
 MIN_MPP = 0.01
 MAX_MPP = 100.0
-
-_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-
 
 @dataclass
 class Slide:
@@ -118,7 +109,7 @@ class Slide:
         except Exception as exc:  # backend errors carry no common base class
             raise SlideError(
                 f"cannot decode {self.path.name} at level {level} ({x0}, {y0}): "
-                f"{_one_line(exc)} (truncated or corrupt file?)"
+                f"{one_line(exc)} (truncated or corrupt file?)"
             ) from exc
         out[y0 - y_px : y1 - y_px, x0 - x_px : x1 - x_px] = _to_rgb_on_white(rgba, size)
         return out
@@ -192,11 +183,6 @@ class Slide:
         self.close()
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300] if text else type(exc).__name__
-
-
 def _to_rgb_on_white(rgba: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Composite RGBA on white: OpenSlide marks area without scanned data transparent."""
     if rgba.ndim == 2:
@@ -210,90 +196,6 @@ def _to_rgb_on_white(rgba: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return rgb
     a = alpha.astype(np.float32)[:, :, None] / 255.0
     return (rgb.astype(np.float32) * a + 255.0 * (1.0 - a) + 0.5).astype(np.uint8)
-
-
-# ---------------------------------------------------------------------------------------- vetting
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-@contextlib.contextmanager
-def _quiet_tifffile() -> Iterator[list[str]]:
-    """tifffile logs malformed headers (and carries on); we collect them instead of printing,
-    and report what matters as one SlideError line. Python warnings from readers are muted too."""
-    logger = logging.getLogger("tifffile")
-    collect = _Collect()
-    previous = logger.propagate
-    logger.addHandler(collect)
-    logger.propagate = False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield collect.messages
-    finally:
-        logger.removeHandler(collect)
-        logger.propagate = previous
-
-
-def _vet_tiff(path: Path, file_size: int) -> bool:
-    """Check claimed TIFF dimensions and tile offsets before any decoder touches the file.
-
-    Returns whether the file is an OME-TIFF (its pyramid lives in SubIFDs, which only tiffslide
-    reads; OpenSlide's generic-tiff driver would see level 0 alone).
-    """
-    import tifffile
-
-    try:
-        with _quiet_tifffile() as complaints, tifffile.TiffFile(path) as tif:
-            pages = list(tif.pages)
-            if any("offset" in c for c in complaints):
-                raise SlideError(
-                    f"{path.name} is truncated or corrupt (an image directory points past its "
-                    f"{file_size} bytes); upload the complete file"
-                )
-            if not pages:
-                raise SlideError(
-                    f"{path.name} is truncated or not a complete TIFF (no image directory inside "
-                    f"its {file_size} bytes); upload the complete file"
-                )
-            widest = max(pages, key=lambda p: int(p.imagewidth) * int(p.imagelength))
-            _check_dimensions(path, int(widest.imagewidth), int(widest.imagelength), file_size)
-            for page in pages:
-                offsets = np.asarray(page.dataoffsets, dtype=np.int64)
-                counts = np.asarray(page.databytecounts, dtype=np.int64)
-                if offsets.size and counts.size == offsets.size:
-                    end = int((offsets + counts).max())
-                    if end > file_size:
-                        raise SlideError(
-                            f"{path.name} is truncated: image data runs to byte {end} but the file "
-                            f"has {file_size} bytes; upload the complete file"
-                        )
-            return bool(tif.is_ome)
-    except SlideError:
-        raise
-    except Exception as exc:  # tifffile raises many types on malformed headers
-        raise SlideError(f"{path.name} is not a readable TIFF/whole-slide image: {_one_line(exc)}") from exc
-
-
-def _check_dimensions(path: Path, width_px: int, height_px: int, file_size: int) -> None:
-    if width_px <= 0 or height_px <= 0:
-        raise SlideError(f"{path.name} claims an empty image ({width_px}x{height_px} px)")
-    pixels = width_px * height_px
-    if max(width_px, height_px) > MAX_SIDE_PX or pixels > MAX_PIXELS:
-        raise SlideTooLargeError(
-            f"{path.name} claims {width_px}x{height_px} px, beyond any real slide "
-            f"(limits: side {MAX_SIDE_PX} px, {MAX_PIXELS:.0e} px); refusing to read it"
-        )
-    if file_size > 0 and pixels / file_size > MAX_PIXELS_PER_FILE_BYTE:
-        raise SlideTooLargeError(
-            f"{path.name} claims {width_px}x{height_px} px but holds only {file_size} bytes "
-            f"(a decompression bomb or a truncated file); refusing to read it"
-        )
 
 
 # -------------------------------------------------------------------------------------------- MPP
@@ -322,7 +224,7 @@ def _mpp_from_tiff_tags(path: Path) -> tuple[float, str] | None:
     import tifffile
 
     try:
-        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
+        with quiet_tifffile(), tifffile.TiffFile(path) as tif:
             page = tif.pages.first
             desc = page.description or ""
             match = _OME_SIZE.search(desc)
@@ -359,15 +261,15 @@ def open_slide(path: str | Path, mpp_override: float | None = None, *, require_m
         raise SlideError(f"slide not found: {path}")
     file_size = path.stat().st_size
     if file_size == 0:
-        raise SlideError(f"{path.name} is empty (0 bytes)")
+        raise EmptySlideError(f"{path.name} is empty (0 bytes)")
     if mpp_override is not None and _valid_mpp(mpp_override) is None:
         raise SlideError(
             f"--mpp {mpp_override} is not a plausible pixel size (expected {MIN_MPP}..{MAX_MPP} µm/px)"
         )
     with path.open("rb") as fh:
         magic = fh.read(4)
-    is_tiff = magic in _TIFF_MAGICS
-    is_ome = _vet_tiff(path, file_size) if is_tiff else False
+    is_tiff = magic in TIFF_MAGICS
+    is_ome = vet_tiff(path, file_size) if is_tiff else False
 
     import openslide
 
@@ -401,10 +303,10 @@ def _open_openslide(path: Path, fmt: str, file_size: int) -> Slide:
     import openslide
 
     try:
-        with _quiet_tifffile():
+        with quiet_tifffile():
             handle = openslide.OpenSlide(str(path))
     except Exception as exc:
-        raise SlideError(f"{path.name} ({fmt}) cannot be opened: {_one_line(exc)}") from exc
+        raise SlideError(f"{path.name} ({fmt}) cannot be opened: {one_line(exc)}") from exc
     props = dict(handle.properties)
     return _slide_from_handle(path, handle, "openslide", props.get("openslide.vendor", fmt), props, file_size)
 
@@ -413,10 +315,10 @@ def _open_tiffslide(path: Path, file_size: int) -> Slide:
     import tiffslide
 
     try:
-        with _quiet_tifffile():
+        with quiet_tifffile():
             handle = tiffslide.TiffSlide(str(path))
     except Exception as exc:
-        raise SlideError(f"{path.name} is not a readable whole-slide image: {_one_line(exc)}") from exc
+        raise SlideError(f"{path.name} is not a readable whole-slide image: {one_line(exc)}") from exc
     props = {k: str(v) for k, v in handle.properties.items() if v is not None}
     vendor = props.get("tiffslide.vendor") or ("ome-tiff" if ".ome." in path.name.lower() else "tiff")
     return _slide_from_handle(path, handle, "tiffslide", vendor, props, file_size)
@@ -428,7 +330,7 @@ def _slide_from_handle(
     """Wrap an open OpenSlide/TiffSlide handle after the size guard; close it on any failure."""
     try:
         width, height = handle.dimensions
-        _check_dimensions(path, int(width), int(height), file_size)
+        check_dimensions(path, int(width), int(height), file_size)
         return Slide(
             path=path,
             reader=reader,
@@ -454,7 +356,7 @@ def _resolve_mpp(slide: Slide, mpp_override: float | None) -> None:
     found = _mpp_from_properties(slide.properties)
     if found is None:
         with slide.path.open("rb") as fh:
-            is_tiff = fh.read(4) in _TIFF_MAGICS
+            is_tiff = fh.read(4) in TIFF_MAGICS
         found = _mpp_from_tiff_tags(slide.path) if is_tiff else None
     if found is None:
         raise MissingMppError(

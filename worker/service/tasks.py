@@ -1,9 +1,9 @@
-"""The Celery task: a thin wrapper over :func:`worker.jobs.process_job`.
+"""The Celery task: a thin wrapper over :func:`fprotoseg.worker.service.jobs.process_job`.
 
 Workers load the model once per worker process (``worker_process_init``) and keep one job-store
 connection per process. Only transient errors (job store or broker unreachable) are retried;
-a bad slide fails its job with a reason instead. ``celery -A worker.tasks worker`` works too;
-``fprotoseg worker`` is the documented way.
+a bad slide fails its job with a reason instead. ``celery -A fprotoseg.worker.service.tasks worker``
+works too; ``fprotoseg worker`` is the documented way.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import functools
 import logging
 from typing import Any
 
-from worker.celery_app import TASK_NAME, make_celery
-from worker.jobs import TransientJobError, fail_job, get_segmenter, process_job
-from worker.jobstore import JobStore, JobStoreError, open_jobstore
-from worker.settings import Settings, load_settings
+from fprotoseg.worker.errors import JobStoreError, TransientJobError
+from fprotoseg.worker.service.celery_app import TASK_NAME, make_celery
+from fprotoseg.worker.service.jobs import fail_job, process_job
+from fprotoseg.worker.service.jobstore import JobStore, open_jobstore
+from fprotoseg.worker.service.segmenters import get_segmenter
+from fprotoseg.worker.service.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ def register_tasks(app: Any, settings: Settings) -> Any:
         except Exception as exc:  # the job will fail with the same reason; the worker stays up
             log.error("model could not be loaded: %s", exc)
 
-    class JobTask(app.Task):  # type: ignore[name-defined,misc]
+    class JobTask(app.Task):  # app: Any (Celery is untyped), so its Task is too
         def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
             """Failures that never reach process_job's own handling still end the job record.
 
@@ -97,7 +99,7 @@ def create_worker_app(settings: Settings | None = None) -> Any:
 
 
 def __getattr__(name: str) -> Any:
-    """``celery -A worker.tasks`` looks up ``app``: built on first access from the environment."""
+    """``celery -A fprotoseg.worker.service.tasks`` looks up ``app``: built on first access."""
     if name == "app":
         value = create_worker_app()
         globals()["app"] = value

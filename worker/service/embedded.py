@@ -1,8 +1,9 @@
 """The embedded executor: the local worker process of ``fprotoseg serve`` when no broker is set.
 
-It runs the same :func:`worker.jobs.process_job` as the Celery task, taking queued jobs from the
-SQLite job store first in, first out. It is a separate process so that inference never blocks
-the API and a crash (out of memory) does not take the API down; ``fprotoseg serve`` restarts it.
+It runs the same :func:`fprotoseg.worker.service.jobs.process_job` as the Celery task, taking
+queued jobs from the SQLite job store first in, first out. It is a separate process so that
+inference never blocks the API and a crash (out of memory) does not take the API down;
+``fprotoseg serve`` restarts it.
 Jobs left ``running`` by a previous process are requeued at start (there is one local worker),
 and SIGTERM/SIGINT requeue the current job at its next batch.
 """
@@ -15,9 +16,12 @@ import signal
 import sys
 import threading
 
-from worker.jobs import TransientJobError, get_segmenter, process_job
-from worker.jobstore import QUEUED, RUNNING, JobStoreError, open_jobstore
-from worker.settings import Settings, load_settings
+from fprotoseg.worker.errors import JobStoreError, TransientJobError
+from fprotoseg.worker.service.jobs import process_job
+from fprotoseg.worker.service.jobstore import open_jobstore
+from fprotoseg.worker.service.segmenters import get_segmenter
+from fprotoseg.worker.service.settings import Settings, load_settings
+from fprotoseg.worker.service.states import QUEUED, RUNNING
 
 log = logging.getLogger("fprotoseg.embedded")
 

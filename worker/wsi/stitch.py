@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from worker.buffers import anonymous_array
-from worker.tiling import Tile
-from worker.tissue import TissueMask
+from fprotoseg.worker.wsi.buffers import anonymous_array
+from fprotoseg.worker.wsi.tiling import Tile
+from fprotoseg.worker.wsi.tissue import TissueMask
 
 BACKGROUND = 0
 

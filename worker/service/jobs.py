@@ -1,0 +1,199 @@
+"""``process_job``: the one job function, shared by the Celery task and the embedded executor.
+
+Orchestration only: claim, run the pipeline (progress and stop checks: ``runtime``), publish
+(``result_files``), end the job and call back (``callbacks``). Idempotent, because Redis redelivers
+a job whose worker died (acks_late): a finished job is left alone, one whose results are on disk is
+marked succeeded without redoing the work, and every state change is a compare-and-set, so a job
+ends ``succeeded`` exactly once even when two deliveries race. Cheap to import (no torch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fprotoseg.model.errors import FprotosegError
+from fprotoseg.worker.errors import (
+    JobCancelledError,
+    JobInterrupted,
+    JobStoreError,
+    TransientJobError,
+    UploadChangedError,
+)
+from fprotoseg.worker.service.callbacks import notify
+from fprotoseg.worker.service.jobstore import JobRecord, JobStore, open_jobstore
+from fprotoseg.worker.service.runtime import JobProgress, StopCheck
+from fprotoseg.worker.service.segmenters import get_segmenter
+from fprotoseg.worker.service.settings import Settings
+from fprotoseg.worker.service.states import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobState
+from fprotoseg.worker.wsi.result_files import publish, results_complete
+
+if TYPE_CHECKING:
+    from fprotoseg.worker.wsi.pipeline import RunResult
+
+log = logging.getLogger(__name__)
+StopFlag = Callable[[], bool] | None
+
+
+def _finish(
+    store: JobStore, settings: Settings, job_id: str, state: JobState, *, only_from: str = "", **changes: Any
+) -> JobRecord | None:
+    """Terminal compare-and-set; only the delivery that wins it deletes the upload (if asked) and
+    sends the callback."""
+    from_states = [only_from] if only_from else [QUEUED, RUNNING]
+    rec = store.transition(job_id, state, from_states, finished_at=time.time(), **changes)
+    if rec is None:
+        return store.get(job_id)
+    if not settings.keep_uploads and rec.upload_path:  # FPROTOSEG_KEEP_UPLOADS=false: results stay
+        with contextlib.suppress(OSError):
+            settings.upload_file(rec.upload_path).unlink(missing_ok=True)
+    error = f" ({rec.error_code}: {rec.error_message})" if rec.error_code else ""
+    log.info("job %s: %s%s", job_id, state, error)
+    if state == SUCCEEDED and rec.duration_s is not None:
+        with contextlib.suppress(JobStoreError):
+            store.record_finished_job(rec.duration_s, rec.tiles)
+    notify(settings, rec)
+    return rec
+
+
+def fail_job(store: JobStore, settings: Settings, job_id: str, code: str, message: str) -> JobRecord | None:
+    """Mark a queued/running job failed (once) and send its callback."""
+    return _finish(store, settings, job_id, FAILED, stage="failed", error_code=code, error_message=message)
+
+
+def process_job(
+    job_id: str,
+    settings: Settings,
+    store: JobStore | None = None,
+    *,
+    should_stop: StopFlag = None,
+) -> JobRecord | None:
+    """Run one job to a terminal state (or back to ``queued`` when the worker shuts down).
+
+    Raises TransientJobError only for failures worth a retry (job store unreachable).
+    """
+    own_store = store is None
+    store = store or open_jobstore(settings)
+    try:
+        return _process(job_id, settings, store, should_stop)
+    except JobStoreError as exc:
+        raise TransientJobError(f"job {job_id}: {exc.message}") from None
+    finally:
+        if own_store:
+            store.close()
+
+
+def _claim(store: JobStore, settings: Settings, job_id: str) -> JobRecord | None:
+    """The job, moved to ``running`` for this delivery; None when it is final or was just ended here."""
+    rec = store.get(job_id)
+    if rec is None:
+        log.warning("job %s: no such job record; message dropped", job_id)
+        return None
+    if rec.terminal:
+        log.info("job %s: already %s; redelivery ignored", job_id, rec.state)
+        return None
+    if results_complete(settings.result_dir(job_id)):  # redelivered after the results were published
+        _finish(store, settings, job_id, SUCCEEDED, progress=1.0, stage="done")
+        return None
+    if rec.cancel_requested:
+        _finish(store, settings, job_id, CANCELLED, stage="cancelled")
+        return None
+    if rec.attempts >= settings.max_delivery_attempts:
+        fail_job(
+            store, settings, job_id, "worker_lost",
+            f"the worker processing this job stopped {rec.attempts} times (out of memory or killed); "
+            "check the worker logs and the slide",
+        )
+        return None
+    return store.transition(
+        job_id, RUNNING, [QUEUED, RUNNING], attempts=rec.attempts + 1,
+        started_at=rec.started_at or time.time(), stage="loading model", progress=0.0,
+    )
+
+
+def _process(job_id: str, settings: Settings, store: JobStore, should_stop: StopFlag) -> JobRecord | None:
+    rec = _claim(store, settings, job_id)
+    if rec is None:  # nothing (more) to do here, or cancelled between the read and the claim
+        return store.get(job_id)
+    log.info("job %s: running (attempt %d)", job_id, rec.attempts)
+    started_s = time.monotonic()
+    work_dir = settings.jobs_dir / job_id / f"work-{rec.attempts}-{os.getpid()}"
+    try:
+        result = _run_pipeline(store, settings, rec, work_dir, should_stop)
+        store.progress(job_id, "publishing results", 0.99)
+        result_dir = settings.result_dir(job_id)
+        publish(work_dir, result_dir)
+        for stale in result_dir.parent.glob("work-*"):  # partial output of attempts whose worker died
+            shutil.rmtree(stale, ignore_errors=True)
+    except BaseException as exc:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        return _failed(store, settings, rec, exc)
+    duration_s = round(time.monotonic() - started_s, 3)
+    return _finish(  # from running only: not after a cancel or a racing delivery that finished first
+        store, settings, job_id, SUCCEEDED, only_from=RUNNING, progress=1.0, stage="done",
+        duration_s=duration_s, tiles=result.tiles_inferred,
+    )
+
+
+def _run_pipeline(
+    store: JobStore, settings: Settings, rec: JobRecord, work_dir: Path, should_stop: StopFlag
+) -> RunResult:
+    segmenter = get_segmenter(settings)
+    from fprotoseg.worker.wsi.pipeline import PipelineOptions, run
+
+    slide = settings.upload_file(rec.upload_path)
+    if rec.upload_bytes and slide.stat().st_size != rec.upload_bytes:
+        raise UploadChangedError(
+            f"the stored upload has {slide.stat().st_size} bytes, not the {rec.upload_bytes} received; "
+            "upload the slide again"
+        )
+    # The gzip copy lets the API answer Accept-Encoding: gzip without recompressing per request.
+    options = PipelineOptions(geojson_gzip=True, batch_size=settings.batch_size or PipelineOptions.batch_size)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True)
+    return run(
+        slide,
+        work_dir,
+        segmenter,
+        options=options,
+        mpp_override=rec.mpp,
+        progress=JobProgress(store, rec.id, settings.progress_interval_s),
+        should_cancel=StopCheck(
+            store, rec.id, settings.cancel_poll_interval_s, should_stop, settings.job_soft_time_limit_s
+        ),
+        slide_sha256=rec.upload_sha256 or None,  # hashed once, while the upload streamed in
+    )
+
+
+def _failed(store: JobStore, settings: Settings, rec: JobRecord, exc: BaseException) -> JobRecord | None:
+    """Where a job that did not succeed ends: back in the queue, cancelled, or failed with a code."""
+    job_id = rec.id
+    if isinstance(exc, JobInterrupted):
+        store.transition(job_id, QUEUED, [RUNNING], attempts=rec.attempts - 1, stage="requeued", progress=0.0)
+        log.info("job %s: interrupted by shutdown, requeued", job_id)
+        return store.get(job_id)
+    if isinstance(exc, JobCancelledError):
+        return _finish(store, settings, job_id, CANCELLED, stage="cancelled")
+    if isinstance(exc, JobStoreError) or not isinstance(exc, Exception):
+        raise exc  # transient (retried by process_job's caller), or KeyboardInterrupt/SystemExit
+    if isinstance(exc, FprotosegError):
+        return fail_job(store, settings, job_id, exc.code, exc.message)
+    if isinstance(exc, MemoryError):
+        return fail_job(store, settings, job_id, "out_of_memory", "the worker ran out of memory on the slide")
+    if type(exc).__name__ == "SoftTimeLimitExceeded":  # Celery's, matched by name (no import)
+        limit_s = settings.job_soft_time_limit_s
+        return fail_job(
+            store, settings, job_id, "time_limit",
+            f"the job ran longer than FPROTOSEG_JOB_SOFT_TIME_LIMIT_S={limit_s:g} s",
+        )
+    log.exception("job %s: unexpected error", job_id, exc_info=exc)
+    return fail_job(
+        store, settings, job_id, "internal_error",
+        f"internal error ({type(exc).__name__}) while processing the slide; the worker log has details",
+    )

@@ -1,0 +1,60 @@
+"""The layout of one result directory: file names, media types, and how it is published.
+
+One home for what the writer (:mod:`~fprotoseg.worker.wsi.outputs`), the job service (links,
+publishing) and the API (serving files with their media type) must agree on. Stdlib only, no
+numpy: the API imports it. A result directory is published by one atomic rename with a marker
+written last, so a reader sees every file or none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Final
+
+# result key (also the URL segment /jobs/{id}/{key}) -> file name
+RESULT_FILES: Final[dict[str, str]] = {
+    "geojson": "segmentation.geojson",
+    "stats": "stats.json",
+    "mask": "mask.tiff",
+    "overlay": "overlay.png",
+    "provenance": "provenance.json",
+}
+MEDIA_TYPES: Final[dict[str, str]] = {
+    "geojson": "application/geo+json",
+    "stats": "application/json",
+    "mask": "image/tiff",
+    "overlay": "image/png",
+    "provenance": "application/json",
+}
+GEOJSON_NAME: Final = RESULT_FILES["geojson"]
+STATS_NAME: Final = RESULT_FILES["stats"]
+MASK_NAME: Final = RESULT_FILES["mask"]
+OVERLAY_NAME: Final = RESULT_FILES["overlay"]
+PROVENANCE_NAME: Final = RESULT_FILES["provenance"]
+GZIP_SUFFIX: Final = ".gz"  # segmentation.geojson.gz: served when the client accepts gzip
+COMPLETE_MARKER: Final = ".complete.json"
+
+
+def results_complete(result_dir: Path) -> bool:
+    """True when every result file is published (the marker is written last, before the rename)."""
+    return (result_dir / COMPLETE_MARKER).is_file() and all(
+        (result_dir / n).is_file() for n in RESULT_FILES.values()
+    )
+
+
+def publish(work_dir: Path, result_dir: Path) -> None:
+    """Marker last, then one atomic rename: readers never see a partial result set."""
+    listing = {name: (work_dir / name).stat().st_size for name in RESULT_FILES.values()}
+    (work_dir / COMPLETE_MARKER).write_text(json.dumps({"files": listing, "at": time.time()}))
+    try:
+        os.rename(work_dir, result_dir)
+    except OSError:
+        if results_complete(result_dir):  # a duplicate delivery published first: keep its files
+            shutil.rmtree(work_dir, ignore_errors=True)
+        else:
+            shutil.rmtree(result_dir, ignore_errors=True)
+            os.rename(work_dir, result_dir)
