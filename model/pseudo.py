@@ -61,3 +61,24 @@ def make_pseudo_masks(
     )
     net.train(was_training)
     return pseudo_masks(cams, labels, float(cfg.get("bg_power", 10.0)))
+
+
+@torch.no_grad()
+def pseudo_label_map(
+    net: FProtoSegStage1, x: torch.Tensor, label: torch.Tensor, fusion: list[float]
+) -> torch.Tensor:
+    """(H, W) class indices of one whole image's pseudo mask, gated by its true image label.
+
+    The standard intermediate figure of weakly supervised segmentation: how good the stage-1
+    network's CAMs are as training targets, scored against the expert mask on validation images
+    (ignore pixels excluded by the metric, so no background threshold enters).
+    """
+    was_training = net.training
+    net.eval()
+    h, w = x.shape[-2:]
+    pad_h, pad_w = -h % 32, -w % 32  # every encoder level divides the padded size
+    padded = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if (pad_h or pad_w) else x
+    cams = fused_normalised_cams(net, padded, fusion, flip_tta=True)[..., :h, :w]
+    net.train(was_training)
+    gated = cams[0] * (label > 0).to(cams.dtype)[:, None, None]
+    return gated.argmax(dim=0)

@@ -31,6 +31,7 @@ from fprotoseg.model.datasets import (
     MaskedImage,
     WeakCropSampler,
     WeakImage,
+    image_level_label,
     load_pairs,
     weak_images_from_class_folder,
     weak_images_from_labelled_folder,
@@ -49,7 +50,7 @@ from fprotoseg.model.fprotoseg import (
     encoder_normalisation,
     stage1_losses,
 )
-from fprotoseg.model.pseudo import IGNORE_INDEX, make_pseudo_masks
+from fprotoseg.model.pseudo import IGNORE_INDEX, make_pseudo_masks, pseudo_label_map
 from fprotoseg.model.text import class_text_embeddings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -267,6 +268,21 @@ def validate(
     result = score_pairs(val, lambda p: predict_labels(predict, p.rgb, tile_px, context), dataset)
     module.train()
     return result
+
+
+def pseudo_mask_scores(
+    net: torch.nn.Module, val: list[MaskedImage], dataset: str, device: str, norm: Normalisation,
+    fusion: list[float], min_fraction: float,
+) -> dict[str, Any]:
+    """Pseudo-mask mIoU on the validation images (each gated by its own image-level label)."""
+    k = len(DATASETS[dataset].classes)
+
+    def label_fn(p: MaskedImage) -> np.ndarray:
+        x = to_input(p.rgb[None], device, norm)
+        label = torch.from_numpy(image_level_label(p.mask, k, min_fraction)).to(device)
+        return pseudo_label_map(net, x, label, fusion).cpu().numpy()
+
+    return score_pairs(val, label_fn, dataset)
 
 
 # ------------------------------------------------------------------------------------ state
@@ -489,6 +505,7 @@ def train(
     if keep not in ("best", "last"):
         raise ConfigError(f"train.keep must be best or last, got {keep!r}")
     contexts = [str(c) for c in tcfg.get("val_contexts", ["reflect"])]
+    pseudo_fusion = [float(w) for w in cfg.get("inference", {}).get("fusion", [0.0, 0.3, 0.3, 0.4])]
     loss_cfg = cfg.get("loss", {})
     teacher_clean = bool(cfg.get("stage2", {}).get("teacher_sees_clean", False))
     module.train()
@@ -552,6 +569,11 @@ def train(
             bar.set_postfix(loss=f"{sums['total'] / (i + 1):.4f}")
         vals = {c: validate(module, data.val, data.dataset, tile_px, device, norm, c) for c in contexts}
         val = vals[contexts[0]]
+        pseudo = (
+            pseudo_mask_scores(net, data.val, data.dataset, device, norm, pseudo_fusion, min_frac)
+            if stage == 1
+            else None
+        )
         row = {
             "epoch": epoch + 1,
             "train_loss": sums.get("total", 0.0) / iters,
@@ -560,6 +582,7 @@ def train(
             **{f"val_iou_{n}": v for n, v in val["iou"].items()},
             # the same crops laid on glass, as a slide shows them to the worker
             **{f"val_{c}_miou": v["miou"] for c, v in vals.items() if c != contexts[0]},
+            **({"val_pseudo_miou": pseudo["miou"]} if pseudo else {}),
             "lr": opt.param_groups[0]["lr"],
             "elapsed_s": round(time.time() - t0, 1),
         }
@@ -574,6 +597,7 @@ def train(
             f"epoch {epoch + 1}/{epochs} loss {row['train_loss']:.4f} val mIoU {val['miou']:.4f} "
             + " ".join(f"{n}={v:.3f}" for n, v in val["iou"].items() if v is not None)
             + "".join(f" {c} {v['miou']:.4f}" for c, v in vals.items() if c != contexts[0])
+            + (f" pseudo {pseudo['miou']:.4f}" if pseudo else "")
             + f" ({row['elapsed_s']:.0f}s)"
         )
         # keep: best = the epoch with the best validation mIoU (optimistic when reported: chosen

@@ -1,7 +1,8 @@
 """``fprotoseg evaluate``: score a checkpoint on image+mask pairs; prints ONE JSON object.
 
-Keys: miou, iou (per class), fwiou, dice (per class), mdice, pixel_accuracy, confusion_matrix,
-protocol, images, checkpoint, checkpoint_sha256, dataset.
+Keys: miou, miou_present (mean over the classes the masks hold), iou (per class), fwiou, dice (per
+class), mdice, pixel_accuracy, confusion_matrix, protocol, context, images, checkpoint,
+checkpoint_sha256, dataset.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ def register(subparsers: Any) -> None:
         choices=["ignore_background", "tissue_mean_with_background"],
         help="for datasets with a background class (LUAD-HistoSeg, BCSS-WSSS)",
     )
+    p.add_argument(
+        "--context",
+        default="reflect",
+        choices=["reflect", "glass"],
+        help="what fills a tile beyond each crop: mirrored crop (the literature's crop protocol) "
+        "or empty glass, as a biopsy edge shows it to the whole-slide worker",
+    )
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.set_defaults(handler=handle)
@@ -47,7 +55,14 @@ def handle(args: argparse.Namespace) -> int:
     elif args.names:
         names = [n.strip() for n in args.names.split(",") if n.strip()]
     result = evaluate_checkpoint(
-        args.checkpoint, args.data_root, args.dataset, names, args.protocol, args.device, args.precision
+        args.checkpoint,
+        args.data_root,
+        args.dataset,
+        names,
+        args.protocol,
+        args.device,
+        args.precision,
+        args.context,
     )
     print(json.dumps(result))
     return 0
