@@ -51,6 +51,7 @@ from fprotoseg.model.fprotoseg import (
     stage1_losses,
 )
 from fprotoseg.model.pseudo import IGNORE_INDEX, make_pseudo_masks, pseudo_label_map
+from fprotoseg.model.stain import hed_jitter
 from fprotoseg.model.text import class_text_embeddings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -183,28 +184,6 @@ def flip_rotate(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         img = np.rot90(img, int(rng.integers(4)))
         out[i] = img[:, ::-1] if rng.random() < 0.5 else img
     return out
-
-
-# Ruifrok & Johnston's H&E(-DAB) stain vectors (optical density per RGB channel), rows H, E, D.
-_HED_FROM_RGB = np.linalg.inv(
-    np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
-)
-_RGB_FROM_HED = np.linalg.inv(_HED_FROM_RGB)
-
-
-def hed_jitter(batch: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
-    """Stain augmentation in the space where stains mix (Tellez et al. 2018): per image, scale and
-    shift the haematoxylin, eosin and residual optical densities by U(1-s, 1+s) and U(-s, s).
-    Unlike RGB gain jitter it produces colours a real lab's H&E can have."""
-    if sigma <= 0:
-        return batch
-    n = batch.shape[0]
-    od = -np.log(np.maximum(batch.astype(np.float64), 1.0) / 255.0)  # optical density, >= 0
-    hed = od @ _HED_FROM_RGB
-    alpha = rng.uniform(1 - sigma, 1 + sigma, size=(n, 1, 1, 3))
-    beta = rng.uniform(-sigma, sigma, size=(n, 1, 1, 3))
-    od = np.maximum((hed * alpha + beta) @ _RGB_FROM_HED, 0.0)
-    return np.clip(255.0 * np.exp(-od), 0, 255).astype(np.uint8)
 
 
 def stain_jitter(

@@ -220,7 +220,7 @@ def test_glass_bands_relabel_what_stays_visible() -> None:
 
 
 def test_hed_jitter_keeps_white_and_changes_stain() -> None:
-    from fprotoseg.model.train import hed_jitter
+    from fprotoseg.model.stain import hed_jitter
 
     rng = np.random.default_rng(0)
     batch = np.stack([np.full((8, 8, 3), (150, 80, 170), np.uint8), np.full((8, 8, 3), 255, np.uint8)])
@@ -241,3 +241,16 @@ def test_local_gate_matches_global_on_uniform_maps_and_follows_the_neighbourhood
     assert global_.shape == (1, 2, 1, 1) and float(global_[0, 0]) == pytest.approx(2.5)
     assert local.shape == (1, 2, 8, 8)
     assert float(local[0, 0, 4, 0]) == pytest.approx(5.0) and float(local[0, 0, 4, 7]) == pytest.approx(0.0)
+
+
+def test_fixed_stain_shifts_restain_tissue_and_keep_glass() -> None:
+    from fprotoseg.model.stain import STAIN_SHIFTS, shift_stain
+
+    rgb = np.zeros((8, 16, 3), np.uint8)
+    rgb[:, :8] = (150, 80, 170)  # H&E purple
+    rgb[:, 8:] = 245  # glass
+    for shift in STAIN_SHIFTS:
+        out = shift_stain(rgb, shift)
+        assert out.shape == rgb.shape and out.dtype == np.uint8
+        assert not np.array_equal(out[:, :8], rgb[:, :8])
+        assert np.array_equal(out[:, 8:], rgb[:, 8:])

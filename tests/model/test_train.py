@@ -153,6 +153,7 @@ def test_tiny_training_per_encoder_loss_falls(tmp_path: Path, variant: str) -> N
     losses = [float(r["train_loss"]) for r in rows]
     assert losses[-1] < losses[0], losses
     assert all(0.0 <= float(r["val_glass_miou"]) <= 1.0 for r in rows)
+    assert all(0.0 <= float(r["val_pseudo_miou"]) <= 1.0 for r in rows)  # stage-1 CAMs as targets
     assert Path(result["checkpoint"]).name == "final.safetensors"
     seg = load_segmenter(result["checkpoint"], device="cpu")
     expected_mean = [0.485, 0.456, 0.406] if variant.startswith("lite") else [0.5, 0.5, 0.5]
