@@ -72,16 +72,17 @@ def _validation_detail(exc: RequestValidationError) -> str:
 
 
 def allowed_methods(app: FastAPI, path: str) -> list[str]:
-    """Every method some route serves at ``path`` (Starlette's 405 names only the matched route's)."""
-    from starlette.routing import Match, Route
+    """Every method the API serves at ``path``, from its OpenAPI paths (Starlette's 405 names only
+    the methods of the one route that matched, so ``OPTIONS /jobs/x`` would omit DELETE)."""
+    import re
 
     methods: set[str] = set()
-    scope = {"type": "http", "path": path, "method": "GET", "root_path": ""}
-    for route in app.router.routes:
-        if isinstance(route, Route) and route.methods:
-            match, _ = route.matches({**scope})
-            if match != Match.NONE:
-                methods |= set(route.methods)
+    for template, item in app.openapi().get("paths", {}).items():
+        pattern = "^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, path):
+            methods |= {m.upper() for m in item}
+    if "GET" in methods:
+        methods.add("HEAD")
     return sorted(methods)
 
 

@@ -230,11 +230,15 @@ async def receive_upload(
             ) from None
         log.error("upload aborted: cannot write the upload: %s", exc)
         raise Problem(503, "storage is unavailable; try again later", code="storage_unavailable") from None
-    except Exception:
+    except Exception as exc:
         _discard(sink, temp_path)
-        raise Problem(
-            400, "the multipart body is malformed or was cut off", code="malformed_upload"
-        ) from None
+        if "header size" in str(exc):  # python-multipart's cap on one part header line (4 KiB)
+            raise Problem(
+                422,
+                f"a part header is too long: keep the file name under {MAX_FILENAME_CHARS} characters",
+                code="filename_too_long",
+            ) from None
+        raise Problem(400, "the multipart body is malformed or was cut off", code="malformed_upload") from None
     finally:
         _discard(sink, None)
 
