@@ -58,7 +58,11 @@ class JobCollector(Collector):
         tiles.add_metric([], stored.get("tiles_total", 0.0))
         yield tiles
         for name, key, what in (
-            ("fprotoseg_retention_jobs_deleted", "retention_jobs_deleted", "Finished jobs deleted by retention"),
+            (
+                "fprotoseg_retention_jobs_deleted",
+                "retention_jobs_deleted",
+                "Finished jobs deleted by retention",
+            ),
             (
                 "fprotoseg_retention_bytes_reclaimed",
                 "retention_bytes_reclaimed",

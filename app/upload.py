@@ -238,7 +238,9 @@ async def receive_upload(
                 f"a part header is too long: keep the file name under {MAX_FILENAME_CHARS} characters",
                 code="filename_too_long",
             ) from None
-        raise Problem(400, "the multipart body is malformed or was cut off", code="malformed_upload") from None
+        raise Problem(
+            400, "the multipart body is malformed or was cut off", code="malformed_upload"
+        ) from None
     finally:
         _discard(sink, None)
 

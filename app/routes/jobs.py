@@ -11,8 +11,8 @@ from fprotoseg.app.auth import ApiKey, Principal
 from fprotoseg.app.deps import DispatcherDep, SettingsDep, StoreDep
 from fprotoseg.app.errors import Problem
 from fprotoseg.app.routes.views import JobList, JobView, base_url, job_view
-from fprotoseg.worker.service.jobs import heartbeat_stale
 from fprotoseg.worker.service.jobstore import JobRecord, JobStore
+from fprotoseg.worker.service.lifecycle import heartbeat_stale
 from fprotoseg.worker.service.maintenance import end_lost_job
 from fprotoseg.worker.service.states import CANCELLED, FAILED, SUCCEEDED, JobState
 

@@ -29,8 +29,8 @@ from fprotoseg.app.routes.views import SegmentAccepted, base_url, job_view
 from fprotoseg.app.upload import MAX_FILENAME_CHARS, receive_upload
 from fprotoseg.worker.errors import BrokerUnavailableError, DuplicateJobError
 from fprotoseg.worker.service.callbacks import job_links
-from fprotoseg.worker.service.jobs import heartbeat_stale
 from fprotoseg.worker.service.jobstore import JobRecord, JobStore
+from fprotoseg.worker.service.lifecycle import heartbeat_stale
 from fprotoseg.worker.service.maintenance import end_lost_job
 from fprotoseg.worker.service.netguard import MAX_URL_CHARS, CallbackURLError, check_callback_url
 from fprotoseg.worker.service.settings import Settings

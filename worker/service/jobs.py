@@ -9,7 +9,6 @@ ends ``succeeded`` exactly once even when two deliveries race. Cheap to import (
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -29,84 +28,22 @@ from fprotoseg.worker.errors import (
     TransientJobError,
     UploadChangedError,
 )
-from fprotoseg.worker.service.callbacks import enqueue
 from fprotoseg.worker.service.jobstore import JobRecord, JobStore, open_jobstore
+from fprotoseg.worker.service.lifecycle import _finish, cancel_job, fail_job, heartbeat_stale
 from fprotoseg.worker.service.runtime import JobProgress, StopCheck
 from fprotoseg.worker.service.segmenters import get_segmenter
 from fprotoseg.worker.service.settings import Settings
-from fprotoseg.worker.service.states import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobState
+from fprotoseg.worker.service.states import QUEUED, RUNNING, SUCCEEDED
 from fprotoseg.worker.service.storage import is_out_of_space
 from fprotoseg.worker.wsi.result_files import publish, results_complete
 
 if TYPE_CHECKING:
     from fprotoseg.worker.wsi.pipeline import RunResult
 
+__all__ = ["cancel_job", "fail_job", "heartbeat_stale", "process_job"]
+
 log = logging.getLogger(__name__)
 StopFlag = Callable[[], bool] | None
-
-
-def _finish(
-    store: JobStore,
-    settings: Settings,
-    job_id: str,
-    state: JobState,
-    *,
-    only_from: str = "",
-    where: Callable[[JobRecord], bool] | None = None,
-    **changes: Any,
-) -> JobRecord | None:
-    """Terminal compare-and-set; only the delivery that wins it deletes the upload (if asked) and
-    queues the callback."""
-    from_states = [only_from] if only_from else [QUEUED, RUNNING]
-    current = store.get(job_id)
-    if current is not None and current.callback_url:
-        changes["callback_status"] = "pending"
-    rec = store.transition(job_id, state, from_states, where, finished_at=time.time(), **changes)
-    if rec is None:
-        return store.get(job_id)
-    if state != SUCCEEDED:  # a job without results never answers a replay: the key may start anew
-        with contextlib.suppress(JobStoreError):
-            store.release_idempotency_key(job_id)
-    if not settings.keep_uploads and rec.upload_path:  # FPROTOSEG_KEEP_UPLOADS=false: results stay
-        with contextlib.suppress(OSError):
-            settings.upload_file(rec.upload_path).unlink(missing_ok=True)
-    error = f" ({rec.error_code}: {rec.error_message})" if rec.error_code else ""
-    log.info("job %s: %s%s", job_id, state, error)
-    if state == SUCCEEDED and rec.duration_s is not None:
-        with contextlib.suppress(JobStoreError):
-            store.record_finished_job(rec.duration_s, rec.tiles)
-    enqueue(store, rec)
-    return rec
-
-
-def fail_job(
-    store: JobStore,
-    settings: Settings,
-    job_id: str,
-    code: str,
-    message: str,
-    *,
-    where: Callable[[JobRecord], bool] | None = None,
-) -> JobRecord | None:
-    """Mark a queued/running job failed (once) and queue its callback."""
-    return _finish(
-        store, settings, job_id, FAILED, where=where, stage="failed", error_code=code, error_message=message
-    )
-
-
-def cancel_job(
-    store: JobStore, settings: Settings, job_id: str, *, where: Callable[[JobRecord], bool] | None = None
-) -> JobRecord | None:
-    """Mark a queued/running job cancelled (once) and queue its callback."""
-    return _finish(store, settings, job_id, CANCELLED, where=where, stage="cancelled", cancel_requested=True)
-
-
-def heartbeat_stale(rec: JobRecord, settings: Settings, now: float | None = None) -> bool:
-    """A running job whose attempt has not been heard of for FPROTOSEG_JOB_HEARTBEAT_TIMEOUT_S."""
-    if rec.state != RUNNING:
-        return False
-    last = rec.heartbeat_at or rec.started_at or rec.updated_at
-    return (time.time() if now is None else now) - last > settings.job_heartbeat_timeout_s
 
 
 def process_job(

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fprotoseg.worker.errors import JobStoreError
-from fprotoseg.worker.service.jobs import cancel_job, fail_job, heartbeat_stale
 from fprotoseg.worker.service.jobstore import JobRecord, JobStore
+from fprotoseg.worker.service.lifecycle import cancel_job, fail_job, heartbeat_stale
 from fprotoseg.worker.service.settings import Settings
 from fprotoseg.worker.service.states import QUEUED, RUNNING
 
