@@ -1,5 +1,9 @@
 """The OpenAPI schema against the real server: schemathesis' own ``st run`` CLI, bounded in time,
-against a ``fprotoseg serve`` on 127.0.0.1, every check on. It must find nothing."""
+against a ``fprotoseg serve`` on 127.0.0.1, every check on but one. It must find nothing.
+
+Left out: ``positive_data_acceptance`` ("a schema-valid request was rejected"). Any bytes are a valid
+``format: binary`` file part, but only whole-slide images are accepted (a PNG is ``415
+unsupported_format``, documented); no JSON schema can say "is a slide"."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import pytest
 
 from tests.app.live import API_KEY, api_server
 
-MAX_TIME_S = 120
+MAX_TIME_S = 90
 
 
 @pytest.mark.slow
@@ -35,6 +39,8 @@ def test_schemathesis_finds_nothing(tmp_path: Path, tiny_checkpoint: Path) -> No
                 f"{url}/openapi.json",
                 "--checks",
                 "all",
+                "--exclude-checks",
+                "positive_data_acceptance",
                 "--max-time",
                 str(MAX_TIME_S),
                 "--max-examples",
