@@ -9,17 +9,24 @@ the environment) behind a process manager.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
 from fprotoseg.app.dispatch import make_dispatcher
 from fprotoseg.app.metrics import install_metrics
+from fprotoseg.app.openapi import customise_openapi
 from fprotoseg.app.problems import install_problem_handlers
 from fprotoseg.app.routes import health, jobs, results, segment
 from fprotoseg.app.upload import TEMP_PREFIX
-from fprotoseg.worker.service.jobstore import open_jobstore
+from fprotoseg.worker.service.jobstore import JobStore, open_jobstore
+from fprotoseg.worker.service.maintenance import run_maintenance
 from fprotoseg.worker.service.settings import Settings, load_settings
+from fprotoseg.worker.service.storage import prepare_data_dir
 
 log = logging.getLogger("fprotoseg.api")
 
@@ -29,7 +36,8 @@ DESCRIPTION = """Whole-slide H&E tissue segmentation (FProtoSeg).
 
 `POST /segment` a slide (multipart field `file`), poll `GET /jobs/{id}` until `succeeded`, then
 fetch `/geojson` (QuPath), `/stats` (µm² per class), `/mask`, `/overlay`, `/provenance`.
-Every endpoint but `/healthz`, `/readyz`, `/metrics` and the docs needs an `X-API-Key` header.
+Every endpoint but `/healthz`, `/readyz`, `/metrics` and the docs needs an `X-API-Key` header;
+a key belongs to a tenant, which sees only its own jobs (another tenant's job is a 404).
 Errors are `application/problem+json` with a stable `code`.
 """
 
@@ -45,13 +53,38 @@ def _remove_stale_uploads(settings: Settings) -> None:
             pass
 
 
+class Maintenance:
+    """A daemon thread running :func:`run_maintenance` (lost jobs, retention) while the API is up."""
+
+    def __init__(self, settings: Settings, store: JobStore, resubmit: Any) -> None:
+        self.settings, self.store, self.resubmit = settings, store, resubmit
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="maintenance", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.maintenance_interval_s):
+            try:
+                run_maintenance(self.store, self.settings, self.resubmit)
+            except Exception:  # never let housekeeping take the API down
+                log.exception("maintenance pass failed")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the API for ``settings`` (default: from the FPROTOSEG_* environment)."""
+    """Build the API for ``settings`` (default: from the FPROTOSEG_* environment).
+
+    Raises ConfigurationError (one line) when the data dir cannot be written.
+    """
     from importlib.metadata import PackageNotFoundError, version
 
     settings = settings or load_settings()
-    settings.uploads_dir.mkdir(parents=True, exist_ok=True)
-    settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(settings.data_dir, (settings.uploads_dir, settings.jobs_dir))
     _remove_stale_uploads(settings)
     store = open_jobstore(settings)
     dispatcher = make_dispatcher(settings, store)
@@ -62,12 +95,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     except PackageNotFoundError:
         app_version = "0+unknown"
 
-    app = FastAPI(title="fprotoseg", version=app_version, description=DESCRIPTION)
+    maintenance = Maintenance(settings, store, None if dispatcher.kind == "embedded" else dispatcher.submit)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        maintenance.start()
+        try:
+            yield
+        finally:
+            maintenance.stop()
+
+    app = FastAPI(title="fprotoseg", version=app_version, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
+    app.state.key_entries = settings.key_entries()
     app.state.store = store
     app.state.dispatcher = dispatcher
     install_problem_handlers(app)
     app.state.metrics_registry = install_metrics(app, store, dispatcher)
     for module in (segment, jobs, results, health):
         app.include_router(module.router)
+    customise_openapi(app)
     return app

@@ -57,6 +57,21 @@ class JobCollector(Collector):
         tiles = CounterMetricFamily("fprotoseg_tiles_processed", "Tiles inferred by succeeded jobs")
         tiles.add_metric([], stored.get("tiles_total", 0.0))
         yield tiles
+        for name, key, what in (
+            (
+                "fprotoseg_retention_jobs_deleted",
+                "retention_jobs_deleted",
+                "Finished jobs deleted by retention",
+            ),
+            (
+                "fprotoseg_retention_bytes_reclaimed",
+                "retention_bytes_reclaimed",
+                "Bytes of uploads and results deleted by retention (FPROTOSEG_RETENTION_DAYS)",
+            ),
+        ):
+            counter = CounterMetricFamily(name, what)
+            counter.add_metric([], stored.get(key, 0.0))
+            yield counter
         secs = stored.get("tile_seconds_total", 0.0)
         rate = GaugeMetricFamily("fprotoseg_tiles_per_second", "Tiles per second over all succeeded jobs")
         rate.add_metric([], stored.get("tiles_total", 0.0) / secs if secs > 0 else 0.0)

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fprotoseg.app.errors import Problem
 from fprotoseg.model.errors import FprotosegError
+from fprotoseg.worker.service.storage import is_out_of_space
 
 __all__ = ["PROBLEM_MEDIA_TYPE", "Problem", "install_problem_handlers", "problem_response"]
 
@@ -36,6 +37,7 @@ _TITLES = {
     422: "Unprocessable content",
     500: "Internal server error",
     503: "Service unavailable",
+    507: "Insufficient storage",
 }
 
 
@@ -69,20 +71,37 @@ def _validation_detail(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method the API serves at ``path``, from its OpenAPI paths (Starlette's 405 names only
+    the methods of the one route that matched, so ``OPTIONS /jobs/x`` would omit DELETE)."""
+    import re
+
+    methods: set[str] = set()
+    for template, item in app.openapi().get("paths", {}).items():
+        pattern = "^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, path):
+            methods |= {m.upper() for m in item}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     """Route every error path (ours, FastAPI's, Starlette's, unexpected) to a problem body."""
-
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(exc.status_code, "error")
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(app, request.url.path))
         return problem_response(
             exc.status_code,
             detail,
             code=code,
             instance=request.url.path,
-            headers=getattr(exc, "headers", None),
+            headers=headers or None,
         )
 
     @app.exception_handler(RequestValidationError)
@@ -95,17 +114,29 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def _fprotoseg(request: Request, exc: FprotosegError) -> JSONResponse:
         """Any error of any layer, by its class: its ``http_status``, ``code`` and one-line message."""
         problem = exc if isinstance(exc, Problem) else None
+        headers = dict(problem.headers) if problem else {}
+        if exc.http_status == 503:
+            headers.setdefault("Retry-After", "5")  # transient by definition: say when to come back
         return problem_response(
             exc.http_status,
             exc.message,
             code=exc.code,
             instance=request.url.path,
-            headers=problem.headers if problem else None,
+            headers=headers or None,
             extra=problem.extra if problem else None,
         )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if is_out_of_space(exc):
+            log.error("out of disk space on %s %s: %s", request.method, request.url.path, exc)
+            return problem_response(
+                507,
+                "the server is out of disk space; try again later",
+                code="insufficient_storage",
+                instance=request.url.path,
+                headers={"Retry-After": "300"},
+            )
         # The traceback goes to the server log only; the body names the error class and nothing more.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem_response(

@@ -10,7 +10,9 @@ kept in memory up to a few KB. API memory stays flat whatever the slide size.
 from __future__ import annotations
 
 import hashlib
-import re
+import logging
+import os
+import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +22,13 @@ from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from fprotoseg.app.errors import Problem
+from fprotoseg.worker.service.storage import FILE_MODE, free_mb, is_out_of_space
+
+log = logging.getLogger("fprotoseg.api")
 
 FILE_FIELD = "file"
+MAX_FILENAME_CHARS = 1024
+RETRY_AFTER_FULL_S = 300
 MAX_FIELD_BYTES = 8192
 MAX_FIELDS = 16
 # After the cap is hit, read (and discard) at most this much more so the client sees the 413
@@ -41,13 +48,27 @@ class ReceivedUpload:
     fields: dict[str, str] = field(default_factory=dict)
 
 
-def display_filename(raw: str | None) -> str:
-    """The client's file name reduced to a harmless label (for display only, never a path)."""
+def client_filename(raw: str | None) -> str:
+    """The client's file name exactly as sent (Unicode included), for a LIMS to match its case.
+
+    It is data only, never a path: the stored file is named by the server. Refused (422) when it
+    is longer than MAX_FILENAME_CHARS or holds control characters (they would forge log lines
+    and break every report a LIMS prints).
+    """
     if not raw:
         return ""
-    name = raw.replace("\\", "/").rsplit("/", 1)[-1]
-    name = re.sub(r"[^A-Za-z0-9._ ()+-]", "_", name).strip(" .")
-    return name[:200]
+    if len(raw) > MAX_FILENAME_CHARS:
+        raise Problem(
+            422, f"the file name is longer than {MAX_FILENAME_CHARS} characters", code="filename_too_long"
+        )
+    if any(unicodedata.category(c) == "Cc" for c in raw):
+        raise Problem(422, "the file name contains control characters", code="invalid_request")
+    return raw
+
+
+def storage_full(detail: str) -> Problem:
+    """507 with a stable code and a retry hint: the client did nothing wrong and may try later."""
+    return Problem(507, detail, code="insufficient_storage", headers={"Retry-After": str(RETRY_AFTER_FULL_S)})
 
 
 def too_large(cap_bytes: int) -> Problem:
@@ -101,7 +122,8 @@ class _Sink:
             self.file_seen = True
             self.filename = params[b"filename"].decode("utf-8", "replace")
             self._part = FILE_FIELD
-            self._fh = self.temp_path.open("wb")
+            fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+            self._fh = os.fdopen(fd, "wb")
         elif name and len(self.fields) < MAX_FIELDS:
             self._part = name
 
@@ -153,10 +175,13 @@ class _Sink:
         }
 
 
-async def receive_upload(request: Request, uploads_dir: Path, cap_bytes: int) -> ReceivedUpload:
-    """Stream the request body to ``uploads_dir``; Problem 400/413/415/422 on a bad request.
+async def receive_upload(
+    request: Request, uploads_dir: Path, cap_bytes: int, min_free_mb: float = 0.0
+) -> ReceivedUpload:
+    """Stream the request body to ``uploads_dir``; Problem 400/413/415/422 on a bad request,
+    507 when the disk is (or would be) full, 503 when the data dir cannot be written.
 
-    The caller owns the returned temp file (rename it or delete it).
+    The caller owns the returned temp file (rename it or delete it); on any error it is removed.
     """
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or not params.get(b"boundary"):
@@ -169,7 +194,16 @@ async def receive_upload(request: Request, uploads_dir: Path, cap_bytes: int) ->
     if declared and declared.isdigit() and int(declared) > cap_bytes + 1024 * 1024:
         raise too_large(cap_bytes)  # before reading a byte (curl's Expect: 100-continue gets this)
 
-    uploads_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        uploads_dir.mkdir(parents=True, exist_ok=True)
+        free = free_mb(uploads_dir)
+    except OSError as exc:
+        log.error("upload refused: the uploads dir is unusable: %s", exc)
+        raise Problem(503, "storage is unavailable; try again later", code="storage_unavailable") from None
+    needed_mb = min_free_mb + (int(declared) / 2**20 if declared and declared.isdigit() else 0.0)
+    if free < needed_mb:
+        log.error("upload refused: %.0f MiB free, %.0f MiB needed (FPROTOSEG_MIN_FREE_MB)", free, needed_mb)
+        raise storage_full("the server has not enough free disk space for this upload; try again later")
     temp_path = uploads_dir / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
     sink = _Sink(temp_path, cap_bytes)
     parser = MultipartParser(params[b"boundary"], sink.callbacks())
@@ -187,14 +221,28 @@ async def receive_upload(request: Request, uploads_dir: Path, cap_bytes: int) ->
     except Problem:
         temp_path.unlink(missing_ok=True)
         raise
-    except Exception:
-        sink._close_file()
-        temp_path.unlink(missing_ok=True)
+    except OSError as exc:  # writing the slide, not the client's bytes, failed
+        _discard(sink, temp_path)
+        if is_out_of_space(exc):
+            log.error("upload aborted: disk full after %d bytes; partial upload removed", sink.size)
+            raise storage_full(
+                "the server ran out of disk space during the upload; try again later"
+            ) from None
+        log.error("upload aborted: cannot write the upload: %s", exc)
+        raise Problem(503, "storage is unavailable; try again later", code="storage_unavailable") from None
+    except Exception as exc:
+        _discard(sink, temp_path)
+        if "header size" in str(exc):  # python-multipart's cap on one part header line (4 KiB)
+            raise Problem(
+                422,
+                f"a part header is too long: keep the file name under {MAX_FILENAME_CHARS} characters",
+                code="filename_too_long",
+            ) from None
         raise Problem(
             400, "the multipart body is malformed or was cut off", code="malformed_upload"
         ) from None
     finally:
-        sink._close_file()
+        _discard(sink, None)
 
     if sink.over_cap:
         temp_path.unlink(missing_ok=True)
@@ -210,10 +258,25 @@ async def receive_upload(request: Request, uploads_dir: Path, cap_bytes: int) ->
         raise Problem(
             422, "no file: send the slide in a multipart field named 'file'", code="invalid_request"
         )
+    try:
+        filename = client_filename(sink.filename)
+    except Problem:
+        temp_path.unlink(missing_ok=True)
+        raise
     return ReceivedUpload(
         path=temp_path,
         sha256=sink.hasher.hexdigest(),
         size_bytes=sink.size,
-        filename=display_filename(sink.filename),
+        filename=filename,
         fields=sink.fields,
     )
+
+
+def _discard(sink: _Sink, temp_path: Path | None) -> None:
+    """Close the partial file (a full disk may refuse even the close) and remove it."""
+    try:
+        sink._close_file()
+    except OSError:
+        sink._fh = None
+    if temp_path is not None:
+        temp_path.unlink(missing_ok=True)

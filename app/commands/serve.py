@@ -77,7 +77,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     from fprotoseg.app.auth import load_or_create_api_key
     from fprotoseg.app.main import create_app
+    from fprotoseg.worker.service.callbacks import signing_secret
     from fprotoseg.worker.service.settings import load_settings
+    from fprotoseg.worker.service.storage import prepare_data_dir, private_umask
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides: dict[str, Any] = {}
@@ -86,7 +88,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         overrides["port"] = args.port
     settings = load_settings(**overrides)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_umask()  # uploads, results, the job store and the secrets: 0600 files, 0700 dirs
+    prepare_data_dir(settings.data_dir)  # a read-only data dir ends here, in one line
+    print(f"fprotoseg: data dir {settings.data_dir.resolve()} (private, mode 0700)", file=sys.stderr)
     if not settings.auth_disabled and not settings.api_keys:
         key, created = load_or_create_api_key(settings)
         settings = settings.model_copy(update={"api_keys": [key]})
@@ -102,6 +106,13 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
+    if not settings.callback_secret:
+        signing_secret(settings)  # generated now, once, so every worker signs with the same one
+        print(
+            f"fprotoseg: callbacks are signed with the secret in {settings.callback_secret_file} "
+            "(or set FPROTOSEG_CALLBACK_SECRET)",
+            file=sys.stderr,
+        )
     app = create_app(settings)
     worker = None
     if settings.embedded and not args.no_worker:

@@ -20,7 +20,10 @@ def _worker(args: argparse.Namespace) -> int:
             "FPROTOSEG_BROKER_URL is not set; set it to redis://HOST:6379/0, or run `fprotoseg serve` "
             "alone (it includes a worker)"
         )
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    from fprotoseg.worker.service.storage import prepare_data_dir, private_umask
+
+    private_umask()  # results and work files of patient slides: 0600 / 0700
+    prepare_data_dir(settings.data_dir, (settings.uploads_dir, settings.jobs_dir))
     from fprotoseg.worker.service.tasks import create_worker_app
 
     app = create_worker_app(settings)

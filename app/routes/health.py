@@ -14,6 +14,7 @@ from fprotoseg.app.auth import require_api_key
 from fprotoseg.app.deps import DispatcherDep, SettingsDep, StoreDep
 from fprotoseg.app.problems import PROBLEM_MEDIA_TYPE
 from fprotoseg.worker.errors import JobStoreError
+from fprotoseg.worker.service.storage import free_mb
 
 router = APIRouter(tags=["health"])
 
@@ -33,9 +34,27 @@ def _storage_ok(settings: SettingsDep) -> bool:
         return False
 
 
-@router.get("/readyz", summary="Readiness: storage, job store, broker, at least one worker")
+def _free_mb(settings: SettingsDep) -> float | None:
+    try:
+        return round(free_mb(settings.data_dir), 1)
+    except OSError:
+        return None
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: storage (writable, FPROTOSEG_MIN_FREE_MB free), job store, broker, a worker",
+    responses={503: {"description": "not ready; `checks` says which part failed"}},
+)
 def readyz(settings: SettingsDep, store: StoreDep, dispatcher: DispatcherDep) -> JSONResponse:
-    checks: dict[str, Any] = {"mode": dispatcher.kind, "storage": _storage_ok(settings)}
+    free = _free_mb(settings)
+    enough_space = free is not None and free >= settings.min_free_mb
+    checks: dict[str, Any] = {
+        "mode": dispatcher.kind,
+        "storage": _storage_ok(settings) and enough_space,
+        "free_mb": free,
+        "min_free_mb": settings.min_free_mb,
+    }
     try:
         store.ping()
         checks["jobstore"] = True
@@ -50,6 +69,10 @@ def readyz(settings: SettingsDep, store: StoreDep, dispatcher: DispatcherDep) ->
     failing = [k for k in ("storage", "jobstore", "broker") if not checks[k]] + (
         [] if workers else ["workers"]
     )
+    if not enough_space:
+        failing[failing.index("storage")] = (
+            f"storage ({free} MiB free, FPROTOSEG_MIN_FREE_MB={settings.min_free_mb:g})"
+        )
     body = {
         "type": "urn:fprotoseg:problem:not_ready",
         "title": "Service unavailable",

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
-from fprotoseg.app.auth import ApiKey
+from fprotoseg.app.auth import ApiKey, Principal
 from fprotoseg.app.deps import SettingsDep, StoreDep
 from fprotoseg.app.errors import Problem
 from fprotoseg.app.routes.jobs import load_job
@@ -20,14 +20,22 @@ from fprotoseg.worker.wsi.result_files import GZIP_SUFFIX, MEDIA_TYPES, RESULT_F
 
 router = APIRouter(tags=["results"])
 
-_RESPONSES: dict[int | str, dict[str, Any]] = {
-    404: {"description": "no such job"},
-    409: {"description": "the job has not succeeded (yet)"},
-}
+
+def _responses(name: str) -> dict[int | str, dict[str, Any]]:
+    """The file's own media type for 200 (not FastAPI's default application/json), and the errors."""
+    media = MEDIA_TYPES[name]
+    schema: dict[str, Any] = (
+        {"type": "object"} if media.endswith("json") else {"type": "string", "format": "binary"}
+    )
+    return {
+        200: {"description": f"{RESULT_FILES[name]}", "content": {media: {"schema": schema}}},
+        404: {"description": "no such job (or another tenant's), or its results are gone"},
+        409: {"description": "the job has not succeeded (yet)"},
+    }
 
 
-def _result_path(settings: Settings, store: JobStore, job_id: str, name: str) -> Path:
-    rec = load_job(store, job_id)
+def _result_path(settings: Settings, store: JobStore, job_id: str, name: str, who: Principal) -> Path:
+    rec = load_job(store, job_id, who)
     if rec.state != SUCCEEDED:
         raise Problem(
             409,
@@ -55,12 +63,13 @@ def _file(path: Path, name: str, job_id: str, *, attachment: bool) -> FileRespon
 @router.get(
     "/jobs/{job_id}/geojson",
     summary="QuPath-compatible GeoJSON (gzip with Accept-Encoding)",
-    responses=_RESPONSES,
+    response_class=FileResponse,
+    responses=_responses("geojson"),
 )
 def get_geojson(
-    job_id: str, request: Request, _: ApiKey, settings: SettingsDep, store: StoreDep
+    job_id: str, request: Request, who: ApiKey, settings: SettingsDep, store: StoreDep
 ) -> FileResponse:
-    path = _result_path(settings, store, job_id, "geojson")
+    path = _result_path(settings, store, job_id, "geojson", who)
     gz = path.with_name(path.name + GZIP_SUFFIX)
     wants_gzip = "gzip" in request.headers.get("accept-encoding", "").lower()
     if wants_gzip and gz.is_file():
@@ -78,25 +87,43 @@ def get_geojson(
     return response
 
 
-@router.get("/jobs/{job_id}/stats", summary="Per-class areas in µm² (stats.json)", responses=_RESPONSES)
-def get_stats(job_id: str, _: ApiKey, settings: SettingsDep, store: StoreDep) -> FileResponse:
-    return _file(_result_path(settings, store, job_id, "stats"), "stats", job_id, attachment=False)
-
-
-@router.get("/jobs/{job_id}/mask", summary="Label mask, pyramidal TIFF", responses=_RESPONSES)
-def get_mask(job_id: str, _: ApiKey, settings: SettingsDep, store: StoreDep) -> FileResponse:
-    return _file(_result_path(settings, store, job_id, "mask"), "mask", job_id, attachment=True)
+@router.get(
+    "/jobs/{job_id}/stats",
+    summary="Per-class areas in µm² (stats.json)",
+    response_class=FileResponse,
+    responses=_responses("stats"),
+)
+def get_stats(job_id: str, who: ApiKey, settings: SettingsDep, store: StoreDep) -> FileResponse:
+    return _file(_result_path(settings, store, job_id, "stats", who), "stats", job_id, attachment=False)
 
 
 @router.get(
-    "/jobs/{job_id}/overlay", summary="Thumbnail with classes drawn and a legend", responses=_RESPONSES
+    "/jobs/{job_id}/mask",
+    summary="Label mask, pyramidal TIFF",
+    response_class=FileResponse,
+    responses=_responses("mask"),
 )
-def get_overlay(job_id: str, _: ApiKey, settings: SettingsDep, store: StoreDep) -> FileResponse:
-    return _file(_result_path(settings, store, job_id, "overlay"), "overlay", job_id, attachment=False)
+def get_mask(job_id: str, who: ApiKey, settings: SettingsDep, store: StoreDep) -> FileResponse:
+    return _file(_result_path(settings, store, job_id, "mask", who), "mask", job_id, attachment=True)
 
 
 @router.get(
-    "/jobs/{job_id}/provenance", summary="How the result was made (provenance.json)", responses=_RESPONSES
+    "/jobs/{job_id}/overlay",
+    summary="Thumbnail with classes drawn and a legend",
+    response_class=FileResponse,
+    responses=_responses("overlay"),
 )
-def get_provenance(job_id: str, _: ApiKey, settings: SettingsDep, store: StoreDep) -> FileResponse:
-    return _file(_result_path(settings, store, job_id, "provenance"), "provenance", job_id, attachment=False)
+def get_overlay(job_id: str, who: ApiKey, settings: SettingsDep, store: StoreDep) -> FileResponse:
+    return _file(_result_path(settings, store, job_id, "overlay", who), "overlay", job_id, attachment=False)
+
+
+@router.get(
+    "/jobs/{job_id}/provenance",
+    summary="How the result was made (provenance.json)",
+    response_class=FileResponse,
+    responses=_responses("provenance"),
+)
+def get_provenance(job_id: str, who: ApiKey, settings: SettingsDep, store: StoreDep) -> FileResponse:
+    return _file(
+        _result_path(settings, store, job_id, "provenance", who), "provenance", job_id, attachment=False
+    )

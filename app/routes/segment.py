@@ -1,8 +1,10 @@
 """``POST /segment``: accept a slide, create (or find) its job, hand it to the workers.
 
-The same bytes with the same parameters, or a repeated ``Idempotency-Key``, return the existing
-job (``Idempotent-Replayed: true``), so a LIMS that retries after a timeout never starts a slide
-twice. The stored file is named by the server (``<job id><ext from the sniffed format>``).
+The same bytes with the same parameters, or a repeated ``Idempotency-Key``, from the same tenant
+return the existing job (``Idempotent-Replayed: true``), so a LIMS that retries after a timeout
+never starts a slide twice; a job that cannot finish any more (failed, cancelled, or lost with
+its worker) is never replayed: the retry makes a new job. The stored file is named by the server
+(``<job id><ext from the sniffed format>``); the client's file name and metadata are kept as data.
 """
 
 from __future__ import annotations
@@ -14,28 +16,34 @@ import math
 import os
 import uuid
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from fprotoseg.app.auth import ApiKey
+from fprotoseg.app.auth import ApiKey, Principal
 from fprotoseg.app.deps import DispatcherDep, SettingsDep, StoreDep
+from fprotoseg.app.dispatch import Dispatcher
 from fprotoseg.app.errors import Problem
 from fprotoseg.app.routes.views import SegmentAccepted, base_url, job_view
-from fprotoseg.app.upload import receive_upload
+from fprotoseg.app.upload import MAX_FILENAME_CHARS, receive_upload
 from fprotoseg.worker.errors import BrokerUnavailableError, DuplicateJobError
 from fprotoseg.worker.service.callbacks import job_links
 from fprotoseg.worker.service.jobstore import JobRecord, JobStore
+from fprotoseg.worker.service.lifecycle import heartbeat_stale
+from fprotoseg.worker.service.maintenance import end_lost_job
+from fprotoseg.worker.service.netguard import MAX_URL_CHARS, CallbackURLError, check_callback_url
 from fprotoseg.worker.service.settings import Settings
-from fprotoseg.worker.service.states import FAILED, QUEUED
+from fprotoseg.worker.service.states import CANCELLED, FAILED, QUEUED
 from fprotoseg.worker.wsi.validate import sniff
 
 log = logging.getLogger("fprotoseg.api")
 router = APIRouter(tags=["segment"])
 
 MAX_IDEMPOTENCY_KEY_LEN = 200
+MAX_METADATA_BYTES = 4096
+MAX_EXTERNAL_ID_CHARS = 200
+MIN_MPP, MAX_MPP = 0.01, 100.0
 
 _UPLOAD_SCHEMA: dict[str, Any] = {
     "requestBody": {
@@ -49,16 +57,34 @@ _UPLOAD_SCHEMA: dict[str, Any] = {
                         "file": {
                             "type": "string",
                             "format": "binary",
-                            "description": "the whole-slide image",
+                            "description": "the whole-slide image; its file name (at most "
+                            f"{MAX_FILENAME_CHARS} characters) is kept exactly, as data",
                         },
                         "mpp": {
                             "type": "number",
+                            "minimum": MIN_MPP,
+                            "maximum": MAX_MPP,
                             "description": "level-0 µm/px; overrides (or supplies missing) slide metadata",
                         },
                         "callback_url": {
                             "type": "string",
                             "format": "uri",
-                            "description": "POSTed a signed JSON body when the job finishes",
+                            "maxLength": MAX_URL_CHARS,
+                            "description": "http(s) URL POSTed a signed JSON body when the job finishes; "
+                            "no credentials, no private address unless FPROTOSEG_CALLBACK_ALLOWED_HOSTS "
+                            "lists it",
+                        },
+                        "metadata": {
+                            "type": "string",
+                            "maxLength": MAX_METADATA_BYTES,
+                            "description": f'a JSON object of the client\'s own (e.g. {{"external_id": '
+                            f'"CASE-4711"}}), at most {MAX_METADATA_BYTES} bytes; echoed in the job, '
+                            "stats.json, provenance.json and the callback",
+                        },
+                        "external_id": {
+                            "type": "string",
+                            "maxLength": MAX_EXTERNAL_ID_CHARS,
+                            "description": "shorthand for metadata.external_id",
                         },
                     },
                 }
@@ -77,23 +103,62 @@ def _parse_mpp(raw: str | None) -> float | None:
         raise Problem(
             422, f"mpp must be a number of µm per pixel, got {raw[:40]!r}", code="invalid_request"
         ) from None
-    if not math.isfinite(value) or not 0.01 <= value <= 100:
-        raise Problem(422, "mpp must be between 0.01 and 100 µm per pixel", code="invalid_request")
+    if not math.isfinite(value) or not MIN_MPP <= value <= MAX_MPP:
+        raise Problem(
+            422, f"mpp must be between {MIN_MPP:g} and {MAX_MPP:g} µm per pixel", code="invalid_request"
+        )
     return value
 
 
-def _parse_callback(raw: str | None) -> str | None:
+def _parse_callback(raw: str | None, settings: Settings) -> str | None:
     if not raw:
         return None
-    parts = urlsplit(raw)
-    if parts.scheme not in ("http", "https") or not parts.netloc or len(raw) > 2048:
-        raise Problem(422, "callback_url must be an absolute http(s) URL", code="invalid_request")
-    return raw
+    try:
+        return check_callback_url(raw, settings.callback_allowed_hosts)
+    except CallbackURLError as exc:
+        raise Problem(422, str(exc), code="invalid_request") from None
 
 
-def params_hash(settings: Settings, mpp: float | None, callback_url: str | None) -> str:
-    """What, besides the bytes, decides a job's result (and so whether an old job can be reused)."""
-    params = {"mpp": mpp, "callback_url": callback_url, "checkpoint": str(settings.checkpoint or "default")}
+def _parse_metadata(raw: str | None, external_id: str | None) -> dict[str, Any] | None:
+    """The client's JSON object (size-capped), with ``external_id`` merged in when given alone."""
+    metadata: dict[str, Any] | None = None
+    if raw:
+        if len(raw.encode()) > MAX_METADATA_BYTES:
+            raise Problem(422, f"metadata is larger than {MAX_METADATA_BYTES} bytes", code="invalid_request")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            raise Problem(422, "metadata must be a JSON object", code="invalid_request") from None
+        if not isinstance(value, dict):
+            raise Problem(
+                422, "metadata must be a JSON object, not a list or a value", code="invalid_request"
+            )
+        metadata = value
+    if external_id:
+        if len(external_id) > MAX_EXTERNAL_ID_CHARS:
+            raise Problem(
+                422, f"external_id is longer than {MAX_EXTERNAL_ID_CHARS} characters", code="invalid_request"
+            )
+        metadata = {**(metadata or {}), "external_id": external_id}
+    return metadata
+
+
+def params_hash(
+    settings: Settings,
+    mpp: float | None,
+    callback_url: str | None,
+    filename: str = "",
+    metadata: dict[str, Any] | None = None,
+) -> str:
+    """What, besides the bytes, decides a job and how it is described (and so whether an old job
+    can be reused): the same slide sent for another case (name, metadata) is a new job."""
+    params = {
+        "mpp": mpp,
+        "callback_url": callback_url,
+        "checkpoint": str(settings.checkpoint or "default"),
+        "filename": filename,
+        "metadata": metadata,
+    }
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -106,9 +171,29 @@ def _accepted(rec: JobRecord, request: Request, settings: Settings, *, replayed:
     return JSONResponse(body, status_code=202, headers=headers)
 
 
-def _find_existing(store: JobStore, key: str | None, sha256: str, phash: str) -> JobRecord | None:
+def _replayable(
+    store: JobStore, settings: Settings, dispatcher: Dispatcher, rec: JobRecord | None
+) -> JobRecord | None:
+    """``rec`` if it can still finish; a job lost with its worker is ended (or requeued) first."""
+    if rec is not None and heartbeat_stale(rec, settings):
+        end_lost_job(store, settings, rec, None if dispatcher.kind == "embedded" else dispatcher.submit)
+        rec = store.get(rec.id)
+    if rec is None or rec.state in (FAILED, CANCELLED):
+        return None
+    return rec
+
+
+def _find_existing(
+    store: JobStore,
+    settings: Settings,
+    dispatcher: Dispatcher,
+    who: Principal,
+    key: str | None,
+    sha256: str,
+    phash: str,
+) -> JobRecord | None:
     if key:
-        rec = store.find_by_idempotency_key(key)
+        rec = _replayable(store, settings, dispatcher, store.find_by_idempotency_key(key, who.tenant))
         if rec is not None:
             if rec.upload_sha256 != sha256 or rec.params_hash != phash:
                 raise Problem(
@@ -117,7 +202,11 @@ def _find_existing(store: JobStore, key: str | None, sha256: str, phash: str) ->
                     code="idempotency_key_reused",
                 )
             return rec
-    return store.find_by_content(sha256, phash)
+        if store.find_by_idempotency_key(key, who.tenant) is not None:  # a dead job still holds it
+            raise Problem(
+                409, "this Idempotency-Key belongs to a job still being ended; retry", code="conflict"
+            )
+    return _replayable(store, settings, dispatcher, store.find_by_content(sha256, phash, who.tenant))
 
 
 @router.post(
@@ -133,27 +222,40 @@ def _find_existing(store: JobStore, key: str | None, sha256: str, phash: str) ->
         400: {"description": "empty or malformed upload"},
         401: {"description": "missing or wrong X-API-Key"},
         413: {"description": "larger than FPROTOSEG_MAX_UPLOAD_MB"},
-        415: {"description": "not a whole-slide image"},
-        422: {"description": "bad form field, truncated slide, or reused Idempotency-Key"},
+        415: {"description": "not a whole-slide image, or not multipart/form-data"},
+        422: {"description": "bad form field or callback_url, truncated slide, or reused Idempotency-Key"},
+        503: {"description": "job store or broker unreachable, or storage unavailable (Retry-After)"},
+        507: {"description": "not enough disk space for the upload (FPROTOSEG_MIN_FREE_MB; Retry-After)"},
     },
 )
 async def create_segmentation(
     request: Request,
-    _: ApiKey,
+    who: ApiKey,
     settings: SettingsDep,
     store: StoreDep,
     dispatcher: DispatcherDep,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=MAX_IDEMPOTENCY_KEY_LEN,
+            description="the client's key for this submission: a retry with it returns the same job",
+        ),
+    ] = None,
 ) -> JSONResponse:
-    if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_LEN:
-        raise Problem(422, "Idempotency-Key must be 1..200 characters", code="invalid_request")
-    upload = await receive_upload(request, settings.uploads_dir, settings.max_upload_bytes)
+    upload = await receive_upload(
+        request, settings.uploads_dir, settings.max_upload_bytes, settings.min_free_mb
+    )
     try:
         fmt = await run_in_threadpool(sniff, upload.path, upload.filename)
         mpp = _parse_mpp(upload.fields.get("mpp"))
-        callback_url = _parse_callback(upload.fields.get("callback_url"))
-        phash = params_hash(settings, mpp, callback_url)
-        existing = await run_in_threadpool(_find_existing, store, idempotency_key, upload.sha256, phash)
+        callback_url = _parse_callback(upload.fields.get("callback_url"), settings)
+        metadata = _parse_metadata(upload.fields.get("metadata"), upload.fields.get("external_id"))
+        phash = params_hash(settings, mpp, callback_url, upload.filename, metadata)
+        existing = await run_in_threadpool(
+            _find_existing, store, settings, dispatcher, who, idempotency_key, upload.sha256, phash
+        )
         if existing is not None:
             return _accepted(existing, request, settings, replayed=True)
 
@@ -170,6 +272,8 @@ async def create_segmentation(
             upload_bytes=upload.size_bytes,
             upload_format=fmt.name,
             filename=upload.filename,
+            tenant=who.tenant,
+            metadata=metadata,
             mpp=mpp,
             callback_url=callback_url,
             idempotency_key=idempotency_key,
@@ -196,6 +300,8 @@ async def create_segmentation(
                 error_code=BrokerUnavailableError.code,
                 error_message="the job could not be queued (broker unreachable); upload it again",
             )
+            final_path.unlink(missing_ok=True)
+            await run_in_threadpool(store.release_idempotency_key, job_id)
             raise BrokerUnavailableError("the job queue (broker) is unreachable; try again") from None
         log.info("job %s: queued (%s, %d bytes, %s)", job_id, fmt.name, upload.size_bytes, upload.sha256[:12])
         return _accepted(rec, request, settings, replayed=False)

@@ -19,8 +19,19 @@ class JobErrorView(BaseModel):
     message: str = Field(description="one line for a human, naming the fix")
 
 
+class ProblemView(BaseModel):
+    """RFC 9457 problem details (``application/problem+json``): every error the API returns."""
+
+    type: str = Field(description="urn:fprotoseg:problem:<code>")
+    title: str
+    status: int
+    detail: str = Field(description="one line for a human; never a stack trace or a server path")
+    code: str = Field(description="stable machine-readable code, e.g. upload_too_large")
+    instance: str | None = None
+
+
 class UploadView(BaseModel):
-    filename: str = Field(description="the client's file name, as a label only")
+    filename: str = Field(description="the client's file name exactly as sent (data only, never a path)")
     sha256: str
     size_bytes: int
     format: str = Field(
@@ -45,6 +56,10 @@ class JobView(BaseModel):
     upload: UploadView
     mpp: float | None = Field(description="µm/px given with the upload (overrides slide metadata)")
     callback_url: str | None
+    callback_status: str | None = Field(description="pending, delivered or failed; null without a callback")
+    idempotency_key: str | None = Field(description="the Idempotency-Key the job was submitted with")
+    metadata: dict[str, Any] | None = Field(description="the client's metadata object (e.g. external_id)")
+    tenant: str = Field(description="the tenant of the API key that submitted the job")
     tiles: int | None = Field(description="tiles inferred, once succeeded")
     duration_s: float | None
     links: dict[str, str] = Field(description="self, and the result URLs once succeeded")
@@ -100,6 +115,10 @@ def job_view(rec: JobRecord, request: Request, settings: Settings) -> dict[str, 
         },
         "mpp": rec.mpp,
         "callback_url": rec.callback_url,
+        "callback_status": rec.callback_status,
+        "idempotency_key": rec.idempotency_key,
+        "metadata": rec.metadata,
+        "tenant": rec.tenant,
         "tiles": rec.tiles,
         "duration_s": rec.duration_s,
         "links": links,

@@ -63,7 +63,8 @@ def test_upload_creates_a_queued_job_with_a_server_side_file(client: TestClient,
     assert job["mpp"] == 0.5 and job["callback_url"] == "https://lims/x"
     assert job["upload"]["sha256"] == hashlib.sha256(slide_bytes).hexdigest()
     assert job["upload"]["size_bytes"] == len(slide_bytes) and job["upload"]["format"] == "tiff"
-    assert "/" not in job["upload"]["filename"] and ";" not in job["upload"]["filename"]
+    # the client's name is kept exactly, as data; the stored file is named by the server
+    assert job["upload"]["filename"] == "../../etc/My Slide;rm -rf.tif"
     assert job["created_at"].endswith("Z") and set(job["links"]) == {"self"}
     uploads = [p.name for p in (client.app.state.settings.uploads_dir).iterdir()]
     assert uploads == [f"{body['job_id']}.tif"]
@@ -191,13 +192,17 @@ def test_readiness_follows_the_worker_heartbeat(client: TestClient) -> None:
     assert r.status_code == 503 and r.json()["checks"]["workers"] == 0
     client.app.state.store.heartbeat("embedded@test")
     r = client.get("/readyz")
-    assert r.status_code == 200 and r.json()["checks"] == {
+    checks = r.json()["checks"]
+    assert r.status_code == 200 and checks | {"free_mb": 0} == {
         "mode": "embedded",
         "storage": True,
+        "free_mb": 0,
+        "min_free_mb": 1024.0,
         "jobstore": True,
         "broker": True,
         "workers": 1,
     }
+    assert checks["free_mb"] >= 1024
 
 
 def test_metrics(client: TestClient, slide_bytes: bytes) -> None:
@@ -212,7 +217,7 @@ def test_metrics(client: TestClient, slide_bytes: bytes) -> None:
 def test_openapi_documents_the_upload(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/segment"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-    assert set(body["properties"]) == {"file", "mpp", "callback_url"}
+    assert set(body["properties"]) == {"file", "mpp", "callback_url", "metadata", "external_id"}
     for path in ("/jobs", "/jobs/{job_id}", "/jobs/{job_id}/geojson", "/healthz", "/readyz", "/metrics"):
         assert path in spec["paths"]
     job = spec["components"]["schemas"]["JobView"]["properties"]

@@ -36,6 +36,12 @@ def redis_env(tmp_path: Path) -> Iterator[dict[str, str]]:
             "FPROTOSEG_BROKER_URL": url,
             "FPROTOSEG_REDIS_KEY_PREFIX": prefix,
             "FPROTOSEG_QUEUE": prefix + "jobs",
+            "FPROTOSEG_CALLBACK_ALLOWED_HOSTS": "127.0.0.1",  # the test's LIMS listens on loopback
+            # a killed worker's job is requeued by the API within seconds (heartbeat), not hours
+            "FPROTOSEG_JOB_HEARTBEAT_INTERVAL_S": "1",
+            "FPROTOSEG_JOB_HEARTBEAT_TIMEOUT_S": "6",
+            "FPROTOSEG_MAINTENANCE_INTERVAL_S": "1",
+            "FPROTOSEG_MIN_FREE_MB": "0",
         }
 
 

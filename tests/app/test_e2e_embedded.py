@@ -78,6 +78,8 @@ def embedded(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path):
         "FPROTOSEG_MAX_UPLOAD_MB": "16",
         "FPROTOSEG_BATCH_SIZE": "4",
         "FPROTOSEG_CANCEL_POLL_INTERVAL_S": "0.2",
+        "FPROTOSEG_CALLBACK_ALLOWED_HOSTS": "127.0.0.1",
+        "FPROTOSEG_MIN_FREE_MB": "0",
     }
     with api_client(data_dir, tiny_checkpoint, log, **env) as client:
         wait_ready(client)
@@ -179,7 +181,7 @@ def test_hostile_uploads_then_a_good_slide(embedded, shared_data: Path) -> None:
         job = poll_job(client, job_id)
         if label == "path traversal name":  # a real slide: the name is only a label
             assert job["state"] == "succeeded", job
-            assert "/" not in job["upload"]["filename"] and ".." not in job["upload"]["filename"].split("_")
+            assert job["upload"]["filename"] == "../../../etc/passwd.svs"  # kept as data, never a path
         else:
             assert job["state"] == "failed", (label, job)
             print(f"hostile {label!r}: job failed {job['error']}")
@@ -199,9 +201,11 @@ def test_idempotency_and_content_dedupe(embedded, shared_data: Path) -> None:
     slide = (shared_data / SLIDE).read_bytes() + b"idem"
     first = client.post("/segment", files={"file": ("a.svs", slide)}, headers={"Idempotency-Key": "lims-42"})
     again = client.post("/segment", files={"file": ("a.svs", slide)}, headers={"Idempotency-Key": "lims-42"})
-    same_bytes = client.post("/segment", files={"file": ("b.svs", slide)})
+    same_bytes = client.post("/segment", files={"file": ("a.svs", slide)})
+    other_name = client.post("/segment", files={"file": ("b.svs", slide)})
     assert first.status_code == again.status_code == same_bytes.status_code == 202
     assert first.json()["job_id"] == again.json()["job_id"] == same_bytes.json()["job_id"]
+    assert other_name.json()["job_id"] != first.json()["job_id"]  # described as another slide
     assert again.headers["idempotent-replayed"] == "true"
     other = client.post(
         "/segment", files={"file": ("c.svs", slide + b"x")}, headers={"Idempotency-Key": "lims-42"}
@@ -269,3 +273,53 @@ def test_delete_cancels_a_running_job(embedded, shared_data: Path, tmp_path: Pat
     assert client.get(f"/jobs/{job_id}/geojson").status_code == 409
     assert not (data_dir / "jobs" / job_id / "results").exists()
     assert client.delete(f"/jobs/{job_id}").status_code == 202
+
+
+def test_a_lims_can_match_every_result_to_its_case(embedded, shared_data: Path) -> None:
+    """The client's exact file name, metadata and Idempotency-Key in the job, stats.json,
+    provenance.json and the (signed, pinned) callback; no server path anywhere; files private."""
+    import stat
+    import time
+
+    from fprotoseg.worker.service.callbacks import verify
+    from tests.app.live import CallbackRecorder
+
+    client, data_dir, _ = embedded
+    hook = CallbackRecorder()
+    name = "Müller Biopsie #12 (B) 病理.svs"
+    try:
+        r = client.post(
+            "/segment",
+            files={"file": (name, (shared_data / SLIDE).read_bytes() + b"lims")},
+            data={"callback_url": hook.url, "metadata": json.dumps({"external_id": "CASE-4711"})},
+            headers={"Idempotency-Key": "LIMS-4711"},
+        )
+        assert r.status_code == 202, r.text
+        job = poll_job(client, r.json()["job_id"])
+        assert job["state"] == "succeeded" and job["upload"]["filename"] == name
+        deadline = time.monotonic() + 30
+        while not hook.received and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        hook.close()
+    stats = client.get(job["links"]["stats"]).json()
+    provenance_text = client.get(job["links"]["provenance"]).text
+    provenance = json.loads(provenance_text)
+    for doc in (stats, provenance):
+        assert doc["slide"]["file"] == name
+        assert doc["job"]["filename"] == name and doc["job"]["metadata"] == {"external_id": "CASE-4711"}
+        assert doc["job"]["idempotency_key"] == "LIMS-4711"
+    assert "path" not in provenance["slide"]
+    assert str(data_dir) not in provenance_text and job["job_id"] + ".svs" not in provenance_text
+    (headers, body), = hook.received
+    secret = (data_dir / "callback-secret").read_text().strip()  # generated per install
+    assert verify(secret, headers["X-Fprotoseg-Timestamp"], body, headers["X-Fprotoseg-Signature"])
+    payload = json.loads(body)
+    assert payload["filename"] == name and payload["idempotency_key"] == "LIMS-4711"
+    assert payload["metadata"] == {"external_id": "CASE-4711"}
+    assert client.get(f"/jobs/{job['job_id']}").json()["callback_status"] == "delivered"
+    for root, dirs, files in os.walk(data_dir):
+        for d in dirs:
+            assert stat.S_IMODE(os.stat(os.path.join(root, d)).st_mode) == 0o700, d
+        for f in files:
+            assert stat.S_IMODE(os.stat(os.path.join(root, f)).st_mode) == 0o600, f

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fprotoseg.worker.service.callbacks import verify
+from fprotoseg.worker.service.callbacks import deliver_due, verify
 from fprotoseg.worker.service.jobs import process_job
 from fprotoseg.worker.service.jobstore import JobRecord, SqliteJobStore
 from fprotoseg.worker.service.settings import Settings
@@ -32,6 +32,7 @@ def env(tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
         device="cpu",
         callback_secret="sekret",
         callback_backoff_s=0.05,
+        callback_allowed_hosts=["127.0.0.1"],
         cancel_poll_interval_s=0.0,
         progress_interval_s=0.0,
     )
@@ -62,6 +63,9 @@ def test_job_succeeds_and_a_redelivery_does_not_redo_it(env, shared_data: Path) 
         again = process_job(rec.id, settings, store)  # Redis redelivered the message
         assert again == done
         assert {p.name: p.stat().st_mtime_ns for p in result_dir.iterdir()} == mtimes
+        assert done.callback_status == "pending"  # the outbox delivers, not the job
+        assert deliver_due(settings, store) == 1 and deliver_due(settings, store) == 0
+        assert store.get(rec.id).callback_status == "delivered"
     finally:
         hook.close()
     assert len(hook.received) == 1  # one callback for one completion
@@ -144,8 +148,12 @@ def test_a_bad_slide_fails_the_job_with_a_reason(env, tmp_path: Path, content: b
 def test_missing_mpp_fails_unless_given(env, shared_data: Path) -> None:  # type: ignore[no-untyped-def]
     settings, store = env
     no_mpp = shared_data / "slides/TCGA-CR-7395-01A-01-TS1.svs"
-    failed = process_job(queue_slide(settings, store, no_mpp).id, settings, store)
+    failed = process_job(queue_slide(settings, store, no_mpp, filename="病理 #1.svs").id, settings, store)
     assert failed.state == FAILED and failed.error_code == "missing_mpp"
+    # it speaks to the HTTP client (form field, its own file name), never of server files
+    assert "form field mpp" in failed.error_message and "--mpp" not in failed.error_message
+    assert "'病理 #1.svs'" in failed.error_message and failed.id not in failed.error_message
+    assert str(settings.data_dir) not in failed.error_message
     ok = process_job(queue_slide(settings, store, no_mpp, mpp=0.5).id, settings, store)
     assert ok.state == SUCCEEDED, ok
 
@@ -172,9 +180,14 @@ def test_a_failing_callback_never_fails_the_job(env, shared_data: Path) -> None:
     try:
         rec = queue_slide(settings, store, shared_data / SLIDE, callback_url=hook.url)
         assert process_job(rec.id, settings, store).state == SUCCEEDED
+        deadline = time.monotonic() + 30
+        while store.get(rec.id).callback_status == "pending" and time.monotonic() < deadline:
+            deliver_due(settings, store)
+            time.sleep(0.05)
     finally:
         hook.close()
     assert len(hook.received) == settings.callback_attempts  # retried, then given up
+    assert store.get(rec.id).callback_status == "failed" and store.get(rec.id).state == SUCCEEDED
     dead = queue_slide(
         settings, store, shared_data / SLIDE, callback_url="http://127.0.0.1:9/nothing-listens"
     )

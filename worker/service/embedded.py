@@ -17,11 +17,13 @@ import sys
 import threading
 
 from fprotoseg.worker.errors import JobStoreError, TransientJobError
+from fprotoseg.worker.service.callbacks import CallbackOutbox
 from fprotoseg.worker.service.jobs import process_job
 from fprotoseg.worker.service.jobstore import open_jobstore
 from fprotoseg.worker.service.segmenters import get_segmenter
 from fprotoseg.worker.service.settings import Settings, load_settings
 from fprotoseg.worker.service.states import QUEUED, RUNNING
+from fprotoseg.worker.service.storage import private_umask
 
 log = logging.getLogger("fprotoseg.embedded")
 
@@ -62,6 +64,9 @@ def run_embedded_worker(settings: Settings, stop: threading.Event | None = None)
         store.transition(job_id, QUEUED, [RUNNING], stage="requeued after a worker restart", progress=0.0)
         log.info("job %s: requeued (its worker stopped)", job_id)
     threading.Thread(target=_heartbeat_loop, args=(settings, stop), daemon=True, name="heartbeat").start()
+    # Callbacks go out beside the jobs, on their own store connection: a dead receiver never
+    # delays the next job.
+    outbox = CallbackOutbox(settings, open_jobstore(settings)).start()
     try:
         get_segmenter(settings)  # load once, before the first job
     except Exception as exc:  # jobs will fail with this reason; keep serving the queue
@@ -82,6 +87,7 @@ def run_embedded_worker(settings: Settings, stop: threading.Event | None = None)
         except TransientJobError as exc:
             log.warning("%s; retrying", exc.message)
             stop.wait(2.0)
+    outbox.stop()
     log.info("embedded worker stopped")
     return 0
 
@@ -89,6 +95,7 @@ def run_embedded_worker(settings: Settings, stop: threading.Event | None = None)
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings()
+    private_umask()  # results and work files of patient slides: 0600 / 0700
     if settings.embedded_worker_nice:
         # Inference saturates every core; a lower priority keeps the API answering meanwhile.
         os.nice(settings.embedded_worker_nice)

@@ -9,10 +9,12 @@ ends ``succeeded`` exactly once even when two deliveries race. Cheap to import (
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
 import os
+import re
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,45 +28,22 @@ from fprotoseg.worker.errors import (
     TransientJobError,
     UploadChangedError,
 )
-from fprotoseg.worker.service.callbacks import notify
 from fprotoseg.worker.service.jobstore import JobRecord, JobStore, open_jobstore
+from fprotoseg.worker.service.lifecycle import _finish, cancel_job, fail_job, heartbeat_stale
 from fprotoseg.worker.service.runtime import JobProgress, StopCheck
 from fprotoseg.worker.service.segmenters import get_segmenter
 from fprotoseg.worker.service.settings import Settings
-from fprotoseg.worker.service.states import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobState
+from fprotoseg.worker.service.states import QUEUED, RUNNING, SUCCEEDED
+from fprotoseg.worker.service.storage import is_out_of_space
 from fprotoseg.worker.wsi.result_files import publish, results_complete
 
 if TYPE_CHECKING:
     from fprotoseg.worker.wsi.pipeline import RunResult
 
+__all__ = ["cancel_job", "fail_job", "heartbeat_stale", "process_job"]
+
 log = logging.getLogger(__name__)
 StopFlag = Callable[[], bool] | None
-
-
-def _finish(
-    store: JobStore, settings: Settings, job_id: str, state: JobState, *, only_from: str = "", **changes: Any
-) -> JobRecord | None:
-    """Terminal compare-and-set; only the delivery that wins it deletes the upload (if asked) and
-    sends the callback."""
-    from_states = [only_from] if only_from else [QUEUED, RUNNING]
-    rec = store.transition(job_id, state, from_states, finished_at=time.time(), **changes)
-    if rec is None:
-        return store.get(job_id)
-    if not settings.keep_uploads and rec.upload_path:  # FPROTOSEG_KEEP_UPLOADS=false: results stay
-        with contextlib.suppress(OSError):
-            settings.upload_file(rec.upload_path).unlink(missing_ok=True)
-    error = f" ({rec.error_code}: {rec.error_message})" if rec.error_code else ""
-    log.info("job %s: %s%s", job_id, state, error)
-    if state == SUCCEEDED and rec.duration_s is not None:
-        with contextlib.suppress(JobStoreError):
-            store.record_finished_job(rec.duration_s, rec.tiles)
-    notify(settings, rec)
-    return rec
-
-
-def fail_job(store: JobStore, settings: Settings, job_id: str, code: str, message: str) -> JobRecord | None:
-    """Mark a queued/running job failed (once) and send its callback."""
-    return _finish(store, settings, job_id, FAILED, stage="failed", error_code=code, error_message=message)
 
 
 def process_job(
@@ -102,7 +81,7 @@ def _claim(store: JobStore, settings: Settings, job_id: str) -> JobRecord | None
         _finish(store, settings, job_id, SUCCEEDED, progress=1.0, stage="done")
         return None
     if rec.cancel_requested:
-        _finish(store, settings, job_id, CANCELLED, stage="cancelled")
+        cancel_job(store, settings, job_id)
         return None
     if rec.attempts >= settings.max_delivery_attempts:
         fail_job(
@@ -111,9 +90,15 @@ def _claim(store: JobStore, settings: Settings, job_id: str) -> JobRecord | None
             "check the worker logs and the slide",
         )
         return None
+    if rec.state == RUNNING and not heartbeat_stale(rec, settings):
+        log.info("job %s: attempt %d is alive elsewhere; duplicate delivery ignored", job_id, rec.attempts)
+        return None
     return store.transition(
-        job_id, RUNNING, [QUEUED, RUNNING], attempts=rec.attempts + 1,
+        job_id, RUNNING, [QUEUED, RUNNING],
+        lambda r: r.state == QUEUED or heartbeat_stale(r, settings),
+        attempts=rec.attempts + 1,
         started_at=rec.started_at or time.time(), stage="loading model", progress=0.0,
+        heartbeat_at=time.time(),
     )
 
 
@@ -125,7 +110,9 @@ def _process(job_id: str, settings: Settings, store: JobStore, should_stop: Stop
     started_s = time.monotonic()
     work_dir = settings.jobs_dir / job_id / f"work-{rec.attempts}-{os.getpid()}"
     try:
-        result = _run_pipeline(store, settings, rec, work_dir, should_stop)
+        with JobHeartbeat(store, job_id, rec.attempts, settings.job_heartbeat_interval_s):
+            result = _run_pipeline(store, settings, rec, work_dir, should_stop)
+        describe_results_for_client(work_dir, rec, settings)
         store.progress(job_id, "publishing results", 0.99)
         result_dir = settings.result_dir(job_id)
         publish(work_dir, result_dir)
@@ -139,6 +126,97 @@ def _process(job_id: str, settings: Settings, store: JobStore, should_stop: Stop
         store, settings, job_id, SUCCEEDED, only_from=RUNNING, progress=1.0, stage="done",
         duration_s=duration_s, tiles=result.tiles_inferred,
     )
+
+
+class JobHeartbeat:
+    """A thread that stamps the running attempt's ``heartbeat_at`` every ``interval_s``.
+
+    Progress writes stop during long single stages (vectorising a large slide) and never happen
+    when the pipeline is stuck; the heartbeat says "this attempt's process is alive and reaches the
+    job store", which is what the reaper (:mod:`fprotoseg.worker.service.maintenance`) judges.
+    """
+
+    def __init__(self, store: JobStore, job_id: str, attempt: int, interval_s: float) -> None:
+        self.store, self.job_id, self.attempt, self.interval_s = store, job_id, attempt, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id[:8]}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                if not self.store.job_heartbeat(self.job_id, self.attempt):
+                    return  # requeued or ended elsewhere: nothing to vouch for any more
+            except JobStoreError as exc:
+                log.warning("job %s: heartbeat not written: %s", self.job_id, exc.message)
+
+    def __enter__(self) -> JobHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+
+
+def _scrub(value: Any, secrets_: tuple[str, ...]) -> Any:
+    """``value`` with every string naming a server path (the data dir) cut to its last part."""
+    if isinstance(value, dict):
+        return {k: _scrub(v, secrets_) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v, secrets_) for v in value]
+    if isinstance(value, str) and any(s in value for s in secrets_):
+        return value.rsplit("/", 1)[-1]
+    return value
+
+
+def describe_results_for_client(work_dir: Path, rec: JobRecord, settings: Settings) -> None:
+    """Make ``stats.json`` and ``provenance.json`` speak of the client's slide, not the server's.
+
+    The pipeline names the file it read (``<job id>.svs`` under the data dir); a LIMS knows its
+    own file name, metadata and Idempotency-Key. Both files get a ``job`` block with those, the
+    slide's ``file`` becomes the client's name, and no server path is left anywhere in them.
+    """
+    job = {
+        "job_id": rec.id,
+        "filename": rec.filename,
+        "metadata": rec.metadata,
+        "idempotency_key": rec.idempotency_key,
+        "upload_sha256": rec.upload_sha256,
+    }
+    server_names = tuple(
+        s
+        for s in {str(settings.data_dir), str(settings.data_dir.resolve()), rec.upload_path}
+        if s and s not in (".", "")
+    )
+    for name in ("stats.json", "provenance.json"):
+        path = work_dir / name
+        if not path.is_file():
+            continue
+        doc = json.loads(path.read_text())
+        slide = doc.get("slide")
+        if isinstance(slide, dict):
+            slide.pop("path", None)
+            slide["file"] = rec.filename
+        doc["job"] = job
+        doc = _scrub(doc, server_names)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False))
+        os.replace(tmp, path)
+
+
+def client_message(rec: JobRecord, message: str) -> str:
+    """A job error as the HTTP client that submitted the job should read it.
+
+    Errors of the slide pipeline speak to the CLI (``--mpp``) and name the file they read (the
+    server's ``<job id>.svs``); here the file is the client's and the fix is the form field.
+    """
+    stored = Path(rec.upload_path).name
+    label = repr(rec.filename) if rec.filename else "the uploaded slide"
+    if stored:
+        message = message.replace(stored, label)
+    message = re.sub(r"--mpp(?= |$|\))", "the form field mpp", message)
+    message = message.replace("pass it with the form field mpp", "send it in the form field mpp")
+    return re.sub(r"(?<![\w.])/[^\s'\"]+", "<server path>", message)
 
 
 def _run_pipeline(
@@ -179,11 +257,19 @@ def _failed(store: JobStore, settings: Settings, rec: JobRecord, exc: BaseExcept
         log.info("job %s: interrupted by shutdown, requeued", job_id)
         return store.get(job_id)
     if isinstance(exc, JobCancelledError):
-        return _finish(store, settings, job_id, CANCELLED, stage="cancelled")
+        return cancel_job(store, settings, job_id)
+    if isinstance(exc, Exception) and is_out_of_space(exc):
+        # The work dir is gone by now, so the job store can usually take this last write; if it
+        # cannot, the JobStoreError below is transient and the reaper ends the job later.
+        log.error("job %s: out of disk space: %s", job_id, exc)
+        return fail_job(
+            store, settings, job_id, "disk_full",
+            "the server ran out of disk space while processing the slide; upload it again later",
+        )
     if isinstance(exc, JobStoreError) or not isinstance(exc, Exception):
         raise exc  # transient (retried by process_job's caller), or KeyboardInterrupt/SystemExit
     if isinstance(exc, FprotosegError):
-        return fail_job(store, settings, job_id, exc.code, exc.message)
+        return fail_job(store, settings, job_id, exc.code, client_message(rec, exc.message))
     if isinstance(exc, MemoryError):
         return fail_job(store, settings, job_id, "out_of_memory", "the worker ran out of memory on the slide")
     if type(exc).__name__ == "SoftTimeLimitExceeded":  # Celery's, matched by name (no import)

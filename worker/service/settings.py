@@ -10,6 +10,9 @@ tune the service and have safe defaults. Importing this module is cheap (no torc
 
 from __future__ import annotations
 
+import hashlib
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,7 +21,49 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from fprotoseg.model.errors import ConfigurationError
 
-__all__ = ["Settings", "load_settings"]
+__all__ = ["KeyEntry", "Settings", "load_settings", "parse_key_entries", "tenant_of_bare_key"]
+
+# A tenant name is data in job records and part of Redis key names: no ':' and nothing exotic.
+TENANT_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    """One accepted API key: its tenant and the sha256 of the key (plaintext is never kept)."""
+
+    tenant: str
+    key_sha256: bytes
+    admin: bool = False
+
+
+def tenant_of_bare_key(key_sha256_hex: str) -> str:
+    """The tenant of a key given without one: derived from the key's hash, so the plaintext key
+    and its ``sha256:`` form name the same tenant and no record ever holds the key itself."""
+    return "key-" + key_sha256_hex.lower()[:16]
+
+
+def _parse_one(entry: str, *, admin: bool) -> KeyEntry:
+    """``key`` | ``sha256:<hex>`` | ``tenant:key`` | ``tenant:sha256:<hex>``."""
+    tenant: str | None = None
+    rest = entry
+    head, sep, tail = entry.partition(":")
+    if sep and head != "sha256" and TENANT_PATTERN.fullmatch(head):
+        tenant, rest = head, tail
+    if rest.startswith("sha256:") and _SHA256_HEX.fullmatch(rest[7:]):
+        digest_hex = rest[7:].lower()
+    elif rest:
+        digest_hex = hashlib.sha256(rest.encode()).hexdigest()
+    else:
+        raise ValueError(f"the entry for tenant {tenant!r} has no key")
+    return KeyEntry(tenant or tenant_of_bare_key(digest_hex), bytes.fromhex(digest_hex), admin)
+
+
+def parse_key_entries(keys: list[str], admin_keys: list[str]) -> list[KeyEntry]:
+    """Every accepted key; admin keys see every tenant's jobs (operators, dashboards)."""
+    entries = [_parse_one(k, admin=False) for k in keys]
+    entries += [_parse_one(k, admin=True) for k in admin_keys]
+    return entries
 
 
 class Settings(BaseSettings):
@@ -39,12 +84,49 @@ class Settings(BaseSettings):
         description="redis://host:port/db; unset = embedded default (SQLite store, local worker process).",
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Comma-separated keys accepted in the X-API-Key header."
+        default_factory=list,
+        description="Comma-separated keys accepted in the X-API-Key header: `key` (its own tenant), "
+        "`tenant:key`, or either with the key as `sha256:<hex>` so the environment holds no plaintext.",
+    )
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Keys (plain or sha256:<hex>) that see, download and cancel every tenant's jobs.",
     )
     auth_disabled: bool = Field(default=False, description="true = no key needed. Never the default.")
     max_upload_mb: float = Field(default=8192.0, gt=0, description="Largest accepted upload (413 above).")
     checkpoint: Path | None = Field(default=None, description="Model checkpoint; unset = packaged default.")
-    callback_secret: str | None = Field(default=None, description="HMAC-SHA256 key signing callbacks.")
+    callback_secret: str | None = Field(
+        default=None,
+        description="HMAC-SHA256 key signing callbacks; unset = generated once into "
+        "<data dir>/callback-secret.",
+    )
+    callback_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Callback hosts (names, IPs or CIDR networks) allowed although not globally routable "
+        "(the LIMS on the hospital network).",
+    )
+    min_free_mb: float = Field(
+        default=1024.0,
+        ge=0,
+        description="/readyz fails and uploads get 507 when the data dir has less free space than this.",
+    )
+    retention_days: float = Field(
+        default=0.0,
+        ge=0,
+        description="Delete finished jobs (records, uploads, results) this many days after they "
+        "ended; 0 = keep.",
+    )
+    maintenance_interval_s: float = Field(
+        default=15.0, gt=0, description="How often the API requeues lost jobs and applies retention."
+    )
+    job_heartbeat_interval_s: float = Field(
+        default=10.0, gt=0, description="How often a running job writes its heartbeat."
+    )
+    job_heartbeat_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="A running job without a heartbeat for this long is requeued (or failed: worker_lost).",
+    )
 
     # --- HTTP ------------------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -104,7 +186,7 @@ class Settings(BaseSettings):
     callback_attempts: int = Field(default=4, ge=1)
     callback_backoff_s: float = Field(default=1.0, ge=0, description="First retry delay; doubles each time.")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", "callback_allowed_hosts", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         """``FPROTOSEG_API_KEYS=a,b`` -> ["a", "b"]; blanks dropped."""
@@ -139,7 +221,16 @@ class Settings(BaseSettings):
             raise ValueError("FPROTOSEG_DEVICE must be auto, cpu or cuda")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ValueError("FPROTOSEG_PRECISION must be auto, fp32, fp16 or bf16")
+        parse_key_entries(self.api_keys, self.admin_keys)  # a malformed entry fails at start-up
+        if self.job_heartbeat_timeout_s <= 2 * self.job_heartbeat_interval_s:
+            raise ValueError(
+                "FPROTOSEG_JOB_HEARTBEAT_TIMEOUT_S must exceed twice FPROTOSEG_JOB_HEARTBEAT_INTERVAL_S"
+            )
         return self
+
+    def key_entries(self) -> list[KeyEntry]:
+        """FPROTOSEG_API_KEYS and FPROTOSEG_ADMIN_KEYS as hashed entries with their tenants."""
+        return parse_key_entries(self.api_keys, self.admin_keys)
 
     # --- derived paths ---------------------------------------------------------------------------
     @property
@@ -166,6 +257,11 @@ class Settings(BaseSettings):
     @property
     def api_key_file(self) -> Path:
         return self.data_dir / "api-key"
+
+    @property
+    def callback_secret_file(self) -> Path:
+        """Where the generated per-install callback secret lives (shared volume: API and workers)."""
+        return self.data_dir / "callback-secret"
 
     def upload_file(self, stored_path: str) -> Path:
         """A job's slide; records hold paths relative to the data dir (a shared volume)."""

@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from fprotoseg.worker.errors import JobStoreError, TransientJobError
+from fprotoseg.worker.service.callbacks import CallbackOutbox
 from fprotoseg.worker.service.celery_app import TASK_NAME, make_celery
 from fprotoseg.worker.service.jobs import fail_job, process_job
 from fprotoseg.worker.service.jobstore import JobStore, open_jobstore
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def register_tasks(app: Any, settings: Settings) -> Any:
     """Add the job task (and the model preload) to a Celery app; returns the task."""
-    from celery.signals import worker_process_init
+    from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
     @functools.lru_cache(maxsize=1)
     def store() -> JobStore:  # one connection pool per worker process (created after the fork)
@@ -36,6 +37,18 @@ def register_tasks(app: Any, settings: Settings) -> Any:
             get_segmenter(settings)
         except Exception as exc:  # the job will fail with the same reason; the worker stays up
             log.error("model could not be loaded: %s", exc)
+
+    outboxes: list[CallbackOutbox] = []
+
+    @worker_ready.connect(weak=False)
+    def _start_outbox(**_: Any) -> None:
+        """Callbacks are delivered by a thread of the worker's main process, never inside a job."""
+        outboxes.append(CallbackOutbox(settings, open_jobstore(settings)).start())
+
+    @worker_shutdown.connect(weak=False)
+    def _stop_outbox(**_: Any) -> None:
+        for outbox in outboxes:
+            outbox.stop()
 
     class JobTask(app.Task):  # app: Any (Celery is untyped), so its Task is too
         def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
