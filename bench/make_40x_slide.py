@@ -81,7 +81,8 @@ def tissue_mask(xs_um: np.ndarray, ys_um: np.ndarray, width_um: float, height_um
     x, y = xs_um[None, :], ys_um[:, None]
     inside = np.zeros((ys_um.size, xs_um.size), dtype=bool)
     for cx, cy, rx, ry in SECTIONS:
-        inside |= ((x - cx * width_um) / (rx * width_um)) ** 2 + ((y - cy * height_um) / (ry * height_um)) ** 2 <= 1
+        dx, dy = (x - cx * width_um) / (rx * width_um), (y - cy * height_um) / (ry * height_um)
+        inside |= dx**2 + dy**2 <= 1
     for cx, cy, r in LUMINA:
         inside &= (x - cx * width_um) ** 2 + (y - cy * height_um) ** 2 > (r * width_um) ** 2
     return inside

@@ -89,12 +89,26 @@ class Slide:
                 self._extra_handles.append(handle)
         return handle
 
-    def read_level(self, level: int, x_px: int, y_px: int, w_px: int, h_px: int) -> np.ndarray:
-        """RGB uint8 (h, w, 3) of a rectangle of ``level``; parts outside the slide are white glass."""
-        out = np.full((h_px, w_px, 3), 255, dtype=np.uint8)
+    def read_level(
+        self, level: int, x_px: int, y_px: int, w_px: int, h_px: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of a rectangle of ``level``; parts outside the slide are white glass.
+
+        ``out`` (a C-contiguous uint8 (h, w, 3) array, e.g. one slot of a batch buffer) receives
+        the pixels without an intermediate copy: the reader threads decode straight into the
+        network's input. The conversion from the backend's RGBA runs in OpenCV (GIL released),
+        not as a strided numpy slice, which cost a fifth of a 256 px tile's read time.
+        """
+        if out is None:
+            out = np.empty((h_px, w_px, 3), dtype=np.uint8)
+        elif out.shape != (h_px, w_px, 3) or out.dtype != np.uint8:
+            raise ValueError(f"out has shape {out.shape} {out.dtype}, expected ({h_px}, {w_px}, 3) uint8")
         lw, lh = self.level_dimensions[level]
         x0, y0 = max(x_px, 0), max(y_px, 0)
         x1, y1 = min(x_px + w_px, lw), min(y_px + h_px, lh)
+        inside = (x0, y0, x1, y1) == (x_px, y_px, x_px + w_px, y_px + h_px)
+        if not inside:
+            out[...] = 255
         if x1 <= x0 or y1 <= y0:
             return out
         ds = self.level_downsamples[level]
@@ -111,7 +125,7 @@ class Slide:
                 f"cannot decode {self.path.name} at level {level} ({x0}, {y0}): "
                 f"{one_line(exc)} (truncated or corrupt file?)"
             ) from exc
-        out[y0 - y_px : y1 - y_px, x0 - x_px : x1 - x_px] = _to_rgb_on_white(rgba, size)
+        _to_rgb_on_white(rgba, size, out[y0 - y_px : y1 - y_px, x0 - x_px : x1 - x_px])
         return out
 
     def scaled_geometry(self, target_mpp: float) -> tuple[int, int, float, tuple[int, int]]:
@@ -183,19 +197,26 @@ class Slide:
         self.close()
 
 
-def _to_rgb_on_white(rgba: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Composite RGBA on white: OpenSlide marks area without scanned data transparent."""
+def _to_rgb_on_white(rgba: np.ndarray, size: tuple[int, int], out: np.ndarray) -> None:
+    """Composite RGBA on white into ``out``: OpenSlide marks area without scanned data transparent."""
+    import cv2
+
     if rgba.ndim == 2:
         rgba = np.repeat(rgba[:, :, None], 3, axis=2)
     if rgba.shape[:2] != (size[1], size[0]):
         raise SlideError(f"reader returned {rgba.shape[:2]} for a {size[1]}x{size[0]} region")
     if rgba.shape[2] == 3:
-        return rgba
-    rgb, alpha = rgba[:, :, :3], rgba[:, :, 3]
+        out[...] = rgba
+        return
+    alpha = rgba[:, :, 3]
+    if out.flags.c_contiguous:
+        cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB, dst=out)
+    else:
+        out[...] = cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
     if alpha.min() == 255:
-        return rgb
+        return
     a = alpha.astype(np.float32)[:, :, None] / 255.0
-    return (rgb.astype(np.float32) * a + 255.0 * (1.0 - a) + 0.5).astype(np.uint8)
+    out[...] = (rgba[:, :, :3].astype(np.float32) * a + 255.0 * (1.0 - a) + 0.5).astype(np.uint8)
 
 
 # -------------------------------------------------------------------------------------------- MPP
