@@ -4,7 +4,8 @@ Why its own module: the tile-reading/stitching threads must scale with the host 
 VM, sixteen on a 16-core GPU host) without anyone tuning a number, and "the cores we have" is
 not ``os.cpu_count()`` in a container: a CPU affinity mask or a cgroup quota (``docker run
 --cpus``, a Kubernetes limit) gives the process fewer. Reading more threads than cores only adds
-contention; fewer leaves the GPU waiting.
+contention; fewer leaves the GPU waiting. Standard library only: the service's settings (read by
+the API process too) take their default from here.
 """
 
 from __future__ import annotations

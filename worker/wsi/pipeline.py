@@ -112,7 +112,7 @@ def _tissue_stage(slide: Slide, options: PipelineOptions) -> tuple[TissueMask, n
     sat = anonymous_array((h, w), np.uint8)
     shrink = max(1.0, max(h, w) / OVERLAY_MAX_SIDE_PX)
     thumb = np.empty((max(1, round(h / shrink)), max(1, round(w / shrink)), 3), dtype=np.uint8)
-    for y, x, chunk in slide.iter_scaled(tissue_mpp):
+    for y, x, chunk in slide.iter_scaled(tissue_mpp, threads=options.reader_threads):
         ch, cw = chunk.shape[:2]
         sat[y : y + ch, x : x + cw] = saturation(chunk)
         ty0, ty1 = round(y / shrink), min(thumb.shape[0], round((y + ch) / shrink))
@@ -165,8 +165,8 @@ def _infer(
     options: PipelineOptions,
     progress: ProgressCallback,
     should_cancel: Callable[[], bool],
-) -> dict[str, float]:
-    """Batched inference over the grid, stitched as it goes; returns inner timings (seconds)."""
+) -> tuple[dict[str, float], int]:
+    """Batched inference over the grid, stitched as it goes; returns (inner seconds, batch size)."""
     feeder = Feeder(
         slide,
         grid.tiles,
@@ -179,10 +179,7 @@ def _infer(
         progress=progress,
         should_cancel=should_cancel,
     )
-    timings = feeder.run().as_dict()
-    timings["batch_size"] = float(feeder.batch_size)
-    timings["threads"] = float(feeder.threads)
-    return timings
+    return feeder.run().as_dict(), feeder.batch_size
 
 
 def run(
@@ -243,7 +240,7 @@ def run(
 
             stitcher = LabelMapStitcher(grid.output_shape, options.output_mpp, tissue)
             t = time.perf_counter()
-            inner = _infer(slide, grid, segmenter, stitcher, options, progress, should_cancel)
+            inner, batch_size = _infer(slide, grid, segmenter, stitcher, options, progress, should_cancel)
             # "stitch" is the time the batch loop waited for stitching; the rest overlapped with it.
             clock.add("stitch", inner["wait_for_stitch_s"])
             clock.add("inference", time.perf_counter() - t - inner["wait_for_stitch_s"])
@@ -331,7 +328,7 @@ def run(
         tissue_info=tissue_info,
         label_map_shape=label_map.shape,
         small_regions_absorbed=absorbed,
-        options=asdict(options),
+        options={**asdict(options), "batch_size": batch_size},
         timings_s={**clock.seconds, **inner},
         started_at_s=started,
         warnings=warnings,

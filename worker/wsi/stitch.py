@@ -16,6 +16,8 @@ of the label map, so several threads may ``add`` at once.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from fprotoseg.worker.wsi.buffers import anonymous_array
@@ -55,6 +57,18 @@ class LabelMapStitcher:
     def _tissue_window(self, tile: Tile) -> np.ndarray | bool:
         """Tissue (bool array) over the tile's owned window, or a plain bool when uniform."""
         o, t = self.output_mpp, self.tissue.mpp
+        h, w = self.tissue.shape
+        # Fast path without per-pixel arrays (most tiles lie inside tissue): the mask pixels any
+        # owned pixel could sample, i.e. floor(first) .. floor(last) + 1, clipped.
+        y_lo, y_hi = (tile.own_y0 + 0.5) * o / t - 0.5, (tile.own_y1 - 0.5) * o / t - 0.5
+        x_lo, x_hi = (tile.own_x0 + 0.5) * o / t - 0.5, (tile.own_x1 - 0.5) * o / t - 0.5
+        wy0, wy1 = min(h - 1, max(0, math.floor(y_lo))), min(h - 1, max(0, math.floor(y_hi) + 1)) + 1
+        wx0, wx1 = min(w - 1, max(0, math.floor(x_lo))), min(w - 1, max(0, math.floor(x_hi) + 1)) + 1
+        bounds = self.tissue.window(wy0, wy1, wx0, wx1)
+        if bounds.all():
+            return True
+        if not bounds.any():
+            return False
         ys = (np.arange(tile.own_y0, tile.own_y1) + 0.5) * o / t - 0.5
         xs = (np.arange(tile.own_x0, tile.own_x1) + 0.5) * o / t - 0.5
         # Only the window we need, unpacked, so the sampling cost is per tile, not per slide.
