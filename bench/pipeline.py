@@ -261,8 +261,9 @@ class NullSegmenter:
         return self._scores[:n]
 
 
-def read_ceiling(slide_path: Path, tiles: list, threads: int) -> float:
-    """Tiles/s of plain OpenSlide ``read_region`` of ``tiles`` with ``threads`` threads (a fresh handle)."""
+def read_ceiling(slide_path: Path, tiles: list, threads: int) -> tuple[float, float]:
+    """(tiles/s, tiles per CPU-second) of plain OpenSlide ``read_region`` of ``tiles`` with
+    ``threads`` threads (a fresh handle)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import openslide
@@ -277,12 +278,12 @@ def read_ceiling(slide_path: Path, tiles: list, threads: int) -> float:
                                (t.read_w_px, t.read_h_px))
 
     chunks = [tiles[i : i + 16] for i in range(0, len(tiles), 16)]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(read, chunks))
-    seconds = time.perf_counter() - t0
+    seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     handle.close()
-    return len(tiles) / seconds
+    return len(tiles) / seconds, len(tiles) / cpu_s
 
 
 def null_child(slide: Path, threads: int, batch_size: int | None, out_dir: Path) -> dict:
@@ -299,13 +300,17 @@ def null_child(slide: Path, threads: int, batch_size: int | None, out_dir: Path)
                           output_stride=seg.output_stride, output_mpp=options.output_mpp)
         width_px, height_px, slide_mpp = s.width_px, s.height_px, s.mpp
     del tissue
+    # The job service's path: the upload's sha256 is known, so the slide is not hashed during the run.
+    from fprotoseg.model.segmenter import file_sha256
+
+    sha256 = file_sha256(slide)
     read_ceiling(slide, grid.tiles, threads)  # warm-up: page cache, decoder tables
     load_before = os.getloadavg()[0]
-    before = read_ceiling(slide, grid.tiles, threads)
+    before, before_cpu = read_ceiling(slide, grid.tiles, threads)
     t0 = time.perf_counter()
-    result = run(slide, out_dir, seg, options=options)
+    result = run(slide, out_dir, seg, options=options, slide_sha256=sha256)
     wall = time.perf_counter() - t0
-    after = read_ceiling(slide, grid.tiles, threads)
+    after, after_cpu = read_ceiling(slide, grid.tiles, threads)
     timings = result.provenance["timings_s"]
     tiles = result.provenance["tiles"]["inferred"]
     ceiling = (before + after) / 2
@@ -326,13 +331,15 @@ def null_child(slide: Path, threads: int, batch_size: int | None, out_dir: Path)
         "feed_tiles_per_s": tiles / feed_s,
         "read_ceiling_tiles_per_s": ceiling,
         "read_ceiling_tiles_per_s_before_after": [before, after],
+        "read_ceiling_tiles_per_cpu_s": (before_cpu + after_cpu) / 2,
+        "feed_tiles_per_cpu_s": tiles / timings["feed_cpu_s"],
         "feed_vs_read_ceiling": tiles / feed_s / ceiling,
         "whole_run_tiles_per_s": tiles / wall,
         "whole_run_vs_read_ceiling": tiles / wall / ceiling,
         "whole_run_s": wall,
         "seconds_per_stage": {k: timings.get(k, 0.0) for k in stages},
         "feed_inner_s": {k: timings[k] for k in ("read_s", "stitch_s", "wait_for_reads_s",
-                                                  "wait_for_stitch_s", "model_s", "feed_s")},
+                                                  "wait_for_stitch_s", "model_s", "feed_s", "feed_cpu_s")},
         "peak_rss_gib": _peak_rss_bytes() / 2**30,
         "load_average_1min": [load_before, os.getloadavg()[0]],
         "cpus": os.cpu_count(),
@@ -367,6 +374,9 @@ def null_main(args: argparse.Namespace) -> None:
         headline["feed_scaling_vs_1_thread"] = headline["feed_tiles_per_s"] / one["feed_tiles_per_s"]
         headline["read_ceiling_scaling_vs_1_thread"] = (
             headline["read_ceiling_tiles_per_s"] / one["read_ceiling_tiles_per_s"])
+        # Load-independent: does a second thread cost extra CPU per tile (1.0 = none)?
+        headline["feed_cpu_per_tile_vs_1_thread"] = (
+            one["feed_tiles_per_cpu_s"] / headline["feed_tiles_per_cpu_s"])
     headline["by_threads"] = runs
     if args.json:
         print(json.dumps(headline, indent=1))
@@ -392,6 +402,8 @@ def _print_null_run(r: dict) -> None:
     inner = r["feed_inner_s"]
     print(f"  thread-seconds: reading {inner['read_s']:.2f}, stitching {inner['stitch_s']:.2f}; batch loop "
           f"waited {inner['wait_for_reads_s']:.2f} s for tiles")
+    print(f"CPU view (load-independent)    feed {r['feed_tiles_per_cpu_s']:.1f}, read ceiling "
+          f"{r['read_ceiling_tiles_per_cpu_s']:.1f} tiles per CPU-second")
     print(f"peak RSS                       {r['peak_rss_gib']:.3f} GiB (target < 1.5 GiB); "
           f"load average {r['load_average_1min'][0]:.1f} -> {r['load_average_1min'][1]:.1f} "
           f"on {r['cpus']} CPUs")

@@ -54,6 +54,7 @@ class FeedTimings:
     read_s: float = 0.0  # worker-thread seconds reading tiles (summed over threads)
     stitch_s: float = 0.0  # worker-thread seconds stitching (summed over threads)
     feed_s: float = 0.0  # wall seconds from the first read to the last tile stitched
+    feed_cpu_s: float = 0.0  # CPU seconds of this process over the same span (all threads)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add_work(self, name: str, seconds: float) -> None:
@@ -68,6 +69,7 @@ class FeedTimings:
             "read_s": self.read_s,
             "stitch_s": self.stitch_s,
             "feed_s": self.feed_s,
+            "feed_cpu_s": self.feed_cpu_s,
         }
 
 
@@ -247,7 +249,7 @@ class Feeder:
         self.progress("inference", 0, total)
         if n_batches == 0:
             return self.timings
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         n_slots = min(n_batches, self.prefetch_batches + 2)
         slots = [self._new_slot() for _ in range(n_slots)]
         initializer = _lower_priority if network_uses_cpu(self.segmenter) else None
@@ -270,8 +272,8 @@ class Feeder:
                 if b >= 1 and previous is not None:  # batch b is queued; b-1's scores go to stitching
                     prev = slots[(b - 1) % n_slots]
                     refill = b - 1 + n_slots
+                    done += len(prev.tiles)  # before the stitchers may refill the slot
                     self._start_stitch(prev, previous, refill if refill < n_batches else None)
-                    done += len(prev.tiles)
                     self.progress("inference", done, total)
             t0 = time.perf_counter()
             for slot in slots:
@@ -288,4 +290,5 @@ class Feeder:
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
         self.timings.feed_s = time.perf_counter() - started
+        self.timings.feed_cpu_s = time.process_time() - started_cpu
         return self.timings
