@@ -31,6 +31,9 @@ from fprotoseg.worker.wsi.validate import TIFF_MAGICS, check_dimensions, one_lin
 # Smallest plausible pixel size (µm/px): anything below is a unit error in the metadata.
 MIN_MPP = 0.01
 MAX_MPP = 100.0
+# Decoding a chunk holds its RGBA (OpenSlide's buffer and numpy's copy) and RGB at once.
+SCALED_BYTES_PER_PX = 11
+MAX_SCALED_BYTES_IN_FLIGHT = 64 * 2**20
 
 @dataclass
 class Slide:
@@ -145,13 +148,19 @@ class Slide:
     ) -> Iterator[tuple[int, int, np.ndarray]]:
         """The slide at about ``target_mpp`` as (row, col, RGB chunk) pieces: memory per chunk only.
 
-        ``threads`` > 1 decodes and shrinks chunks concurrently (in order, at most two per thread
-        in flight): on a 100,000 px slide the tissue pass reads a dozen 2048 px chunks, and one
-        thread would make it a serial stage of its own.
+        ``threads`` > 1 decodes and shrinks chunks concurrently, in order: on a 100,000 px slide
+        the tissue pass reads dozens of chunks, and one thread would make it a serial stage of its
+        own. Chunks are then 1024 px and at most ``MAX_SCALED_BYTES_IN_FLIGHT`` of them are
+        decoded at once (each costs about 11 bytes per pixel while it is converted): the malloc
+        heap keeps its high-water mark, so many large chunks at once would raise peak memory for
+        the whole run.
         """
         level, factor, _, _ = self.scaled_geometry(target_mpp)
         lw, lh = self.level_dimensions[level]
+        if threads > 1:
+            chunk_px = min(chunk_px, 1024)
         step = max(factor, (chunk_px // factor) * factor)
+        in_flight = max(1, min(threads, MAX_SCALED_BYTES_IN_FLIGHT // (step * step * SCALED_BYTES_PER_PX)))
         chunks = [(y, x) for y in range(0, lh, step) for x in range(0, lw, step)]
 
         def read(y: int, x: int) -> tuple[int, int, np.ndarray]:
@@ -171,12 +180,12 @@ class Slide:
         from collections import deque
         from concurrent.futures import Future, ThreadPoolExecutor
 
-        with ThreadPoolExecutor(threads, thread_name_prefix="fprotoseg-scaled") as pool:
+        with ThreadPoolExecutor(in_flight, thread_name_prefix="fprotoseg-scaled") as pool:
             pending: deque[Future[tuple[int, int, np.ndarray]]] = deque()
             todo = iter(chunks)
             for y, x in todo:
                 pending.append(pool.submit(read, y, x))
-                if len(pending) >= 2 * threads:
+                if len(pending) >= in_flight:
                     break
             while pending:
                 result = pending.popleft().result()
