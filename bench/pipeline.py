@@ -346,8 +346,25 @@ def null_child(slide: Path, threads: int, batch_size: int | None, out_dir: Path)
     }
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median feed/ceiling ratio, with medians of the rates across the repeats."""
+    import statistics
+
+    ordered = sorted(runs, key=lambda r: r["feed_vs_read_ceiling"])
+    median = dict(ordered[len(ordered) // 2])
+    for key in ("feed_tiles_per_s", "read_ceiling_tiles_per_s", "feed_tiles_per_cpu_s",
+                "read_ceiling_tiles_per_cpu_s", "whole_run_tiles_per_s"):
+        median[f"median_{key}"] = statistics.median(r[key] for r in runs)
+    median["median_feed_vs_read_ceiling"] = statistics.median(r["feed_vs_read_ceiling"] for r in runs)
+    median["feed_vs_read_ceiling_all"] = [r["feed_vs_read_ceiling"] for r in runs]
+    median["peak_rss_gib_max"] = max(r["peak_rss_gib"] for r in runs)
+    return median
+
+
 def null_main(args: argparse.Namespace) -> None:
-    """The --null-model bench: each thread count in a fresh process; one JSON object with --json."""
+    """The --null-model bench: each thread count in a fresh process, the counts alternated for
+    ``--repeats`` rounds (on a shared machine the load drifts between runs; alternating and taking
+    medians keeps the drift out of the 2-vs-1 comparison); one JSON object with --json."""
     if args.slide is None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from make_40x_slide import ensure_slide
@@ -355,34 +372,46 @@ def null_main(args: argparse.Namespace) -> None:
         slide = ensure_slide()
     else:
         slide = args.slide
-    runs = []
-    for threads in [int(t) for t in args.threads.split(",")]:
-        env = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736", **os.environ,
-               "PYTHONPATH": str(REPO)}
-        cmd = [sys.executable, __file__, "--null-child", str(slide), "--threads", str(threads)]
-        if args.batch_size:
-            cmd += ["--batch-size", str(args.batch_size)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise SystemExit(f"benchmark child failed:\n{proc.stderr}")
-        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        if not args.json:
-            _print_null_run(runs[-1])
-    headline = dict(max(runs, key=lambda r: r["threads"]))
-    one = next((r for r in runs if r["threads"] == 1), None)
+    counts = [int(t) for t in args.threads.split(",")]
+    runs: dict[int, list[dict]] = {t: [] for t in counts}
+    for _ in range(args.repeats):
+        for threads in counts:
+            env = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736", **os.environ,
+                   "PYTHONPATH": str(REPO)}
+            cmd = [sys.executable, __file__, "--null-child", str(slide), "--threads", str(threads)]
+            if args.batch_size:
+                cmd += ["--batch-size", str(args.batch_size)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise SystemExit(f"benchmark child failed:\n{proc.stderr}")
+            runs[threads].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            if not args.json:
+                _print_null_run(runs[threads][-1])
+    by_threads = [_median_run(runs[t]) for t in counts]
+    headline = dict(max(by_threads, key=lambda r: r["threads"]))
+    one = next((r for r in by_threads if r["threads"] == 1), None)
     if one is not None:
-        headline["feed_scaling_vs_1_thread"] = headline["feed_tiles_per_s"] / one["feed_tiles_per_s"]
+        headline["feed_scaling_vs_1_thread"] = (
+            headline["median_feed_tiles_per_s"] / one["median_feed_tiles_per_s"])
         headline["read_ceiling_scaling_vs_1_thread"] = (
-            headline["read_ceiling_tiles_per_s"] / one["read_ceiling_tiles_per_s"])
+            headline["median_read_ceiling_tiles_per_s"] / one["median_read_ceiling_tiles_per_s"])
         # Load-independent: does a second thread cost extra CPU per tile (1.0 = none)?
         headline["feed_cpu_per_tile_vs_1_thread"] = (
-            one["feed_tiles_per_cpu_s"] / headline["feed_tiles_per_cpu_s"])
-    headline["by_threads"] = runs
+            one["median_feed_tiles_per_cpu_s"] / headline["median_feed_tiles_per_cpu_s"])
+    headline["by_threads"] = by_threads
     if args.json:
         print(json.dumps(headline, indent=1))
-    elif one is not None and headline["threads"] != 1:
-        print(f"\n{headline['threads']} threads vs 1: feed x{headline['feed_scaling_vs_1_thread']:.2f} "
-              f"(target >= 1.7), read ceiling x{headline['read_ceiling_scaling_vs_1_thread']:.2f}")
+        return
+    for r in by_threads:
+        print(f"\nmedian of {args.repeats}, {r['threads']} thread(s): "
+              f"feed {r['median_feed_tiles_per_s']:.1f}, "
+              f"read ceiling {r['median_read_ceiling_tiles_per_s']:.1f} tiles/s, ratio "
+              f"{r['median_feed_vs_read_ceiling']:.3f} (all: "
+              + ", ".join(f"{x:.2f}" for x in r["feed_vs_read_ceiling_all"]) + ")")
+    if one is not None and headline["threads"] != 1:
+        print(f"{headline['threads']} threads vs 1: feed x{headline['feed_scaling_vs_1_thread']:.2f} "
+              f"(target >= 1.7), read ceiling x{headline['read_ceiling_scaling_vs_1_thread']:.2f}; CPU per "
+              f"tile x{headline['feed_cpu_per_tile_vs_1_thread']:.2f}")
 
 
 def _print_null_run(r: dict) -> None:
@@ -454,6 +483,8 @@ def main() -> None:
                     help="slide to run (default: the 16k/32k bench pair; with --null-model the 40x one)")
     ap.add_argument("--threads", default=None,
                     help="--null-model: reader/stitcher thread counts, e.g. 1,2 (default: one per core)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="--null-model: rounds over the thread counts (medians reported)")
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--null-child", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
