@@ -32,8 +32,10 @@ DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("off", "auto", "on")
 # On a CPU the network uses every core; 32 tiles keep its kernels efficient without large buffers.
 CPU_BATCH_SIZE = 32
-# Bounds of the batch chosen from free GPU memory (a multiple of 8 in between).
-MIN_AUTO_BATCH, MAX_AUTO_BATCH = 8, 1024
+# Bounds of the batch chosen from free GPU memory (a multiple of 8 in between). The top bound
+# keeps host memory bounded: the pipeline holds four pinned batch slots (about 50 MB each for 256
+# tiles of 256 px), and with batches overlapped a larger batch buys little.
+MIN_AUTO_BATCH, MAX_AUTO_BATCH = 8, 256
 
 
 @dataclass(frozen=True)
@@ -281,7 +283,7 @@ class TorchSegmenter:
 
     def suggest_batch_size(self) -> int:
         """On CUDA: as many tiles as fit in about 60% of the free device memory, from the peak
-        memory of one probe batch of 8 (a multiple of 8, 8..1024). On a CPU: 32."""
+        memory of one probe batch of 8 (a multiple of 8, 8..256). On a CPU: 32."""
         if self.device != "cuda":
             return CPU_BATCH_SIZE
         torch = self._torch
