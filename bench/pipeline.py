@@ -9,9 +9,19 @@ What it prints (nothing is pass/fail; the targets are printed beside the figures
 - peak RSS for that slide and for one 4x larger in area, each in a fresh subprocess, beside the
   label-map sizes (target: < 1.5 GiB, growth <= the larger label map + 20%).
 
-Usage: ``python bench/pipeline.py [--checkpoint PATH] [--side-px 16384] [--batch-size 32]``.
+Usage: ``python bench/pipeline.py [--checkpoint PATH] [--side-px 16384] [--batch-size 32] [--json]``.
 Default network: the packaged default model if present, else the random tiny CNN of fprotoseg.model.tiny.
 Slides are written once under /tmp/fprotoseg-bench/ (real tiles from ../shared/data/patches).
+
+``--null-model`` measures the pipeline's own ceiling instead, as a GPU host would see it: the whole
+pipeline (same tiles, reads, tissue, stitching, vectorising, writing) with a network that returns
+constant scores of the right shape at once, beside the raw read ceiling of the same tiles
+(OpenSlide ``read_region`` with the same number of threads, nothing else), measured in the same
+process before and after the run and averaged. Default slide: the 40x-sized one of
+``bench/make_40x_slide.py`` (50,000 x 40,000 px at 0.25 µm/px; written once under /tmp).
+``--threads 1,2`` runs each count in a fresh process and reports the scaling.
+
+    python bench/pipeline.py --null-model --threads 1,2 --json
 """
 
 from __future__ import annotations
@@ -221,6 +231,213 @@ def child(
     }
 
 
+# ------------------------------------------------------------------------------------ null model
+NULL_MODEL_GEOMETRY = {"mpp": 1.0, "tile_size_px": 256, "output_stride": 4}  # the packaged model's
+
+
+class NullSegmenter:
+    """A network that costs nothing: constant scores of the right shape, returned at once.
+
+    Geometry of the packaged model (1.0 µm/px, 256 px tiles, stride 4, three classes). Its device
+    is "null": it takes no CPU, as a GPU network would not, so the pipeline's threads run at
+    normal priority (they yield only to a network that runs on the CPU).
+    """
+
+    def __init__(self, mpp: float = 1.0, tile_size_px: int = 256, output_stride: int = 4) -> None:
+        from fprotoseg.model.segmenter import TissueClass
+
+        self.classes = (TissueClass("Tumor", (200, 0, 0)), TissueClass("Stroma", (150, 200, 150)),
+                        TissueClass("Normal", (50, 50, 200)))
+        self.mpp, self.tile_size_px, self.output_stride = mpp, tile_size_px, output_stride
+        self.name, self.checksum_sha256 = "null-model", "0" * 64
+        self.device, self.precision = "null", "none"
+        self._scores = np.zeros((0, len(self.classes), 1, 1), dtype=np.float32)
+
+    def predict(self, tiles_nhwc_uint8: np.ndarray) -> np.ndarray:
+        n, side = tiles_nhwc_uint8.shape[0], self.tile_size_px // self.output_stride
+        if self._scores.shape[0] < n or self._scores.shape[2] != side:
+            self._scores = np.zeros((n, len(self.classes), side, side), dtype=np.float32)
+            self._scores[:, 1] = 1.0  # all stroma
+        return self._scores[:n]
+
+
+def read_ceiling(slide_path: Path, tiles: list, threads: int) -> tuple[float, float]:
+    """(tiles/s, tiles per CPU-second) of plain OpenSlide ``read_region`` of ``tiles`` with
+    ``threads`` threads (a fresh handle)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openslide
+
+    handle = openslide.OpenSlide(str(slide_path))
+    downsamples = handle.level_downsamples
+
+    def read(chunk: list) -> None:
+        for t in chunk:
+            ds = downsamples[t.level]
+            handle.read_region((round(t.read_x_px * ds), round(t.read_y_px * ds)), t.level,
+                               (t.read_w_px, t.read_h_px))
+
+    chunks = [tiles[i : i + 16] for i in range(0, len(tiles), 16)]
+    t0, c0 = time.perf_counter(), time.process_time()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(read, chunks))
+    seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    handle.close()
+    return len(tiles) / seconds, len(tiles) / cpu_s
+
+
+def null_child(slide: Path, threads: int, batch_size: int | None, out_dir: Path) -> dict:
+    """One thread count in this (fresh) process: read ceiling, whole pipeline, read ceiling."""
+    from fprotoseg.worker.wsi.pipeline import PipelineOptions, _tissue_stage, run
+    from fprotoseg.worker.wsi.slide import open_slide
+    from fprotoseg.worker.wsi.tiling import plan_tiles
+
+    seg = NullSegmenter(**NULL_MODEL_GEOMETRY)
+    options = PipelineOptions(batch_size=batch_size, reader_threads=threads)
+    with open_slide(slide) as s:  # the tiles the pipeline will read (same tissue, same grid)
+        tissue, _ = _tissue_stage(s, options)
+        grid = plan_tiles(s, tissue, model_mpp=seg.mpp, tile_size_px=seg.tile_size_px,
+                          output_stride=seg.output_stride, output_mpp=options.output_mpp)
+        width_px, height_px, slide_mpp = s.width_px, s.height_px, s.mpp
+    del tissue
+    # The job service's path: the upload's sha256 is known, so the slide is not hashed during the run.
+    from fprotoseg.model.segmenter import file_sha256
+
+    sha256 = file_sha256(slide)
+    read_ceiling(slide, grid.tiles, threads)  # warm-up: page cache, decoder tables
+    load_before = os.getloadavg()[0]
+    before, before_cpu = read_ceiling(slide, grid.tiles, threads)
+    t0 = time.perf_counter()
+    result = run(slide, out_dir, seg, options=options, slide_sha256=sha256)
+    wall = time.perf_counter() - t0
+    after, after_cpu = read_ceiling(slide, grid.tiles, threads)
+    timings = result.provenance["timings_s"]
+    tiles = result.provenance["tiles"]["inferred"]
+    ceiling = (before + after) / 2
+    feed_s = timings["inference"] + timings["stitch"]
+    stages = ("open", "tissue", "tiling", "inference", "stitch", "vectorise", "write")
+    read = result.provenance["read"]  # what the pipeline itself read
+    return {
+        "slide": str(slide),
+        "slide_px": [width_px, height_px],
+        "slide_mpp": slide_mpp,
+        "level_read": read["level"],
+        "level_read_mpp": read["level_mpp"],
+        "level_read_px": result.provenance["slide"]["level_dimensions"][read["level"]],
+        "slide_levels_px": result.provenance["slide"]["level_dimensions"],
+        "threads": result.provenance["options"]["reader_threads"],
+        "batch_size": result.provenance["options"]["batch_size"],
+        "tiles": tiles,
+        "feed_tiles_per_s": tiles / feed_s,
+        "read_ceiling_tiles_per_s": ceiling,
+        "read_ceiling_tiles_per_s_before_after": [before, after],
+        "read_ceiling_tiles_per_cpu_s": (before_cpu + after_cpu) / 2,
+        "feed_tiles_per_cpu_s": tiles / timings["feed_cpu_s"],
+        "feed_vs_read_ceiling": tiles / feed_s / ceiling,
+        "whole_run_tiles_per_s": tiles / wall,
+        "whole_run_vs_read_ceiling": tiles / wall / ceiling,
+        "whole_run_s": wall,
+        "seconds_per_stage": {k: timings.get(k, 0.0) for k in stages},
+        "feed_inner_s": {k: timings[k] for k in ("read_s", "stitch_s", "wait_for_reads_s",
+                                                  "wait_for_stitch_s", "model_s", "feed_s", "feed_cpu_s")},
+        "peak_rss_gib": _peak_rss_bytes() / 2**30,
+        "load_average_1min": [load_before, os.getloadavg()[0]],
+        "cpus": os.cpu_count(),
+    }
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median feed/ceiling ratio, with medians of the rates across the repeats."""
+    import statistics
+
+    ordered = sorted(runs, key=lambda r: r["feed_vs_read_ceiling"])
+    median = dict(ordered[len(ordered) // 2])
+    for key in ("feed_tiles_per_s", "read_ceiling_tiles_per_s", "feed_tiles_per_cpu_s",
+                "read_ceiling_tiles_per_cpu_s", "whole_run_tiles_per_s"):
+        median[f"median_{key}"] = statistics.median(r[key] for r in runs)
+    median["median_feed_vs_read_ceiling"] = statistics.median(r["feed_vs_read_ceiling"] for r in runs)
+    median["feed_vs_read_ceiling_all"] = [r["feed_vs_read_ceiling"] for r in runs]
+    median["peak_rss_gib_max"] = max(r["peak_rss_gib"] for r in runs)
+    return median
+
+
+def null_main(args: argparse.Namespace) -> None:
+    """The --null-model bench: each thread count in a fresh process, the counts alternated for
+    ``--repeats`` rounds (on a shared machine the load drifts between runs; alternating and taking
+    medians keeps the drift out of the 2-vs-1 comparison); one JSON object with --json."""
+    if args.slide is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from make_40x_slide import ensure_slide
+
+        slide = ensure_slide()
+    else:
+        slide = args.slide
+    counts = [int(t) for t in args.threads.split(",")]
+    runs: dict[int, list[dict]] = {t: [] for t in counts}
+    for _ in range(args.repeats):
+        for threads in counts:
+            env = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736", **os.environ,
+                   "PYTHONPATH": str(REPO)}
+            cmd = [sys.executable, __file__, "--null-child", str(slide), "--threads", str(threads)]
+            if args.batch_size:
+                cmd += ["--batch-size", str(args.batch_size)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise SystemExit(f"benchmark child failed:\n{proc.stderr}")
+            runs[threads].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            if not args.json:
+                _print_null_run(runs[threads][-1])
+    by_threads = [_median_run(runs[t]) for t in counts]
+    headline = dict(max(by_threads, key=lambda r: r["threads"]))
+    one = next((r for r in by_threads if r["threads"] == 1), None)
+    if one is not None:
+        headline["feed_scaling_vs_1_thread"] = (
+            headline["median_feed_tiles_per_s"] / one["median_feed_tiles_per_s"])
+        headline["read_ceiling_scaling_vs_1_thread"] = (
+            headline["median_read_ceiling_tiles_per_s"] / one["median_read_ceiling_tiles_per_s"])
+        # Load-independent: does a second thread cost extra CPU per tile (1.0 = none)?
+        headline["feed_cpu_per_tile_vs_1_thread"] = (
+            one["median_feed_tiles_per_cpu_s"] / headline["median_feed_tiles_per_cpu_s"])
+    headline["by_threads"] = by_threads
+    if args.json:
+        print(json.dumps(headline, indent=1))
+        return
+    for r in by_threads:
+        print(f"\nmedian of {args.repeats}, {r['threads']} thread(s): "
+              f"feed {r['median_feed_tiles_per_s']:.1f}, "
+              f"read ceiling {r['median_read_ceiling_tiles_per_s']:.1f} tiles/s, ratio "
+              f"{r['median_feed_vs_read_ceiling']:.3f} (all: "
+              + ", ".join(f"{x:.2f}" for x in r["feed_vs_read_ceiling_all"]) + ")")
+    if one is not None and headline["threads"] != 1:
+        print(f"{headline['threads']} threads vs 1: feed x{headline['feed_scaling_vs_1_thread']:.2f} "
+              f"(target >= 1.7), read ceiling x{headline['read_ceiling_scaling_vs_1_thread']:.2f}; CPU per "
+              f"tile x{headline['feed_cpu_per_tile_vs_1_thread']:.2f}")
+
+
+def _print_null_run(r: dict) -> None:
+    w, h = r["slide_px"]
+    print(f"\n== null model, {r['threads']} thread(s), batch {r['batch_size']}: {w}x{h} px at "
+          f"{r['slide_mpp']} µm/px, level {r['level_read']} read ({r['level_read_mpp']:.3f} µm/px)")
+    print(f"tiles                          {r['tiles']}")
+    print(f"read ceiling (read_region)     {r['read_ceiling_tiles_per_s']:8.1f} tiles/s  "
+          f"(before/after {r['read_ceiling_tiles_per_s_before_after'][0]:.1f} / "
+          f"{r['read_ceiling_tiles_per_s_before_after'][1]:.1f})")
+    print(f"feed (read + batch + stitch)   {r['feed_tiles_per_s']:8.1f} tiles/s  "
+          f"ratio {r['feed_vs_read_ceiling']:.3f}  (target >= 0.8)")
+    print(f"whole run (open -> files)      {r['whole_run_tiles_per_s']:8.1f} tiles/s  "
+          f"ratio {r['whole_run_vs_read_ceiling']:.3f}  ({r['whole_run_s']:.2f} s)")
+    print("time per stage (s)             " + "  ".join(
+        f"{k} {v:.2f}" for k, v in r["seconds_per_stage"].items()))
+    inner = r["feed_inner_s"]
+    print(f"  thread-seconds: reading {inner['read_s']:.2f}, stitching {inner['stitch_s']:.2f}; batch loop "
+          f"waited {inner['wait_for_reads_s']:.2f} s for tiles")
+    print(f"CPU view (load-independent)    feed {r['feed_tiles_per_cpu_s']:.1f}, read ceiling "
+          f"{r['read_ceiling_tiles_per_cpu_s']:.1f} tiles per CPU-second")
+    print(f"peak RSS                       {r['peak_rss_gib']:.3f} GiB (target < 1.5 GiB); "
+          f"load average {r['load_average_1min'][0]:.1f} -> {r['load_average_1min'][1]:.1f} "
+          f"on {r['cpus']} CPUs")
+
+
 def run_child(slide: Path, args: argparse.Namespace) -> dict:
     # The worker's allocator settings (keep torch's buffers: twice as fast on CPU).
     env = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736", **os.environ,
@@ -259,8 +476,31 @@ def main() -> None:
     ap.add_argument("--reader-threads", type=int, default=2)
     ap.add_argument("--torch-threads", type=int, default=None, help="default: torch's own (= cores)")
     ap.add_argument("--skip-large", action="store_true", help="only the 16k slide (no memory-growth figure)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+    ap.add_argument("--null-model", action="store_true",
+                    help="the pipeline's own ceiling: a zero-cost network beside the raw read ceiling")
+    ap.add_argument("--slide", type=Path, default=None,
+                    help="slide to run (default: the 16k/32k bench pair; with --null-model the 40x one)")
+    ap.add_argument("--threads", default=None,
+                    help="--null-model: reader/stitcher thread counts, e.g. 1,2 (default: one per core)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="--null-model: rounds over the thread counts (medians reported)")
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--null-child", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+
+    if args.null_child is not None:
+        res = null_child(args.null_child, int(args.threads), args.batch_size,
+                         BENCH_DIR / ("null-out-" + args.null_child.stem))
+        print(json.dumps(res))
+        return
+    if args.null_model:
+        if args.threads is None:
+            from fprotoseg.worker.wsi.cpus import default_pipeline_threads
+
+            args.threads = str(default_pipeline_threads())
+        null_main(args)
+        return
 
     if args.child is not None:
         out = BENCH_DIR / ("out-" + args.child.stem)
@@ -271,11 +511,24 @@ def main() -> None:
         return
 
     t0 = time.perf_counter()
-    small = build_slide(args.side_px)
-    large = None if args.skip_large else build_slide(args.side_px * 2)
-    print(f"slides ready in {time.perf_counter() - t0:.0f} s: {small}" + (f", {large}" if large else ""))
+    if args.slide is not None:  # one given slide (e.g. the 40x one): no memory-growth pair
+        small, large = args.slide, None
+    else:
+        small = build_slide(args.side_px)
+        large = None if args.skip_large else build_slide(args.side_px * 2)
+    if not args.json:
+        print(f"slides ready in {time.perf_counter() - t0:.0f} s: {small}" + (f", {large}" if large else ""))
 
     a = run_child(small, args)
+    if args.json:
+        runs = [a] if large is None else [a, run_child(large, args)]
+        for r in runs:
+            r["end_to_end_vs_model_only"] = r["end_to_end_tiles_per_s"] / r["model_only_tiles_per_s"]
+            r["inference_stage_vs_model_only"] = (
+                r["inference_stage_tiles_per_s"] / r["model_only_tiles_per_s"])
+            r["peak_rss_gib"] = r["peak_rss_bytes"] / 2**30
+        print(json.dumps({**runs[0], "runs": runs}, indent=1))
+        return
     gib = 1024**3
     print(f"\n== {args.side_px}x{args.side_px} px at {SLIDE_MPP} µm/px, model {a['model']}, "
           f"batch {a['batch_size']}, torch threads {a['torch_threads']}, "

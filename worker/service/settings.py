@@ -20,6 +20,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from fprotoseg.model.errors import ConfigurationError
+from fprotoseg.worker.wsi.cpus import default_pipeline_threads
 
 __all__ = ["KeyEntry", "Settings", "load_settings", "parse_key_entries", "tenant_of_bare_key"]
 
@@ -144,6 +145,11 @@ class Settings(BaseSettings):
     )
     batch_size: int | None = Field(
         default=None, ge=1, description="Tiles per batch; unset = pipeline default."
+    )
+    pipeline_threads: int = Field(
+        default_factory=default_pipeline_threads,
+        ge=1,
+        description="Threads reading, decoding and stitching tiles; default one per available core.",
     )
 
     # --- jobs, Celery and Redis ------------------------------------------------------------------

@@ -3,9 +3,10 @@
 Stages (each reported through ``progress(stage, done, total)`` and timed into provenance):
 open -> tissue -> tiling -> inference (+ stitch, interleaved) -> vectorise -> write.
 
-Why the inference loop looks like this: tile reading and decoding run in a small thread pool
-(OpenSlide and the JPEG/resize code release the GIL) and stay a bounded number of tiles ahead of
-the network, so the network never waits for I/O and memory never holds more than a few batches.
+Why the inference loop looks like this (:mod:`fprotoseg.worker.wsi.feed`): tile reading,
+decoding, resampling and stitching run in one pool of threads sized to the host's cores
+(OpenSlide, OpenCV and the stitcher release the GIL), a bounded number of batches ahead of the
+network, so the network never waits for I/O and memory never holds more than a few batches.
 Cancellation is checked between batches.
 """
 
@@ -13,22 +14,23 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fprotoseg.model.segmenter import Segmenter, file_sha256
-from fprotoseg.worker.errors import JobCancelledError, PipelineOptionsError, SegmenterOutputError
+from fprotoseg.model.segmenter import CPU_BATCH_SIZE, Segmenter, StreamingSegmenter, file_sha256
+from fprotoseg.worker.errors import PipelineOptionsError
 from fprotoseg.worker.wsi import outputs
 from fprotoseg.worker.wsi.buffers import anonymous_array
+from fprotoseg.worker.wsi.cpus import default_pipeline_threads
+from fprotoseg.worker.wsi.feed import Feeder
 from fprotoseg.worker.wsi.slide import Slide, open_slide
 from fprotoseg.worker.wsi.stitch import LabelMapStitcher
-from fprotoseg.worker.wsi.tiling import Tile, TileGrid, plan_tiles, read_tile
+from fprotoseg.worker.wsi.tiling import TileGrid, plan_tiles
 from fprotoseg.worker.wsi.tissue import TissueMask, detect_tissue_from_saturation, saturation
 from fprotoseg.worker.wsi.vectorize import absorb_small_regions, region_counts, vectorize
 
@@ -42,11 +44,16 @@ OVERLAY_MAX_SIDE_PX = 2048
 
 @dataclass(frozen=True)
 class PipelineOptions:
-    """Knobs of one run. Units in the names; validated at construction."""
+    """Knobs of one run. Units in the names; validated at construction.
+
+    ``reader_threads``: the threads that read, decode, resample and stitch tiles; by default one
+    per core this process may use (:func:`~fprotoseg.worker.wsi.cpus.default_pipeline_threads`).
+    ``batch_size``: None = the segmenter's choice (from free GPU memory on CUDA; 32 on a CPU).
+    """
 
     output_mpp: float = 2.0
-    batch_size: int = 32
-    reader_threads: int = 2
+    batch_size: int | None = None
+    reader_threads: int = field(default_factory=default_pipeline_threads)
     prefetch_batches: int = 2
     tissue_mpp: float = 4.0
     tile_margin_px: int | None = None  # overlap per side at model resolution; None = ~1/16 tile
@@ -59,7 +66,8 @@ class PipelineOptions:
     def __post_init__(self) -> None:
         if not (0.1 <= self.output_mpp <= 100):
             raise PipelineOptionsError(f"output_mpp {self.output_mpp} µm/px is out of range (0.1..100)")
-        if self.batch_size < 1 or self.reader_threads < 1 or self.prefetch_batches < 1:
+        batch_ok = self.batch_size is None or self.batch_size >= 1
+        if not batch_ok or self.reader_threads < 1 or self.prefetch_batches < 1:
             raise PipelineOptionsError("batch_size, reader_threads and prefetch_batches must be >= 1")
         if self.tissue_mpp <= 0 or self.simplify_tolerance_um < 0 or self.min_region_area_um2 < 0:
             raise PipelineOptionsError("tissue_mpp must be > 0; tolerances and areas must be >= 0")
@@ -104,7 +112,7 @@ def _tissue_stage(slide: Slide, options: PipelineOptions) -> tuple[TissueMask, n
     sat = anonymous_array((h, w), np.uint8)
     shrink = max(1.0, max(h, w) / OVERLAY_MAX_SIDE_PX)
     thumb = np.empty((max(1, round(h / shrink)), max(1, round(w / shrink)), 3), dtype=np.uint8)
-    for y, x, chunk in slide.iter_scaled(tissue_mpp):
+    for y, x, chunk in slide.iter_scaled(tissue_mpp, threads=options.reader_threads):
         ch, cw = chunk.shape[:2]
         sat[y : y + ch, x : x + cw] = saturation(chunk)
         ty0, ty1 = round(y / shrink), min(thumb.shape[0], round((y + ch) / shrink))
@@ -140,35 +148,13 @@ def _write_rasters(
     return files
 
 
-def _yield_to_network() -> None:
-    """Lower this helper thread's CPU priority (Linux: per thread), so reading and stitching use
-    the cycles the network leaves idle instead of stalling its OpenMP threads at a barrier.
-    The prefetch queue gives them the slack to run late."""
-    import contextlib
-    import os
-    import threading
-
-    with contextlib.suppress(AttributeError, OSError):
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 5))
-
-
-def _iter_tiles(
-    slide: Slide, tiles: list[Tile], tile_size_px: int, pool: ThreadPoolExecutor, ahead: int
-) -> Any:
-    """Yield (tile, image) in order, keeping at most ``ahead`` reads in flight."""
-    pending: deque[tuple[Tile, Future[np.ndarray]]] = deque()
-    it = iter(tiles)
-    for tile in it:
-        pending.append((tile, pool.submit(read_tile, slide, tile, tile_size_px)))
-        if len(pending) >= ahead:
-            break
-    while pending:
-        tile, fut = pending.popleft()
-        nxt = next(it, None)
-        if nxt is not None:
-            pending.append((nxt, pool.submit(read_tile, slide, nxt, tile_size_px)))
-        yield tile, fut.result()
+def batch_size_for(segmenter: Segmenter, options: PipelineOptions) -> int:
+    """The batch size given, else the segmenter's own suggestion (free device memory), else 32."""
+    if options.batch_size is not None:
+        return options.batch_size
+    if isinstance(segmenter, StreamingSegmenter):
+        return max(1, int(segmenter.suggest_batch_size()))
+    return CPU_BATCH_SIZE
 
 
 def _infer(
@@ -179,86 +165,21 @@ def _infer(
     options: PipelineOptions,
     progress: ProgressCallback,
     should_cancel: Callable[[], bool],
-    clock: _Clock,
-) -> dict[str, float]:
-    """Batched inference over the grid; returns inner timings.
-
-    Three things overlap: reader threads decode the next tiles, the network runs on the current
-    batch, and one stitch thread places the previous batch's scores (on a GPU host the CPU work
-    then hides behind the network). At most one batch of scores waits for stitching, so memory
-    stays a few batches whatever the slide.
-    """
-    total = len(grid.tiles)
-    tsz = grid.tile_size_px
-    batch = np.empty((options.batch_size, tsz, tsz, 3), dtype=np.uint8)
-    batch_tiles: list[Tile] = []
-    done = 0
-    timings = {"model_s": 0.0, "stitch_s": 0.0, "wait_for_reads_s": 0.0, "wait_for_stitch_s": 0.0}
-    n_classes = len(segmenter.classes)
-    expected_hw = tsz // segmenter.output_stride
-    pending: Future[None] | None = None
-
-    def stitch(tiles: list[Tile], scores: np.ndarray) -> None:
-        t0 = time.perf_counter()
-        for i, tile in enumerate(tiles):
-            stitcher.add(tile, scores[i])
-        timings["stitch_s"] += time.perf_counter() - t0
-
-    def wait_for_stitch() -> None:
-        nonlocal pending
-        if pending is not None:
-            t0 = time.perf_counter()
-            pending.result()  # re-raises a stitching error here
-            timings["wait_for_stitch_s"] += time.perf_counter() - t0
-            pending = None
-
-    def flush(stitch_pool: ThreadPoolExecutor) -> None:
-        nonlocal done, pending
-        if should_cancel():
-            raise JobCancelledError("the job was cancelled")
-        n = len(batch_tiles)
-        t0 = time.perf_counter()
-        scores = segmenter.predict(batch[:n])
-        timings["model_s"] += time.perf_counter() - t0
-        if scores.shape[:2] != (n, n_classes) or scores.shape[2] != expected_hw:
-            raise SegmenterOutputError(
-                f"segmenter returned scores of shape {scores.shape}, expected ({n}, {n_classes}, "
-                f"{expected_hw}, {expected_hw})"
-            )
-        wait_for_stitch()
-        pending = stitch_pool.submit(stitch, list(batch_tiles), scores)
-        done += n
-        batch_tiles.clear()
-        progress("inference", done, total)
-
-    progress("inference", 0, total)
-    ahead = options.batch_size * options.prefetch_batches
-    with (
-        ThreadPoolExecutor(
-            options.reader_threads, thread_name_prefix="tile-reader", initializer=_yield_to_network
-        ) as pool,
-        ThreadPoolExecutor(1, thread_name_prefix="stitch", initializer=_yield_to_network) as stitch_pool,
-    ):
-        gen = _iter_tiles(slide, grid.tiles, tsz, pool, ahead)
-        try:
-            while True:
-                tw = time.perf_counter()
-                item = next(gen, None)
-                timings["wait_for_reads_s"] += time.perf_counter() - tw
-                if item is None:
-                    break
-                tile, image = item
-                batch[len(batch_tiles)] = image
-                batch_tiles.append(tile)
-                if len(batch_tiles) == options.batch_size:
-                    flush(stitch_pool)
-            if batch_tiles:
-                flush(stitch_pool)
-            wait_for_stitch()
-        finally:
-            gen.close()
-    clock.add("stitch", timings["wait_for_stitch_s"])
-    return timings
+) -> tuple[dict[str, float], int]:
+    """Batched inference over the grid, stitched as it goes; returns (inner seconds, batch size)."""
+    feeder = Feeder(
+        slide,
+        grid.tiles,
+        grid.tile_size_px,
+        segmenter,
+        stitcher,
+        batch_size=batch_size_for(segmenter, options),
+        threads=options.reader_threads,
+        prefetch_batches=options.prefetch_batches,
+        progress=progress,
+        should_cancel=should_cancel,
+    )
+    return feeder.run().as_dict(), feeder.batch_size
 
 
 def run(
@@ -319,8 +240,9 @@ def run(
 
             stitcher = LabelMapStitcher(grid.output_shape, options.output_mpp, tissue)
             t = time.perf_counter()
-            inner = _infer(slide, grid, segmenter, stitcher, options, progress, should_cancel, clock)
-            # "stitch" is the time the network waited for stitching; the rest overlapped with it.
+            inner, batch_size = _infer(slide, grid, segmenter, stitcher, options, progress, should_cancel)
+            # "stitch" is the time the batch loop waited for stitching; the rest overlapped with it.
+            clock.add("stitch", inner["wait_for_stitch_s"])
             clock.add("inference", time.perf_counter() - t - inner["wait_for_stitch_s"])
             progress("stitch", 1, 1)
 
@@ -406,7 +328,7 @@ def run(
         tissue_info=tissue_info,
         label_map_shape=label_map.shape,
         small_regions_absorbed=absorbed,
-        options=asdict(options),
+        options={**asdict(options), "batch_size": batch_size},
         timings_s={**clock.seconds, **inner},
         started_at_s=started,
         warnings=warnings,

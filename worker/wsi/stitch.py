@@ -5,9 +5,18 @@ slide. Each output pixel is taken from the one tile that owns it (the tile centr
 margin is discarded), sampled bilinearly from that tile's score map at the pixel's exact µm
 position, then argmax'd. Glass comes from the tissue mask, not the network: 0 = background,
 ``k + 1`` = class ``k`` of the segmenter.
+
+Why OpenCV for the sampling: ``add`` runs for every tile in the pipeline's worker threads, next to
+the tile reads. ``cv2.warpAffine`` does the same bilinear sampling (edge pixels replicated) with
+the GIL released, so stitching scales with the threads; the numpy version
+(:func:`sample_bilinear`, kept as the reference the tests compare against) holds the GIL in its
+fancy indexing and was the pipeline's bottleneck with a fast network. Tiles own disjoint windows
+of the label map, so several threads may ``add`` at once.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -23,7 +32,8 @@ def _axis(src: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     lo = np.floor(src)
     w = (src - lo).astype(np.float32)
     i0 = np.clip(lo.astype(np.int64), 0, n - 1)
-    i1 = np.clip(i0 + 1, 0, n - 1)
+    # From lo, not from the clipped i0: before the first pixel both neighbours are pixel 0.
+    i1 = np.clip(lo.astype(np.int64) + 1, 0, n - 1)
     return i0, i1, w
 
 
@@ -47,6 +57,18 @@ class LabelMapStitcher:
     def _tissue_window(self, tile: Tile) -> np.ndarray | bool:
         """Tissue (bool array) over the tile's owned window, or a plain bool when uniform."""
         o, t = self.output_mpp, self.tissue.mpp
+        h, w = self.tissue.shape
+        # Fast path without per-pixel arrays (most tiles lie inside tissue): the mask pixels any
+        # owned pixel could sample, i.e. floor(first) .. floor(last) + 1, clipped.
+        y_lo, y_hi = (tile.own_y0 + 0.5) * o / t - 0.5, (tile.own_y1 - 0.5) * o / t - 0.5
+        x_lo, x_hi = (tile.own_x0 + 0.5) * o / t - 0.5, (tile.own_x1 - 0.5) * o / t - 0.5
+        wy0, wy1 = min(h - 1, max(0, math.floor(y_lo))), min(h - 1, max(0, math.floor(y_hi) + 1)) + 1
+        wx0, wx1 = min(w - 1, max(0, math.floor(x_lo))), min(w - 1, max(0, math.floor(x_hi) + 1)) + 1
+        bounds = self.tissue.window(wy0, wy1, wx0, wx1)
+        if bounds.all():
+            return True
+        if not bounds.any():
+            return False
         ys = (np.arange(tile.own_y0, tile.own_y1) + 0.5) * o / t - 0.5
         xs = (np.arange(tile.own_x0, tile.own_x1) + 0.5) * o / t - 0.5
         # Only the window we need, unpacked, so the sampling cost is per tile, not per slide.
@@ -68,15 +90,39 @@ class LabelMapStitcher:
         return (top * (1 - wy)[:, None] + bottom * wy[:, None]) >= 0.5
 
     def add(self, tile: Tile, scores: np.ndarray) -> None:
-        """Place one tile's (C, h, w) scores; argmax per owned output pixel, glass kept at 0."""
-        _, h, w = scores.shape
+        """Place one tile's (C, h, w) scores; argmax per owned output pixel, glass kept at 0.
+
+        Thread-safe for distinct tiles (their owned windows never overlap).
+        """
+        import cv2
+
+        n_classes, h, w = scores.shape
         o = self.output_mpp
+        out_h, out_w = tile.own_y1 - tile.own_y0, tile.own_x1 - tile.own_x0
+        if out_h <= 0 or out_w <= 0:
+            return
         um_per_score_y = tile.span_y_um / h
         um_per_score_x = tile.span_x_um / w
-        ys = ((np.arange(tile.own_y0, tile.own_y1) + 0.5) * o - tile.origin_y_um) / um_per_score_y - 0.5
-        xs = ((np.arange(tile.own_x0, tile.own_x1) + 0.5) * o - tile.origin_x_um) / um_per_score_x - 0.5
-        sampled = sample_bilinear(scores.astype(np.float32, copy=False), ys, xs)
-        labels = (np.argmax(sampled, axis=0) + 1).astype(np.uint8)
+        # Output pixel (j, i) samples score position (i * sx + bx, j * sy + by), in the same
+        # pixel-index convention as sample_bilinear.
+        sx, sy = o / um_per_score_x, o / um_per_score_y
+        bx = ((tile.own_x0 + 0.5) * o - tile.origin_x_um) / um_per_score_x - 0.5
+        by = ((tile.own_y0 + 0.5) * o - tile.origin_y_um) / um_per_score_y - 0.5
+        matrix = np.array([[sx, 0.0, bx], [0.0, sy, by]], dtype=np.float64)
+        flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+        best: np.ndarray | None = None
+        labels = np.ones((out_h, out_w), dtype=np.uint8)
+        for k in range(n_classes):
+            channel = np.ascontiguousarray(scores[k], dtype=np.float32)
+            sampled = cv2.warpAffine(
+                channel, matrix, (out_w, out_h), flags=flags, borderMode=cv2.BORDER_REPLICATE
+            )
+            if best is None:
+                best = sampled
+                continue
+            higher = sampled > best  # strict: ties keep the lower class, as argmax does
+            labels[higher] = k + 1
+            np.maximum(best, sampled, out=best)
         tissue = self._tissue_window(tile)
         if tissue is False:
             labels[:] = BACKGROUND

@@ -162,14 +162,24 @@ def plan_tiles(
     )
 
 
-def read_tile(slide: Slide, tile: Tile, tile_size_px: int) -> np.ndarray:
-    """RGB uint8 (T, T, 3) at the model's resolution (INTER_AREA: a true average when shrinking)."""
+def read_tile(slide: Slide, tile: Tile, tile_size_px: int, out: np.ndarray | None = None) -> np.ndarray:
+    """RGB uint8 (T, T, 3) at the model's resolution (INTER_AREA: a true average when shrinking).
+
+    Runs in the reader threads: decoding and resampling both release the GIL. With ``out`` (a
+    C-contiguous (T, T, 3) slot of the batch buffer) the tile lands in place, with no copy when
+    the level read already is the model's resolution (the usual case on a 40x pyramid).
+    """
     import cv2
 
-    img = slide.read_level(tile.level, tile.read_x_px, tile.read_y_px, tile.read_w_px, tile.read_h_px)
-    if img.shape[0] != tile_size_px or img.shape[1] != tile_size_px:
-        shrinking = img.shape[1] > tile_size_px
-        img = cv2.resize(
-            img, (tile_size_px, tile_size_px), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    same_size = tile.read_w_px == tile_size_px and tile.read_h_px == tile_size_px
+    if same_size:
+        return slide.read_level(
+            tile.level, tile.read_x_px, tile.read_y_px, tile.read_w_px, tile.read_h_px, out=out
         )
-    return img
+    img = slide.read_level(tile.level, tile.read_x_px, tile.read_y_px, tile.read_w_px, tile.read_h_px)
+    shrinking = img.shape[1] > tile_size_px
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    if out is None:
+        return cv2.resize(img, (tile_size_px, tile_size_px), interpolation=interpolation)
+    cv2.resize(img, (tile_size_px, tile_size_px), dst=out, interpolation=interpolation)
+    return out
