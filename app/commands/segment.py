@@ -39,7 +39,13 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--output-mpp", type=float, default=2.0, help="µm/px of the label map and polygons (default 2.0)"
     )
-    p.add_argument("--reader-threads", type=int, default=2, help="threads reading/decoding tiles (default 2)")
+    p.add_argument(
+        "--reader-threads",
+        type=int,
+        default=None,
+        help="threads reading, decoding and stitching tiles (default: $FPROTOSEG_PIPELINE_THREADS, "
+        "else one per available core)",
+    )
     p.add_argument(
         "--num-threads", type=int, default=None, help="CPU threads for the network (default: torch's)"
     )
@@ -91,7 +97,7 @@ def handle(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
-    if args.reader_threads < 1:
+    if args.reader_threads is not None and args.reader_threads < 1:
         raise UsageError("--reader-threads must be >= 1")
     if args.mpp is not None and not MIN_MPP <= args.mpp <= MAX_MPP:
         raise UsageError(
@@ -118,7 +124,7 @@ def handle(args: argparse.Namespace) -> int:
     options = PipelineOptions(
         output_mpp=args.output_mpp,
         batch_size=args.batch_size,
-        reader_threads=args.reader_threads,
+        reader_threads=args.reader_threads or settings.pipeline_threads,
         simplify_tolerance_um=args.simplify_um,
         min_region_area_um2=args.min_region_um2,
         geojson_gzip=args.geojson_gzip,

@@ -232,7 +232,11 @@ def _run_pipeline(
             "upload the slide again"
         )
     # The gzip copy lets the API answer Accept-Encoding: gzip without recompressing per request.
-    options = PipelineOptions(geojson_gzip=True, batch_size=settings.batch_size or PipelineOptions.batch_size)
+    options = PipelineOptions(
+        geojson_gzip=True,
+        batch_size=settings.batch_size or PipelineOptions.batch_size,
+        reader_threads=settings.pipeline_threads,
+    )
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
     return run(
