@@ -9,16 +9,13 @@ ends ``succeeded`` exactly once even when two deliveries race. Cheap to import (
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fprotoseg.model.errors import FprotosegError
 from fprotoseg.worker.errors import (
@@ -28,8 +25,9 @@ from fprotoseg.worker.errors import (
     TransientJobError,
     UploadChangedError,
 )
+from fprotoseg.worker.service.client_view import client_message, describe_results_for_client
 from fprotoseg.worker.service.jobstore import JobRecord, JobStore, open_jobstore
-from fprotoseg.worker.service.lifecycle import _finish, cancel_job, fail_job, heartbeat_stale
+from fprotoseg.worker.service.lifecycle import JobHeartbeat, _finish, cancel_job, fail_job, heartbeat_stale
 from fprotoseg.worker.service.runtime import JobProgress, StopCheck
 from fprotoseg.worker.service.segmenters import get_segmenter
 from fprotoseg.worker.service.settings import Settings
@@ -126,97 +124,6 @@ def _process(job_id: str, settings: Settings, store: JobStore, should_stop: Stop
         store, settings, job_id, SUCCEEDED, only_from=RUNNING, progress=1.0, stage="done",
         duration_s=duration_s, tiles=result.tiles_inferred,
     )
-
-
-class JobHeartbeat:
-    """A thread that stamps the running attempt's ``heartbeat_at`` every ``interval_s``.
-
-    Progress writes stop during long single stages (vectorising a large slide) and never happen
-    when the pipeline is stuck; the heartbeat says "this attempt's process is alive and reaches the
-    job store", which is what the reaper (:mod:`fprotoseg.worker.service.maintenance`) judges.
-    """
-
-    def __init__(self, store: JobStore, job_id: str, attempt: int, interval_s: float) -> None:
-        self.store, self.job_id, self.attempt, self.interval_s = store, job_id, attempt, interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id[:8]}", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                if not self.store.job_heartbeat(self.job_id, self.attempt):
-                    return  # requeued or ended elsewhere: nothing to vouch for any more
-            except JobStoreError as exc:
-                log.warning("job %s: heartbeat not written: %s", self.job_id, exc.message)
-
-    def __enter__(self) -> JobHeartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5.0)
-
-
-def _scrub(value: Any, secrets_: tuple[str, ...]) -> Any:
-    """``value`` with every string naming a server path (the data dir) cut to its last part."""
-    if isinstance(value, dict):
-        return {k: _scrub(v, secrets_) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrub(v, secrets_) for v in value]
-    if isinstance(value, str) and any(s in value for s in secrets_):
-        return value.rsplit("/", 1)[-1]
-    return value
-
-
-def describe_results_for_client(work_dir: Path, rec: JobRecord, settings: Settings) -> None:
-    """Make ``stats.json`` and ``provenance.json`` speak of the client's slide, not the server's.
-
-    The pipeline names the file it read (``<job id>.svs`` under the data dir); a LIMS knows its
-    own file name, metadata and Idempotency-Key. Both files get a ``job`` block with those, the
-    slide's ``file`` becomes the client's name, and no server path is left anywhere in them.
-    """
-    job = {
-        "job_id": rec.id,
-        "filename": rec.filename,
-        "metadata": rec.metadata,
-        "idempotency_key": rec.idempotency_key,
-        "upload_sha256": rec.upload_sha256,
-    }
-    server_names = tuple(
-        s
-        for s in {str(settings.data_dir), str(settings.data_dir.resolve()), rec.upload_path}
-        if s and s not in (".", "")
-    )
-    for name in ("stats.json", "provenance.json"):
-        path = work_dir / name
-        if not path.is_file():
-            continue
-        doc = json.loads(path.read_text())
-        slide = doc.get("slide")
-        if isinstance(slide, dict):
-            slide.pop("path", None)
-            slide["file"] = rec.filename
-        doc["job"] = job
-        doc = _scrub(doc, server_names)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False))
-        os.replace(tmp, path)
-
-
-def client_message(rec: JobRecord, message: str) -> str:
-    """A job error as the HTTP client that submitted the job should read it.
-
-    Errors of the slide pipeline speak to the CLI (``--mpp``) and name the file they read (the
-    server's ``<job id>.svs``); here the file is the client's and the fix is the form field.
-    """
-    stored = Path(rec.upload_path).name
-    label = repr(rec.filename) if rec.filename else "the uploaded slide"
-    if stored:
-        message = message.replace(stored, label)
-    message = re.sub(r"--mpp(?= |$|\))", "the form field mpp", message)
-    message = message.replace("pass it with the form field mpp", "send it in the form field mpp")
-    return re.sub(r"(?<![\w.])/[^\s'\"]+", "<server path>", message)
 
 
 def _run_pipeline(

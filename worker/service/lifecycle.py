@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -87,3 +88,31 @@ def heartbeat_stale(rec: JobRecord, settings: Settings, now: float | None = None
     return (time.time() if now is None else now) - last > settings.job_heartbeat_timeout_s
 
 
+class JobHeartbeat:
+    """A thread that stamps the running attempt's ``heartbeat_at`` every ``interval_s``.
+
+    Progress writes stop during long single stages (vectorising a large slide) and never happen
+    when the pipeline is stuck; the heartbeat says "this attempt's process is alive and reaches the
+    job store", which is what the reaper (:mod:`fprotoseg.worker.service.maintenance`) judges.
+    """
+
+    def __init__(self, store: JobStore, job_id: str, attempt: int, interval_s: float) -> None:
+        self.store, self.job_id, self.attempt, self.interval_s = store, job_id, attempt, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id[:8]}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                if not self.store.job_heartbeat(self.job_id, self.attempt):
+                    return  # requeued or ended elsewhere: nothing to vouch for any more
+            except JobStoreError as exc:
+                log.warning("job %s: heartbeat not written: %s", self.job_id, exc.message)
+
+    def __enter__(self) -> JobHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5.0)

@@ -1,6 +1,6 @@
 """Housekeeping the API runs every FPROTOSEG_MAINTENANCE_INTERVAL_S: lost jobs and retention.
 
-**Lost jobs.** A running job writes a heartbeat (``jobs.JobHeartbeat``). When it stops for
+**Lost jobs.** A running job writes a heartbeat (``lifecycle.JobHeartbeat``). When it stops for
 FPROTOSEG_JOB_HEARTBEAT_TIMEOUT_S (worker killed, broker or job store lost, disk full), the job
 cannot finish by itself: it is requeued and handed to the workers again, or, after
 FPROTOSEG_MAX_DELIVERY_ATTEMPTS, failed with ``worker_lost``; a lost job the client asked to cancel

@@ -1,0 +1,79 @@
+"""What a client reads of its job: its own file name, metadata and fixes, never the server's.
+
+Why a module of its own: the slide pipeline writes results and errors for whoever ran it (the CLI
+names ``--mpp`` and the file it read); the service stores an upload under its own name in its
+data dir. Before results and errors reach an HTTP client they are rewritten here, in one place,
+so no server path leaks and a LIMS can match every file to its case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from fprotoseg.worker.service.jobstore import JobRecord
+from fprotoseg.worker.service.settings import Settings
+
+
+def _scrub(value: Any, secrets_: tuple[str, ...]) -> Any:
+    """``value`` with every string naming a server path (the data dir) cut to its last part."""
+    if isinstance(value, dict):
+        return {k: _scrub(v, secrets_) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v, secrets_) for v in value]
+    if isinstance(value, str) and any(s in value for s in secrets_):
+        return value.rsplit("/", 1)[-1]
+    return value
+
+
+def describe_results_for_client(work_dir: Path, rec: JobRecord, settings: Settings) -> None:
+    """Make ``stats.json`` and ``provenance.json`` speak of the client's slide, not the server's.
+
+    The pipeline names the file it read (``<job id>.svs`` under the data dir); a LIMS knows its
+    own file name, metadata and Idempotency-Key. Both files get a ``job`` block with those, the
+    slide's ``file`` becomes the client's name, and no server path is left anywhere in them.
+    """
+    job = {
+        "job_id": rec.id,
+        "filename": rec.filename,
+        "metadata": rec.metadata,
+        "idempotency_key": rec.idempotency_key,
+        "upload_sha256": rec.upload_sha256,
+    }
+    server_names = tuple(
+        s
+        for s in {str(settings.data_dir), str(settings.data_dir.resolve()), rec.upload_path}
+        if s and s not in (".", "")
+    )
+    for name in ("stats.json", "provenance.json"):
+        path = work_dir / name
+        if not path.is_file():
+            continue
+        doc = json.loads(path.read_text())
+        slide = doc.get("slide")
+        if isinstance(slide, dict):
+            slide.pop("path", None)
+            slide["file"] = rec.filename
+        doc["job"] = job
+        doc = _scrub(doc, server_names)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False))
+        os.replace(tmp, path)
+
+
+def client_message(rec: JobRecord, message: str) -> str:
+    """A job error as the HTTP client that submitted the job should read it.
+
+    Errors of the slide pipeline speak to the CLI (``--mpp``) and name the file they read (the
+    server's ``<job id>.svs``); here the file is the client's and the fix is the form field.
+    """
+    stored = Path(rec.upload_path).name
+    label = repr(rec.filename) if rec.filename else "the uploaded slide"
+    if stored:
+        message = message.replace(stored, label)
+    message = re.sub(r"--mpp(?= |$|\))", "the form field mpp", message)
+    message = message.replace("pass it with the form field mpp", "send it in the form field mpp")
+    return re.sub(r"(?<![\w.])/[^\s'\"]+", "<server path>", message)
