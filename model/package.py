@@ -4,7 +4,7 @@ Why a step of its own: the model card quotes the manifest, so the numbers in it 
 the same code path as ``fprotoseg evaluate`` (the worker's seam, tiled like a slide) and sit beside
 the floors any model must beat on the same images (best constant, colour threshold).
 
-    python -m fprotoseg.model.package runs/wsss4luad_stage2/best.safetensors   # -> model/weights/...
+    python -m fprotoseg.model.package runs/wsss4luad_default/final.safetensors   # -> model/weights/...
 """
 
 from __future__ import annotations
@@ -73,12 +73,20 @@ def package(
     from fprotoseg.model.train import resolve_path
 
     state, manifest = read_checkpoint(checkpoint)
+    # fp16 storage halves the file (the 20 MB budget of a packaged model); scores are measured on
+    # the written fp16 file itself, not on the fp32 run it came from
+    state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = save_checkpoint(out.with_suffix(".staged.safetensors"), state, manifest)
     data_cfg = manifest.get("config", {}).get("data", {})
-    if data_cfg.get("holdout"):
-        metrics = heldout_metrics(checkpoint, data_root or resolve_path(data_cfg["pairs_root"]))
-    else:
-        root = data_root or resolve_path(data_cfg["val_root"])
-        metrics = validation_metrics(checkpoint, data_cfg.get("dataset", "wsss4luad"), root)
+    try:
+        if data_cfg.get("holdout"):
+            metrics = heldout_metrics(staged, data_root or resolve_path(data_cfg["pairs_root"]))
+        else:
+            root = data_root or resolve_path(data_cfg["val_root"])
+            metrics = validation_metrics(staged, data_cfg.get("dataset", "wsss4luad"), root)
+    finally:
+        staged.unlink(missing_ok=True)
     metrics["selected_epoch"] = manifest.get("metrics", {}).get("epoch")
     metrics["kept"] = manifest.get("metrics", {}).get("kept", "best")
     metrics.update(extra or {})
