@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel, Field
 
+from fprotoseg.app.viewlink import viewer_link
 from fprotoseg.worker.service.callbacks import job_links
 from fprotoseg.worker.service.jobstore import JobRecord
 from fprotoseg.worker.service.settings import Settings
@@ -62,7 +63,8 @@ class JobView(BaseModel):
     tenant: str = Field(description="the tenant of the API key that submitted the job")
     tiles: int | None = Field(description="tiles inferred, once succeeded")
     duration_s: float | None
-    links: dict[str, str] = Field(description="self, and the result URLs once succeeded")
+    links: dict[str, str] = Field(description="self, and the result URLs once succeeded; `view` is the "
+        "result viewer page as a signed link valid for FPROTOSEG_VIEW_LINK_TTL_S (no key needed)")
 
 
 class JobList(BaseModel):
@@ -95,6 +97,9 @@ def base_url(request: Request, settings: Settings) -> str:
 
 def job_view(rec: JobRecord, request: Request, settings: Settings) -> dict[str, Any]:
     links = job_links(base_url(request, settings), rec.id, rec.state)
+    view = viewer_link(settings, rec, links["self"])
+    if view:  # signed: a browser opened from a LIMS cannot send the X-API-Key header
+        links["view"] = view
     return {
         "job_id": rec.id,
         "state": rec.state,

@@ -112,6 +112,8 @@ def _process(job_id: str, settings: Settings, store: JobStore, should_stop: Stop
     try:
         with JobHeartbeat(store, job_id, rec.attempts, settings.job_heartbeat_interval_s):
             result = _run_pipeline(store, settings, rec, work_dir, should_stop)
+            store.progress(job_id, "rendering viewer", 0.98)
+            _render_viewer(settings, rec, work_dir)
         describe_results_for_client(work_dir, rec, settings)
         store.progress(job_id, "publishing results", 0.99)
         result_dir = settings.result_dir(job_id)
@@ -247,6 +249,15 @@ def _run_pipeline(
         ),
         slide_sha256=rec.upload_sha256 or None,  # hashed once, while the upload streamed in
     )
+
+
+def _render_viewer(settings: Settings, rec: JobRecord, work_dir: Path) -> None:
+    """The result viewer's Deep Zoom pyramids, published with the other files (the API cannot
+    render them: it has no OpenSlide). Rendered after the pipeline from its own result files."""
+    from fprotoseg.worker.wsi.deepzoom import write_viewer
+
+    manifest = write_viewer(work_dir, settings.upload_file(rec.upload_path), mpp_override=rec.mpp)
+    log.info("job %s: viewer rendered (%s)", rec.id, manifest.parent.name)
 
 
 def _failed(store: JobStore, settings: Settings, rec: JobRecord, exc: BaseException) -> JobRecord | None:

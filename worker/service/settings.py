@@ -134,6 +134,17 @@ class Settings(BaseSettings):
     public_url: str | None = Field(
         default=None, description="Base URL clients reach the API at; makes links in callbacks absolute."
     )
+    view_link_ttl_s: float = Field(
+        default=3600.0,
+        gt=0,
+        le=7 * 86400.0,
+        description="How long the signed result-viewer link in GET /jobs/{id} (links.view) stays valid.",
+    )
+    view_link_secret: str | None = Field(
+        default=None,
+        description="HMAC-SHA256 key signing result-viewer links; unset = generated once into "
+        "<data dir>/view-link-secret (every API replica on the shared volume reads the same one).",
+    )
     metrics_public: bool = Field(default=True, description="/metrics without a key (Prometheus scrapes).")
     jobs_page_max: int = Field(default=200, ge=1, description="Largest page size of GET /jobs.")
 
@@ -194,7 +205,7 @@ class Settings(BaseSettings):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
-    @field_validator("broker_url", "callback_secret", "public_url", mode="before")
+    @field_validator("broker_url", "callback_secret", "public_url", "view_link_secret", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -262,6 +273,11 @@ class Settings(BaseSettings):
     def callback_secret_file(self) -> Path:
         """Where the generated per-install callback secret lives (shared volume: API and workers)."""
         return self.data_dir / "callback-secret"
+
+    @property
+    def view_link_secret_file(self) -> Path:
+        """Where the generated per-install secret signing result-viewer links lives."""
+        return self.data_dir / "view-link-secret"
 
     def upload_file(self, stored_path: str) -> Path:
         """A job's slide; records hold paths relative to the data dir (a shared volume)."""
