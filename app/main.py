@@ -22,7 +22,7 @@ from fprotoseg.app.dispatch import make_dispatcher
 from fprotoseg.app.metrics import install_metrics
 from fprotoseg.app.openapi import customise_openapi
 from fprotoseg.app.problems import install_problem_handlers
-from fprotoseg.app.routes import health, jobs, results, segment, viewer
+from fprotoseg.app.routes import health, jobs, models, results, segment, viewer
 from fprotoseg.app.upload import TEMP_PREFIX
 from fprotoseg.worker.service.jobstore import JobStore, open_jobstore
 from fprotoseg.worker.service.maintenance import run_maintenance
@@ -113,7 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.dispatcher = dispatcher
     install_problem_handlers(app)
     app.state.metrics_registry = install_metrics(app, store, dispatcher)
-    for module in (segment, jobs, results, viewer, health):
+    for module in (segment, jobs, results, viewer, models, health):
         app.include_router(module.router)
     # the result viewer's scripts (OpenSeadragon with its licence, the page's own): no CDN at run time
     app.mount("/static", StaticFiles(directory=viewer.STATIC_DIR), name="static")

@@ -74,6 +74,11 @@ _UPLOAD_SCHEMA: dict[str, Any] = {
                             "no credentials, no private address unless FPROTOSEG_CALLBACK_ALLOWED_HOSTS "
                             "lists it",
                         },
+                        "model": {
+                            "type": "string",
+                            "maxLength": 100,
+                            "description": "a model name from GET /models; default: the configured default",
+                        },
                         "metadata": {
                             "type": "string",
                             "maxLength": MAX_METADATA_BYTES,
@@ -119,6 +124,24 @@ def _parse_callback(raw: str | None, settings: Settings) -> str | None:
         raise Problem(422, str(exc), code="invalid_request") from None
 
 
+def _parse_model(raw: str | None, settings: Settings) -> str | None:
+    """The requested model's name, or None for the configured default (also when named)."""
+    if not raw:
+        return None
+    from fprotoseg.model.catalog import installed_models
+
+    models, default = installed_models(settings.checkpoint, settings.models_dir)
+    if raw not in models:
+        known = sorted(models)
+        raise Problem(
+            422,
+            f"unknown model {raw[:100]!r}; known models: {', '.join(known) or '(none)'} (GET /models)",
+            code="unknown_model",
+            extra={"known_models": known},
+        )
+    return None if raw == default else raw
+
+
 def _parse_metadata(raw: str | None, external_id: str | None) -> dict[str, Any] | None:
     """The client's JSON object (size-capped), with ``external_id`` merged in when given alone."""
     metadata: dict[str, Any] | None = None
@@ -149,6 +172,7 @@ def params_hash(
     callback_url: str | None,
     filename: str = "",
     metadata: dict[str, Any] | None = None,
+    model: str | None = None,
 ) -> str:
     """What, besides the bytes, decides a job and how it is described (and so whether an old job
     can be reused): the same slide sent for another case (name, metadata) is a new job."""
@@ -159,6 +183,8 @@ def params_hash(
         "filename": filename,
         "metadata": metadata,
     }
+    if model is not None:  # only when named: jobs of the default model keep their earlier hashes
+        params["model"] = model
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -223,7 +249,10 @@ def _find_existing(
         401: {"description": "missing or wrong X-API-Key"},
         413: {"description": "larger than FPROTOSEG_MAX_UPLOAD_MB"},
         415: {"description": "not a whole-slide image, or not multipart/form-data"},
-        422: {"description": "bad form field or callback_url, truncated slide, or reused Idempotency-Key"},
+        422: {
+            "description": "bad form field or callback_url, unknown model, truncated slide, or reused "
+            "Idempotency-Key"
+        },
         503: {"description": "job store or broker unreachable, or storage unavailable (Retry-After)"},
         507: {"description": "not enough disk space for the upload (FPROTOSEG_MIN_FREE_MB; Retry-After)"},
     },
@@ -252,7 +281,8 @@ async def create_segmentation(
         mpp = _parse_mpp(upload.fields.get("mpp"))
         callback_url = _parse_callback(upload.fields.get("callback_url"), settings)
         metadata = _parse_metadata(upload.fields.get("metadata"), upload.fields.get("external_id"))
-        phash = params_hash(settings, mpp, callback_url, upload.filename, metadata)
+        model = _parse_model(upload.fields.get("model"), settings)
+        phash = params_hash(settings, mpp, callback_url, upload.filename, metadata, model)
         existing = await run_in_threadpool(
             _find_existing, store, settings, dispatcher, who, idempotency_key, upload.sha256, phash
         )
@@ -275,6 +305,7 @@ async def create_segmentation(
             tenant=who.tenant,
             metadata=metadata,
             mpp=mpp,
+            model=model,
             callback_url=callback_url,
             idempotency_key=idempotency_key,
             params_hash=phash,

@@ -9,6 +9,7 @@ from fastapi import Request
 from pydantic import BaseModel, Field
 
 from fprotoseg.app.viewlink import viewer_link
+from fprotoseg.model.catalog import default_model_name
 from fprotoseg.worker.service.callbacks import job_links
 from fprotoseg.worker.service.jobstore import JobRecord
 from fprotoseg.worker.service.settings import Settings
@@ -56,6 +57,7 @@ class JobView(BaseModel):
     cancel_requested: bool
     upload: UploadView
     mpp: float | None = Field(description="µm/px given with the upload (overrides slide metadata)")
+    model: str = Field(description="the model the job runs (a name from GET /models)")
     callback_url: str | None
     callback_status: str | None = Field(description="pending, delivered or failed; null without a callback")
     idempotency_key: str | None = Field(description="the Idempotency-Key the job was submitted with")
@@ -119,6 +121,7 @@ def job_view(rec: JobRecord, request: Request, settings: Settings) -> dict[str, 
             "format": rec.upload_format,
         },
         "mpp": rec.mpp,
+        "model": rec.model or default_model_name(settings.checkpoint),
         "callback_url": rec.callback_url,
         "callback_status": rec.callback_status,
         "idempotency_key": rec.idempotency_key,

@@ -184,6 +184,7 @@ def describe_results_for_client(work_dir: Path, rec: JobRecord, settings: Settin
         "metadata": rec.metadata,
         "idempotency_key": rec.idempotency_key,
         "upload_sha256": rec.upload_sha256,
+        "model": rec.model,  # as requested; null = the configured default (provenance.model says which)
     }
     server_names = tuple(
         s
@@ -224,7 +225,7 @@ def client_message(rec: JobRecord, message: str) -> str:
 def _run_pipeline(
     store: JobStore, settings: Settings, rec: JobRecord, work_dir: Path, should_stop: StopFlag
 ) -> RunResult:
-    segmenter = get_segmenter(settings)
+    segmenter = get_segmenter(settings, rec.model)
     from fprotoseg.worker.wsi.pipeline import PipelineOptions, run
 
     slide = settings.upload_file(rec.upload_path)

@@ -72,6 +72,7 @@ class JobRecord:
     tenant: str = ""  # who submitted it (from the API key); "" = before tenants existed
     metadata: dict[str, Any] | None = None  # the client's small JSON object (e.g. external_id)
     mpp: float | None = None
+    model: str | None = None  # a name from GET /models; None = the configured default
     callback_url: str | None = None
     idempotency_key: str | None = None
     params_hash: str = ""

@@ -94,7 +94,19 @@ class Settings(BaseSettings):
     )
     auth_disabled: bool = Field(default=False, description="true = no key needed. Never the default.")
     max_upload_mb: float = Field(default=8192.0, gt=0, description="Largest accepted upload (413 above).")
-    checkpoint: Path | None = Field(default=None, description="Model checkpoint; unset = packaged default.")
+    checkpoint: Path | None = Field(
+        default=None,
+        description="The default model: a name from GET /models or a .safetensors path; unset = packaged "
+        "default.",
+    )
+    models_dir: Path | None = Field(
+        default=None,
+        description="Folder of further model checkpoints (*.safetensors, named by file stem) beside the "
+        "packaged ones; a job picks one with model=NAME.",
+    )
+    model_cache_size: int = Field(
+        default=2, ge=1, le=16, description="Loaded models a worker process keeps (least recently used out)."
+    )
     callback_secret: str | None = Field(
         default=None,
         description="HMAC-SHA256 key signing callbacks; unset = generated once into "
@@ -210,7 +222,7 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("checkpoint", mode="before")
+    @field_validator("checkpoint", "models_dir", mode="before")
     @classmethod
     def _blank_checkpoint_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
