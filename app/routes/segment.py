@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import uuid
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
@@ -25,6 +26,7 @@ from fprotoseg.app.auth import ApiKey, Principal
 from fprotoseg.app.deps import DispatcherDep, SettingsDep, StoreDep
 from fprotoseg.app.dispatch import Dispatcher
 from fprotoseg.app.errors import Problem
+from fprotoseg.app.reference import IncomingSlide, receive_reference
 from fprotoseg.app.routes.views import SegmentAccepted, base_url, job_view
 from fprotoseg.app.upload import MAX_FILENAME_CHARS, receive_upload
 from fprotoseg.worker.errors import BrokerUnavailableError, DuplicateJobError
@@ -45,10 +47,30 @@ MAX_METADATA_BYTES = 4096
 MAX_EXTERNAL_ID_CHARS = 200
 MIN_MPP, MAX_MPP = 0.01, 100.0
 
+_REFERENCE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["slide_uri"],
+    "additionalProperties": False,
+    "properties": {
+        "slide_uri": {
+            "type": "string",
+            "maxLength": 2048,
+            "description": "file:///path under FPROTOSEG_SLIDE_ROOTS (read where it is) or s3://bucket/key "
+            "(fetched, at most FPROTOSEG_SLIDE_CACHE_MAX_MB)",
+        },
+        "mpp": {"type": "number", "minimum": MIN_MPP, "maximum": MAX_MPP},
+        "model": {"type": "string", "maxLength": 100},
+        "callback_url": {"type": "string", "format": "uri", "maxLength": MAX_URL_CHARS},
+        "metadata": {"type": "object"},
+        "external_id": {"type": "string", "maxLength": MAX_EXTERNAL_ID_CHARS},
+    },
+}
+
 _UPLOAD_SCHEMA: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
+            "application/json": {"schema": _REFERENCE_SCHEMA},
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
@@ -273,9 +295,17 @@ async def create_segmentation(
         ),
     ] = None,
 ) -> JSONResponse:
-    upload = await receive_upload(
-        request, settings.uploads_dir, settings.max_upload_bytes, settings.min_free_mb
-    )
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if content_type == "application/json":  # a slide by reference (file:// or s3://)
+        upload = await receive_reference(request, settings)
+    else:
+        received = await receive_upload(
+            request, settings.uploads_dir, settings.max_upload_bytes, settings.min_free_mb
+        )
+        upload = IncomingSlide(
+            received.path, received.sha256, received.size_bytes, received.filename, owned=True,
+            fields=received.fields,
+        )
     try:
         fmt = await run_in_threadpool(sniff, upload.path, upload.filename)
         mpp = _parse_mpp(upload.fields.get("mpp"))
@@ -290,14 +320,21 @@ async def create_segmentation(
             return _accepted(existing, request, settings, replayed=True)
 
         job_id = str(uuid.uuid4())
-        final_path = settings.uploads_dir / f"{job_id}{fmt.extension}"
-        os.replace(upload.path, final_path)
+        final_path: Path | None = None
+        if upload.owned:
+            moved = settings.uploads_dir / f"{job_id}{fmt.extension}"
+            os.replace(upload.path, moved)
+            final_path = moved
+            # relative to the data dir: API and workers may mount the shared volume at different paths
+            stored = str(moved.relative_to(settings.data_dir))
+        else:  # read where it is (a slide root, mounted at the same path on the workers)
+            stored = str(upload.path)
         rec = JobRecord(
             id=job_id,
             state=QUEUED,
             stage="queued",
-            # relative to the data dir: API and workers may mount the shared volume at different paths
-            upload_path=str(final_path.relative_to(settings.data_dir)),
+            upload_path=stored,
+            slide_uri=upload.slide_uri,
             upload_sha256=upload.sha256,
             upload_bytes=upload.size_bytes,
             upload_format=fmt.name,
@@ -313,7 +350,8 @@ async def create_segmentation(
         try:
             await run_in_threadpool(store.create, rec)
         except DuplicateJobError as dup:  # a concurrent request with the same key won the race
-            final_path.unlink(missing_ok=True)
+            if final_path is not None:
+                final_path.unlink(missing_ok=True)
             winner = await run_in_threadpool(store.get, dup.existing_id)
             if winner is None:
                 raise
@@ -331,10 +369,12 @@ async def create_segmentation(
                 error_code=BrokerUnavailableError.code,
                 error_message="the job could not be queued (broker unreachable); upload it again",
             )
-            final_path.unlink(missing_ok=True)
+            if final_path is not None:
+                final_path.unlink(missing_ok=True)
             await run_in_threadpool(store.release_idempotency_key, job_id)
             raise BrokerUnavailableError("the job queue (broker) is unreachable; try again") from None
         log.info("job %s: queued (%s, %d bytes, %s)", job_id, fmt.name, upload.size_bytes, upload.sha256[:12])
         return _accepted(rec, request, settings, replayed=False)
     finally:
-        upload.path.unlink(missing_ok=True)
+        if upload.owned:  # a temp copy not moved into place (refused, or replayed); never a referenced slide
+            upload.path.unlink(missing_ok=True)

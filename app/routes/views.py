@@ -39,6 +39,9 @@ class UploadView(BaseModel):
     format: str = Field(
         description="sniffed from the bytes: aperio-svs, hamamatsu-ndpi, ome-tiff, tiff, dicom, …"
     )
+    slide_uri: str | None = Field(
+        default=None, description="the file:// or s3:// URI the slide was named by (null: uploaded)"
+    )
 
 
 class JobView(BaseModel):
@@ -119,6 +122,7 @@ def job_view(rec: JobRecord, request: Request, settings: Settings) -> dict[str, 
             "sha256": rec.upload_sha256,
             "size_bytes": rec.upload_bytes,
             "format": rec.upload_format,
+            "slide_uri": rec.slide_uri,
         },
         "mpp": rec.mpp,
         "model": rec.model or default_model_name(settings.checkpoint),

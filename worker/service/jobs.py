@@ -184,6 +184,7 @@ def describe_results_for_client(work_dir: Path, rec: JobRecord, settings: Settin
         "metadata": rec.metadata,
         "idempotency_key": rec.idempotency_key,
         "upload_sha256": rec.upload_sha256,
+        "slide_uri": rec.slide_uri,  # file:// or s3:// when named instead of uploaded
         "model": rec.model,  # as requested; null = the configured default (provenance.model says which)
     }
     server_names = tuple(

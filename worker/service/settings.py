@@ -99,6 +99,17 @@ class Settings(BaseSettings):
         description="The default model: a name from GET /models or a .safetensors path; unset = packaged "
         "default.",
     )
+    slide_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders (comma-separated; read-only mounts) that POST /segment may name slides in "
+        "by file:// URI; unset = slides by path are refused.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3 API endpoint for s3:// slides when not AWS (MinIO, Ceph, …)."
+    )
+    slide_cache_max_mb: float = Field(
+        default=8192.0, gt=0, description="Largest s3:// slide fetched into the uploads dir (413 above)."
+    )
     models_dir: Path | None = Field(
         default=None,
         description="Folder of further model checkpoints (*.safetensors, named by file stem) beside the "
@@ -217,7 +228,16 @@ class Settings(BaseSettings):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
-    @field_validator("broker_url", "callback_secret", "public_url", "view_link_secret", mode="before")
+    @field_validator("slide_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        """``FPROTOSEG_SLIDE_ROOTS=/mnt/a,/mnt/b`` -> two absolute folders."""
+        if isinstance(value, str):
+            return [Path(p.strip()) for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("broker_url", "callback_secret", "public_url", "view_link_secret", "s3_endpoint_url",
+                     mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -290,6 +310,18 @@ class Settings(BaseSettings):
     def view_link_secret_file(self) -> Path:
         """Where the generated per-install secret signing result-viewer links lives."""
         return self.data_dir / "view-link-secret"
+
+    def owned_upload(self, stored_path: str) -> Path | None:
+        """The job's slide if it is the service's own copy (in the uploads dir), else None: a slide
+        referenced by path (FPROTOSEG_SLIDE_ROOTS) belongs to the lab and is never deleted."""
+        if not stored_path:
+            return None
+        path = self.upload_file(stored_path)
+        try:
+            path.resolve().relative_to(self.uploads_dir.resolve())
+        except ValueError:
+            return None
+        return path
 
     def upload_file(self, stored_path: str) -> Path:
         """A job's slide; records hold paths relative to the data dir (a shared volume)."""
