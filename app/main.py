@@ -9,6 +9,7 @@ the environment) behind a process manager.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -49,7 +50,10 @@ def _remove_stale_uploads(settings: Settings) -> None:
     for path in settings.uploads_dir.glob(f"{TEMP_PREFIX}*"):
         try:
             if now - path.stat().st_mtime > STALE_UPLOAD_S:
-                path.unlink()
+                if path.is_dir():  # an unpacked DICOM zip
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink()
         except OSError:
             pass
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from fprotoseg.app.errors import Problem
 from fprotoseg.app.upload import TEMP_PREFIX, client_filename, storage_full
 from fprotoseg.worker.service.settings import Settings
 from fprotoseg.worker.service.storage import FILE_MODE, free_mb, is_out_of_space
+from fprotoseg.worker.wsi.dicom import DICOM_FOLDER_SUFFIX, folder_sha256, series_files, unpack_series_zip
 
 MAX_JSON_BODY_BYTES = 16 * 1024
 MAX_URI_CHARS = 2048
@@ -70,6 +72,40 @@ def _hash_file(path: Path) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
+
+
+def _hash_series(folder: Path, max_files: int) -> tuple[str, int]:
+    return folder_sha256(series_files(folder, max_files), folder)
+
+
+def unpack_dicom_zip(upload: IncomingSlide, settings: Settings) -> IncomingSlide:
+    """An uploaded zip of one DICOM WSI series, unpacked (safely, within the caps) into a temp folder
+    in the uploads dir; the zip itself is removed. The sha256 and size stay those of the zip sent."""
+    folder = settings.uploads_dir / f"{TEMP_PREFIX}{uuid.uuid4().hex}{DICOM_FOLDER_SUFFIX}"
+    try:
+        unpack_series_zip(
+            upload.path,
+            folder,
+            max_files=settings.dicom_zip_max_files,
+            max_bytes=int(settings.dicom_zip_max_mb * 2**20),
+        )
+    except OSError as exc:
+        if is_out_of_space(exc):
+            raise storage_full("the server ran out of disk space while unpacking the zip") from None
+        raise
+    finally:
+        upload.path.unlink(missing_ok=True)
+    return IncomingSlide(
+        folder, upload.sha256, upload.size_bytes, upload.filename, owned=True, fields=upload.fields
+    )
+
+
+def remove_incoming(path: Path) -> None:
+    """Remove a temp copy (a file, or the folder of an unpacked DICOM zip)."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def resolve_file_uri(uri: str, roots: list[Path]) -> Path:
@@ -230,11 +266,10 @@ async def receive_reference(request: Request, settings: Settings) -> IncomingSli
     scheme = urlsplit(uri).scheme.lower()
     if scheme == "file":
         path = resolve_file_uri(uri, settings.slide_roots)
-        if path.is_dir():
-            raise _refused(
-                415, "a folder is not a slide (DICOM WSI folders are not accepted yet)", "unsupported_format"
-            )
-        sha256, size = await run_in_threadpool(_hash_file, path)
+        if path.is_dir():  # a DICOM WSI series: hashed over its instances (worker/wsi/dicom.py)
+            sha256, size = await run_in_threadpool(_hash_series, path, settings.dicom_zip_max_files)
+        else:
+            sha256, size = await run_in_threadpool(_hash_file, path)
         incoming = IncomingSlide(path, sha256, size, client_filename(path.name), owned=False, slide_uri=uri)
     elif scheme == "s3":
         incoming = await run_in_threadpool(fetch_s3, uri, settings)

@@ -26,7 +26,7 @@ from fprotoseg.app.auth import ApiKey, Principal
 from fprotoseg.app.deps import DispatcherDep, SettingsDep, StoreDep
 from fprotoseg.app.dispatch import Dispatcher
 from fprotoseg.app.errors import Problem
-from fprotoseg.app.reference import IncomingSlide, receive_reference
+from fprotoseg.app.reference import IncomingSlide, receive_reference, remove_incoming, unpack_dicom_zip
 from fprotoseg.app.routes.views import SegmentAccepted, base_url, job_view
 from fprotoseg.app.upload import MAX_FILENAME_CHARS, receive_upload
 from fprotoseg.worker.errors import BrokerUnavailableError, DuplicateJobError
@@ -37,6 +37,7 @@ from fprotoseg.worker.service.maintenance import end_lost_job
 from fprotoseg.worker.service.netguard import MAX_URL_CHARS, CallbackURLError, check_callback_url
 from fprotoseg.worker.service.settings import Settings
 from fprotoseg.worker.service.states import CANCELLED, FAILED, QUEUED
+from fprotoseg.worker.wsi.dicom import DICOM_FOLDER_SUFFIX, is_zip_file, series_entry
 from fprotoseg.worker.wsi.validate import sniff
 
 log = logging.getLogger("fprotoseg.api")
@@ -307,7 +308,15 @@ async def create_segmentation(
             fields=received.fields,
         )
     try:
-        fmt = await run_in_threadpool(sniff, upload.path, upload.filename)
+        if upload.owned and await run_in_threadpool(is_zip_file, upload.path):  # a DICOM WSI series
+            upload = await run_in_threadpool(unpack_dicom_zip, upload, settings)
+        if upload.path.is_dir():  # a DICOM WSI series: sniffed through the instance the reader opens
+            entry = await run_in_threadpool(series_entry, upload.path, settings.dicom_zip_max_files)
+            fmt = await run_in_threadpool(sniff, entry, entry.name)
+            extension = DICOM_FOLDER_SUFFIX
+        else:
+            fmt = await run_in_threadpool(sniff, upload.path, upload.filename)
+            extension = fmt.extension
         mpp = _parse_mpp(upload.fields.get("mpp"))
         callback_url = _parse_callback(upload.fields.get("callback_url"), settings)
         metadata = _parse_metadata(upload.fields.get("metadata"), upload.fields.get("external_id"))
@@ -322,7 +331,7 @@ async def create_segmentation(
         job_id = str(uuid.uuid4())
         final_path: Path | None = None
         if upload.owned:
-            moved = settings.uploads_dir / f"{job_id}{fmt.extension}"
+            moved = settings.uploads_dir / f"{job_id}{extension}"
             os.replace(upload.path, moved)
             final_path = moved
             # relative to the data dir: API and workers may mount the shared volume at different paths
@@ -351,7 +360,7 @@ async def create_segmentation(
             await run_in_threadpool(store.create, rec)
         except DuplicateJobError as dup:  # a concurrent request with the same key won the race
             if final_path is not None:
-                final_path.unlink(missing_ok=True)
+                remove_incoming(final_path)
             winner = await run_in_threadpool(store.get, dup.existing_id)
             if winner is None:
                 raise
@@ -370,11 +379,11 @@ async def create_segmentation(
                 error_message="the job could not be queued (broker unreachable); upload it again",
             )
             if final_path is not None:
-                final_path.unlink(missing_ok=True)
+                remove_incoming(final_path)
             await run_in_threadpool(store.release_idempotency_key, job_id)
             raise BrokerUnavailableError("the job queue (broker) is unreachable; try again") from None
         log.info("job %s: queued (%s, %d bytes, %s)", job_id, fmt.name, upload.size_bytes, upload.sha256[:12])
         return _accepted(rec, request, settings, replayed=False)
     finally:
         if upload.owned:  # a temp copy not moved into place (refused, or replayed); never a referenced slide
-            upload.path.unlink(missing_ok=True)
+            remove_incoming(upload.path)

@@ -230,7 +230,8 @@ def _run_pipeline(
     from fprotoseg.worker.wsi.pipeline import PipelineOptions, run
 
     slide = settings.upload_file(rec.upload_path)
-    if rec.upload_bytes and slide.stat().st_size != rec.upload_bytes:
+    # a file must still have the size received (a DICOM series folder was hashed as a whole)
+    if rec.upload_bytes and slide.is_file() and slide.stat().st_size != rec.upload_bytes:
         raise UploadChangedError(
             f"the stored upload has {slide.stat().st_size} bytes, not the {rec.upload_bytes} received; "
             "upload the slide again"

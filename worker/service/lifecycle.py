@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,7 +49,10 @@ def _finish(
     owned = settings.owned_upload(rec.upload_path)  # never a slide referenced by path
     if not settings.keep_uploads and owned is not None:  # FPROTOSEG_KEEP_UPLOADS=false: results stay
         with contextlib.suppress(OSError):
-            owned.unlink(missing_ok=True)
+            if owned.is_dir():  # the unpacked folder of a DICOM WSI zip
+                shutil.rmtree(owned, ignore_errors=True)
+            else:
+                owned.unlink(missing_ok=True)
     error = f" ({rec.error_code}: {rec.error_message})" if rec.error_code else ""
     log.info("job %s: %s%s", job_id, state, error)
     if state == SUCCEEDED and rec.duration_s is not None:

@@ -110,6 +110,12 @@ class Settings(BaseSettings):
     slide_cache_max_mb: float = Field(
         default=8192.0, gt=0, description="Largest s3:// slide fetched into the uploads dir (413 above)."
     )
+    dicom_zip_max_files: int = Field(
+        default=20_000, ge=1, description="Most entries in an uploaded zip of a DICOM WSI series."
+    )
+    dicom_zip_max_mb: float = Field(
+        default=16384.0, gt=0, description="Most MiB an uploaded DICOM zip may inflate to (413 above)."
+    )
     models_dir: Path | None = Field(
         default=None,
         description="Folder of further model checkpoints (*.safetensors, named by file stem) beside the "
