@@ -179,7 +179,7 @@ def fetch_s3(uri: str, settings: Settings) -> IncomingSlide:
         raise _refused(404, f"no object {uri[:200]!r}", "slide_not_found") from None
     except PermissionError:
         raise _refused(403, f"access to {uri[:200]!r} was denied", "slide_access_denied") from None
-    except OSError as exc:
+    except Exception as exc:  # botocore's own errors (no credentials, bad endpoint, …) too: never a 500
         raise Problem(
             502, f"the object store did not answer ({type(exc).__name__})", code="object_store_error"
         ) from None
@@ -223,6 +223,24 @@ def fetch_s3(uri: str, settings: Settings) -> IncomingSlide:
     return IncomingSlide(tmp, digest.hexdigest(), received, key.rsplit("/", 1)[-1], owned=True, slide_uri=uri)
 
 
+_TYPES: dict[str, tuple[type, ...]] = {
+    "mpp": (int, float),
+    "model": (str,),
+    "callback_url": (str,),
+    "external_id": (str,),
+    "metadata": (dict,),
+}
+
+
+def _check_types(doc: dict[str, Any]) -> None:
+    """Each optional field has the JSON type the schema names (a quoted number is not an mpp)."""
+    for name, types in _TYPES.items():
+        value = doc.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+            kind = "a number" if name == "mpp" else "a JSON object" if name == "metadata" else "a string"
+            raise _refused(422, f"{name} must be {kind}", "invalid_request")
+
+
 def _as_field(value: Any) -> str:
     if isinstance(value, dict):
         return json.dumps(value)
@@ -260,8 +278,7 @@ async def receive_reference(request: Request, settings: Settings) -> IncomingSli
             f"slide_uri must be a file:// or s3:// URI of at most {MAX_URI_CHARS} characters",
             "invalid_request",
         )
-    if doc.get("metadata") is not None and not isinstance(doc["metadata"], dict):
-        raise _refused(422, "metadata must be a JSON object", "invalid_request")
+    _check_types(doc)
     fields = {k: _as_field(doc.get(k)) for k in _FIELDS - {"slide_uri"} if doc.get(k) is not None}
     scheme = urlsplit(uri).scheme.lower()
     if scheme == "file":

@@ -270,12 +270,18 @@ def _find_existing(
         },
         400: {"description": "empty or malformed upload"},
         401: {"description": "missing or wrong X-API-Key"},
-        413: {"description": "larger than FPROTOSEG_MAX_UPLOAD_MB"},
+        403: {"description": "slide_uri outside FPROTOSEG_SLIDE_ROOTS (or none set), or access denied"},
+        404: {"description": "slide_uri names no file or object"},
+        413: {
+            "description": "larger than FPROTOSEG_MAX_UPLOAD_MB (FPROTOSEG_SLIDE_CACHE_MAX_MB for "
+            "s3://), or a DICOM zip over its caps"
+        },
         415: {"description": "not a whole-slide image, or not multipart/form-data"},
         422: {
             "description": "bad form field or callback_url, unknown model, truncated slide, or reused "
             "Idempotency-Key"
         },
+        502: {"description": "the object store holding an s3:// slide did not answer"},
         503: {"description": "job store or broker unreachable, or storage unavailable (Retry-After)"},
         507: {"description": "not enough disk space for the upload (FPROTOSEG_MIN_FREE_MB; Retry-After)"},
     },

@@ -172,6 +172,9 @@ def test_bad_json_bodies_are_4xx(server) -> None:
     assert _post(client, {"slide_uri": "s3://b/k", "bogus": 1}).status_code == 422
     assert _post(client, {"mpp": 0.5}).status_code == 422
     assert _post(client, {"slide_uri": "s3://b/k", "metadata": [1]}).status_code == 422
+    for field, bad in (("mpp", "0.5"), ("mpp", True), ("external_id", 7), ("model", 1), ("callback_url", [])):
+        r = _post(client, {"slide_uri": "s3://b/k", field: bad})
+        assert r.status_code == 422 and field in r.json()["detail"], (field, r.text)
 
 
 def test_slide_by_s3_uri_is_fetched_hashed_and_replayed(server, shared_data: Path) -> None:
