@@ -39,7 +39,8 @@ typecheck: install
 	@mkdir -p $(TYPECHECK_ROOT)
 	@for d in app worker model; do ln -sfn ../../../$$d $(TYPECHECK_ROOT)/$$d; done
 	$(BIN)/mypy -p fprotoseg.app -p fprotoseg.worker -m fprotoseg.model -m fprotoseg.model.segmenter \
-	    -m fprotoseg.model.errors -m fprotoseg.model.checkpoint -m fprotoseg.model.registry
+	    -m fprotoseg.model.errors -m fprotoseg.model.checkpoint -m fprotoseg.model.registry \
+	    -m fprotoseg.model.catalog
 
 bench: install
 	$(BIN)/python bench/pipeline.py

@@ -9,6 +9,7 @@ the environment) behind a process manager.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -16,12 +17,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from fprotoseg.app.dispatch import make_dispatcher
 from fprotoseg.app.metrics import install_metrics
 from fprotoseg.app.openapi import customise_openapi
 from fprotoseg.app.problems import install_problem_handlers
-from fprotoseg.app.routes import health, jobs, results, segment
+from fprotoseg.app.routes import health, jobs, models, results, segment, viewer
 from fprotoseg.app.upload import TEMP_PREFIX
 from fprotoseg.worker.service.jobstore import JobStore, open_jobstore
 from fprotoseg.worker.service.maintenance import run_maintenance
@@ -48,7 +50,10 @@ def _remove_stale_uploads(settings: Settings) -> None:
     for path in settings.uploads_dir.glob(f"{TEMP_PREFIX}*"):
         try:
             if now - path.stat().st_mtime > STALE_UPLOAD_S:
-                path.unlink()
+                if path.is_dir():  # an unpacked DICOM zip
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink()
         except OSError:
             pass
 
@@ -112,7 +117,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.dispatcher = dispatcher
     install_problem_handlers(app)
     app.state.metrics_registry = install_metrics(app, store, dispatcher)
-    for module in (segment, jobs, results, health):
+    for module in (segment, jobs, results, viewer, models, health):
         app.include_router(module.router)
+    # the result viewer's scripts (OpenSeadragon with its licence, the page's own): no CDN at run time
+    app.mount("/static", StaticFiles(directory=viewer.STATIC_DIR), name="static")
     customise_openapi(app)
     return app

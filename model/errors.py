@@ -59,3 +59,14 @@ class TextEmbeddingError(FprotosegError):
     """Class prompt embeddings could not be produced (missing extra, bad file)."""
 
     code = "text_embeddings"
+
+
+class UnknownModelError(CheckpointError):
+    """A model name that no checkpoint in the packaged weights or FPROTOSEG_MODELS_DIR carries."""
+
+    code = "unknown_model"
+    http_status = 422
+
+    def __init__(self, message: str, known: list[str]) -> None:
+        super().__init__(message)
+        self.known = known

@@ -41,6 +41,7 @@ API_ROOTS = (
     "prometheus-client",
     "pyyaml",
     "tqdm",
+    "s3fs",  # slides named by s3:// URI are fetched by the API (sniffed and hashed like uploads)
 )
 
 HEADER = """\

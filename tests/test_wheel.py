@@ -51,6 +51,11 @@ def test_the_wheel_installs_only_the_fprotoseg_name(wheel: Path) -> None:
         "fprotoseg/worker/wsi/pipeline.py",
         "fprotoseg/model/segmenter.py",
         "fprotoseg/model/configs/wsss4luad_default.yaml",
+        # the result viewer needs no CDN: OpenSeadragon ships with its licence, beside the page's assets
+        "fprotoseg/app/static/openseadragon/openseadragon.min.js",
+        "fprotoseg/app/static/openseadragon/LICENSE.txt",
+        "fprotoseg/app/static/viewer.js",
+        "fprotoseg/app/static/viewer.css",
     ):
         assert expected in names, expected
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))

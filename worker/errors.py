@@ -52,6 +52,27 @@ class SlideTooLargeError(SlideError):
     code = "slide_too_large"
 
 
+class DicomSeriesError(SlideError):
+    """A DICOM WSI folder or zip that is not one readable series (too many instances, …)."""
+
+    code = "dicom_series_invalid"
+    http_status = 422
+
+
+class UnsafeZipError(SlideError):
+    """A zip upload whose entries point outside its folder, are links, or are corrupt."""
+
+    code = "unsafe_zip"
+    http_status = 422
+
+
+class ZipTooLargeError(SlideError):
+    """A zip upload with too many entries or inflating beyond the caps (a zip bomb)."""
+
+    code = "zip_too_large"
+    http_status = 413
+
+
 class PipelineOptionsError(FprotosegError):
     """A pipeline option (batch size, output µm/px, ...) is out of range."""
 

@@ -26,9 +26,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", type=Path, default=None, help="output directory (default: ./<slide name>/)")
     p.add_argument(
         "--checkpoint",
-        type=Path,
+        type=str,
         default=None,
-        help="model .safetensors (default: $FPROTOSEG_CHECKPOINT, else the packaged default model)",
+        help="a model name (as GET /models lists them: packaged or in $FPROTOSEG_MODELS_DIR) or a "
+        ".safetensors path (default: $FPROTOSEG_CHECKPOINT, else the packaged default model)",
     )
     p.add_argument("--mpp", type=float, default=None, help="level-0 µm/px, overriding the slide metadata")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
@@ -91,7 +92,6 @@ class _Bar:
 
 def handle(args: argparse.Namespace) -> int:
     from fprotoseg.app.errors import UsageError
-    from fprotoseg.model.errors import CheckpointError
     from fprotoseg.worker.service.settings import load_settings
     from fprotoseg.worker.wsi.slide import MAX_MPP, MIN_MPP, open_slide
 
@@ -107,14 +107,14 @@ def handle(args: argparse.Namespace) -> int:
     open_slide(args.slide, mpp_override=args.mpp).close()
 
     from fprotoseg import model
+    from fprotoseg.model.catalog import resolve_checkpoint
     from fprotoseg.model.segmenter import choose_device_and_precision
     from fprotoseg.worker.wsi.pipeline import PipelineOptions, run
 
     # Flags win; unset ones come from the same Settings the service reads (FPROTOSEG_CHECKPOINT, ...).
     settings = load_settings()
-    checkpoint = args.checkpoint or settings.checkpoint
-    if checkpoint is not None and not checkpoint.is_file():
-        raise CheckpointError(f"checkpoint not found: {checkpoint}")
+    # a path or a model name (UnknownModelError lists the known names)
+    checkpoint = resolve_checkpoint(args.checkpoint or settings.checkpoint, settings.models_dir)
     device, precision = choose_device_and_precision(
         args.device or settings.device, args.precision or settings.precision
     )

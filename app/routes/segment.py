@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import uuid
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
@@ -25,6 +26,7 @@ from fprotoseg.app.auth import ApiKey, Principal
 from fprotoseg.app.deps import DispatcherDep, SettingsDep, StoreDep
 from fprotoseg.app.dispatch import Dispatcher
 from fprotoseg.app.errors import Problem
+from fprotoseg.app.reference import IncomingSlide, receive_reference, remove_incoming, unpack_dicom_zip
 from fprotoseg.app.routes.views import SegmentAccepted, base_url, job_view
 from fprotoseg.app.upload import MAX_FILENAME_CHARS, receive_upload
 from fprotoseg.worker.errors import BrokerUnavailableError, DuplicateJobError
@@ -35,6 +37,7 @@ from fprotoseg.worker.service.maintenance import end_lost_job
 from fprotoseg.worker.service.netguard import MAX_URL_CHARS, CallbackURLError, check_callback_url
 from fprotoseg.worker.service.settings import Settings
 from fprotoseg.worker.service.states import CANCELLED, FAILED, QUEUED
+from fprotoseg.worker.wsi.dicom import DICOM_FOLDER_SUFFIX, is_zip_file, series_entry
 from fprotoseg.worker.wsi.validate import sniff
 
 log = logging.getLogger("fprotoseg.api")
@@ -45,10 +48,30 @@ MAX_METADATA_BYTES = 4096
 MAX_EXTERNAL_ID_CHARS = 200
 MIN_MPP, MAX_MPP = 0.01, 100.0
 
+_REFERENCE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["slide_uri"],
+    "additionalProperties": False,
+    "properties": {
+        "slide_uri": {
+            "type": "string",
+            "maxLength": 2048,
+            "description": "file:///path under FPROTOSEG_SLIDE_ROOTS (read where it is) or s3://bucket/key "
+            "(fetched, at most FPROTOSEG_SLIDE_CACHE_MAX_MB)",
+        },
+        "mpp": {"type": "number", "minimum": MIN_MPP, "maximum": MAX_MPP},
+        "model": {"type": "string", "maxLength": 100},
+        "callback_url": {"type": "string", "format": "uri", "maxLength": MAX_URL_CHARS},
+        "metadata": {"type": "object"},
+        "external_id": {"type": "string", "maxLength": MAX_EXTERNAL_ID_CHARS},
+    },
+}
+
 _UPLOAD_SCHEMA: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
+            "application/json": {"schema": _REFERENCE_SCHEMA},
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
@@ -73,6 +96,11 @@ _UPLOAD_SCHEMA: dict[str, Any] = {
                             "description": "http(s) URL POSTed a signed JSON body when the job finishes; "
                             "no credentials, no private address unless FPROTOSEG_CALLBACK_ALLOWED_HOSTS "
                             "lists it",
+                        },
+                        "model": {
+                            "type": "string",
+                            "maxLength": 100,
+                            "description": "a model name from GET /models; default: the configured default",
                         },
                         "metadata": {
                             "type": "string",
@@ -119,6 +147,24 @@ def _parse_callback(raw: str | None, settings: Settings) -> str | None:
         raise Problem(422, str(exc), code="invalid_request") from None
 
 
+def _parse_model(raw: str | None, settings: Settings) -> str | None:
+    """The requested model's name, or None for the configured default (also when named)."""
+    if not raw:
+        return None
+    from fprotoseg.model.catalog import installed_models
+
+    models, default = installed_models(settings.checkpoint, settings.models_dir)
+    if raw not in models:
+        known = sorted(models)
+        raise Problem(
+            422,
+            f"unknown model {raw[:100]!r}; known models: {', '.join(known) or '(none)'} (GET /models)",
+            code="unknown_model",
+            extra={"known_models": known},
+        )
+    return None if raw == default else raw
+
+
 def _parse_metadata(raw: str | None, external_id: str | None) -> dict[str, Any] | None:
     """The client's JSON object (size-capped), with ``external_id`` merged in when given alone."""
     metadata: dict[str, Any] | None = None
@@ -149,6 +195,7 @@ def params_hash(
     callback_url: str | None,
     filename: str = "",
     metadata: dict[str, Any] | None = None,
+    model: str | None = None,
 ) -> str:
     """What, besides the bytes, decides a job and how it is described (and so whether an old job
     can be reused): the same slide sent for another case (name, metadata) is a new job."""
@@ -159,6 +206,8 @@ def params_hash(
         "filename": filename,
         "metadata": metadata,
     }
+    if model is not None:  # only when named: jobs of the default model keep their earlier hashes
+        params["model"] = model
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -221,9 +270,18 @@ def _find_existing(
         },
         400: {"description": "empty or malformed upload"},
         401: {"description": "missing or wrong X-API-Key"},
-        413: {"description": "larger than FPROTOSEG_MAX_UPLOAD_MB"},
+        403: {"description": "slide_uri outside FPROTOSEG_SLIDE_ROOTS (or none set), or access denied"},
+        404: {"description": "slide_uri names no file or object"},
+        413: {
+            "description": "larger than FPROTOSEG_MAX_UPLOAD_MB (FPROTOSEG_SLIDE_CACHE_MAX_MB for "
+            "s3://), or a DICOM zip over its caps"
+        },
         415: {"description": "not a whole-slide image, or not multipart/form-data"},
-        422: {"description": "bad form field or callback_url, truncated slide, or reused Idempotency-Key"},
+        422: {
+            "description": "bad form field or callback_url, unknown model, truncated slide, or reused "
+            "Idempotency-Key"
+        },
+        502: {"description": "the object store holding an s3:// slide did not answer"},
         503: {"description": "job store or broker unreachable, or storage unavailable (Retry-After)"},
         507: {"description": "not enough disk space for the upload (FPROTOSEG_MIN_FREE_MB; Retry-After)"},
     },
@@ -244,15 +302,32 @@ async def create_segmentation(
         ),
     ] = None,
 ) -> JSONResponse:
-    upload = await receive_upload(
-        request, settings.uploads_dir, settings.max_upload_bytes, settings.min_free_mb
-    )
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if content_type == "application/json":  # a slide by reference (file:// or s3://)
+        upload = await receive_reference(request, settings)
+    else:
+        received = await receive_upload(
+            request, settings.uploads_dir, settings.max_upload_bytes, settings.min_free_mb
+        )
+        upload = IncomingSlide(
+            received.path, received.sha256, received.size_bytes, received.filename, owned=True,
+            fields=received.fields,
+        )
     try:
-        fmt = await run_in_threadpool(sniff, upload.path, upload.filename)
+        if upload.owned and await run_in_threadpool(is_zip_file, upload.path):  # a DICOM WSI series
+            upload = await run_in_threadpool(unpack_dicom_zip, upload, settings)
+        if upload.path.is_dir():  # a DICOM WSI series: sniffed through the instance the reader opens
+            entry = await run_in_threadpool(series_entry, upload.path, settings.dicom_zip_max_files)
+            fmt = await run_in_threadpool(sniff, entry, entry.name)
+            extension = DICOM_FOLDER_SUFFIX
+        else:
+            fmt = await run_in_threadpool(sniff, upload.path, upload.filename)
+            extension = fmt.extension
         mpp = _parse_mpp(upload.fields.get("mpp"))
         callback_url = _parse_callback(upload.fields.get("callback_url"), settings)
         metadata = _parse_metadata(upload.fields.get("metadata"), upload.fields.get("external_id"))
-        phash = params_hash(settings, mpp, callback_url, upload.filename, metadata)
+        model = _parse_model(upload.fields.get("model"), settings)
+        phash = params_hash(settings, mpp, callback_url, upload.filename, metadata, model)
         existing = await run_in_threadpool(
             _find_existing, store, settings, dispatcher, who, idempotency_key, upload.sha256, phash
         )
@@ -260,14 +335,21 @@ async def create_segmentation(
             return _accepted(existing, request, settings, replayed=True)
 
         job_id = str(uuid.uuid4())
-        final_path = settings.uploads_dir / f"{job_id}{fmt.extension}"
-        os.replace(upload.path, final_path)
+        final_path: Path | None = None
+        if upload.owned:
+            moved = settings.uploads_dir / f"{job_id}{extension}"
+            os.replace(upload.path, moved)
+            final_path = moved
+            # relative to the data dir: API and workers may mount the shared volume at different paths
+            stored = str(moved.relative_to(settings.data_dir))
+        else:  # read where it is (a slide root, mounted at the same path on the workers)
+            stored = str(upload.path)
         rec = JobRecord(
             id=job_id,
             state=QUEUED,
             stage="queued",
-            # relative to the data dir: API and workers may mount the shared volume at different paths
-            upload_path=str(final_path.relative_to(settings.data_dir)),
+            upload_path=stored,
+            slide_uri=upload.slide_uri,
             upload_sha256=upload.sha256,
             upload_bytes=upload.size_bytes,
             upload_format=fmt.name,
@@ -275,6 +357,7 @@ async def create_segmentation(
             tenant=who.tenant,
             metadata=metadata,
             mpp=mpp,
+            model=model,
             callback_url=callback_url,
             idempotency_key=idempotency_key,
             params_hash=phash,
@@ -282,7 +365,8 @@ async def create_segmentation(
         try:
             await run_in_threadpool(store.create, rec)
         except DuplicateJobError as dup:  # a concurrent request with the same key won the race
-            final_path.unlink(missing_ok=True)
+            if final_path is not None:
+                remove_incoming(final_path)
             winner = await run_in_threadpool(store.get, dup.existing_id)
             if winner is None:
                 raise
@@ -300,10 +384,12 @@ async def create_segmentation(
                 error_code=BrokerUnavailableError.code,
                 error_message="the job could not be queued (broker unreachable); upload it again",
             )
-            final_path.unlink(missing_ok=True)
+            if final_path is not None:
+                remove_incoming(final_path)
             await run_in_threadpool(store.release_idempotency_key, job_id)
             raise BrokerUnavailableError("the job queue (broker) is unreachable; try again") from None
         log.info("job %s: queued (%s, %d bytes, %s)", job_id, fmt.name, upload.size_bytes, upload.sha256[:12])
         return _accepted(rec, request, settings, replayed=False)
     finally:
-        upload.path.unlink(missing_ok=True)
+        if upload.owned:  # a temp copy not moved into place (refused, or replayed); never a referenced slide
+            remove_incoming(upload.path)

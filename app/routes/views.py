@@ -8,6 +8,8 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel, Field
 
+from fprotoseg.app.viewlink import viewer_link
+from fprotoseg.model.catalog import default_model_name
 from fprotoseg.worker.service.callbacks import job_links
 from fprotoseg.worker.service.jobstore import JobRecord
 from fprotoseg.worker.service.settings import Settings
@@ -37,6 +39,9 @@ class UploadView(BaseModel):
     format: str = Field(
         description="sniffed from the bytes: aperio-svs, hamamatsu-ndpi, ome-tiff, tiff, dicom, …"
     )
+    slide_uri: str | None = Field(
+        default=None, description="the file:// or s3:// URI the slide was named by (null: uploaded)"
+    )
 
 
 class JobView(BaseModel):
@@ -55,6 +60,7 @@ class JobView(BaseModel):
     cancel_requested: bool
     upload: UploadView
     mpp: float | None = Field(description="µm/px given with the upload (overrides slide metadata)")
+    model: str = Field(description="the model the job runs (a name from GET /models)")
     callback_url: str | None
     callback_status: str | None = Field(description="pending, delivered or failed; null without a callback")
     idempotency_key: str | None = Field(description="the Idempotency-Key the job was submitted with")
@@ -62,7 +68,8 @@ class JobView(BaseModel):
     tenant: str = Field(description="the tenant of the API key that submitted the job")
     tiles: int | None = Field(description="tiles inferred, once succeeded")
     duration_s: float | None
-    links: dict[str, str] = Field(description="self, and the result URLs once succeeded")
+    links: dict[str, str] = Field(description="self, and the result URLs once succeeded; `view` is the "
+        "result viewer page as a signed link valid for FPROTOSEG_VIEW_LINK_TTL_S (no key needed)")
 
 
 class JobList(BaseModel):
@@ -95,6 +102,9 @@ def base_url(request: Request, settings: Settings) -> str:
 
 def job_view(rec: JobRecord, request: Request, settings: Settings) -> dict[str, Any]:
     links = job_links(base_url(request, settings), rec.id, rec.state)
+    view = viewer_link(settings, rec, links["self"])
+    if view:  # signed: a browser opened from a LIMS cannot send the X-API-Key header
+        links["view"] = view
     return {
         "job_id": rec.id,
         "state": rec.state,
@@ -112,8 +122,10 @@ def job_view(rec: JobRecord, request: Request, settings: Settings) -> dict[str, 
             "sha256": rec.upload_sha256,
             "size_bytes": rec.upload_bytes,
             "format": rec.upload_format,
+            "slide_uri": rec.slide_uri,
         },
         "mpp": rec.mpp,
+        "model": rec.model or default_model_name(settings.checkpoint),
         "callback_url": rec.callback_url,
         "callback_status": rec.callback_status,
         "idempotency_key": rec.idempotency_key,

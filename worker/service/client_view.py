@@ -9,6 +9,7 @@ so no server path leaks and a LIMS can match every file to its case.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 
 from fprotoseg.worker.service.jobstore import JobRecord
 from fprotoseg.worker.service.settings import Settings
+
+log = logging.getLogger("fprotoseg.worker.service.jobs")
 
 
 def _scrub(value: Any, secrets_: tuple[str, ...]) -> Any:
@@ -42,6 +45,8 @@ def describe_results_for_client(work_dir: Path, rec: JobRecord, settings: Settin
         "metadata": rec.metadata,
         "idempotency_key": rec.idempotency_key,
         "upload_sha256": rec.upload_sha256,
+        "slide_uri": rec.slide_uri,  # file:// or s3:// when named instead of uploaded
+        "model": rec.model,  # as requested; null = the configured default (provenance.model says which)
     }
     server_names = tuple(
         s
@@ -77,3 +82,12 @@ def client_message(rec: JobRecord, message: str) -> str:
     message = re.sub(r"--mpp(?= |$|\))", "the form field mpp", message)
     message = message.replace("pass it with the form field mpp", "send it in the form field mpp")
     return re.sub(r"(?<![\w.])/[^\s'\"]+", "<server path>", message)
+
+
+def render_viewer(settings: Settings, rec: JobRecord, work_dir: Path) -> None:
+    """The result viewer's Deep Zoom pyramids, published with the other files (the API cannot
+    render them: it has no OpenSlide). Rendered after the pipeline from its own result files."""
+    from fprotoseg.worker.wsi.deepzoom import write_viewer
+
+    manifest = write_viewer(work_dir, settings.upload_file(rec.upload_path), mpp_override=rec.mpp)
+    log.info("job %s: viewer rendered (%s)", rec.id, manifest.parent.name)

@@ -25,7 +25,7 @@ from fprotoseg.worker.errors import (
     TransientJobError,
     UploadChangedError,
 )
-from fprotoseg.worker.service.client_view import client_message, describe_results_for_client
+from fprotoseg.worker.service.client_view import client_message, describe_results_for_client, render_viewer
 from fprotoseg.worker.service.jobstore import JobRecord, JobStore, open_jobstore
 from fprotoseg.worker.service.lifecycle import JobHeartbeat, _finish, cancel_job, fail_job, heartbeat_stale
 from fprotoseg.worker.service.runtime import JobProgress, StopCheck
@@ -110,6 +110,8 @@ def _process(job_id: str, settings: Settings, store: JobStore, should_stop: Stop
     try:
         with JobHeartbeat(store, job_id, rec.attempts, settings.job_heartbeat_interval_s):
             result = _run_pipeline(store, settings, rec, work_dir, should_stop)
+            store.progress(job_id, "rendering viewer", 0.98)
+            render_viewer(settings, rec, work_dir)
         describe_results_for_client(work_dir, rec, settings)
         store.progress(job_id, "publishing results", 0.99)
         result_dir = settings.result_dir(job_id)
@@ -129,11 +131,12 @@ def _process(job_id: str, settings: Settings, store: JobStore, should_stop: Stop
 def _run_pipeline(
     store: JobStore, settings: Settings, rec: JobRecord, work_dir: Path, should_stop: StopFlag
 ) -> RunResult:
-    segmenter = get_segmenter(settings)
+    segmenter = get_segmenter(settings, rec.model)
     from fprotoseg.worker.wsi.pipeline import PipelineOptions, run
 
     slide = settings.upload_file(rec.upload_path)
-    if rec.upload_bytes and slide.stat().st_size != rec.upload_bytes:
+    # a file must still have the size received (a DICOM series folder was hashed as a whole)
+    if rec.upload_bytes and slide.is_file() and slide.stat().st_size != rec.upload_bytes:
         raise UploadChangedError(
             f"the stored upload has {slide.stat().st_size} bytes, not the {rec.upload_bytes} received; "
             "upload the slide again"

@@ -72,6 +72,8 @@ class JobRecord:
     tenant: str = ""  # who submitted it (from the API key); "" = before tenants existed
     metadata: dict[str, Any] | None = None  # the client's small JSON object (e.g. external_id)
     mpp: float | None = None
+    model: str | None = None  # a name from GET /models; None = the configured default
+    slide_uri: str | None = None  # file:// or s3:// when the slide was named, not uploaded
     callback_url: str | None = None
     idempotency_key: str | None = None
     params_hash: str = ""

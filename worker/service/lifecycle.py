@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -46,9 +47,13 @@ def _finish(
     if state != SUCCEEDED:  # a job without results never answers a replay: the key may start anew
         with contextlib.suppress(JobStoreError):
             store.release_idempotency_key(job_id)
-    if not settings.keep_uploads and rec.upload_path:  # FPROTOSEG_KEEP_UPLOADS=false: results stay
+    owned = settings.owned_upload(rec.upload_path)  # never a slide referenced by path
+    if not settings.keep_uploads and owned is not None:  # FPROTOSEG_KEEP_UPLOADS=false: results stay
         with contextlib.suppress(OSError):
-            settings.upload_file(rec.upload_path).unlink(missing_ok=True)
+            if owned.is_dir():  # the unpacked folder of a DICOM WSI zip
+                shutil.rmtree(owned, ignore_errors=True)
+            else:
+                owned.unlink(missing_ok=True)
     error = f" ({rec.error_code}: {rec.error_message})" if rec.error_code else ""
     log.info("job %s: %s%s", job_id, state, error)
     if state == SUCCEEDED and rec.duration_s is not None:

@@ -120,8 +120,9 @@ def apply_retention(store: JobStore, settings: Settings, now: float | None = Non
     jobs = reclaimed = 0
     for rec in store.finished_before(cutoff):
         targets = [settings.jobs_dir / rec.id]
-        if rec.upload_path:
-            targets.append(settings.upload_file(rec.upload_path))
+        owned = settings.owned_upload(rec.upload_path)  # never a slide referenced by path
+        if owned is not None:
+            targets.append(owned)
         for path in targets:
             if path.exists():
                 reclaimed += _tree_bytes(path)

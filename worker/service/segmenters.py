@@ -1,15 +1,21 @@
-"""The network of this worker process, loaded once and reused by every job it runs.
+"""The networks of this worker process, loaded once each and reused by every job that names them.
 
-A Celery child or the embedded worker loads its model before the first job (start-up preload)
-and keeps it: loading costs seconds, a job may take only a few. The checkpoint, device and
-precision come from :class:`~fprotoseg.worker.service.settings.Settings`; ``auto`` is resolved by
-:func:`fprotoseg.model.segmenter.choose_device_and_precision`, the same rule the CLI uses.
+A Celery child or the embedded worker loads the default model before the first job (start-up
+preload) and keeps it: loading costs seconds, a job may take only a few. A job may name another
+model (``model=NAME``, :mod:`fprotoseg.model.catalog`); the process keeps the
+``FPROTOSEG_MODEL_CACHE_SIZE`` most recently used ones loaded (each costs its weights in memory, on
+the GPU too), keyed by file, size and modification time, so a checkpoint replaced on disk is
+loaded afresh. Device and precision come from :class:`~fprotoseg.worker.service.settings.Settings`;
+``auto`` is resolved by :func:`fprotoseg.model.segmenter.choose_device_and_precision`, the rule the
+CLI uses.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
+import threading
+from collections import OrderedDict
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fprotoseg.worker.service.settings import Settings
@@ -19,19 +25,54 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_CacheKey = tuple[str, int, int, str, str]
+_cache: OrderedDict[_CacheKey, Segmenter] = OrderedDict()
+_lock = threading.Lock()
 
-@functools.lru_cache(maxsize=2)
-def _load_cached(checkpoint: str | None, device: str, precision: str) -> Segmenter:
+
+def checkpoint_for(settings: Settings, model: str | None) -> Path:
+    """The checkpoint file of ``model`` (None = the configured default); UnknownModelError when
+    the name is no longer installed (removed after the job was accepted)."""
+    from fprotoseg.model.catalog import installed_models, resolve_checkpoint
+
+    if model is None:
+        return resolve_checkpoint(settings.checkpoint, settings.models_dir)
+    from fprotoseg.model.errors import UnknownModelError
+
+    models, _ = installed_models(settings.checkpoint, settings.models_dir)
+    if model not in models:
+        known = sorted(models)
+        raise UnknownModelError(
+            f"model {model!r} is no longer installed; known models: {', '.join(known)}", known
+        )
+    return models[model].path
+
+
+def get_segmenter(settings: Settings, model: str | None = None) -> Segmenter:
+    """The loaded segmenter for ``model`` (None = FPROTOSEG_CHECKPOINT or the packaged default)."""
     from fprotoseg.model import load_segmenter
-
-    log.info("loading model %s on %s/%s", checkpoint or "(packaged default)", device, precision)
-    return load_segmenter(checkpoint, device=device, precision=precision)
-
-
-def get_segmenter(settings: Settings) -> Segmenter:
-    """The segmenter of this process for ``settings`` (FPROTOSEG_CHECKPOINT, _DEVICE, _PRECISION)."""
     from fprotoseg.model.segmenter import choose_device_and_precision
 
     device, precision = choose_device_and_precision(settings.device, settings.precision)
-    checkpoint = str(settings.checkpoint) if settings.checkpoint else None
-    return _load_cached(checkpoint, device, precision)
+    path = checkpoint_for(settings, model)
+    stat = path.stat()
+    key: _CacheKey = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, device, precision)
+    with _lock:  # one load at a time: two threads asking for one model must not load it twice
+        cached = _cache.get(key)
+        if cached is not None:
+            _cache.move_to_end(key)
+            return cached
+        log.info("loading model %s (%s) on %s/%s", model or "(default)", path.name, device, precision)
+        segmenter = load_segmenter(path, device=device, precision=precision)
+        _cache[key] = segmenter
+        while len(_cache) > settings.model_cache_size:
+            evicted, _ = _cache.popitem(last=False)
+            log.info("model %s unloaded (FPROTOSEG_MODEL_CACHE_SIZE=%d)", Path(evicted[0]).name,
+                     settings.model_cache_size)
+        return segmenter
+
+
+def cached_models() -> int:
+    """How many models this process holds loaded (tests, metrics)."""
+    with _lock:
+        return len(_cache)

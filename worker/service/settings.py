@@ -95,7 +95,36 @@ class Settings(BaseSettings):
     )
     auth_disabled: bool = Field(default=False, description="true = no key needed. Never the default.")
     max_upload_mb: float = Field(default=8192.0, gt=0, description="Largest accepted upload (413 above).")
-    checkpoint: Path | None = Field(default=None, description="Model checkpoint; unset = packaged default.")
+    checkpoint: Path | None = Field(
+        default=None,
+        description="The default model: a name from GET /models or a .safetensors path; unset = packaged "
+        "default.",
+    )
+    slide_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders (comma-separated; read-only mounts) that POST /segment may name slides in "
+        "by file:// URI; unset = slides by path are refused.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3 API endpoint for s3:// slides when not AWS (MinIO, Ceph, …)."
+    )
+    slide_cache_max_mb: float = Field(
+        default=8192.0, gt=0, description="Largest s3:// slide fetched into the uploads dir (413 above)."
+    )
+    dicom_zip_max_files: int = Field(
+        default=20_000, ge=1, description="Most entries in an uploaded zip of a DICOM WSI series."
+    )
+    dicom_zip_max_mb: float = Field(
+        default=16384.0, gt=0, description="Most MiB an uploaded DICOM zip may inflate to (413 above)."
+    )
+    models_dir: Path | None = Field(
+        default=None,
+        description="Folder of further model checkpoints (*.safetensors, named by file stem) beside the "
+        "packaged ones; a job picks one with model=NAME.",
+    )
+    model_cache_size: int = Field(
+        default=2, ge=1, le=16, description="Loaded models a worker process keeps (least recently used out)."
+    )
     callback_secret: str | None = Field(
         default=None,
         description="HMAC-SHA256 key signing callbacks; unset = generated once into "
@@ -134,6 +163,17 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     public_url: str | None = Field(
         default=None, description="Base URL clients reach the API at; makes links in callbacks absolute."
+    )
+    view_link_ttl_s: float = Field(
+        default=3600.0,
+        gt=0,
+        le=7 * 86400.0,
+        description="How long the signed result-viewer link in GET /jobs/{id} (links.view) stays valid.",
+    )
+    view_link_secret: str | None = Field(
+        default=None,
+        description="HMAC-SHA256 key signing result-viewer links; unset = generated once into "
+        "<data dir>/view-link-secret (every API replica on the shared volume reads the same one).",
     )
     metrics_public: bool = Field(default=True, description="/metrics without a key (Prometheus scrapes).")
     jobs_page_max: int = Field(default=200, ge=1, description="Largest page size of GET /jobs.")
@@ -200,12 +240,21 @@ class Settings(BaseSettings):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
-    @field_validator("broker_url", "callback_secret", "public_url", mode="before")
+    @field_validator("slide_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        """``FPROTOSEG_SLIDE_ROOTS=/mnt/a,/mnt/b`` -> two absolute folders."""
+        if isinstance(value, str):
+            return [Path(p.strip()) for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("broker_url", "callback_secret", "public_url", "view_link_secret", "s3_endpoint_url",
+                     mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("checkpoint", mode="before")
+    @field_validator("checkpoint", "models_dir", mode="before")
     @classmethod
     def _blank_checkpoint_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -268,6 +317,23 @@ class Settings(BaseSettings):
     def callback_secret_file(self) -> Path:
         """Where the generated per-install callback secret lives (shared volume: API and workers)."""
         return self.data_dir / "callback-secret"
+
+    @property
+    def view_link_secret_file(self) -> Path:
+        """Where the generated per-install secret signing result-viewer links lives."""
+        return self.data_dir / "view-link-secret"
+
+    def owned_upload(self, stored_path: str) -> Path | None:
+        """The job's slide if it is the service's own copy (in the uploads dir), else None: a slide
+        referenced by path (FPROTOSEG_SLIDE_ROOTS) belongs to the lab and is never deleted."""
+        if not stored_path:
+            return None
+        path = self.upload_file(stored_path)
+        try:
+            path.resolve().relative_to(self.uploads_dir.resolve())
+        except ValueError:
+            return None
+        return path
 
     def upload_file(self, stored_path: str) -> Path:
         """A job's slide; records hold paths relative to the data dir (a shared volume)."""

@@ -225,16 +225,38 @@ def write_mask_tiff(path: Path, label_map: np.ndarray, classes: Sequence[Any], o
 
 
 # ---------------------------------------------------------------------------------------- overlay
+# Every class must read over H&E: the blend moves a pixel by alpha x |class colour - pixel|, so a
+# pale class over tissue of a similar tone (Stroma's pale green over pink stroma) needs more alpha
+# than a saturated one. Each class gets the alpha that moves the tissue under it by
+# OVERLAY_MIN_CONTRAST_RGB on average (Euclidean RGB distance), within these bounds.
+OVERLAY_MIN_CONTRAST_RGB = 70.0
+OVERLAY_ALPHA_RANGE = (0.45, 0.85)
+OVERLAY_OUTLINE_DARKEN = 0.55  # class boundaries in a darker shade: visible on glass and on tissue
+
+
+def overlay_alphas(thumbnail_rgb: np.ndarray, labels: np.ndarray, colors: Sequence[Any]) -> np.ndarray:
+    """Per label value (0 = glass, k + 1 = class k), the blend weight that keeps class k legible."""
+    lo, hi = OVERLAY_ALPHA_RANGE
+    alphas = np.full(256, lo, dtype=np.float32)
+    for k, color in enumerate(colors):
+        under = thumbnail_rgb[labels == k + 1]
+        if under.size == 0:
+            continue
+        offset = under.astype(np.float32) - np.asarray(color, np.float32)
+        distance = float(np.linalg.norm(offset, axis=1).mean())
+        alphas[k + 1] = min(hi, max(lo, OVERLAY_MIN_CONTRAST_RGB / max(distance, 1e-6)))
+    return alphas
+
+
 def write_overlay_png(
     path: Path,
     thumbnail_rgb: np.ndarray,
     label_map: np.ndarray,
     classes: Sequence[Any],
     stats: dict[str, Any],
-    *,
-    alpha: float = 0.45,
 ) -> Path:
-    """The thumbnail with classes blended over tissue, and a legend (name, colour, % of tissue)."""
+    """The thumbnail with classes blended over tissue (alpha per class: :func:`overlay_alphas`),
+    darker class outlines, and a legend (name, colour, % of tissue)."""
     import cv2
     from PIL import Image, ImageDraw, ImageFont
 
@@ -244,11 +266,13 @@ def write_overlay_png(
     for k, cls in enumerate(classes):
         palette[k + 1] = cls.color
     colored = palette[labels]
-    blend = cv2.addWeighted(thumbnail_rgb, 1 - alpha, colored, alpha, 0)
+    alpha = overlay_alphas(thumbnail_rgb, labels, [c.color for c in classes])[labels][..., None]
+    blend = (thumbnail_rgb * (1 - alpha) + colored * alpha + 0.5).astype(np.uint8)
     tissue = labels > 0
-    # Class boundaries drawn solid so small regions stay visible.
+    # Class boundaries drawn solid (darker) so small regions and pale classes stay visible.
     edges = cv2.morphologyEx(labels, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
-    blend[edges & tissue] = colored[edges & tissue]
+    outline = (colored * OVERLAY_OUTLINE_DARKEN).astype(np.uint8)
+    blend[edges & tissue] = outline[edges & tissue]
     blend[~tissue] = thumbnail_rgb[~tissue]
     image = Image.fromarray(blend)
 

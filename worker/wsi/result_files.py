@@ -38,6 +38,21 @@ PROVENANCE_NAME: Final = RESULT_FILES["provenance"]
 GZIP_SUFFIX: Final = ".gz"  # segmentation.geojson.gz: served when the client accepts gzip
 COMPLETE_MARKER: Final = ".complete.json"
 
+# The result viewer's Deep Zoom pyramids (worker/wsi/deepzoom.py writes, the API serves them):
+# viewer/viewer.json, viewer/slide.dzi + slide_files/<level>/<col>_<row>.jpeg (the slide at the
+# output resolution), viewer/class_<label>.dzi + class_<label>_files/... (.png, colour + alpha).
+# A class tile missing inside the pyramid is empty: the API answers it with a transparent tile.
+VIEWER_DIR: Final = "viewer"
+VIEWER_MANIFEST: Final = "viewer/viewer.json"
+VIEWER_SLIDE_LAYER: Final = "slide"
+VIEWER_TILE_PX: Final = 256
+VIEWER_TILE_MEDIA_TYPES: Final[dict[str, str]] = {"jpeg": "image/jpeg", "png": "image/png"}
+
+
+def viewer_class_layer(label: int) -> str:
+    """The layer name of label value ``label`` (1..255; 0 is glass and has no layer)."""
+    return f"class_{int(label)}"
+
 
 def results_complete(result_dir: Path) -> bool:
     """True when every result file is published (the marker is written last, before the rename)."""

@@ -316,6 +316,10 @@ def open_slide(path: str | Path, mpp_override: float | None = None, *, require_m
     ``require_mpp`` is False, as for ``fprotoseg info``: then ``mpp`` is NaN).
     """
     path = Path(path)
+    if path.is_dir():  # a DICOM WSI series: OpenSlide opens one instance and finds the rest beside it
+        from fprotoseg.worker.wsi.dicom import series_entry
+
+        path = series_entry(path)
     if not path.is_file():
         raise SlideError(f"slide not found: {path}")
     file_size = path.stat().st_size

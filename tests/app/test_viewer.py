@@ -1,0 +1,215 @@
+"""The result viewer, end to end: a real ``fprotoseg serve`` segments a real slide, the worker renders
+the Deep Zoom pyramids, and headless Chromium (Debian's ``chromium`` + ``chromium-driver``) opens the
+signed link. Pixel checks on screenshots prove the tissue is coloured by class and that a class
+toggle takes that class off the picture.
+
+Chromium is installed by ``.ci/run``; where it is absent outside CI the browser test is skipped with
+the reason, in CI it fails.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.app.live import api_client, poll_job, wait_ready
+from tests.conftest import REPO_ROOT
+
+SLIDE = "slides/CMU-1-Small-Region.svs"
+PACKAGED = REPO_ROOT / "model" / "weights" / "fprotoseg_wsss4luad.safetensors"
+WINDOW_PX = (1400, 900)
+ASIDE_PX = 340  # the page's side panel (viewer.css); the viewer is right of it
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Iterator[
+    tuple[httpx.Client, dict[str, Any], float, Path]
+]:
+    """(client, the succeeded job, monotonic time it was seen succeeded, data dir).
+
+    The packaged model, not the random tiny one: the page must show several real classes."""
+    data_dir = tmp_path_factory.mktemp("viewer-data")
+    log = tmp_path_factory.mktemp("viewer-logs") / "serve.log"
+    env = {"FPROTOSEG_BATCH_SIZE": "4", "FPROTOSEG_MIN_FREE_MB": "0", "FPROTOSEG_VIEW_LINK_TTL_S": "600"}
+    with api_client(data_dir, PACKAGED, log, **env) as client:
+        wait_ready(client)
+        slide = (shared_data / SLIDE).read_bytes()
+        r = client.post("/segment", files={"file": ("CMU-1 Small Region.svs", slide)})
+        assert r.status_code == 202, r.text
+        job = poll_job(client, r.json()["job_id"])
+        seen_s = time.monotonic()
+        assert job["state"] == "succeeded", (job, log.read_text()[-3000:])
+        yield client, job, seen_s, data_dir
+
+
+def test_signed_link_opens_page_and_tiles_without_the_key(finished) -> None:
+    client, job, _, _ = finished
+    view = job["links"]["view"]
+    assert "/view?token=" in view
+    anon = httpx.Client(timeout=30)
+    page = anon.get(view)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.headers["referrer-policy"] == "no-referrer" and "script-src 'self'" in page.headers[
+        "content-security-policy"
+    ]
+    text = page.text
+    stats = client.get(job["links"]["stats"]).json()
+    for c in stats["classes"]:  # per-class areas and fractions on the page
+        assert c["name"] in text and f"{100 * c['fraction_of_tissue']:.1f}%" in text
+    assert "CMU-1 Small Region.svs" in text and "model sha256" in text
+    token = view.split("token=", 1)[1]
+    base = f"{job['links']['self']}/view"
+    tile = anon.get(f"{base}/slide_files/0/0_0.jpeg", params={"token": token})
+    assert tile.status_code == 200 and tile.headers["content-type"] == "image/jpeg"
+    assert anon.get(f"{base}/polygons", params={"token": token}).json()["type"] == "FeatureCollection"
+    assert anon.get("/".join(view.split("/")[:3]) + "/static/openseadragon/LICENSE.txt").status_code == 200
+    # the key works too (a person with curl), and the page then carries a fresh token for its tiles
+    assert client.get(f"/jobs/{job['job_id']}/view").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "suffix",
+    [
+        "",  # no key, no token
+        "?token=",
+        "?token=9999999999.AAAA",
+        "?token=1.AAAA",  # expired
+        "/slide_files/0/0_0.jpeg",
+        "/slide_files/0/0_0.jpeg?token=garbage",
+    ],
+)
+def test_view_without_valid_credentials_is_401(finished, suffix: str) -> None:
+    _, job, _, _ = finished
+    r = httpx.get(f"{job['links']['self']}/view{suffix}", timeout=30)
+    assert r.status_code == 401, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+
+
+def test_expired_or_other_job_token_is_refused_and_tile_paths_cannot_escape(finished) -> None:
+    from fprotoseg.app.viewlink import sign_view_token
+    from fprotoseg.worker.service.settings import Settings
+
+    _, job, _, data_dir = finished
+    settings = Settings(data_dir=data_dir)
+    expired = sign_view_token(settings, job["job_id"], job["tenant"], now_s=time.time() - 7200)
+    base = f"{job['links']['self']}/view"
+    assert httpx.get(base, params={"token": expired}, timeout=30).status_code == 401
+    other = sign_view_token(settings, "another-job", job["tenant"])
+    assert httpx.get(base, params={"token": other}, timeout=30).status_code == 401
+    token = job["links"]["view"].split("token=", 1)[1]
+    for path in (
+        "/..%2F..%2Fresults%2Fstats.json_files/0/0_0.png",
+        "/slide_files/0/..%2F..%2F..%2Fstats.json",
+        "/slide_files/99/0_0.jpeg",
+        "/class_1_files/0/7_7.png",  # outside the pyramid: not a blank tile
+    ):
+        r = httpx.get(base + path, params={"token": token}, timeout=30)
+        assert r.status_code == 404, (path, r.status_code, r.text)
+    # a class tile the worker skipped (empty) inside the pyramid is a transparent PNG
+    r = httpx.get(base + "/class_1_files/0/0_0.png", params={"token": token}, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+
+
+def _chromium() -> tuple[str, str] | None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+def _screenshot(driver: Any) -> np.ndarray:
+    from PIL import Image
+
+    shot = np.asarray(Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB"))
+    return shot[:, ASIDE_PX + 2 :]  # the viewer only
+
+
+def _near(image: np.ndarray, color: list[int], tol: int = 12) -> int:
+    return int((np.abs(image.astype(np.int16) - np.array(color, np.int16)).max(axis=2) <= tol).sum())
+
+
+def _wait_ready(driver: Any, timeout_s: float = 60.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if driver.execute_script("return !!(window.fprotosegViewer && window.fprotosegViewer.ready())"):
+            time.sleep(0.3)  # one more frame drawn after the last tile arrived
+            return time.monotonic() - start
+        time.sleep(0.1)
+    raise AssertionError(f"viewer not ready after {timeout_s} s: {driver.get_log('browser')}")
+
+
+def test_viewer_in_headless_chromium_colours_tissue_and_toggles_classes(finished, tmp_path: Path) -> None:
+    found = _chromium()
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the browser test: install chromium and chromium-driver (.ci/run does)")
+        pytest.skip("chromium/chromedriver absent (apt-get install chromium chromium-driver); CI runs it")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    client, job, _, data_dir = finished
+    import json
+
+    render_s = json.loads((data_dir / "jobs" / job["job_id"] / "results" / "viewer" / "viewer.json")
+                          .read_text())["render_s"]
+    stats = client.get(job["links"]["stats"]).json()
+    options = webdriver.ChromeOptions()
+    options.binary_location = found[0]
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                f"--window-size={WINDOW_PX[0]},{WINDOW_PX[1]}", "--force-device-scale-factor=1"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=found[1]), options=options)
+    try:
+        start_s = time.monotonic()
+        driver.get(job["links"]["view"])  # no key: the signed link only
+        _wait_ready(driver)
+        usable_s = time.monotonic() - start_s
+        print(f"\nviewer: pyramids rendered by the worker in {render_s:.2f} s (inside the job); "
+              f"succeeded job -> every layer drawn in Chromium {usable_s:.2f} s")
+        default = _screenshot(driver)
+        (tmp_path / "default.png").write_bytes(driver.get_screenshot_as_png())
+
+        # Full opacity, no outlines: a class pixel shows exactly its colour.
+        driver.execute_script(
+            "var o=document.getElementById('opacity'); o.value=100; o.dispatchEvent(new Event('input'));"
+            "var p=document.getElementById('polygons'); p.click();"
+        )
+        _wait_ready(driver)
+        full = _screenshot(driver)
+        present = [c for c in stats["classes"] if c["fraction_of_tissue"] > 0.05]
+        assert present, stats
+        viewer_px = full.shape[0] * full.shape[1]
+        counts = {c["name"]: _near(full, c["color"]) for c in present}
+        for c in present:  # each present class covers a share of the screen in line with its area
+            assert counts[c["name"]] > 0.002 * viewer_px, (c, counts)
+        assert np.abs(full.astype(int) - default.astype(int)).max(axis=2).__gt__(30).sum() > 0.01 * viewer_px
+
+        biggest = max(present, key=lambda c: c["fraction_of_tissue"])
+        index = next(c["label"] for c in stats["classes"] if c["name"] == biggest["name"])
+        driver.find_element(By.CSS_SELECTOR, f'input[data-layer="class_{index}"]').click()
+        _wait_ready(driver)
+        toggled = _screenshot(driver)
+        (tmp_path / "toggled.png").write_bytes(driver.get_screenshot_as_png())
+        after = _near(toggled, biggest["color"])
+        assert after < 0.1 * counts[biggest["name"]], (biggest["name"], counts, after)
+        changed = int((np.abs(toggled.astype(int) - full.astype(int)).max(axis=2) > 30).sum())
+        assert changed > 0.5 * counts[biggest["name"]], (changed, counts)
+        for c in present:
+            if c["name"] != biggest["name"]:  # the other classes stay
+                assert _near(toggled, c["color"]) > 0.5 * counts[c["name"]]
+        keep = os.environ.get("FPROTOSEG_VIEWER_SCREENSHOTS")
+        if keep:
+            for name in ("default.png", "toggled.png"):
+                shutil.copy(tmp_path / name, Path(keep) / name)
+        assert usable_s < 30, usable_s
+    finally:
+        driver.quit()
