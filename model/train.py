@@ -164,6 +164,23 @@ def build_data(cfg: dict[str, Any]) -> TrainData:
     return TrainData(train, val, dataset, "; ".join(parts))
 
 
+def supervision_description(cfg: dict[str, Any]) -> str:
+    """What the labels of this run are, in words a model card can quote: true image-level labels
+    from file names or class folders, or crop-level labels cut from expert masks."""
+    d = cfg.get("data", {})
+    kinds = []
+    if d.get("pairs_root"):
+        kinds.append(
+            f"crop-level image labels derived from expert masks (classes above "
+            f"{float(d.get('min_fraction', 0.03)):.0%} of each training crop)"
+        )
+    if d.get("labelled_dirs"):
+        kinds.append("true image-level labels from file names")
+    if d.get("class_dirs"):
+        kinds.append("partial image-level labels from class folders (-1 = unknown, no loss)")
+    return "; ".join(kinds) + "; masks never reach a loss"
+
+
 def augment(
     batch: np.ndarray, rng: np.random.Generator, colour: float, saturation: float = 0.0
 ) -> np.ndarray:
@@ -467,7 +484,7 @@ def train(
             "text": text_record,
             "training": {
                 "data": data.description,
-                "supervision": "image-level labels only (masks never reach a loss)",
+                "supervision": supervision_description(cfg),
                 "epochs_done": epoch,
                 "crop_px": crop_sizes,
             },
