@@ -36,10 +36,11 @@ RUN uv python install "${PYTHON_VERSION}" \
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY requirements/constraints.txt requirements/
-# torch first, from PyTorch's CUDA index (its other dependencies from PyPI), under the same
-# constraints: the pin `torch==2.13.0` admits 2.13.0+cu128 here and 2.13.0+cpu in CI.
+# torch first, from PyTorch's CUDA index as an extra index (pip's own default index serves its
+# other dependencies, so no registry is named here), under the same constraints: the pin
+# `torch==2.13.0` admits 2.13.0+cu128 here (a local version sorts above the plain one) and 2.13.0+cpu in CI.
 RUN pip install "torch==${TORCH_VERSION}" -c requirements/constraints.txt \
-      --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple \
+      --extra-index-url "${TORCH_INDEX_URL}" \
  && python -c "import torch, sys; sys.exit(torch.version.cuda is None)"
 COPY pyproject.toml README.md ./
 COPY app app

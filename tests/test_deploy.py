@@ -404,7 +404,9 @@ def test_worker_image_installs_cuda_torch_and_the_constraints() -> None:
     assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", df.arg_default("TORCH_INDEX_URL") or "")
     installs = pip_installs(df)
     torch_install = next(a for a in installs if "torch==${TORCH_VERSION}" in a)
-    assert "--index-url" in torch_install and "${TORCH_INDEX_URL}" in torch_install
+    # the CUDA index is an extra index: pip keeps its own default one, and no registry host is named
+    assert "--extra-index-url" in torch_install and "${TORCH_INDEX_URL}" in torch_install
+    assert "--index-url" not in torch_install
     for args in installs:
         assert "-c" in args and args[args.index("-c") + 1] == "requirements/constraints.txt", args
     assert [".", "-c", "requirements/constraints.txt"] in installs
