@@ -150,10 +150,11 @@ class Feeder:
             read_tile(self.slide, slot.tiles[i], self.tile_size_px, out=slot.tiles_buffer[i])
         self.timings.add_work("read_s", time.perf_counter() - t0)
 
-    def _stitch(self, tiles: Sequence[Tile], scores: np.ndarray, start: int, stop: int) -> None:
+    def _stitch(self, slot: _Slot, scores: np.ndarray, start: int, stop: int) -> None:
         t0 = time.perf_counter()
         for i in range(start, stop):
-            self.stitcher.add(tiles[i], scores[i])
+            # The slot still holds the tiles' pixels: it is refilled only after all of it is stitched.
+            self.stitcher.add(slot.tiles[i], scores[i], slot.tiles_buffer[i])
         self.timings.add_work("stitch_s", time.perf_counter() - t0)
 
     def _check_scores(self, scores: np.ndarray, n: int) -> None:
@@ -213,7 +214,7 @@ class Feeder:
     ) -> None:
         """Stitch tiles ``start:stop`` of a slot; the last item to finish refills the slot."""
         try:
-            self._stitch(slot.tiles, scores, start, stop)
+            self._stitch(slot, scores, start, stop)
         except BaseException as exc:
             with self._cv:
                 self._error = self._error or exc

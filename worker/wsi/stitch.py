@@ -22,9 +22,12 @@ import numpy as np
 
 from fprotoseg.worker.wsi.buffers import anonymous_array
 from fprotoseg.worker.wsi.tiling import Tile
-from fprotoseg.worker.wsi.tissue import TissueMask
+from fprotoseg.worker.wsi.tissue import TissueMask, saturation
 
 BACKGROUND = 0
+# How far past the coarse tissue mask the stitcher follows the tissue at the output resolution
+# (the tissue mask's opening radius: what its morphology may have shaved off an edge).
+EDGE_BAND_UM = 8.0
 
 
 def _axis(src: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -54,30 +57,24 @@ class LabelMapStitcher:
         self.tissue = tissue
         self.label_map = anonymous_array(shape, np.uint8)
 
-    def _tissue_window(self, tile: Tile) -> np.ndarray | bool:
-        """Tissue (bool array) over the tile's owned window, or a plain bool when uniform."""
-        o, t = self.output_mpp, self.tissue.mpp
+    def _mask_window(self, ys: np.ndarray, xs: np.ndarray, pad_px: int) -> np.ndarray | bool:
+        """The tissue mask, dilated by ``pad_px`` mask pixels, sampled bilinearly at output pixels
+        whose mask-pixel coordinates are ``ys x xs``: float (h, w), or a plain bool when uniform."""
+        import cv2
+
         h, w = self.tissue.shape
-        # Fast path without per-pixel arrays (most tiles lie inside tissue): the mask pixels any
-        # owned pixel could sample, i.e. floor(first) .. floor(last) + 1, clipped.
-        y_lo, y_hi = (tile.own_y0 + 0.5) * o / t - 0.5, (tile.own_y1 - 0.5) * o / t - 0.5
-        x_lo, x_hi = (tile.own_x0 + 0.5) * o / t - 0.5, (tile.own_x1 - 0.5) * o / t - 0.5
-        wy0, wy1 = min(h - 1, max(0, math.floor(y_lo))), min(h - 1, max(0, math.floor(y_hi) + 1)) + 1
-        wx0, wx1 = min(w - 1, max(0, math.floor(x_lo))), min(w - 1, max(0, math.floor(x_hi) + 1)) + 1
-        bounds = self.tissue.window(wy0, wy1, wx0, wx1)
-        if bounds.all():
-            return True
-        if not bounds.any():
-            return False
-        ys = (np.arange(tile.own_y0, tile.own_y1) + 0.5) * o / t - 0.5
-        xs = (np.arange(tile.own_x0, tile.own_x1) + 0.5) * o / t - 0.5
-        # Only the window we need, unpacked, so the sampling cost is per tile, not per slide.
-        y0, y1, wy = _axis(ys, self.tissue.shape[0])
-        x0, x1, wx = _axis(xs, self.tissue.shape[1])
-        by, bx = int(y0[0]), int(x0[0])
-        support = self.tissue.window(by, int(y1[-1]) + 1, bx, int(x1[-1]) + 1)
+        y0, y1, wy = _axis(ys, h)
+        x0, x1, wx = _axis(xs, w)
+        by, ey, bx, ex = int(y0[0]), int(y1[-1]) + 1, int(x0[0]), int(x1[-1]) + 1
+        # Only the window we need (plus the dilation's reach), unpacked: cost is per tile.
+        sy, sx = max(0, by - pad_px), max(0, bx - pad_px)
+        support = self.tissue.window(sy, ey + pad_px, sx, ex + pad_px)
+        if pad_px and support.any():
+            kernel = np.ones((2 * pad_px + 1, 2 * pad_px + 1), np.uint8)
+            support = cv2.dilate(support.view(np.uint8), kernel).astype(bool)
+        support = support[by - sy : ey - sy, bx - sx : ex - sx]
         if support.all():
-            return True  # inside tissue: most tiles
+            return True
         if not support.any():
             return False
         y0, y1, x0, x1 = y0 - by, y1 - by, x0 - bx, x1 - bx
@@ -87,10 +84,71 @@ class LabelMapStitcher:
         r3 = support[y1][:, x1].astype(np.float32)
         top = r0 * (1 - wx)[None, :] + r1 * wx[None, :]
         bottom = r2 * (1 - wx)[None, :] + r3 * wx[None, :]
-        return (top * (1 - wy)[:, None] + bottom * wy[:, None]) >= 0.5
+        return top * (1 - wy)[:, None] + bottom * wy[:, None]
 
-    def add(self, tile: Tile, scores: np.ndarray) -> None:
+    def _tissue_window(self, tile: Tile, rgb: np.ndarray | None = None) -> np.ndarray | bool:
+        """Tissue (bool array) over the tile's owned window, or a plain bool when uniform.
+
+        The tissue mask is coarse (about 4 µm/px, smoothed by its morphology), so along every
+        tissue edge it loses a few µm of tissue that the network did score. With the tile's
+        pixels (``rgb``), output pixels within :data:`EDGE_BAND_UM` of the mask are tissue where
+        their own saturation passes the slide's threshold: the edge follows the tissue at the
+        output resolution, and glass beside it stays glass. The mask's interior is never changed.
+        """
+        o, t = self.output_mpp, self.tissue.mpp
+        h, w = self.tissue.shape
+        pad_px = max(1, round(EDGE_BAND_UM / t)) if rgb is not None else 0
+        # Fast path without per-pixel arrays (most tiles lie inside tissue): the mask pixels any
+        # owned pixel could sample, i.e. floor(first) .. floor(last) + 1, clipped.
+        y_lo, y_hi = (tile.own_y0 + 0.5) * o / t - 0.5, (tile.own_y1 - 0.5) * o / t - 0.5
+        x_lo, x_hi = (tile.own_x0 + 0.5) * o / t - 0.5, (tile.own_x1 - 0.5) * o / t - 0.5
+        wy0, wy1 = min(h - 1, max(0, math.floor(y_lo))), min(h - 1, max(0, math.floor(y_hi) + 1)) + 1
+        wx0, wx1 = min(w - 1, max(0, math.floor(x_lo))), min(w - 1, max(0, math.floor(x_hi) + 1)) + 1
+        if self.tissue.window(wy0, wy1, wx0, wx1).all():
+            return True
+        if not self.tissue.window(wy0 - pad_px, wy1 + pad_px, wx0 - pad_px, wx1 + pad_px).any():
+            return False
+        ys = (np.arange(tile.own_y0, tile.own_y1) + 0.5) * o / t - 0.5
+        xs = (np.arange(tile.own_x0, tile.own_x1) + 0.5) * o / t - 0.5
+        soft = self._mask_window(ys, xs, 0)
+        core: np.ndarray | bool = soft if isinstance(soft, bool) else soft >= 0.5
+        if rgb is None or core is True:
+            return core
+        band = self._mask_window(ys, xs, pad_px)
+        if band is False:
+            return core
+        fine = self._fine_tissue(tile, rgb, (len(ys), len(xs)))
+        if band is not True:
+            fine &= band > 0
+        return fine | core
+
+    def _fine_tissue(self, tile: Tile, rgb: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """bool (h, w): owned output pixels whose saturation, from the tile's own pixels averaged
+        over one output pixel, reaches the slide's tissue threshold."""
+        import cv2
+
+        img_h, img_w = rgb.shape[:2]
+        um_per_img_x, um_per_img_y = tile.span_x_um / img_w, tile.span_y_um / img_h
+        o = self.output_mpp
+        sat = saturation(np.ascontiguousarray(rgb)).astype(np.float32)
+        box = max(1, round(o / um_per_img_x))
+        if box > 1:
+            sat = cv2.blur(sat, (box, box))
+        sx, sy = o / um_per_img_x, o / um_per_img_y
+        bx = ((tile.own_x0 + 0.5) * o - tile.origin_x_um) / um_per_img_x - 0.5
+        by = ((tile.own_y0 + 0.5) * o - tile.origin_y_um) / um_per_img_y - 0.5
+        matrix = np.array([[sx, 0.0, bx], [0.0, sy, by]], dtype=np.float64)
+        sampled = cv2.warpAffine(
+            sat, matrix, (shape[1], shape[0]),
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE,
+        )
+        return sampled >= self.tissue.saturation_threshold
+
+    def add(self, tile: Tile, scores: np.ndarray, rgb: np.ndarray | None = None) -> None:
         """Place one tile's (C, h, w) scores; argmax per owned output pixel, glass kept at 0.
+
+        ``rgb``: the tile's pixels as the network saw them; with them tissue edges are traced at
+        the output resolution (see :meth:`_tissue_window`).
 
         Thread-safe for distinct tiles (their owned windows never overlap).
         """
@@ -123,7 +181,7 @@ class LabelMapStitcher:
             higher = sampled > best  # strict: ties keep the lower class, as argmax does
             labels[higher] = k + 1
             np.maximum(best, sampled, out=best)
-        tissue = self._tissue_window(tile)
+        tissue = self._tissue_window(tile, rgb)
         if tissue is False:
             labels[:] = BACKGROUND
         elif tissue is not True:
