@@ -8,6 +8,12 @@ and prints one JSON object with both figures (and their gap) beside the crop-lev
 
     python bench/mosaic_eval.py --checkpoint runs/x/best.safetensors            # the config's split
     python bench/mosaic_eval.py --names 00.png,02.png --data-root DIR           # any crops
+    python bench/mosaic_eval.py --dataset bcss-wsss --checkpoint fprotoseg_bcss_wsss \
+        --data-root ../shared/data/bcss_wsss/valid                              # BCSS-WSSS valid
+
+The mosaic is declared at the checkpoint's µm/px (the crops are scanned at that resolution). The
+mIoU is over the classes present in the masks (``miou_present``, the BCSS-WSSS figure) and, for
+WSSS4LUAD, over all three classes as well (they are all present in its split).
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO.parent / "shared" / "tools"
@@ -32,7 +41,18 @@ def _run(cmd: list[str]) -> str:
     return proc.stdout
 
 
-def slide_scores(checkpoint: Path | None, data_root: Path, names: list[str], work: Path) -> dict:
+# geojson_check.py matches a polygon's class by case-insensitive substring of these
+CHECK_CLASSES = {"wsss4luad": "tumo,stroma,normal", "bcss-wsss": "tumo,stroma,lymph,necros"}
+
+
+def slide_scores(
+    checkpoint: Path | str | None,
+    data_root: Path,
+    names: list[str],
+    work: Path,
+    dataset: str = "wsss4luad",
+    mpp: float = 1.0,
+) -> dict:
     """Mosaic slide from the named crops -> fprotoseg segment -> per-class IoU of the polygons."""
     img, mask = work / "img", work / "mask"
     img.mkdir()
@@ -40,7 +60,8 @@ def slide_scores(checkpoint: Path | None, data_root: Path, names: list[str], wor
     for n in names:
         (img / n).symlink_to((data_root / "img" / n).resolve())
         (mask / n).symlink_to((data_root / "mask" / n).resolve())
-    out = _run([sys.executable, str(TOOLS / "mosaic.py"), str(img), str(mask), str(work / "mosaic")])
+    mosaic = [sys.executable, str(TOOLS / "mosaic.py"), str(img), str(mask), str(work / "mosaic")]
+    out = _run([*mosaic, "--mpp", str(mpp)])
     width, height = (int(v) for v in re.search(r"(\d+)x(\d+)", out).groups())
     cmd = [sys.executable, "-m", "fprotoseg.app.cli", "segment", str(work / "mosaic.tiff")]
     cmd += ["--out", str(work / "out")]
@@ -58,33 +79,58 @@ def slide_scores(checkpoint: Path | None, data_root: Path, names: list[str], wor
             str(height),
             "--gt",
             str(work / "mosaic.gt.png"),
+            "--classes",
+            CHECK_CLASSES[dataset],
         ]
     )
     iou = [float(v) for v in re.search(r"iou=([\d.,]+)", check).group(1).split(",")]
     miou = float(re.search(r"miou=([\d.]+)", check).group(1))
-    return {"miou": miou, "iou": iou, "check": check.strip()}
+    gt = np.asarray(Image.open(work / "mosaic.gt.png"))
+    present = [bool((gt == k).any()) for k in range(len(iou))]
+    miou_present = float(np.mean([v for v, here in zip(iou, present, strict=True) if here]))
+    return {
+        "miou": miou, "miou_present": miou_present, "iou": iou, "present": present, "check": check.strip()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     from fprotoseg.model.evaluate import evaluate_checkpoint, heldout_names
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", type=Path, default=None, help="default: the packaged model")
+    ap.add_argument("--checkpoint", default=None, help="a path or a packaged name (default: the default)")
+    ap.add_argument("--dataset", default="wsss4luad", choices=sorted(CHECK_CLASSES))
     ap.add_argument("--data-root", type=Path, default=DEFAULT_ROOT)
     ap.add_argument("--names", default=None, help="comma-separated crop names (default: the config's split)")
     args = ap.parse_args(argv)
-    names = args.names.split(",") if args.names else heldout_names(args.checkpoint)
-    crop = evaluate_checkpoint(args.checkpoint, args.data_root, "wsss4luad", names)
+    if args.checkpoint is not None:
+        from fprotoseg.model.catalog import resolve_checkpoint
+
+        args.checkpoint = resolve_checkpoint(args.checkpoint)
+    if args.names:
+        names = args.names.split(",")
+    elif args.dataset == "wsss4luad" and args.data_root == DEFAULT_ROOT:
+        names = heldout_names(args.checkpoint)
+    else:
+        names = sorted(p.name for p in (args.data_root / "img").glob("*.png"))
+    from fprotoseg.model import load_segmenter
+
+    mpp = float(load_segmenter(args.checkpoint, device="cpu").mpp)
+    crop = evaluate_checkpoint(args.checkpoint, args.data_root, args.dataset, names)
     with tempfile.TemporaryDirectory(prefix="fprotoseg-mosaic-") as tmp:
-        slide = slide_scores(args.checkpoint, args.data_root, names, Path(tmp))
+        slide = slide_scores(args.checkpoint, args.data_root, names, Path(tmp), args.dataset, mpp)
+    key = "miou" if args.dataset == "wsss4luad" else "miou_present"
     result = {
         "checkpoint": crop["checkpoint"],
+        "dataset": args.dataset,
         "images": len(names),
-        "crop_miou": round(crop["miou"], 4),
+        "mpp": mpp,
+        "figure": key,
+        "crop_miou": round(crop[key], 4),
         "crop_iou": {k: round(v, 4) for k, v in crop["iou"].items()},
-        "slide_miou": round(slide["miou"], 4),
+        "slide_miou": round(slide[key], 4),
         "slide_iou": dict(zip(crop["iou"], slide["iou"], strict=True)),
-        "gap": round(crop["miou"] - slide["miou"], 4),
+        "classes_present": dict(zip(crop["iou"], slide["present"], strict=True)),
+        "gap": round(crop[key] - slide[key], 4),
     }
     print(json.dumps(result))
     return 0
