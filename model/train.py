@@ -57,7 +57,16 @@ from fprotoseg.model.text import class_text_embeddings
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def load_config(
+    path: str | Path,
+    overrides: dict[str, Any] | None = None,
+    *,
+    validate: bool = True,
+    check_paths: bool = True,
+) -> dict[str, Any]:
+    """The config at ``path`` with its ``base:`` chain merged and ``overrides`` (dotted keys) set,
+    then checked against the schema (``model.config_schema``: unknown keys, types) and, with
+    ``check_paths``, its dataset roots and stage-2 teacher; a problem is one ConfigError line."""
     path = Path(path)
     if not path.is_file():
         alt = REPO_ROOT / "model" / "configs" / path.name
@@ -71,7 +80,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> di
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path.name} must hold a YAML mapping")
     if "base" in cfg:  # ablation configs name the config they change, then only the change
-        base = load_config(path.parent / str(cfg.pop("base")))
+        base = load_config(path.parent / str(cfg.pop("base")), validate=False, check_paths=False)
         base.pop("name", None)
         cfg = deep_merge(base, cfg)
     for dotted, value in (overrides or {}).items():
@@ -81,6 +90,12 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> di
             node = node.setdefault(k, {})
         node[keys[-1]] = value
     cfg.setdefault("name", path.stem)
+    if validate:
+        from fprotoseg.model import config_schema
+
+        config_schema.validate_config(cfg, path.name)
+        if check_paths:
+            config_schema.check_paths(cfg, REPO_ROOT, path.name)
     return cfg
 
 
