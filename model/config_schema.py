@@ -184,6 +184,7 @@ class Stage2Config(Section):
     fusion: Fusion = [0.0, 0.3, 0.3, 0.4]
     bg_power: float = 10.0
     flip_tta: bool = True
+    rot_tta: bool = False  # also the 90/180/270-degree rotations (8 views with flip_tta)
     teacher_sees_clean: bool = False
     # a background class of its own in pseudo masks and in the network (white prior)
     background: bool = False
@@ -311,8 +312,9 @@ def _unset_variable(p: str) -> str | None:
     return name
 
 
-def check_paths(cfg: dict[str, Any], repo_root: Path, source: str = "config") -> None:
-    """Dataset roots and the stage-2 teacher exist (config paths are relative to ``repo_root``)."""
+def check_paths(cfg: dict[str, Any], repo_root: Path, source: str = "config", teacher: bool = True) -> None:
+    """Dataset roots and (``teacher``) the stage-2 teacher exist (config paths are relative to
+    ``repo_root``; ``$VARIABLES`` are expanded, an unset one is named)."""
     d = cfg.get("data") or {}
     entries: list[tuple[str, str, bool]] = []  # (key, path, is a folder)
     if d.get("pairs_root"):
@@ -321,7 +323,7 @@ def check_paths(cfg: dict[str, Any], repo_root: Path, source: str = "config") ->
     entries += [(f"data.class_dirs[{i}].dir", e["dir"], True) for i, e in enumerate(d.get("class_dirs", []))]
     if d.get("val_root"):
         entries.append(("data.val_root", d["val_root"], True))
-    if int(cfg.get("stage", 1)) == 2 and (cfg.get("stage2") or {}).get("teacher"):
+    if teacher and int(cfg.get("stage", 1)) == 2 and (cfg.get("stage2") or {}).get("teacher"):
         entries.append(("stage2.teacher", cfg["stage2"]["teacher"], False))
     if not any(
         k.startswith(("data.pairs_root", "data.labelled_dirs", "data.class_dirs")) for k, _, _ in entries

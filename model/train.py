@@ -44,13 +44,12 @@ from fprotoseg.model.errors import FprotosegError
 from fprotoseg.model.evaluate import predict_labels, score_pairs
 from fprotoseg.model.fprotoseg import (
     OUTPUT_STRIDE,
-    GatedStage2Inference,
     Stage1Inference,
-    Stage2Inference,
     encoder_normalisation,
     stage1_losses,
 )
 from fprotoseg.model.pseudo import IGNORE_INDEX, make_pseudo_masks, pseudo_label_map
+from fprotoseg.model.stage2 import build_stage2, class_entries
 from fprotoseg.model.stain import hed_jitter
 from fprotoseg.model.text import class_text_embeddings
 
@@ -413,28 +412,11 @@ def train(
         arch = "fprotoseg_cam"
         net = module.net
     elif stage == 2:
-        teacher_path = resolve_path(cfg["stage2"]["teacher"])
-        t_state, t_manifest = read_checkpoint(teacher_path)
-        if t_manifest["architecture"] != "fprotoseg_cam":
-            raise ConfigError(f"stage2.teacher must be a stage-1 (fprotoseg_cam) checkpoint: {teacher_path}")
-        t_cfg = t_manifest["config"]
-        text_record = t_manifest.get("text", {})
-        teacher_mod = Stage1Inference(t_cfg, k, int(text_record.get("dim", 384)))
-        teacher_mod.load_state_dict(t_state)
-        teacher = teacher_mod.net.to(device).eval()
-        cfg = {**cfg, "encoder": t_cfg.get("encoder", {})}
-        if cfg["stage2"].get("gate_with_teacher", False):
-            cfg = {**cfg, "stage2": {**cfg["stage2"], "teacher_config": t_cfg}}
-            module = GatedStage2Inference(cfg, k, int(text_record.get("dim", 384)))
-            module.gate.load_state_dict(teacher.state_dict())
-            module.gate.requires_grad_(False)
-            arch = "fprotoseg_seg_gated"
-        else:
-            module = Stage2Inference(cfg, k)
-            arch = "fprotoseg_seg"
-        if cfg["stage2"].get("init_encoder_from_teacher", True):
-            module.net.encoder.load_state_dict(teacher.encoder.state_dict())
-        net = module.net
+        # stage 2's own encoder (stage2.encoder, default the teacher's), an optional background
+        # class (stage2.background) and the frozen teacher fed the student's inputs
+        s2 = build_stage2(cfg, k, device, resolve_path(cfg["stage2"]["teacher"]))
+        cfg, module, net, teacher, arch = s2.cfg, s2.module, s2.net, s2.teacher, s2.arch
+        text_record = s2.text_record
     else:
         raise ConfigError(f"stage must be 1 or 2, got {stage}")
 
@@ -491,7 +473,7 @@ def train(
             "name": cfg.get("name", "fprotoseg"),
             "architecture": arch,
             "config": cfg,
-            "classes": class_manifest(data.dataset),
+            "classes": class_entries(class_manifest(data.dataset), cfg),
             "mpp": float(cfg["data"].get("mpp", 1.0)),
             "tile_size_px": tile_px,
             "output_stride": OUTPUT_STRIDE,
