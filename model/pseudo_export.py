@@ -133,9 +133,9 @@ def export_pseudo_masks(
             if gt is not None:
                 scored.append(MaskedImage(name, rgb, gt))
                 made[name] = mask
-        entry: dict[str, Any] = {"images": len(items), "folder": str(folder)}
+        report: dict[str, Any] = {"images": len(items), "folder": str(folder)}
         pixels = sum(int(rgb.shape[0] * rgb.shape[1]) for _, rgb, _, _ in items)
-        entry["ignored_fraction"] = ignored / max(pixels, 1)
+        report["ignored_fraction"] = ignored / max(pixels, 1)
         if scored:
 
             def as_labels(p: MaskedImage, made: dict[str, np.ndarray] = made) -> np.ndarray:
@@ -144,7 +144,7 @@ def export_pseudo_masks(
                 return m
 
             scores = score_pairs(scored, as_labels, data.dataset, protocol)
-            entry.update(
+            report.update(
                 scored_images=len(scored),
                 **{key: scores[key] for key in ("miou", "miou_present", "iou", "fwiou", "protocol")},
                 protocol_source=scores["protocol_source"],
@@ -152,11 +152,11 @@ def export_pseudo_masks(
             log(
                 f"pseudo masks {split}: mIoU {scores['miou']:.4f} on {len(scored)} images with masks ("
                 + " ".join(f"{n}={v:.3f}" for n, v in scores["iou"].items() if v is not None)
-                + f"; {scores['protocol']}), {entry['ignored_fraction']:.1%} ignore"
+                + f"; {scores['protocol']}), {report['ignored_fraction']:.1%} ignore"
             )
         else:
             log(f"pseudo masks {split}: {len(items)} images written (no masks to score)")
-        result["splits"][split] = entry
+        result["splits"][split] = report
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "pseudo_miou.json").write_text(json.dumps(result, indent=2))
     return result

@@ -128,3 +128,40 @@ def test_keys_the_trainer_reads_are_in_the_schema() -> None:
         validate_config({**cfg, "encoder": {"variant": "b1", "output_stride": 16}})
     with pytest.raises(ConfigurationError, match=r"missing key data"):
         validate_config({"stage": 1})
+
+
+# how the code names each config section when it reads keys from it (``tcfg.get("epochs")``)
+SECTION_VARIABLES = {
+    "tcfg": "TrainSection",
+    "inf": "InferenceConfig",
+    "loss_cfg": "LossConfig",
+    "proto_cfg": "PrototypesConfig",
+    "s2": "Stage2Config",
+    'cfg["stage2"]': "Stage2Config",
+    "enc_cfg": "EncoderConfig",
+    "text_cfg": "TextConfig",
+    "d": "DataConfig",
+    'cfg["data"]': "DataConfig",
+    "entry": "ClassDir",
+    "loader_cfg": "LoaderConfig",
+}
+
+
+def test_every_key_the_code_reads_is_in_the_schema() -> None:
+    """Reads like ``tcfg.get("key")`` / ``s2["key"]`` in model/ name keys of the schema (a key
+    added to the trainer without the schema would make its configs fail validation)."""
+    import re
+
+    from fprotoseg.model import config_schema
+
+    found: dict[str, set[str]] = {}
+    for path in (REPO_ROOT / "model").glob("*.py"):
+        text = path.read_text()
+        for var, section in SECTION_VARIABLES.items():
+            pattern = re.escape(var) + r'(?:\.get\(|\[)"([a-z_0-9]+)"'
+            for key in re.findall(r"(?<![\w.\]])" + pattern, text):
+                found.setdefault(section, set()).add(key)
+    assert found["TrainSection"] and found["Stage2Config"] and found["DataConfig"]
+    for section, keys in found.items():
+        fields = set(getattr(config_schema, section).model_fields)
+        assert keys <= fields, (section, sorted(keys - fields))
