@@ -72,6 +72,17 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path: Path, change: str, expected
     assert not (tmp_path / "out").exists()  # nothing started
 
 
+def test_pseudo_refuses_a_missing_root_in_one_line(tmp_path: Path) -> None:
+    text = GOOD.replace("pairs_root: DATA,", "pairs_root: DATA/gone,")
+    ckpt = tmp_path / "s1.safetensors"
+    proc = _run_cli(
+        "pseudo", str(_config(tmp_path, text)), "--checkpoint", str(ckpt), "--out", str(tmp_path / "p")
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "data.pairs_root: folder not found" in lines[0], lines
+
+
 def test_unset_dataset_root_variable_is_named(tmp_path: Path) -> None:
     """The published recipes name their data by environment variable; unset, the line says so."""
     env = {k: v for k, v in os.environ.items() if k != "LUAD_HISTOSEG"}
