@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 # name of module in fprotoseg.app.commands -> each defines `register(subparsers) -> None`
-COMMAND_MODULES = ("segment", "info", "serve", "worker", "train", "evaluate")
+COMMAND_MODULES = ("segment", "info", "serve", "worker", "train", "evaluate", "pseudo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from fprotoseg.model.datasets import DATASETS, DatasetError, MaskedImage, load_pairs
-from fprotoseg.model.metrics import confusion_matrix, evaluate_protocol
+from fprotoseg.model.metrics import PROTOCOL_SOURCES, confusion_matrix, evaluate_protocol, resolve_protocol
 
 PredictFn = Callable[[np.ndarray], np.ndarray]  # uint8 (1, H, W, 3) -> (1, K, h, w) scores
 
@@ -87,18 +87,27 @@ def score_pairs(
     dataset: str,
     protocol: str = "ignore_background",
 ) -> dict[str, Any]:
-    """Metrics for a labelling function over pairs under a protocol of the dataset."""
+    """Metrics for a labelling function over pairs under a protocol of the dataset.
+
+    ``label_fn`` returns tissue classes 0..K-1 and, for a network with a background class, K for
+    background (the mask value of LUAD-HistoSeg/BCSS-WSSS background; WSSS4LUAD's 3). The matrix
+    is (K+1) x (K+1); for a dataset without background in its masks (WSSS4LUAD) it stays K x K
+    unless the labels use background, and the protocol is the challenge's (background excluded).
+    ``protocol``: a name of :data:`fprotoseg.model.metrics.PROTOCOLS`, an alias, or ``paper``.
+    """
     spec = DATASETS[dataset]
     k = len(spec.classes)
+    name = resolve_protocol(protocol, dataset)
+    background = spec.background_index if spec.background_index is not None else k
+    cm = confusion_over(pairs, label_fn, k + 1, [spec.ignore_index])
     if spec.background_index is None:
-        cm = confusion_over(pairs, label_fn, k, [spec.ignore_index])
-        result = evaluate_protocol(cm, spec.classes, "ignore_background", None)
-    else:
-        n = k + 1
-        cm = confusion_over(pairs, label_fn, n, [spec.ignore_index])
-        result = evaluate_protocol(cm, spec.classes, protocol, spec.background_index)
+        name = "background_excluded"  # the masks have no background to score
+        if not cm[:, k].any():
+            cm = cm[:k, :k]  # a K-class labelling: the K x K matrix of before
+    result = evaluate_protocol(cm, spec.classes, name, background)
     result["confusion_matrix"] = cm.tolist()
-    result["protocol"] = protocol if spec.background_index is not None else "ignore_background"
+    result["protocol"] = name
+    result["protocol_source"] = PROTOCOL_SOURCES[name]
     result["images"] = len(pairs)
     return result
 
@@ -150,9 +159,12 @@ def evaluate_checkpoint(
     seg = load_segmenter(checkpoint, device=device, precision=precision)
     pairs = load_pairs(Path(data_root), names)
     spec = DATASETS[dataset]
-    if len(seg.classes) != len(spec.classes):
+    # a stage-2 network with a background class (``stage2.background``) lists it last
+    tissue = [c for c in getattr(seg, "manifest", {}).get("classes", []) if not c.get("background")]
+    n_tissue = len(tissue) if tissue else len(seg.classes)
+    if n_tissue != len(spec.classes):
         raise DatasetError(
-            f"checkpoint has {len(seg.classes)} classes but {dataset} has {len(spec.classes)}; "
+            f"checkpoint has {n_tissue} classes but {dataset} has {len(spec.classes)}; "
             "pick the matching --dataset"
         )
     result = score_pairs(

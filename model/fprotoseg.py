@@ -16,7 +16,8 @@ Provenance (the paper, Ding et al., Pattern Recognition 175, 2026, has no public
 - Stage 2: SegFormer all-MLP head (published SegFormer code) trained on pseudo masks.
 
 Inference modules registered for checkpoints (forward: normalised NCHW -> (N, K, H/4, W/4) in
-[0, 1], K = tissue classes, no background channel):
+[0, 1], K = tissue classes; a stage-2 network trained with ``stage2.background`` has one more
+channel, background, last, and its manifest lists a Background class last):
 
 - ``fprotoseg_cam``: stage 1; softmax over classes of the level-fused CAM logits.
 - ``fprotoseg_seg``: stage 2; softmax of the SegFormer head.
@@ -431,7 +432,9 @@ class SegFormerHead(nn.Module):
 
 
 class FProtoSegStage2(nn.Module):
-    """MiT encoder + SegFormer head; forward returns class logits at stride 4."""
+    """Encoder (``cfg["encoder"]``: stage 2's own, or the teacher's) + SegFormer head; forward
+    returns class logits at stride 4. ``num_classes`` counts the outputs: K tissue classes, plus
+    one for background with ``stage2.background`` (index K)."""
 
     def __init__(self, cfg: dict[str, Any], num_classes: int) -> None:
         super().__init__()
@@ -466,14 +469,42 @@ class GatedStage2Inference(nn.Module):
         super().__init__()
         s2 = cfg.get("stage2", {})
         self.net = FProtoSegStage2(cfg, num_classes)
-        self.gate = FProtoSegStage1(s2["teacher_config"], num_classes, torch.zeros(num_classes, text_dim))
+        # with a background class the gate (the teacher) still knows the K tissue classes only:
+        # it adds nothing to the background logit
+        self.background = bool(s2.get("background", False))
+        tissue = num_classes - int(self.background)
+        self.gate = FProtoSegStage1(s2["teacher_config"], tissue, torch.zeros(tissue, text_dim))
         self.gate_weight = float(s2.get("gate_weight", 1.0))
         self.gate_pool = int(s2.get("gate_pool", 0))
+        # stage 2's own encoder may expect another input normalisation than the teacher's
+        self.renorm = Renormalise(
+            encoder_normalisation(cfg.get("encoder", {})),
+            encoder_normalisation(s2["teacher_config"].get("encoder", {})),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.net(x).float()
-        gate = tile_class_logits(self.gate(x)["cams"][-1], self.gate_pool, logits.shape[-2:])
+        gate = tile_class_logits(self.gate(self.renorm(x))["cams"][-1], self.gate_pool, logits.shape[-2:])
+        if self.background:
+            gate = F.pad(gate, (0, 0, 0, 0, 0, 1))
         return torch.softmax(logits + self.gate_weight * gate, dim=1)
+
+
+class Renormalise(nn.Module):
+    """Input normalised for one encoder -> input normalised for another (identity when equal)."""
+
+    def __init__(self, source: dict[str, list[float]], target: dict[str, list[float]]) -> None:
+        super().__init__()
+        self.identity = source == target
+        scale = torch.tensor(source["std"]) / torch.tensor(target["std"])
+        shift = (torch.tensor(source["mean"]) - torch.tensor(target["mean"])) / torch.tensor(target["std"])
+        self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return x
+        return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
 
 
 @register("fprotoseg_cam")

@@ -1,10 +1,24 @@
-"""Segmentation metrics from a confusion matrix, in the two protocols WSSS papers use.
+"""Segmentation metrics from a confusion matrix, in the protocols the WSSS papers define.
 
-- ``ignore_background`` (TPRO, WSSS4LUAD): ground-truth background/ignore pixels are dropped; the
-  matrix is K x K over the tissue classes; mIoU = mean IoU over the K classes.
-- ``tissue_mean_with_background`` (PBIP, FProtoSeg on BCSS-WSSS/LUAD-HistoSeg): the (K+1) x (K+1)
-  matrix including background is accumulated, IoU is computed per class on it, and mIoU is the
-  mean over the K tissue classes only (background predicted as tissue costs tissue precision).
+Masks of LUAD-HistoSeg and BCSS-WSSS hold a background value (4 = white: glass, fat, air) beside
+the K tissue classes; a network may predict background too (stage 2 with ``stage2.background``,
+channel K). Every matrix here is (K+1) x (K+1), rows = ground truth, columns = prediction, with
+background at index ``background`` (= K); the two protocols differ in what they do with it:
+
+- ``background_included`` (TPRO, MICCAI 2023; PBIP, CVPR 2025 on LUAD-HistoSeg and BCSS-WSSS:
+  ``ConfusionMatrixAllClass(num_classes=K+1)``, mIoU = ``iu[:-1].mean()``): ground-truth
+  background pixels stay in the matrix, so tissue predicted on background costs that tissue
+  class its precision; mIoU is the mean over the K tissue classes (background IoU is reported as
+  ``iou_background``, not averaged in). A K-class network that cannot say "not tissue" scores
+  0.5 on a mask that is half background even where it gets every tissue pixel right.
+- ``background_excluded`` (the WSSS4LUAD challenge: mask 3 = background, not scored; MLPS, the
+  LUAD-HistoSeg/BCSS-WSSS paper, Han et al. 2022: predictions on ground-truth background are set
+  to background before counting): ground-truth background pixels leave the matrix; a tissue pixel
+  predicted as background is still a miss of its class. mIoU over the K tissue classes.
+
+Old names stay accepted: ``ignore_background`` = ``background_excluded``,
+``tissue_mean_with_background`` = ``background_included``; ``paper`` picks the dataset's
+published protocol (:data:`PAPER_PROTOCOL`).
 
 FwIoU weights each class IoU by its ground-truth frequency; Dice = 2TP / (2TP + FP + FN).
 Classes absent from both ground truth and prediction have no IoU (NaN) and are left out of means.
@@ -17,7 +31,39 @@ from typing import Any
 
 import numpy as np
 
-PROTOCOLS = ("ignore_background", "tissue_mean_with_background")
+PROTOCOLS = ("background_excluded", "background_included")
+PROTOCOL_ALIASES = {
+    "ignore_background": "background_excluded",
+    "tissue_mean_with_background": "background_included",
+    "wsss4luad_challenge": "background_excluded",
+    "mlps": "background_excluded",
+    "tpro": "background_included",
+    "pbip": "background_included",
+}
+# where each protocol is defined: what the evaluate JSON quotes beside the protocol's name
+PROTOCOL_SOURCES = {
+    "background_excluded": "WSSS4LUAD challenge (Han et al. 2022); MLPS (Han et al., MedIA 2022)",
+    "background_included": "TPRO (Zhang et al., MICCAI 2023); PBIP (Tang et al., CVPR 2025)",
+}
+# the protocol each dataset's papers report (the FProtoSeg paper compares with TPRO/PBIP)
+PAPER_PROTOCOL = {
+    "wsss4luad": "background_excluded",
+    "luad-histoseg": "background_included",
+    "bcss-wsss": "background_included",
+}
+
+
+def resolve_protocol(protocol: str, dataset: str | None = None) -> str:
+    """The canonical protocol name for a name, an alias or ``paper`` (the dataset's own)."""
+    if protocol == "paper":
+        if dataset not in PAPER_PROTOCOL:
+            raise ValueError(f"no published protocol known for dataset {dataset!r}")
+        return PAPER_PROTOCOL[dataset]
+    name = PROTOCOL_ALIASES.get(protocol, protocol)
+    if name not in PROTOCOLS:
+        known = ", ".join([*PROTOCOLS, *PROTOCOL_ALIASES, "paper"])
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {known}")
+    return name
 
 
 def confusion_matrix(
@@ -67,19 +113,31 @@ def _nan_to_none(v: float) -> float | None:
     return None if np.isnan(v) else float(v)
 
 
-def evaluate_protocol(cm_full: np.ndarray, class_names: Sequence[str], protocol: str, background: int | None):
-    """Scores from a matrix whose last row/column is background (or without one).
+def evaluate_protocol(
+    cm_full: np.ndarray, class_names: Sequence[str], protocol: str, background: int | None
+) -> dict[str, Any]:
+    """Scores from a matrix with background at index ``background`` (see the module docstring).
 
-    ``cm_full`` is (K, K) when the dataset has no background class, else (K+1, K+1) with
-    background at index ``background``.
+    ``cm_full`` is (K, K) or (K+1, K+1); with ``background`` None (or a (K, K) matrix) there is
+    no background row and both protocols agree. Returns :func:`scores_from_confusion`'s keys plus
+    ``protocol`` (canonical name) and, where the matrix has a background row, ``iou_background``.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    name = resolve_protocol(protocol)
+    cm_full = np.asarray(cm_full)
     k = len(class_names)
-    tissue = [i for i in range(len(cm_full)) if i != background][:k]
-    if protocol == "ignore_background" or background is None:
-        sub = cm_full[np.ix_(tissue, tissue)]
-        return scores_from_confusion(sub, list(class_names))
     names = list(class_names)
+    if background is None or len(cm_full) == k:
+        result = scores_from_confusion(cm_full, names)
+        result["protocol"] = name
+        return result
+    tissue = [i for i in range(len(cm_full)) if i != background][:k]
     names.insert(background, "background")
-    return scores_from_confusion(cm_full, names, tissue=tissue)
+    cm = cm_full.astype(np.int64, copy=True)
+    if name == "background_excluded":
+        cm[background, :] = 0  # ground-truth background is not scored
+    result = scores_from_confusion(cm, names, tissue=tissue)
+    if name == "background_included":
+        full = scores_from_confusion(cm, names)
+        result["iou_background"] = full["iou"]["background"]
+    result["protocol"] = name
+    return result

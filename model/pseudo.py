@@ -1,8 +1,13 @@
 """Pseudo masks from stage-1 CAMs (TPRO/PBIP recipe), the training targets of stage 2.
 
-ReLU -> per-channel min-max -> times the image-level labels -> level fusion -> flip TTA average;
-background = (1 - max over classes)^k; argmax. Pixels that win as background become ``ignore``
-for stage 2 (our tissue classes have no background channel: glass is the tissue mask's job).
+ReLU -> per-channel min-max -> times the image-level labels -> level fusion -> TTA average (flip,
+or flips and 90-degree rotations); background = (1 - max over classes)^k; argmax. Pixels that
+win as background become ``ignore`` for stage 2: a weak CAM is not evidence of "not tissue".
+
+With ``stage2.background`` the masks keep a background class of their own (index K, the mask
+value of LUAD-HistoSeg/BCSS-WSSS background): bright, low-saturation pixels (glass, fat, alveolar
+air), the white-background prior of the LUAD-HistoSeg/BCSS-WSSS recipes (MLPS, TPRO: grey > 200,
+small specks removed; here with a saturation bound as well, and an opening for the specks).
 """
 
 from __future__ import annotations
@@ -19,12 +24,16 @@ IGNORE_INDEX = 255
 
 @torch.no_grad()
 def fused_normalised_cams(
-    net: FProtoSegStage1, x: torch.Tensor, fusion: list[float], flip_tta: bool = True
+    net: FProtoSegStage1, x: torch.Tensor, fusion: list[float], flip_tta: bool = True, rot_tta: bool = False
 ) -> torch.Tensor:
-    """(N, K, H, W) fused, per-level min-max normalised CAMs at input resolution (no gating)."""
-    size = x.shape[-2:]
+    """(N, K, H, W) fused, per-level min-max normalised CAMs at input resolution (no gating).
 
+    TTA averages the normalised CAMs of the transformed inputs, each mapped back: ``flip_tta`` a
+    horizontal flip, ``rot_tta`` the 90/180/270-degree rotations (with ``flip_tta``: all eight
+    flips and rotations). Rotations need a size every encoder level divides either way round.
+    """
     def one(inp: torch.Tensor) -> torch.Tensor:
+        size = inp.shape[-2:]
         cams = net(inp)["cams"]
         out = None
         for cam, w in zip(cams, fusion, strict=True):
@@ -35,32 +44,89 @@ def fused_normalised_cams(
         assert out is not None, "all fusion weights are zero"
         return out
 
-    cams = one(x)
-    if flip_tta:
-        cams = 0.5 * (cams + one(x.flip(-1)).flip(-1))
-    return cams
+    if not rot_tta:
+        cams = one(x)
+        if flip_tta:
+            cams = 0.5 * (cams + one(x.flip(-1)).flip(-1))
+        return cams
+    total = None
+    n = 0
+    for flip in (False, True) if flip_tta else (False,):
+        base = x.flip(-1) if flip else x
+        for r in range(4):
+            c = torch.rot90(one(torch.rot90(base, r, dims=(-2, -1))), -r, dims=(-2, -1))
+            c = c.flip(-1) if flip else c
+            total = c if total is None else total + c
+            n += 1
+    assert total is not None
+    return total / n
 
 
-def pseudo_masks(cams: torch.Tensor, labels: torch.Tensor, bg_power: float = 10.0) -> torch.Tensor:
-    """(N, H, W) int64 labels in 0..K-1, IGNORE_INDEX where background wins."""
+def white_background(
+    rgb: torch.Tensor, grey: float = 200.0, max_saturation: float = 0.2, open_px: int = 5
+) -> torch.Tensor:
+    """(N, H, W) bool: bright, low-saturation pixels of (N, 3, H, W) RGB in 0..255.
+
+    Grey level 0.299 R + 0.587 G + 0.114 B above ``grey`` (the recipes' threshold of 200) and
+    saturation (max - min) / max below ``max_saturation`` (pale eosin is bright but pink); then a
+    morphological opening of ``open_px`` removes white specks (the recipes remove objects under
+    50-80 px), so a lumen or a bright nucleus edge inside tissue stays tissue.
+    """
+    rgb = rgb.float()
+    level = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
+    hi, lo = rgb.max(dim=1).values, rgb.min(dim=1).values
+    saturation = (hi - lo) / hi.clamp(min=1.0)
+    white = (level > grey) & (saturation < max_saturation)
+    if open_px > 1:
+        h, w = white.shape[-2:]
+        pad = open_px // 2
+        m = white.float()[:, None]
+        eroded = -F.max_pool2d(-m, open_px, stride=1, padding=pad)[..., :h, :w]
+        white = F.max_pool2d(eroded, open_px, stride=1, padding=pad)[:, 0, :h, :w] > 0.5
+    return white
+
+
+def pseudo_masks(
+    cams: torch.Tensor, labels: torch.Tensor, bg_power: float = 10.0, white: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(N, H, W) int64 labels in 0..K-1, IGNORE_INDEX where background wins; with ``white``
+    ((N, H, W) bool, :func:`white_background`) those pixels are class K, background."""
     gated = cams * labels[:, :, None, None]
     bg = (1.0 - gated.max(dim=1, keepdim=True).values).clamp(min=0.0) ** bg_power
     full = torch.cat([gated, bg], dim=1)
     mask = full.argmax(dim=1)
     mask[mask == cams.shape[1]] = IGNORE_INDEX
+    if white is not None:
+        mask[white] = cams.shape[1]
     return mask
 
 
 def make_pseudo_masks(
     net: FProtoSegStage1, x: torch.Tensor, labels: torch.Tensor, cfg: dict[str, Any]
 ) -> torch.Tensor:
+    """Stage 2's targets for a batch ``x`` (the student's input tensors) from the teacher ``net``.
+
+    ``cfg`` is the ``stage2`` config section (fusion, bg_power, flip_tta, rot_tta, background,
+    white_prior). With ``background`` the teacher must be a :class:`fprotoseg.model.stage2.
+    TeacherView` (it knows how to turn ``x`` back into RGB for the white prior).
+    """
     was_training = net.training
     net.eval()
     cams = fused_normalised_cams(
-        net, x, [float(w) for w in cfg.get("fusion", [0.0, 0.3, 0.3, 0.4])], bool(cfg.get("flip_tta", True))
+        net,
+        x,
+        [float(w) for w in cfg.get("fusion", [0.0, 0.3, 0.3, 0.4])],
+        bool(cfg.get("flip_tta", True)),
+        bool(cfg.get("rot_tta", False)),
     )
     net.train(was_training)
-    return pseudo_masks(cams, labels, float(cfg.get("bg_power", 10.0)))
+    white = None
+    if cfg.get("background"):
+        rgb = getattr(net, "rgb", None)
+        if rgb is None:
+            raise ValueError("stage2.background needs the teacher wrapped in stage2.TeacherView")
+        white = white_background(rgb(x), **dict(cfg.get("white_prior") or {}))
+    return pseudo_masks(cams, labels, float(cfg.get("bg_power", 10.0)), white)
 
 
 @torch.no_grad()

@@ -44,20 +44,28 @@ from fprotoseg.model.errors import FprotosegError
 from fprotoseg.model.evaluate import predict_labels, score_pairs
 from fprotoseg.model.fprotoseg import (
     OUTPUT_STRIDE,
-    GatedStage2Inference,
     Stage1Inference,
-    Stage2Inference,
     encoder_normalisation,
     stage1_losses,
 )
 from fprotoseg.model.pseudo import IGNORE_INDEX, make_pseudo_masks, pseudo_label_map
+from fprotoseg.model.stage2 import build_stage2, class_entries
 from fprotoseg.model.stain import hed_jitter
 from fprotoseg.model.text import class_text_embeddings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def load_config(
+    path: str | Path,
+    overrides: dict[str, Any] | None = None,
+    *,
+    validate: bool = True,
+    check_paths: bool = True,
+) -> dict[str, Any]:
+    """The config at ``path`` with its ``base:`` chain merged and ``overrides`` (dotted keys) set,
+    then checked against the schema (``model.config_schema``: unknown keys, types) and, with
+    ``check_paths``, its dataset roots and stage-2 teacher; a problem is one ConfigError line."""
     path = Path(path)
     if not path.is_file():
         alt = REPO_ROOT / "model" / "configs" / path.name
@@ -71,7 +79,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> di
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path.name} must hold a YAML mapping")
     if "base" in cfg:  # ablation configs name the config they change, then only the change
-        base = load_config(path.parent / str(cfg.pop("base")))
+        base = load_config(path.parent / str(cfg.pop("base")), validate=False, check_paths=False)
         base.pop("name", None)
         cfg = deep_merge(base, cfg)
     for dotted, value in (overrides or {}).items():
@@ -81,6 +89,12 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> di
             node = node.setdefault(k, {})
         node[keys[-1]] = value
     cfg.setdefault("name", path.stem)
+    if validate:
+        from fprotoseg.model import config_schema
+
+        config_schema.validate_config(cfg, path.name)
+        if check_paths:
+            config_schema.check_paths(cfg, REPO_ROOT, path.name)
     return cfg
 
 
@@ -398,28 +412,11 @@ def train(
         arch = "fprotoseg_cam"
         net = module.net
     elif stage == 2:
-        teacher_path = resolve_path(cfg["stage2"]["teacher"])
-        t_state, t_manifest = read_checkpoint(teacher_path)
-        if t_manifest["architecture"] != "fprotoseg_cam":
-            raise ConfigError(f"stage2.teacher must be a stage-1 (fprotoseg_cam) checkpoint: {teacher_path}")
-        t_cfg = t_manifest["config"]
-        text_record = t_manifest.get("text", {})
-        teacher_mod = Stage1Inference(t_cfg, k, int(text_record.get("dim", 384)))
-        teacher_mod.load_state_dict(t_state)
-        teacher = teacher_mod.net.to(device).eval()
-        cfg = {**cfg, "encoder": t_cfg.get("encoder", {})}
-        if cfg["stage2"].get("gate_with_teacher", False):
-            cfg = {**cfg, "stage2": {**cfg["stage2"], "teacher_config": t_cfg}}
-            module = GatedStage2Inference(cfg, k, int(text_record.get("dim", 384)))
-            module.gate.load_state_dict(teacher.state_dict())
-            module.gate.requires_grad_(False)
-            arch = "fprotoseg_seg_gated"
-        else:
-            module = Stage2Inference(cfg, k)
-            arch = "fprotoseg_seg"
-        if cfg["stage2"].get("init_encoder_from_teacher", True):
-            module.net.encoder.load_state_dict(teacher.encoder.state_dict())
-        net = module.net
+        # stage 2's own encoder (stage2.encoder, default the teacher's), an optional background
+        # class (stage2.background) and the frozen teacher fed the student's inputs
+        s2 = build_stage2(cfg, k, device, resolve_path(cfg["stage2"]["teacher"]))
+        cfg, module, net, teacher, arch = s2.cfg, s2.module, s2.net, s2.teacher, s2.arch
+        text_record = s2.text_record
     else:
         raise ConfigError(f"stage must be 1 or 2, got {stage}")
 
@@ -476,7 +473,7 @@ def train(
             "name": cfg.get("name", "fprotoseg"),
             "architecture": arch,
             "config": cfg,
-            "classes": class_manifest(data.dataset),
+            "classes": class_entries(class_manifest(data.dataset), cfg),
             "mpp": float(cfg["data"].get("mpp", 1.0)),
             "tile_size_px": tile_px,
             "output_stride": OUTPUT_STRIDE,
