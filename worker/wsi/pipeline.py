@@ -56,7 +56,7 @@ class PipelineOptions:
     reader_threads: int = field(default_factory=default_pipeline_threads)
     prefetch_batches: int = 2
     tissue_mpp: float = 4.0
-    tile_margin_px: int | None = None  # overlap per side, model px; None = ~1/16 tile, >= 2 strides
+    tile_margin_px: int | None = None  # overlap per side, model px; None = ~1/8 tile
     simplify_tolerance_um: float = 1.0
     min_region_area_um2: float = 50.0
     min_tissue_area_um2: float = 10_000.0
