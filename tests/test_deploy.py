@@ -496,9 +496,43 @@ def test_every_from_and_every_download_goes_through_a_build_argument(path: Path)
 
 def test_no_machine_specific_path_or_fixed_host_in_the_deployment_files() -> None:
     """Indexes, wheels and bases come in through build arguments and the environment, not the files."""
-    for path in (API_DOCKERFILE, WORKER_DOCKERFILE, COMPOSE, REPO_ROOT / "Makefile"):
+    smoke = REPO_ROOT / "docker" / "smoke.sh"
+    for path in (API_DOCKERFILE, WORKER_DOCKERFILE, COMPOSE, smoke, REPO_ROOT / "Makefile"):
         for host in re.findall(r"\b[a-z][a-z0-9+.-]*://([^/:\s\"'$]+)", path.read_text()):
             assert host in ("127.0.0.1", "redis", "HOST"), f"{path.name} names the host {host}"
+    # smoke.sh: host paths come from the repository's place or the environment; the absolute paths
+    # it writes are the mount points it gives containers and the system's own.
+    in_container = ("/data", "/tools", "/scratch", "/crops", "/usr/bin/env", "/dev/null", "/tmp", "/segment")
+    code = "\n".join(re.sub(r"(^|\s)#\s.*$", "", line) for line in smoke.read_text().splitlines()[1:])
+    for literal in re.findall(r"(?:^|[\s\"'=(:])(/[A-Za-z][\w./-]*)", code, flags=re.M):
+        assert literal.startswith(in_container), f"smoke.sh names the path {literal}"
+
+
+def test_smoke_test_is_a_make_target_outside_make_test() -> None:
+    smoke = REPO_ROOT / "docker" / "smoke.sh"
+    assert os.access(smoke, os.X_OK), "docker/smoke.sh is executable"
+    subprocess.run(["bash", "-n", str(smoke)], check=True)
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    recipes = dict(re.findall(r"^([\w-]+):[^\n]*\n((?:\t[^\n]*\n)*)", makefile, flags=re.M))
+    assert "docker/smoke.sh" in recipes["smoke"]
+    assert "smoke" not in recipes["test"] and "smoke" not in recipes["test-fast"]
+    text = smoke.read_text()
+    # Base images from the environment (a site's registry), shared data found beside the repository.
+    for name in ("FPROTOSEG_PYTHON_IMAGE", "FPROTOSEG_WORKER_BASE_IMAGE", "FPROTOSEG_REDIS_IMAGE"):
+        assert f"${{{name}:-" in text
+    assert "$REPO/../shared" in text
+    assert "trap teardown EXIT" in text and "down --volumes --remove-orphans" in text
+    assert "WORKER_FLAVOUR=cpu" in text and "--network" in text
+
+
+def test_build_context_excludes_local_state_but_keeps_the_package() -> None:
+    ignored = dockerignore_entries()
+    for entry in (".git", ".venv", ".env", "tests"):
+        assert entry in ignored
+    for needed in ("app", "worker", "model", "requirements", "pyproject.toml", "bench"):
+        assert needed not in ignored
+    copied = " ".join(parse_dockerfile(WORKER_DOCKERFILE).all("COPY"))
+    assert "model model" in copied  # the packaged default weights travel as package data
 
 
 # ---- one pinned dependency set, the same in CI and in both images ------------------------------------
