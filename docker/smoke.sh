@@ -118,12 +118,17 @@ fi
 # unless told otherwise; buildx has no such container and no such flag.
 if [ "${DOCKER_BUILDKIT:-}" = 0 ] || ! docker buildx version > /dev/null 2>&1; then ARGS+=(--force-rm); fi
 build() {  # build NAME TAG DOCKERFILE [ARGS...]
-  local name=$1 tag=$2 file=$3 start end
+  local name=$1 tag=$2 file=$3 start end previous
   shift 3
+  previous=$(docker image inspect -f '{{.Id}}' "$tag" 2> /dev/null)
   start=$(date +%s)
   if docker build --network "$BUILD_NETWORK" -f "$REPO/$file" -t "$tag" "${ARGS[@]}" "$@" "$REPO" \
       > "$LOG_DIR/build-$name.log" 2>&1; then
     end=$(date +%s)
+    # the image this tag named before, now untagged: ours, so removed (unless a container uses it)
+    if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$tag")" ]; then
+      docker rmi "$previous" > /dev/null 2>&1
+    fi
     pass "build $name" "$tag: $(mib "$tag"), built in $((end - start)) s"
   else
     fatal "build $name" "docker build failed; see $LOG_DIR/build-$name.log"
