@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export MALLOC_MMAP_MAX_ := 0
 export MALLOC_TRIM_THRESHOLD_ := 68719476736
 
-.PHONY: install serve test test-fast lint typecheck bench clean
+.PHONY: install serve test test-fast lint typecheck bench smoke clean
 
 $(BIN)/fprotoseg: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,11 @@ typecheck: install
 
 bench: install
 	$(BIN)/python bench/pipeline.py
+
+# The docker compose deployment built and run for real with a CPU worker (docs/deploy.md, "Smoke
+# test"). Needs a Docker daemon and takes minutes, so it is not part of `make test`.
+smoke:
+	docker/smoke.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -50,9 +50,18 @@ class Stage:
     base: str  # image reference with global ARG defaults substituted, or a previous stage's alias
     alias: str | None
     instructions: list[tuple[str, str]] = field(default_factory=list)
+    raw: str = ""  # the FROM reference as written (e.g. ${PYTHON_IMAGE})
 
     def args(self, keyword: str) -> list[str]:
         return [rest for kw, rest in self.instructions if kw == keyword]
+
+    def declared(self) -> dict[str, str | None]:
+        """The stage's ARGs: name -> default ("" for `ARG X=`, None for a bare `ARG X`)."""
+        out: dict[str, str | None] = {}
+        for rest in self.args("ARG"):
+            key, sep, value = rest.partition("=")
+            out[key.strip()] = value.strip().strip('"') if sep else None
+        return out
 
 
 @dataclass
@@ -107,7 +116,7 @@ def parse_dockerfile(path: Path) -> Dockerfile:
         elif keyword == "FROM":
             words = [w for w in rest.split() if not w.startswith("--")]
             alias = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
-            stages.append(Stage(_substitute(words[0], global_args), alias))
+            stages.append(Stage(_substitute(words[0], global_args), alias, raw=words[0]))
         else:
             assert stages, f"{path.name}: {keyword} before the first FROM"
             stages[-1].instructions.append((keyword, rest))
@@ -396,24 +405,124 @@ def test_api_image_installs_only_the_api_subset_and_no_torch() -> None:
     assert not any(n.startswith("nvidia-") for n in pins)
 
 
-def test_worker_image_installs_cuda_torch_and_the_constraints() -> None:
+def test_worker_image_installs_torch_of_its_flavour_and_the_constraints() -> None:
     df = parse_dockerfile(WORKER_DOCKERFILE)
-    assert df.final.base.startswith("nvidia/cuda:") and df.final.base == df.stages[1].base
+    # One pinned Python for both images: the worker's base is the API's (CPython 3.11.14, bookworm).
+    api_base = parse_dockerfile(API_DOCKERFILE).stages[0].base
+    assert df.final.base == df.stages[0].base == api_base
     torch_pin = read_pins(CONSTRAINTS)["torch"]
     assert df.arg_default("TORCH_VERSION") == torch_pin
-    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", df.arg_default("TORCH_INDEX_URL") or "")
+    # The GPU flavour is the default; the CPU flavour asks for torch's +cpu build explicitly.
+    assert df.global_args["WORKER_FLAVOUR"] == "gpu"
+    [torch_run] = [r for r in df.all("RUN") if "pip install \"$torch\"" in r]
+    assert 'gpu) torch="torch==${TORCH_VERSION}"' in torch_run
+    assert 'cpu) torch="torch==${TORCH_VERSION}+cpu"' in torch_run
+    assert "torch.version.cuda" in torch_run  # the build fails when torch is not of the flavour
     installs = pip_installs(df)
-    torch_install = next(a for a in installs if "torch==${TORCH_VERSION}" in a)
-    # the CUDA index is an extra index: pip keeps its own default one, and no registry host is named
-    assert "--extra-index-url" in torch_install and "${TORCH_INDEX_URL}" in torch_install
+    torch_install = next(a for a in installs if "$torch" in a)
+    # torch's own index is an extra index, only when TORCH_INDEX_URL is given; pip keeps its default one
+    assert torch_install[-2:] == ["${TORCH_INDEX_URL:+--extra-index-url", "$TORCH_INDEX_URL}"]
     assert "--index-url" not in torch_install
+    assert df.stages[0].declared()["TORCH_INDEX_URL"] == ""
     for args in installs:
         assert "-c" in args and args[args.index("-c") + 1] == "requirements/constraints.txt", args
     assert [".", "-c", "requirements/constraints.txt"] in installs
     # OpenSlide from the openslide-bin wheel: no system library.
     assert "openslide-bin" in read_pins(CONSTRAINTS)
-    assert not any("openslide" in run for run in df.all("RUN") if "apt-get" in run)
     assert exec_form(df.final.args("CMD")[-1]) == ["fprotoseg", "worker"]
+
+
+def test_compose_builds_the_gpu_flavour_by_default() -> None:
+    worker = compose()["services"]["worker"]
+    assert "WORKER_FLAVOUR" not in str(worker["build"].get("args", {}))  # the Dockerfile's default: gpu
+    assert parse_dockerfile(WORKER_DOCKERFILE).global_args["WORKER_FLAVOUR"] == "gpu"
+    assert service_environment("worker", env_example())["FPROTOSEG_DEVICE"] == "cuda"
+
+
+# Commands that fetch something other than a package from the indexes the build arguments name.
+DOWNLOADERS = re.compile(
+    r"\b(curl|wget|apt-get|apt|aptitude|apk|dnf|yum|microdnf|zypper|conda|mamba|micromamba|git|svn|hg)\b"
+    r"|\buv\s+(python|pip|sync|tool|run|venv)\b|\bpip3?\s+download\b|\bensurepip\s+--upgrade"
+)
+URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://")
+# The package sources every stage that runs pip declares, each empty by default (pip's default index).
+SOURCE_ARGS = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_TRUSTED_HOST", "CA_CERTS")
+PIP_SOURCE_OPTIONS = (
+    "-i", "--index-url", "--extra-index-url", "-f", "--find-links", "--trusted-host", "--cert"
+)
+
+
+@pytest.mark.parametrize("path", [API_DOCKERFILE, WORKER_DOCKERFILE], ids=lambda p: p.stem)
+def test_every_from_and_every_download_goes_through_a_build_argument(path: Path) -> None:
+    text = path.read_text()
+    # A `# syntax=` directive makes BuildKit pull a frontend image that no build argument names.
+    assert not re.search(r"^#\s*syntax\s*=", text, flags=re.M | re.I), f"{path.name}: syntax directive"
+    df = parse_dockerfile(path)
+    aliases: set[str] = set()
+    for stage in df.stages:
+        if stage.raw not in aliases:
+            match = re.fullmatch(r"\$\{(\w+)\}", stage.raw)
+            assert match, f"{path.name}: FROM {stage.raw} is not a build argument"
+            default = df.global_args.get(match.group(1), "")
+            assert_pinned_image(default, f"{path.name} {match.group(1)}")
+            assert "@sha256:" in default, f"{path.name}: {match.group(1)} pinned by digest too"
+        if stage.alias:
+            aliases.add(stage.alias)
+    for stage in df.stages:
+        declared = stage.declared()
+        for keyword, rest in stage.instructions:
+            if keyword == "ADD":
+                assert not URL.search(rest), f"{path.name}: ADD downloads: {rest}"
+            if keyword == "COPY" and rest.startswith("--from="):
+                source = rest.split()[0].removeprefix("--from=")
+                assert source in aliases, f"{path.name}: COPY --from={source} pulls an image, not a stage"
+            if keyword != "RUN":
+                continue
+            assert not DOWNLOADERS.search(rest), f"{path.name}: a download outside the indexes: {rest}"
+            assert not URL.search(rest), f"{path.name}: a fixed address in a RUN: {rest}"
+        runs_pip = [r for r in stage.args("RUN") if re.search(r"\bpip3?\s+install\b", r)]
+        if runs_pip:
+            for name in SOURCE_ARGS:
+                assert declared.get(name) == "", f"{path.name} {stage.alias}: ARG {name}= (empty default)"
+    for args in pip_installs(df):
+        for i, arg in enumerate(args):
+            option = arg.split("=", 1)[0].lstrip("${").split(":+")[-1]
+            if option in PIP_SOURCE_OPTIONS:
+                value = arg.split("=", 1)[1] if "=" in arg else args[i + 1]
+                assert re.fullmatch(r"\$\{?\w+\}?", value), f"{path.name}: {option} {value}"
+                name = value.strip("${}")
+                assert any(name in s.declared() for s in df.stages), f"{path.name}: {name} is no ARG"
+
+
+def test_no_machine_specific_path_or_fixed_host_in_the_deployment_files() -> None:
+    """Indexes, wheels and bases come in through build arguments and the environment, not the files."""
+    smoke = REPO_ROOT / "docker" / "smoke.sh"
+    for path in (API_DOCKERFILE, WORKER_DOCKERFILE, COMPOSE, smoke, REPO_ROOT / "Makefile"):
+        for host in re.findall(r"\b[a-z][a-z0-9+.-]*://([^/:\s\"'$]+)", path.read_text()):
+            assert host in ("127.0.0.1", "redis", "HOST"), f"{path.name} names the host {host}"
+    # smoke.sh: host paths come from the repository's place or the environment; the absolute paths
+    # it writes are the mount points it gives containers and the system's own.
+    in_container = ("/data", "/tools", "/scratch", "/crops", "/usr/bin/env", "/dev/null", "/tmp", "/segment")
+    code = "\n".join(re.sub(r"(^|\s)#\s.*$", "", line) for line in smoke.read_text().splitlines()[1:])
+    for literal in re.findall(r"(?:^|[\s\"'=(:])(/[A-Za-z][\w./-]*)", code, flags=re.M):
+        assert literal.startswith(in_container), f"smoke.sh names the path {literal}"
+
+
+def test_smoke_test_is_a_make_target_outside_make_test() -> None:
+    smoke = REPO_ROOT / "docker" / "smoke.sh"
+    assert os.access(smoke, os.X_OK), "docker/smoke.sh is executable"
+    subprocess.run(["bash", "-n", str(smoke)], check=True)
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    recipes = dict(re.findall(r"^([\w-]+):[^\n]*\n((?:\t[^\n]*\n)*)", makefile, flags=re.M))
+    assert "docker/smoke.sh" in recipes["smoke"]
+    assert "smoke" not in recipes["test"] and "smoke" not in recipes["test-fast"]
+    text = smoke.read_text()
+    # Base images from the environment (a site's registry), shared data found beside the repository.
+    for name in ("FPROTOSEG_PYTHON_IMAGE", "FPROTOSEG_WORKER_BASE_IMAGE", "FPROTOSEG_REDIS_IMAGE"):
+        assert f"${{{name}:-" in text
+    assert "$REPO/../shared" in text
+    assert "trap teardown EXIT" in text and "down --volumes --remove-orphans" in text
+    assert "WORKER_FLAVOUR=cpu" in text and "--network" in text
 
 
 def test_build_context_excludes_local_state_but_keeps_the_package() -> None:
