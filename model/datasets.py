@@ -14,7 +14,7 @@ keeps **only** the image-level label of each crop; the mask itself never leaves 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,11 +132,18 @@ class MaskedImage:
     mask: np.ndarray  # (H, W) int64 class indices
 
 
-def load_pairs(data_root: Path, names: Sequence[str] | None = None) -> list[MaskedImage]:
-    """Image+mask pairs from ``DIR/img`` and ``DIR/mask`` (folder-name variants accepted).
+@dataclass(frozen=True)
+class PairRef:
+    """An image+mask pair on disk, not decoded yet."""
 
-    ``data_root`` may also be a dataset root holding test/ or val/ with img/ and mask/ inside.
-    """
+    name: str
+    image: Path
+    mask: Path
+
+
+def list_pairs(data_root: Path, names: Sequence[str] | None = None) -> list[PairRef]:
+    """The image+mask pairs under ``DIR/img`` and ``DIR/mask`` (folder-name variants accepted),
+    without decoding them. ``data_root`` may also be a dataset root holding test/ or val/."""
     data_root = Path(data_root)
     if not data_root.is_dir():
         raise DatasetError(f"data root not found: {data_root}")
@@ -150,7 +157,7 @@ def load_pairs(data_root: Path, names: Sequence[str] | None = None) -> list[Mask
     if img_dir is None or mask_dir is None:
         raise DatasetError(f"{data_root} needs img/ and mask/ folders (or test|val/img and mask)")
     wanted = set(names) if names is not None else None
-    pairs = []
+    refs = []
     for img_path in list_images(img_dir):
         if wanted is not None and img_path.name not in wanted:
             continue
@@ -158,13 +165,25 @@ def load_pairs(data_root: Path, names: Sequence[str] | None = None) -> list[Mask
         mask_path = next((c for c in cands if c.is_file()), None)
         if mask_path is None:
             raise DatasetError(f"no mask for {img_path.name} in {mask_dir}")
-        rgb, mask = read_rgb(img_path), read_mask(mask_path)
-        if rgb.shape[:2] != mask.shape:
-            raise DatasetError(f"{img_path.name}: image {rgb.shape[:2]} and mask {mask.shape} differ in size")
-        pairs.append(MaskedImage(img_path.name, rgb, mask))
-    if not pairs:
+        refs.append(PairRef(img_path.name, img_path, mask_path))
+    if not refs:
         raise DatasetError(f"no image+mask pairs found under {data_root}")
-    return pairs
+    return refs
+
+
+def read_pair(ref: PairRef) -> MaskedImage:
+    rgb, mask = read_rgb(ref.image), read_mask(ref.mask)
+    if rgb.shape[:2] != mask.shape:
+        raise DatasetError(f"{ref.name}: image {rgb.shape[:2]} and mask {mask.shape} differ in size")
+    return MaskedImage(ref.name, rgb, mask)
+
+
+def load_pairs(data_root: Path, names: Sequence[str] | None = None) -> list[MaskedImage]:
+    """Image+mask pairs from ``DIR/img`` and ``DIR/mask`` (folder-name variants accepted).
+
+    ``data_root`` may also be a dataset root holding test/ or val/ with img/ and mask/ inside.
+    """
+    return [read_pair(r) for r in list_pairs(data_root, names)]
 
 
 def image_level_label(mask: np.ndarray, num_classes: int, min_fraction: float) -> np.ndarray:
@@ -178,8 +197,8 @@ def image_level_label(mask: np.ndarray, num_classes: int, min_fraction: float) -
 class WeakImage:
     """A training image whose supervision is image-level only.
 
-    ``label`` labels the whole image; ``region_labels`` (optional) is a function of a crop box that
-    returns the crop's image-level label (computed from a mask the caller never sees).
+    ``label`` labels the whole image; a mask-backed image (``_mask``) gives each crop the label of
+    the classes inside it (:meth:`crop_label`), computed from a mask the caller never sees.
     """
 
     name: str
@@ -187,10 +206,70 @@ class WeakImage:
     label: np.ndarray
     _mask: np.ndarray | None = None
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.rgb.shape[0]), int(self.rgb.shape[1])
+
     def crop_label(self, y: int, x: int, size: int, num_classes: int, min_fraction: float) -> np.ndarray:
         if self._mask is None:
             return self.label
         return image_level_label(self._mask[y : y + size, x : x + size], num_classes, min_fraction)
+
+
+@dataclass(frozen=True)
+class WeakImageRef:
+    """A training image on disk, not decoded yet (the data loader's workers decode it on use).
+
+    ``shape`` is (h, w) after ``scale``, read from the file header; ``mask`` (image+mask pairs)
+    yields crop-level labels, otherwise ``label`` labels the whole image.
+    """
+
+    name: str
+    path: Path
+    shape: tuple[int, int]
+    label: np.ndarray | None
+    mask: Path | None = None
+    scale: float = 1.0
+    num_classes: int = 0
+    min_fraction: float = 0.0
+
+    def load(self) -> WeakImage:
+        if self.mask is not None:
+            pair = read_pair(PairRef(self.name, self.path, self.mask))
+            label = image_level_label(pair.mask, self.num_classes, self.min_fraction)
+            return WeakImage(self.name, pair.rgb, label, pair.mask)
+        assert self.label is not None
+        with Image.open(self.path) as im:
+            im = im.convert("RGB")
+            if self.scale != 1.0:
+                size = (self.shape[1], self.shape[0])
+                im = im.resize(size, Image.Resampling.BOX if self.scale < 1 else Image.Resampling.BICUBIC)
+            return WeakImage(self.name, np.array(im), self.label.copy())
+
+
+def _image_size(path: Path, scale: float = 1.0) -> tuple[int, int]:
+    """(h, w) from the file header only, after ``scale`` (at least 8 px a side)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except OSError as exc:
+        raise DatasetError(f"{path.name} is not a readable image ({exc})") from None
+    if scale != 1.0:
+        return max(8, round(h * scale)), max(8, round(w * scale))
+    return h, w
+
+
+def weak_refs_from_pairs(
+    refs: Sequence[PairRef], num_classes: int, min_fraction: float
+) -> list[WeakImageRef]:
+    """Image+mask pairs as crop sources: each crop is labelled with the classes it holds."""
+    return [
+        WeakImageRef(
+            r.name, r.image, _image_size(r.image), None, r.mask,
+            num_classes=num_classes, min_fraction=min_fraction,
+        )
+        for r in refs
+    ]
 
 
 def weak_images_from_pairs(
@@ -201,44 +280,127 @@ def weak_images_from_pairs(
     ]
 
 
-def weak_images_from_class_folder(
+def check_partial_label(label: Sequence[int]) -> np.ndarray:
+    vec = np.asarray(label, dtype=np.float32)
+    if vec.ndim != 1 or not np.isin(vec, (-1.0, 0.0, 1.0)).all() or not (vec == 1).any():
+        raise DatasetError(f"class-folder label must hold 1/0/-1 with one 1 at least, got {list(label)}")
+    return vec
+
+
+def weak_refs_from_class_folder(
     folder: Path, label: Sequence[int], scale: float = 1.0, limit: int | None = None
-) -> list[WeakImage]:
+) -> list[WeakImageRef]:
     """Every image of a one-class-per-folder dataset (LC25000) with one, possibly partial, label.
 
     ``label`` holds 1 (present), 0 (absent) or -1 (unknown: masked out of the loss); an
     adenocarcinoma image says "tumour present, normal absent" and nothing about stroma.
     ``scale`` resizes on load so the tissue matches the training µm/px.
     """
-    vec = np.asarray(label, dtype=np.float32)
-    if vec.ndim != 1 or not np.isin(vec, (-1.0, 0.0, 1.0)).all() or not (vec == 1).any():
-        raise DatasetError(f"class-folder label must hold 1/0/-1 with one 1 at least, got {list(label)}")
-    out = []
-    for p in list_images(Path(folder))[:limit]:
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            if scale != 1.0:
-                size = (max(8, round(im.width * scale)), max(8, round(im.height * scale)))
-                im = im.resize(size, Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC)
-            out.append(WeakImage(p.name, np.array(im), vec.copy()))
+    vec = check_partial_label(label)
+    out = [
+        WeakImageRef(p.name, p, _image_size(p, scale), vec, scale=scale)
+        for p in list_images(Path(folder))[:limit]
+    ]
     if not out:
         raise DatasetError(f"no images in {folder}")
     return out
 
 
-def weak_images_from_labelled_folder(folder: Path, num_classes: int) -> list[WeakImage]:
+def weak_images_from_class_folder(
+    folder: Path, label: Sequence[int], scale: float = 1.0, limit: int | None = None
+) -> list[WeakImage]:
+    """:func:`weak_refs_from_class_folder`, decoded."""
+    return [r.load() for r in weak_refs_from_class_folder(folder, label, scale, limit)]
+
+
+def weak_refs_from_labelled_folder(folder: Path, num_classes: int) -> list[WeakImageRef]:
     """Patches whose filename carries the label (no mask at all)."""
     return [
-        WeakImage(p.name, read_rgb(p), parse_filename_label(p.name, num_classes))
+        WeakImageRef(p.name, p, _image_size(p), parse_filename_label(p.name, num_classes))
         for p in list_images(Path(folder))
     ]
 
 
-class WeakCropSampler:
-    """Random square crops with their image-level labels only (crops of all-ignore are skipped).
+def weak_images_from_labelled_folder(folder: Path, num_classes: int) -> list[WeakImage]:
+    """Patches whose filename carries the label (no mask at all), decoded."""
+    return [r.load() for r in weak_refs_from_labelled_folder(folder, num_classes)]
 
-    Images smaller than the crop are reflect-padded; padding is labelled as nothing.
+
+def area_cdf(shapes: Sequence[tuple[int, int]], crop_px: int) -> np.ndarray:
+    """Images are drawn in proportion to their area (big images hold more distinct crops):
+    the cumulative distribution :func:`draw_weak_crop` searches (as ``Generator.choice`` does)."""
+    areas = np.asarray([max(h * w, crop_px * crop_px) for h, w in shapes], float)
+    cdf = (areas / areas.sum()).cumsum()
+    cdf /= cdf[-1]
+    return cdf
+
+
+def glass_cover(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A band of glass along one or two edges of an n x n crop (15-60 % of its width each)."""
+    cover = np.zeros((n, n), bool)
+    for side in rng.choice(4, size=int(rng.integers(1, 3)), replace=False):
+        k = int(n * rng.uniform(0.15, 0.6))
+        if side == 0:
+            cover[:k] = True
+        elif side == 1:
+            cover[-k:] = True
+        elif side == 2:
+            cover[:, :k] = True
+        else:
+            cover[:, -k:] = True
+    return cover
+
+
+def draw_weak_crop(
+    rng: np.random.Generator,
+    shapes: Sequence[tuple[int, int]],
+    cdf: np.ndarray,
+    get: Callable[[int], WeakImage],
+    crop_px: int,
+    num_classes: int,
+    min_fraction: float,
+    glass_prob: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One random crop and its image-level label (crops of all-ignore are skipped; images smaller
+    than the crop are reflect-padded, padding labelled as nothing).
+
+    With ``glass_prob`` a band of empty glass replaces part of a mask-backed crop, and the label is
+    that of the tissue left visible: slides put glass beside tissue in many tiles, and a network
+    that never saw it paints it (and the tissue near it) as a class. ``get(i)`` decodes image i
+    (only once its crop box is drawn from ``shapes``).
     """
+    for _ in range(50):
+        i = int(np.searchsorted(cdf, rng.random(), side="right"))
+        h, w = shapes[i]
+        y = int(rng.integers(0, max(1, h - crop_px + 1)))
+        x = int(rng.integers(0, max(1, w - crop_px + 1)))
+        im = get(i)
+        cover = None
+        if glass_prob > 0 and im._mask is not None and rng.random() < glass_prob:
+            cover = glass_cover(rng, crop_px)
+            sub = im._mask[y : y + crop_px, x : x + crop_px].copy()
+            sub[cover[: sub.shape[0], : sub.shape[1]]] = num_classes  # not tissue any more
+            label = image_level_label(sub, num_classes, min_fraction)
+        else:
+            label = im.crop_label(y, x, crop_px, num_classes, min_fraction)
+        if not (label > 0).any():
+            continue
+        crop = im.rgb[y : y + crop_px, x : x + crop_px]
+        if cover is not None:
+            crop = crop.copy()
+            c = cover[: crop.shape[0], : crop.shape[1]]
+            noise = rng.normal(0.0, 3.0, size=(int(c.sum()), 3))
+            crop[c] = np.clip(244.0 + noise, 0, 255).astype(np.uint8)
+        if crop.shape[0] < crop_px or crop.shape[1] < crop_px:
+            pad = ((0, crop_px - crop.shape[0]), (0, crop_px - crop.shape[1]), (0, 0))
+            crop = np.pad(crop, pad, mode="reflect")
+        return crop, label
+    raise DatasetError("could not sample a labelled crop in 50 tries (are all masks ignore?)")
+
+
+class WeakCropSampler:
+    """Random square crops of decoded images with their image-level labels only, from one random
+    stream (:func:`draw_weak_crop`); training draws its crops through ``model/loader.py``."""
 
     def __init__(
         self,
@@ -257,59 +419,15 @@ class WeakCropSampler:
         self.num_classes = num_classes
         self.min_fraction = min_fraction
         self.rng = np.random.default_rng(seed)
-        # sample images in proportion to their area (big images hold more distinct crops)
-        areas = np.asarray(
-            [max(im.rgb.shape[0] * im.rgb.shape[1], crop_px * crop_px) for im in self.images], float
-        )
-        self.p = areas / areas.sum()
-
-    def _glass_cover(self) -> np.ndarray:
-        """A band of glass along one or two edges of the crop (15-60 % of its width each)."""
-        n = self.crop_px
-        cover = np.zeros((n, n), bool)
-        for side in self.rng.choice(4, size=int(self.rng.integers(1, 3)), replace=False):
-            k = int(n * self.rng.uniform(0.15, 0.6))
-            if side == 0:
-                cover[:k] = True
-            elif side == 1:
-                cover[-k:] = True
-            elif side == 2:
-                cover[:, :k] = True
-            else:
-                cover[:, -k:] = True
-        return cover
+        self.shapes = [im.shape for im in self.images]
+        self.cdf = area_cdf(self.shapes, crop_px)
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
-        """One crop and its image-level label. With ``glass_prob`` a band of empty glass replaces
-        part of a mask-backed crop, and the label is that of the tissue left visible: slides put
-        glass beside tissue in many tiles, and a network that never saw it paints it (and the
-        tissue near it) as a class."""
-        for _ in range(50):
-            im = self.images[int(self.rng.choice(len(self.images), p=self.p))]
-            h, w = im.rgb.shape[:2]
-            y = int(self.rng.integers(0, max(1, h - self.crop_px + 1)))
-            x = int(self.rng.integers(0, max(1, w - self.crop_px + 1)))
-            cover = None
-            if self.glass_prob > 0 and im._mask is not None and self.rng.random() < self.glass_prob:
-                cover = self._glass_cover()
-                sub = im._mask[y : y + self.crop_px, x : x + self.crop_px].copy()
-                sub[cover[: sub.shape[0], : sub.shape[1]]] = self.num_classes  # not tissue any more
-                label = image_level_label(sub, self.num_classes, self.min_fraction)
-            else:
-                label = im.crop_label(y, x, self.crop_px, self.num_classes, self.min_fraction)
-            if not (label > 0).any():
-                continue
-            crop = im.rgb[y : y + self.crop_px, x : x + self.crop_px]
-            if cover is not None:
-                crop = crop.copy()
-                c = cover[: crop.shape[0], : crop.shape[1]]
-                noise = self.rng.normal(0.0, 3.0, size=(int(c.sum()), 3))
-                crop[c] = np.clip(244.0 + noise, 0, 255).astype(np.uint8)
-            if crop.shape[0] < self.crop_px or crop.shape[1] < self.crop_px:
-                pad = ((0, self.crop_px - crop.shape[0]), (0, self.crop_px - crop.shape[1]), (0, 0))
-                crop = np.pad(crop, pad, mode="reflect")
-            return crop, label
-        raise DatasetError("could not sample a labelled crop in 50 tries (are all masks ignore?)")
+        """One crop and its image-level label (see :func:`draw_weak_crop`)."""
+        return draw_weak_crop(
+            self.rng, self.shapes, self.cdf, self.images.__getitem__, self.crop_px,
+            self.num_classes, self.min_fraction, self.glass_prob,
+        )
 
     def batches(
         self, batch_size: int, n_batches: int, crop_sizes_px: Sequence[int] | None = None

@@ -5,6 +5,7 @@ Why: slides from another lab or scanner differ first in stain (more haematoxylin
 the optical-density space of Ruifrok & Johnston's stain vectors produces colours a real H&E can
 have (RGB gain jitter does not), both for training (:func:`hed_jitter`, Tellez et al. 2018) and
 for a validation proxy of "another lab's slide" (:func:`shift_stain` with :data:`STAIN_SHIFTS`).
+:func:`stain_jitter` is the plain RGB gain/offset/saturation jitter the recipes combine with it.
 """
 
 from __future__ import annotations
@@ -42,6 +43,24 @@ def hed_jitter(batch: np.ndarray, rng: np.random.Generator, sigma: float) -> np.
     alpha = rng.uniform(1 - sigma, 1 + sigma, size=(n, 3))
     beta = rng.uniform(-sigma, sigma, size=(n, 3))
     return _hed_affine(batch, alpha, beta)
+
+
+def stain_jitter(
+    batch: np.ndarray, rng: np.random.Generator, colour: float, saturation: float = 0.0
+) -> np.ndarray:
+    """Stain variation between slides dominates colour: jitter channel gains/offsets and
+    saturation per image so the network has to rely on texture, not on one lab's H&E tint."""
+    if colour <= 0 and saturation <= 0:
+        return batch
+    out = np.empty_like(batch)
+    for i, img in enumerate(batch):
+        f = img.astype(np.float32)
+        grey = f.mean(axis=2, keepdims=True)
+        if saturation > 0:
+            f = grey + (f - grey) * (1.0 + rng.uniform(-saturation, saturation))
+        f = f * (1.0 + rng.uniform(-colour, colour, size=3)) + rng.uniform(-colour, colour, size=3) * 40.0
+        out[i] = np.clip(f, 0, 255).astype(np.uint8)
+    return out
 
 
 def shift_stain(rgb: np.ndarray, shift: tuple[float, float, float, float]) -> np.ndarray:
