@@ -1,8 +1,10 @@
 """``fprotoseg train CONFIG``: weak-label training of a FProtoSeg checkpoint from a YAML config.
 
-Writes into --out: history.csv and history.png (per epoch: losses, validation mIoU per class),
-best.safetensors (best validation mIoU; loadable by ``fprotoseg segment --checkpoint``) and
-last.safetensors (``--resume`` continues from it). torch is imported only inside the handler.
+Writes into --out: history.csv and history.png (per epoch: losses, validation mIoU per class,
+images/s), best.safetensors or final.safetensors (weights + manifest; loadable by ``fprotoseg
+segment --checkpoint``) and resume.pt (the exact training state ``--resume`` continues from).
+Under ``torchrun --nproc_per_node N`` the same command trains on N processes (DDP).
+torch is imported only inside the handler.
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("config", type=Path, help="YAML config (a name under model/configs/ also works)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<config name>)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue exactly from OUT/resume.pt (an error if there is none or the config differs)",
+    )
     p.add_argument(
         "--pretrained",
         type=Path,

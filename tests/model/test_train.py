@@ -197,7 +197,8 @@ def test_bad_configs_are_one_line_errors(tmp_path: Path, bad: str) -> None:
 def test_stain_jitter_changes_colour_not_geometry() -> None:
     """The clean-teacher stage 2 relies on it: the student's crop is the teacher's crop with
     another tint, pixel for pixel (flips and rotations are applied once, before both)."""
-    from fprotoseg.model.train import flip_rotate, stain_jitter
+    from fprotoseg.model.loader import flip_rotate
+    from fprotoseg.model.stain import stain_jitter
 
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
