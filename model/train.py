@@ -388,10 +388,10 @@ def load_resume_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def state_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of every parameter and buffer (the ranks of a DDP run must agree on it)."""
+def tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names and raw bytes (the ranks of a DDP run must agree on it)."""
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
+    for name, t in sorted(state.items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -857,11 +857,11 @@ def _train(
                 manifest({"heldout": {"miou": val["miou"]}}, epoch + 1),
             )
         write_state(epoch + 1, 0, {}, time.time() - t0)
-    digests = [state_digest(module)]
+    digests = [tensors_digest(module.state_dict())]
     if ranks.distributed:
         sync_buffers()
         digests = [""] * ranks.world_size
-        dist.all_gather_object(digests, state_digest(module))
+        dist.all_gather_object(digests, tensors_digest(module.state_dict()))
         if len(set(digests)) != 1:
             raise FprotosegError(f"the {ranks.world_size} ranks ended with different weights: {digests}")
     writer.close()
