@@ -434,7 +434,7 @@ def tensorboard_writer(enabled: bool, log_dir: Path | None) -> Any:
     except ImportError:
         raise ConfigError(
             "train.tensorboard is true but the tensorboard package is not installed "
-            "(pip install 'fprotoseg[tensorboard]', or set train.tensorboard: false)"
+            "(pip install tensorboard, or set train.tensorboard: false)"
         ) from None
     return SummaryWriter(str(log_dir)) if log_dir is not None else _NoWriter()
 

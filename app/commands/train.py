@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -60,5 +61,6 @@ def handle(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     out = args.out or Path("runs") / str(cfg["name"])
     result = train(cfg, out, device=args.device, resume=args.resume, progress=not args.no_progress)
-    print(json.dumps(result, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
+        print(json.dumps(result, indent=2))
     return 0
