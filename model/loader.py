@@ -201,6 +201,9 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=2 if workers > 0 else None,
+        # its own generator: starting an epoch's iterator must not draw from the global torch RNG
+        # (a resumed run would then drift from an uninterrupted one; the crops use their keys)
+        generator=torch.Generator().manual_seed(0),
     )
 
 

@@ -722,7 +722,9 @@ def _train(
     for epoch in range(start_epoch, epochs):
         first = start_step if epoch == start_epoch else 0
         batches.set_epoch(epoch, first)
-        sums: dict[str, torch.Tensor] = {kk: torch.tensor(v, dtype=torch.float64) for kk, v in sums0.items()}
+        sums: dict[str, torch.Tensor] = {
+            kk: torch.tensor(v, dtype=torch.float64, device=device) for kk, v in sums0.items()
+        }
         sums0 = {}
         wait_s = load_s = 0.0
         seen = 0
@@ -769,12 +771,12 @@ def _train(
             scaler.step(opt)
             scaler.update()
             for name, v in terms.items():
-                sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64)) + v.detach().double().cpu()
+                sums[name] = sums.get(name, 0.0) + v.detach().double()  # on the device: no sync
             if ranks.main and tcfg.get("tensorboard"):
                 writer.add_scalar("step/loss", float(loss.detach()), it + 1)
                 writer.add_scalar("step/lr", opt.param_groups[0]["lr"], it + 1)
             bar.update(1)
-            if progress:
+            if progress and (i % 10 == 0 or i + 1 == iters):
                 bar.set_postfix(loss=f"{float(sums['total']) / (i + 1):.4f}")
             if every and (i + 1) % every == 0 and i + 1 < iters:
                 sync_buffers()
@@ -782,7 +784,7 @@ def _train(
         bar.close()
         wall = time.perf_counter() - t_epoch
         if ranks.distributed:  # losses: the mean over ranks
-            packed = torch.stack([sums[n] for n in sorted(sums)])
+            packed = torch.stack([sums[n] for n in sorted(sums)]).to(device)
             dist.all_reduce(packed)
             sums = {n: v / ranks.world_size for n, v in zip(sorted(sums), packed, strict=True)}
         sync_buffers()

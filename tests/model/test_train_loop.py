@@ -143,6 +143,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
     from fprotoseg.model.train import train
 
     cfg = _config(tmp_path, epochs=2, iters_per_epoch=12, checkpoint_every_steps=3)
+    cfg["encoder"]["drop_path_rate"] = 0.2  # draws from the torch RNG: its state must resume too
     path = _write(cfg, tmp_path / "tiny.yaml")
     whole = tmp_path / "whole"
     train(cfg, whole, device="cpu", progress=False, log=lambda s: None)
