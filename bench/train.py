@@ -9,12 +9,12 @@ What it prints (nothing is pass/fail):
   preloaded batches (the ceiling), and end to end with the loader's 2 workers feeding it,
 - the ratios: loader (2 workers) / training ceiling (> 1: the loader could keep up on its own), and
   end to end / ceiling (1.0: the loader is not the bottleneck of a training step, even sharing
-  the same cores).
+  the same cores), and the share of the fed steps' time spent waiting for a batch.
 
 Default: ``model/configs/wsss4luad_default.yaml`` (EfficientNet-Lite0, text-prototype CAMs) at
 224 px crops, its batch size and threads, data from ../shared/data (the config's paths).
 
-    python bench/train.py [--config CFG] [--crop 224] [--steps 20] [--loader-batches 40] [--json]
+    python bench/train.py [--config CFG] [--crop 224] [--steps 5] [--rounds 3] [--cache] [--json]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +70,21 @@ def build_stage1(cfg: dict[str, Any], k: int, names: list[str], device: str) -> 
     return module.to(device).train()
 
 
-def train_rate(
-    module: Any, cfg: dict[str, Any], batches: Any, steps: int, device: str, preload: bool
-) -> float:
-    """Images/s of stage-1 training steps; ``batches`` an iterator of loader batches."""
+def train_rates(
+    module: Any,
+    cfg: dict[str, Any],
+    preloaded: list[Any],
+    fed: Callable[[], Iterator[Any]],
+    steps: int,
+    rounds: int,
+    device: str,
+) -> tuple[float, float, float]:
+    """Images/s of stage-1 training steps (forward, losses, backward, AdamW) on preloaded batches
+    and on batches the loader's workers deliver meanwhile, in alternating rounds (a shared
+    machine's load drifts; both see the same drift). Each fed round starts a fresh loader and
+    takes one untimed step: its workers' buffer is full at both ends of the timed steps, so they
+    produce one batch per step in the window, as in a long epoch. Also returns the share of the
+    fed rounds' time spent waiting for the next batch (0: the loader is never the bottleneck)."""
     import torch
 
     from fprotoseg.model.fprotoseg import encoder_normalisation
@@ -81,7 +93,6 @@ def train_rate(
     norm = encoder_normalisation(cfg.get("encoder", {}))
     loss_model = LossModel(module.net, 1, cfg.get("loss", {}))
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
-    feed = [next(batches) for _ in range(steps + 1)] if preload else None
 
     def step(b: dict[str, Any]) -> int:
         x = to_input(b["x"], device, norm)
@@ -91,15 +102,34 @@ def train_rate(
         opt.step()
         return len(x)
 
-    step(feed[0] if feed else next(batches))  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t, images = time.perf_counter(), 0
-    for i in range(steps):
-        images += step(feed[i + 1] if feed else next(batches))
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return images / (time.perf_counter() - t)
+    def timed(source: Any) -> tuple[int, float, float]:
+        """(images, seconds, seconds spent waiting for batches) over ``steps`` steps."""
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t, images, waited = time.perf_counter(), 0, 0.0
+        for _ in range(steps):
+            t_wait = time.perf_counter()
+            b = next(source)
+            waited += time.perf_counter() - t_wait
+            images += step(b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return images, time.perf_counter() - t, waited
+
+    step(preloaded[0])  # warm-up (allocator, kernels)
+    pre, fed_ = [0, 0.0], [0, 0.0, 0.0]
+    for _ in range(rounds):
+        n, dt, _w = timed(iter(preloaded[1 : steps + 1]))
+        pre[0] += n
+        pre[1] += dt
+        source = fed()
+        step(next(source))  # the workers' start, untimed
+        n, dt, w = timed(source)
+        fed_[0] += n
+        fed_[1] += dt
+        fed_[2] += w
+        del source  # its workers stop before the next preloaded round
+    return pre[0] / pre[1], fed_[0] / fed_[1], fed_[2] / fed_[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=str(REPO / "model" / "configs" / "wsss4luad_default.yaml"))
     ap.add_argument("--crop", type=int, default=224)
     ap.add_argument("--batch", type=int, default=None, help="default: the config's train.batch_size")
-    ap.add_argument("--steps", type=int, default=20, help="timed training steps")
+    ap.add_argument("--steps", type=int, default=5, help="timed training steps per round and mode")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (preloaded, fed)")
     ap.add_argument("--loader-batches", type=int, default=40, help="timed loader batches per worker count")
     ap.add_argument("--workers", default="0,1,2")
     ap.add_argument("--cache", action="store_true", help="keep decoded images (default: decode per crop)")
@@ -142,13 +173,15 @@ def main(argv: list[str] | None = None) -> int:
         cache_bytes=(256 << 20) if args.cache else 0,
     )
 
-    def batches(w: int) -> Any:
-        sampler = WeakBatchSampler(batch, 2 * args.steps + 2, [args.crop], seed=1)
+    def batches(w: int, n: int) -> Any:
+        sampler = WeakBatchSampler(batch, n, [args.crop], seed=1)
         return iter(make_loader(ds, sampler, w, pin_memory=args.device == "cuda"))
 
-    ceiling = train_rate(module, cfg, batches(0), args.steps, args.device, preload=True)
-    fed = max(w for w in workers)
-    end_to_end = train_rate(module, cfg, batches(fed), args.steps, args.device, preload=False)
+    fed_by = max(workers)
+    preloaded = list(batches(0, args.steps + 1))
+    ceiling, end_to_end, wait_frac = train_rates(
+        module, cfg, preloaded, lambda: batches(fed_by, args.steps + 1), args.steps, args.rounds, args.device
+    )
     result = {
         "config": Path(args.config).name,
         "encoder": cfg.get("encoder", {}).get("variant"),
@@ -156,13 +189,16 @@ def main(argv: list[str] | None = None) -> int:
         "crop_px": args.crop,
         "batch": batch,
         "torch_threads": threads,
+        "timed_train_steps": args.steps * args.rounds,
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "cpus": os.cpu_count(),
         "decode_cache": args.cache,
         "loader_img_s": {str(w): round(v, 1) for w, v in loader.items()},
         "train_img_s_preloaded": round(ceiling, 2),
-        f"train_img_s_fed_by_{fed}_workers": round(end_to_end, 2),
-        f"ratio_loader_{fed}_workers_to_train": round(loader[fed] / ceiling, 2),
+        f"train_img_s_fed_by_{fed_by}_workers": round(end_to_end, 2),
+        f"ratio_loader_{fed_by}_workers_to_train": round(loader[fed_by] / ceiling, 2),
         "ratio_end_to_end_to_preloaded": round(end_to_end / ceiling, 3),
+        f"fed_by_{fed_by}_workers_data_wait_frac": round(wait_frac, 4),
     }
     if args.json:
         print(json.dumps(result, indent=2))
