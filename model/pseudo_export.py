@@ -104,7 +104,10 @@ def export_pseudo_masks(
     if unknown:
         raise ValueError(f"splits are train and val, got {sorted(unknown)}")
     images: dict[str, list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]] = {
-        "train": [(im.name, im.rgb, im.label, im._mask) for im in data.train],
+        # training images are listed lazily (model/loader.py decodes them); decoded here if asked for
+        "train": [(im.name, im.rgb, im.label, im._mask) for im in (ref.load() for ref in data.train)]
+        if "train" in splits
+        else [],
         "val": [(p.name, p.rgb, image_level_label(p.mask, k, min_frac), p.mask) for p in data.val],
     }
     result: dict[str, Any] = {
