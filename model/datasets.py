@@ -14,7 +14,7 @@ keeps **only** the image-level label of each crop; the mask itself never leaves 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -397,49 +397,6 @@ def draw_weak_crop(
             crop = np.pad(crop, pad, mode="reflect")
         return crop, label
     raise DatasetError("could not sample a labelled crop in 50 tries (are all masks ignore?)")
-
-
-class WeakCropSampler:
-    """Random square crops of decoded images with their image-level labels only, from one random
-    stream (:func:`draw_weak_crop`); training draws its crops through ``model/loader.py``."""
-
-    def __init__(
-        self,
-        images: Sequence[WeakImage],
-        crop_px: int,
-        num_classes: int,
-        min_fraction: float,
-        seed: int = 0,
-        glass_prob: float = 0.0,
-    ) -> None:
-        if not images:
-            raise DatasetError("no training images")
-        self.images = list(images)
-        self.glass_prob = glass_prob
-        self.crop_px = crop_px
-        self.num_classes = num_classes
-        self.min_fraction = min_fraction
-        self.rng = np.random.default_rng(seed)
-        self.shapes = [im.shape for im in self.images]
-        self.cdf = area_cdf(self.shapes, crop_px)
-
-    def sample(self) -> tuple[np.ndarray, np.ndarray]:
-        """One crop and its image-level label (see :func:`draw_weak_crop`)."""
-        return draw_weak_crop(
-            self.rng, self.shapes, self.cdf, self.images.__getitem__, self.crop_px,
-            self.num_classes, self.min_fraction, self.glass_prob,
-        )
-
-    def batches(
-        self, batch_size: int, n_batches: int, crop_sizes_px: Sequence[int] | None = None
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Batches of (crops, labels); with ``crop_sizes_px`` each batch draws its crop size
-        (multi-scale: small crops are mostly single-class, large ones teach context)."""
-        for _ in range(n_batches):
-            if crop_sizes_px:
-                self.crop_px = int(self.rng.choice(list(crop_sizes_px)))
-            items = [self.sample() for _ in range(batch_size)]
-            yield np.stack([c for c, _ in items]), np.stack([lab for _, lab in items])
 
 
 def stratified_holdout(
