@@ -112,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         names = heldout_names(args.checkpoint)
     else:
         names = sorted(p.name for p in (args.data_root / "img").glob("*.png"))
-    from fprotoseg.model import load_segmenter
+    from fprotoseg.model import DEFAULT_CHECKPOINT
+    from fprotoseg.model.catalog import read_manifest
 
-    mpp = float(load_segmenter(args.checkpoint, device="cpu").mpp)
+    mpp = float(read_manifest(Path(args.checkpoint or DEFAULT_CHECKPOINT))["mpp"])  # header only
     crop = evaluate_checkpoint(args.checkpoint, args.data_root, args.dataset, names)
     with tempfile.TemporaryDirectory(prefix="fprotoseg-mosaic-") as tmp:
         slide = slide_scores(args.checkpoint, args.data_root, names, Path(tmp), args.dataset, mpp)
