@@ -105,3 +105,48 @@ def test_truncated_slides_are_refused_before_decoding(tmp_path, shared_data, nam
     path.write_bytes(data[: len(data) * percent // 100])
     with pytest.raises(SlideError, match="truncated"):
         open_slide(path, mpp_override=0.5)
+
+
+@pytest.mark.parametrize("name", ["CMU-1-Small-Region.svs", "test3-DAPI-2-387.ndpi"])
+def test_direct_openslide_reads_equal_the_public_read_region(shared_data, name):
+    """Tiles decode through OpenSlide's C call into a reused buffer (no PIL image, no extra
+    copies); the pixels are exactly those of openslide-python's public read_region."""
+    import openslide
+
+    from fprotoseg.worker.wsi.slide import _raw_openslide_reader, _to_rgb_on_white
+
+    path = shared_data / "slides" / name
+    public = openslide.OpenSlide(str(path))
+    with open_slide(path, mpp_override=0.5) as slide:
+        assert _raw_openslide_reader(slide._handle) is not None  # the pinned openslide-python has it
+        batch = np.zeros((3, 256, 256, 3), np.uint8)  # reads land in slots of a batch buffer
+        level = slide.level_count - 1 if name.endswith(".ndpi") else 0
+        lw, lh = slide.level_dimensions[level]
+        corners = [(0, 0), (lw // 2 - 128, lh // 2 - 128), (max(0, lw - 300), max(0, lh - 300))]
+        for i, (x, y) in enumerate(corners):
+            got = slide.read_level(level, x, y, 256, 256, out=batch[i])
+            ds = slide.level_downsamples[level]
+            want = np.empty((256, 256, 3), np.uint8)
+            rgba = np.asarray(public.read_region((round(x * ds), round(y * ds)), level, (256, 256)))
+            _to_rgb_on_white(rgba, (256, 256), want)
+            assert np.shares_memory(got, batch[i]) and np.array_equal(batch[i], want), (name, x, y)
+            assert got.std() > 1  # real pixels, not a blank buffer
+    public.close()
+
+
+def test_transparent_pixels_are_composited_on_white_as_before(shared_data):
+    """OpenSlide marks unscanned area transparent (premultiplied ARGB). The direct path's
+    composite equals the public path's (un-premultiply, then over white) within rounding."""
+    from fprotoseg.worker.wsi.slide import _premultiplied_bgra_on_white, _to_rgb_on_white
+
+    with open_slide(shared_data / "slides" / "CMU-1-Small-Region.svs") as slide:
+        rgb = slide.read_level(0, 900, 1200, 128, 128)
+    alpha = np.tile(np.linspace(0, 255, 128).round().astype(np.uint8), (128, 1))
+    premultiplied = (rgb.astype(np.float64) * alpha[:, :, None] / 255).round().astype(np.uint8)
+    bgra = np.dstack([premultiplied[:, :, ::-1], alpha])  # the bytes of little-endian ARGB words
+    rgba = np.dstack([rgb, alpha])  # what openslide-python hands out: straight alpha
+    direct, public = np.empty_like(rgb), np.empty_like(rgb)
+    _premultiplied_bgra_on_white(np.ascontiguousarray(bgra), direct)
+    _to_rgb_on_white(rgba, (128, 128), public)
+    assert np.abs(direct.astype(int) - public.astype(int)).max() <= 1
+    assert (direct[:, 0] == 255).all() and np.array_equal(direct[:, -1], rgb[:, -1])
