@@ -112,6 +112,39 @@ def test_stitcher_equals_the_numpy_bilinear_reference(known_slide):
     assert agree / total > 0.9999  # only float rounding at near-ties may differ
 
 
+def test_a_batch_stitches_as_its_tiles_one_by_one(tmp_path, shared_data, monkeypatch):
+    """Batched sampling (one remap per class over the stacked score maps) labels every tile as
+    placing it alone would: whatever its place in the batch, its owned size (the grid's last
+    row and column own less), or a batch split to fit OpenCV's int16 maps."""
+    from fprotoseg.worker.wsi import stitch
+
+    rgb, _ = render_known_slide_rgb(shared_data / "patches", 1.0)
+    # cut through the tissue at odd sizes: the last row and column of tiles own smaller windows
+    cut = np.ascontiguousarray(rgb[: rgb.shape[0] // 2 + 37, : rgb.shape[1] // 2 + 53])
+    odd = write_pyramid_tiff(tmp_path / "odd.tiff", cut, 1.0, 2)
+    with open_slide(odd) as slide:
+        tissue, _ = _tissue_stage(slide, PipelineOptions())
+        for model_mpp, tile_px, stride in ((1.0, 224, 8), (1.5, 160, 4)):  # exact and odd ratios
+            grid = plan_tiles(slide, tissue, model_mpp=model_mpp, tile_size_px=tile_px,
+                              output_stride=stride, output_mpp=2.0)
+            tiles = grid.tiles
+            sizes = {(t.own_y1 - t.own_y0, t.own_x1 - t.own_x0) for t in tiles}
+            assert len(sizes) > 1  # windows of different sizes in the same batches
+            side = tile_px // stride
+            scores = np.random.default_rng(1).random((len(tiles), 3, side, side), dtype=np.float32)
+            pixels = np.stack([read_tile(slide, t, tile_px) for t in tiles])
+            alone = LabelMapStitcher(grid.output_shape, 2.0, tissue)
+            for i, tile in enumerate(tiles):
+                alone.add(tile, scores[i], pixels[i])
+            batched = LabelMapStitcher(grid.output_shape, 2.0, tissue)
+            monkeypatch.setattr(stitch, "MAX_STACKED_ROWS", 7 * side)  # batches of 32 split 7+7+7+7+4
+            for a in range(0, len(tiles), 32):
+                batched.add_batch(tiles[a : a + 32], scores[a : a + 32], pixels[a : a + 32])
+            monkeypatch.undo()
+            assert alone.label_map.any()
+            np.testing.assert_array_equal(batched.label_map, alone.label_map)
+
+
 def test_tissue_edges_are_traced_at_the_output_resolution(tmp_path, shared_data):
     """The tissue mask (4 µm/px, opened by 8 µm) shaves a few µm off every tissue edge and rounds
     every corner; with the tiles' own pixels the stitcher puts those edges back where the tissue

@@ -152,9 +152,8 @@ class Feeder:
 
     def _stitch(self, slot: _Slot, scores: np.ndarray, start: int, stop: int) -> None:
         t0 = time.perf_counter()
-        for i in range(start, stop):
-            # The slot still holds the tiles' pixels: it is refilled only after all of it is stitched.
-            self.stitcher.add(slot.tiles[i], scores[i], slot.tiles_buffer[i])
+        # The slot still holds the tiles' pixels: it is refilled only after all of it is stitched.
+        self.stitcher.add_batch(slot.tiles[start:stop], scores[start:stop], slot.tiles_buffer[start:stop])
         self.timings.add_work("stitch_s", time.perf_counter() - t0)
 
     def _check_scores(self, scores: np.ndarray, n: int) -> None:
@@ -233,7 +232,7 @@ class Feeder:
         self.timings.model_s += time.perf_counter() - t0
         n = len(slot.tiles)
         self._check_scores(scores, n)
-        items = _chunks(n, self.threads * ITEMS_PER_THREAD)
+        items = _chunks(n, self.threads)  # one per thread: the stitcher works a batch at a time
         slot.unstitched = len(items)
         slot.stitches = [self._pool.submit(self._stitch_item, slot, scores, a, b, refill) for a, b in items]
 

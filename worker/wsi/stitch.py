@@ -6,17 +6,19 @@ margin is discarded), sampled bilinearly from that tile's score map at the pixel
 position, then argmax'd. Glass comes from the tissue mask, not the network: 0 = background,
 ``k + 1`` = class ``k`` of the segmenter.
 
-Why OpenCV for the sampling: ``add`` runs for every tile in the pipeline's worker threads, next to
-the tile reads. ``cv2.warpAffine`` does the same bilinear sampling (edge pixels replicated) with
-the GIL released, so stitching scales with the threads; the numpy version
-(:func:`sample_bilinear`, kept as the reference the tests compare against) holds the GIL in its
-fancy indexing and was the pipeline's bottleneck with a fast network. Tiles own disjoint windows
-of the label map, so several threads may ``add`` at once.
+Why OpenCV, a batch at a time: stitching runs in the pipeline's worker threads, next to the tile
+reads. ``cv2.remap`` does the bilinear sampling (edge pixels replicated) of a whole batch's
+score maps in one call with the GIL released, so stitching scales with the threads; the numpy
+version (:func:`sample_bilinear`, kept as the reference the tests compare against) holds the GIL
+in its fancy indexing, and a call per tile held it in Python glue: each was the pipeline's
+bottleneck with a fast network in turn. Tiles own disjoint windows of the label map, so several
+threads may add batches at once.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -25,6 +27,11 @@ from fprotoseg.worker.wsi.tiling import Tile
 from fprotoseg.worker.wsi.tissue import TissueMask, saturation
 
 BACKGROUND = 0
+# OpenCV's sub-pixel precision for bilinear sampling: 2**5 steps per pixel (INTER_BITS).
+INTER_BITS = 5
+INTER_TAB = 1 << INTER_BITS
+# Rows of stacked score maps one sampling call may address (its maps are int16).
+MAX_STACKED_ROWS = 32_000
 # How far past the coarse tissue mask the stitcher follows the tissue at the output resolution
 # (the tissue mask's opening radius: what its morphology may have shaved off an edge).
 EDGE_BAND_UM = 8.0
@@ -57,34 +64,37 @@ class LabelMapStitcher:
         self.tissue = tissue
         self.label_map = anonymous_array(shape, np.uint8)
 
-    def _mask_window(self, ys: np.ndarray, xs: np.ndarray, pad_px: int) -> np.ndarray | bool:
-        """The tissue mask, dilated by ``pad_px`` mask pixels, sampled bilinearly at output pixels
-        whose mask-pixel coordinates are ``ys x xs``: float (h, w), or a plain bool when uniform."""
+    def _mask_window(
+        self, bounds: tuple[int, int, int, int], origin: tuple[float, float], shape: tuple[int, int],
+        pad_px: int,
+    ) -> np.ndarray | bool:
+        """The tissue mask, dilated by ``pad_px`` mask pixels, sampled bilinearly (edge pixels
+        replicated) at ``shape`` output pixels: float32 (h, w), or a plain bool when uniform.
+
+        ``bounds`` (y0, y1, x0, x1): the mask pixels the samples reach; ``origin`` (y, x): the
+        first sample's position in mask pixels; one output pixel is ``output_mpp / mask mpp``
+        mask pixels. One ``cv2.warpAffine`` (GIL released) instead of per-pixel indexing: this
+        runs for every tile along a tissue edge, beside the tile reads.
+        """
         import cv2
 
-        h, w = self.tissue.shape
-        y0, y1, wy = _axis(ys, h)
-        x0, x1, wx = _axis(xs, w)
-        by, ey, bx, ex = int(y0[0]), int(y1[-1]) + 1, int(x0[0]), int(x1[-1]) + 1
+        wy0, wy1, wx0, wx1 = bounds
         # Only the window we need (plus the dilation's reach), unpacked: cost is per tile.
-        sy, sx = max(0, by - pad_px), max(0, bx - pad_px)
-        support = self.tissue.window(sy, ey + pad_px, sx, ex + pad_px)
-        if pad_px and support.any():
+        sy, sx = max(0, wy0 - pad_px), max(0, wx0 - pad_px)
+        support = self.tissue.window(sy, wy1 + pad_px, sx, wx1 + pad_px).view(np.uint8)
+        if pad_px:
             kernel = np.ones((2 * pad_px + 1, 2 * pad_px + 1), np.uint8)
-            support = cv2.dilate(support.view(np.uint8), kernel).astype(bool)
-        support = support[by - sy : ey - sy, bx - sx : ex - sx]
-        if support.all():
-            return True
-        if not support.any():
-            return False
-        y0, y1, x0, x1 = y0 - by, y1 - by, x0 - bx, x1 - bx
-        r0 = support[y0][:, x0].astype(np.float32)
-        r1 = support[y0][:, x1].astype(np.float32)
-        r2 = support[y1][:, x0].astype(np.float32)
-        r3 = support[y1][:, x1].astype(np.float32)
-        top = r0 * (1 - wx)[None, :] + r1 * wx[None, :]
-        bottom = r2 * (1 - wx)[None, :] + r3 * wx[None, :]
-        return top * (1 - wy)[:, None] + bottom * wy[:, None]
+            support = cv2.dilate(support, kernel)
+        support = support[wy0 - sy : wy1 - sy, wx0 - sx : wx1 - sx]
+        lowest, highest = cv2.minMaxLoc(support)[:2]
+        if lowest == highest:
+            return bool(lowest)
+        step = self.output_mpp / self.tissue.mpp
+        matrix = np.array([[step, 0.0, origin[1] - wx0], [0.0, step, origin[0] - wy0]])
+        return cv2.warpAffine(
+            support.astype(np.float32), matrix, (shape[1], shape[0]),
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE,
+        )
 
     def _tissue_window(self, tile: Tile, rgb: np.ndarray | None = None) -> np.ndarray | bool:
         """Tissue (bool array) over the tile's owned window, or a plain bool when uniform.
@@ -95,11 +105,15 @@ class LabelMapStitcher:
         their own saturation passes the slide's threshold: the edge follows the tissue at the
         output resolution, and glass beside it stays glass. The mask's interior is never changed.
         """
+        if tile.inside_tissue:
+            return True
         o, t = self.output_mpp, self.tissue.mpp
         h, w = self.tissue.shape
         pad_px = max(1, round(EDGE_BAND_UM / t)) if rgb is not None else 0
-        # Fast path without per-pixel arrays (most tiles lie inside tissue): the mask pixels any
-        # owned pixel could sample, i.e. floor(first) .. floor(last) + 1, clipped.
+        # Owned output pixel (j, i) samples the mask at (y_lo + j * o / t, x_lo + i * o / t)
+        # (mask-pixel index convention). Fast path without per-pixel arrays (most tiles lie
+        # inside tissue): the mask pixels any owned pixel could sample, i.e. floor(first) ..
+        # floor(last) + 1, clipped.
         y_lo, y_hi = (tile.own_y0 + 0.5) * o / t - 0.5, (tile.own_y1 - 0.5) * o / t - 0.5
         x_lo, x_hi = (tile.own_x0 + 0.5) * o / t - 0.5, (tile.own_x1 - 0.5) * o / t - 0.5
         wy0, wy1 = min(h - 1, max(0, math.floor(y_lo))), min(h - 1, max(0, math.floor(y_hi) + 1)) + 1
@@ -108,16 +122,16 @@ class LabelMapStitcher:
             return True
         if not self.tissue.window(wy0 - pad_px, wy1 + pad_px, wx0 - pad_px, wx1 + pad_px).any():
             return False
-        ys = (np.arange(tile.own_y0, tile.own_y1) + 0.5) * o / t - 0.5
-        xs = (np.arange(tile.own_x0, tile.own_x1) + 0.5) * o / t - 0.5
-        soft = self._mask_window(ys, xs, 0)
+        bounds, origin = (wy0, wy1, wx0, wx1), (y_lo, x_lo)
+        shape = (tile.own_y1 - tile.own_y0, tile.own_x1 - tile.own_x0)
+        soft = self._mask_window(bounds, origin, shape, 0)
         core: np.ndarray | bool = soft if isinstance(soft, bool) else soft >= 0.5
         if rgb is None or core is True:
             return core
-        band = self._mask_window(ys, xs, pad_px)
+        band = self._mask_window(bounds, origin, shape, pad_px)
         if band is False:
             return core
-        fine = self._fine_tissue(tile, rgb, (len(ys), len(xs)))
+        fine = self._fine_tissue(tile, rgb, shape)
         if band is not True:
             fine &= band > 0
         return fine | core
@@ -146,45 +160,90 @@ class LabelMapStitcher:
         return saturation(small) >= self.tissue.saturation_threshold
 
     def add(self, tile: Tile, scores: np.ndarray, rgb: np.ndarray | None = None) -> None:
-        """Place one tile's (C, h, w) scores; argmax per owned output pixel, glass kept at 0.
+        """Place one tile's (C, h, w) scores: :meth:`add_batch` with a batch of one."""
+        self.add_batch([tile], scores[None], None if rgb is None else rgb[None])
 
-        ``rgb``: the tile's pixels as the network saw them; with them tissue edges are traced at
-        the output resolution (see :meth:`_tissue_window`).
+    def add_batch(self, tiles: Sequence[Tile], scores: np.ndarray, rgbs: np.ndarray | None = None) -> None:
+        """Place a batch of tiles' (N, C, h, w) scores; argmax per owned output pixel, glass kept at 0.
 
-        Thread-safe for distinct tiles (their owned windows never overlap).
+        ``rgbs``: the tiles' pixels (N, T, T, 3) as the network saw them; with them tissue edges
+        are traced at the output resolution (see :meth:`_tissue_window`).
+
+        Why a batch at a time: per tile, the sampling and argmax are a few small array calls
+        whose Python glue holds the GIL; with a free network that glue was what stopped the
+        stitching threads from scaling. Here they run once per batch over (N * out_h, out_w)
+        arrays with the GIL released, and only the tissue check and the copy into the label map
+        remain per tile. Thread-safe for distinct tiles (their owned windows never overlap).
+        """
+        if not len(tiles):
+            return
+        per_call = max(1, MAX_STACKED_ROWS // scores.shape[2])
+        if len(tiles) > per_call:  # the stacked rows must fit OpenCV's int16 sampling maps
+            for a in range(0, len(tiles), per_call):
+                b = a + per_call
+                self.add_batch(tiles[a:b], scores[a:b], None if rgbs is None else rgbs[a:b])
+            return
+        labels = self._sample_labels(tiles, scores)
+        for j, tile in enumerate(tiles):
+            out_h, out_w = tile.own_y1 - tile.own_y0, tile.own_x1 - tile.own_x0
+            if out_h <= 0 or out_w <= 0:
+                continue
+            window = labels[j, :out_h, :out_w]
+            tissue = self._tissue_window(tile, None if rgbs is None else rgbs[j])
+            target = self.label_map[tile.own_y0 : tile.own_y1, tile.own_x0 : tile.own_x1]
+            if tissue is True:
+                target[...] = window
+            elif tissue is False:
+                target[...] = BACKGROUND
+            else:
+                np.copyto(target, window)
+                target[~tissue] = BACKGROUND
+
+    def _sample_labels(self, tiles: Sequence[Tile], scores: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W): class + 1 of the bilinearly sampled scores at each owned output pixel
+        (H, W: the largest owned window; smaller windows fill its top-left corner).
+
+        Output pixel (r, i) of tile j samples score position (by_j + r * sy_j, bx_j + i * sx_j)
+        in the pixel-index convention of :func:`sample_bilinear`, clamped to the tile (edge
+        pixels replicated). The tiles' score maps are stacked into one (N * h, w) image per class
+        and sampled by one ``cv2.remap`` through fixed-point maps (1/32 px, OpenCV's own
+        precision), quantised per tile so a tile's labels do not depend on its place in a batch.
         """
         import cv2
 
-        n_classes, h, w = scores.shape
+        n, n_classes, h, w = scores.shape
         o = self.output_mpp
-        out_h, out_w = tile.own_y1 - tile.own_y0, tile.own_x1 - tile.own_x0
-        if out_h <= 0 or out_w <= 0:
-            return
-        um_per_score_y = tile.span_y_um / h
-        um_per_score_x = tile.span_x_um / w
-        # Output pixel (j, i) samples score position (i * sx + bx, j * sy + by), in the same
-        # pixel-index convention as sample_bilinear.
-        sx, sy = o / um_per_score_x, o / um_per_score_y
-        bx = ((tile.own_x0 + 0.5) * o - tile.origin_x_um) / um_per_score_x - 0.5
-        by = ((tile.own_y0 + 0.5) * o - tile.origin_y_um) / um_per_score_y - 0.5
-        matrix = np.array([[sx, 0.0, bx], [0.0, sy, by]], dtype=np.float64)
-        flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+        own = np.array([(t.own_y0, t.own_y1, t.own_x0, t.own_x1) for t in tiles], dtype=np.int64)
+        geo = np.array([(t.origin_y_um, t.origin_x_um, t.span_y_um, t.span_x_um) for t in tiles])
+        out_h = max(1, int((own[:, 1] - own[:, 0]).max()))
+        out_w = max(1, int((own[:, 3] - own[:, 2]).max()))
+        um_y, um_x = geo[:, 2] / h, geo[:, 3] / w  # µm per score pixel
+        ys = ((own[:, 0:1] + 0.5 + np.arange(out_h)) * o - geo[:, 0:1]) / um_y[:, None] - 0.5
+        xs = ((own[:, 2:3] + 0.5 + np.arange(out_w)) * o - geo[:, 1:2]) / um_x[:, None] - 0.5
+        qy = np.round(np.clip(ys, 0, h - 1) * INTER_TAB).astype(np.int32)  # (N, H), 1/32 px
+        qx = np.round(np.clip(xs, 0, w - 1) * INTER_TAB).astype(np.int32)  # (N, W)
+        qy += (np.arange(n, dtype=np.int32) * (h * INTER_TAB))[:, None]  # tile j's rows in the stack
+        # Written in place by broadcasting (no (N, H, W) temporaries): integer pixel (x, y) and the
+        # index of the 1/32 px fraction in OpenCV's interpolation table.
+        map_xy = np.empty((n, out_h, out_w, 2), dtype=np.int16)
+        map_xy[..., 0] = (qx >> INTER_BITS)[:, None, :]
+        map_xy[..., 1] = (qy >> INTER_BITS)[:, :, None]
+        map_frac = np.empty((n, out_h, out_w), dtype=np.uint16)
+        np.add(((qy & (INTER_TAB - 1)) * INTER_TAB)[:, :, None], (qx & (INTER_TAB - 1))[:, None, :],
+               out=map_frac, casting="unsafe")
+        grid = (n * out_h, out_w)
+        stacked_xy, stacked_frac = map_xy.reshape(*grid, 2), map_frac.reshape(grid)
         best: np.ndarray | None = None
-        labels = np.ones((out_h, out_w), dtype=np.uint8)
+        labels = np.ones(grid, dtype=np.uint8)
         for k in range(n_classes):
-            channel = np.ascontiguousarray(scores[k], dtype=np.float32)
-            sampled = cv2.warpAffine(
-                channel, matrix, (out_w, out_h), flags=flags, borderMode=cv2.BORDER_REPLICATE
+            stacked = np.ascontiguousarray(scores[:, k], dtype=np.float32).reshape(n * h, w)
+            sampled = cv2.remap(
+                stacked, stacked_xy, stacked_frac, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
             )
             if best is None:
                 best = sampled
                 continue
             higher = sampled > best  # strict: ties keep the lower class, as argmax does
-            labels[higher] = k + 1
+            np.copyto(labels, np.uint8(k + 1), where=higher)
             np.maximum(best, sampled, out=best)
-        tissue = self._tissue_window(tile, rgb)
-        if tissue is False:
-            labels[:] = BACKGROUND
-        elif tissue is not True:
-            labels[~tissue] = BACKGROUND
-        self.label_map[tile.own_y0 : tile.own_y1, tile.own_x0 : tile.own_x1] = labels
+        return labels.reshape(n, out_h, out_w)

@@ -42,6 +42,9 @@ class Tile:
     own_y0: int
     own_x1: int
     own_y1: int
+    # Every mask pixel the stitcher may sample for this tile is tissue (found while planning, on
+    # the window the plan unpacks anyway): the stitcher skips its own tissue check.
+    inside_tissue: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,8 @@ def plan_tiles(
             if ox1 <= ox0:
                 continue
             tx0, tx1 = max(0, math.floor(ox0 * t_per_out) - 1), min(tw, math.ceil(ox1 * t_per_out) + 1)
-            if ty1 <= ty0 or tx1 <= tx0 or not tissue.window(ty0, ty1, tx0, tx1).any():
+            window = tissue.window(ty0, ty1, tx0, tx1) if ty1 > ty0 and tx1 > tx0 else None
+            if window is None or not window.any():
                 continue
             lx = round((c * step - margin) * level_px_per_model_px)
             ly = round((r * step - margin) * level_px_per_model_px)
@@ -152,6 +156,7 @@ def plan_tiles(
                     own_y0=oy0,
                     own_x1=ox1,
                     own_y1=oy1,
+                    inside_tissue=bool(window.all()),
                 )
             )
     return TileGrid(
