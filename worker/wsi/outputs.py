@@ -235,9 +235,14 @@ OVERLAY_OUTLINE_DARKEN = 0.55  # class boundaries in a darker shade: visible on 
 
 
 def overlay_alphas(thumbnail_rgb: np.ndarray, labels: np.ndarray, colors: Sequence[Any]) -> np.ndarray:
-    """Per label value (0 = glass, k + 1 = class k), the blend weight that keeps class k legible."""
+    """Per label value (0 = glass, k + 1 = class k), the blend weight that keeps class k legible.
+
+    The mean distance is taken over every other pixel in both directions: a quarter of the
+    thumbnail's millions of pixels gives the same mean to well under 1%, at a quarter the cost.
+    """
     lo, hi = OVERLAY_ALPHA_RANGE
     alphas = np.full(256, lo, dtype=np.float32)
+    thumbnail_rgb, labels = thumbnail_rgb[::2, ::2], labels[::2, ::2]
     for k, color in enumerate(colors):
         under = thumbnail_rgb[labels == k + 1]
         if under.size == 0:
@@ -265,15 +270,17 @@ def write_overlay_png(
     palette = np.zeros((256, 3), dtype=np.uint8)
     for k, cls in enumerate(classes):
         palette[k + 1] = cls.color
-    colored = palette[labels]
-    alpha = overlay_alphas(thumbnail_rgb, labels, [c.color for c in classes])[labels][..., None]
-    blend = (thumbnail_rgb * (1 - alpha) + colored * alpha + 0.5).astype(np.uint8)
-    tissue = labels > 0
+    # Everything below is per label value, then looked up per pixel: the blend is one fixed-point
+    # multiply-add (weights in 1/256) instead of float arrays the size of the thumbnail.
+    colored = cv2.LUT(cv2.merge([labels, labels, labels]), palette.reshape(256, 1, 3))
+    weights = np.round(overlay_alphas(thumbnail_rgb, labels, [c.color for c in classes]) * 256)
+    weights[0] = 0  # glass keeps the thumbnail's own pixels
+    weight = cv2.LUT(labels, weights.clip(0, 255).astype(np.uint8))[..., None].astype(np.uint16)
+    blend = ((thumbnail_rgb * (256 - weight) + colored * weight + 128) >> 8).astype(np.uint8)
     # Class boundaries drawn solid (darker) so small regions and pale classes stay visible.
     edges = cv2.morphologyEx(labels, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
-    outline = (colored * OVERLAY_OUTLINE_DARKEN).astype(np.uint8)
-    blend[edges & tissue] = outline[edges & tissue]
-    blend[~tissue] = thumbnail_rgb[~tissue]
+    edges &= labels > 0
+    blend[edges] = (colored[edges] * OVERLAY_OUTLINE_DARKEN).astype(np.uint8)
     image = Image.fromarray(blend)
 
     font = ImageFont.load_default()
