@@ -129,23 +129,12 @@ def _tissue_stage(slide: Slide, options: PipelineOptions) -> tuple[TissueMask, n
     return tissue, thumb
 
 
-def _write_rasters(
-    out_dir: Path,
-    label_map: np.ndarray,
-    thumbnail: np.ndarray,
-    classes: list[Any],
-    stats: dict[str, Any],
-    options: PipelineOptions,
+def _write_overlay(
+    out_dir: Path, label_map: np.ndarray, thumbnail: np.ndarray, classes: list[Any], stats: dict[str, Any]
 ) -> dict[str, Path]:
-    """mask.tiff and overlay.png."""
-    files = {
-        "mask": outputs.write_mask_tiff(out_dir / outputs.MASK_NAME, label_map, classes, options.output_mpp)
-    }
-    if options.write_overlay:
-        files["overlay"] = outputs.write_overlay_png(
-            out_dir / outputs.OVERLAY_NAME, thumbnail, label_map, classes, stats
-        )
-    return files
+    """overlay.png (the legend needs the class areas only, not the region counts)."""
+    path = outputs.write_overlay_png(out_dir / outputs.OVERLAY_NAME, thumbnail, label_map, classes, stats)
+    return {"overlay": path}
 
 
 def batch_size_for(segmenter: Segmenter, options: PipelineOptions) -> int:
@@ -207,7 +196,8 @@ def run(
     clock = _Clock()
     started = time.time()
 
-    # One background thread hashes the slide (1 MiB at a time) while the network runs.
+    # One background thread hashes the slide (1 MiB at a time) while the network runs, and
+    # draws the overlay while the polygons are traced.
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fprotoseg-bg")
     try:
         t = time.perf_counter()
@@ -283,6 +273,13 @@ def run(
             slide_info=slide_info,
             warnings=warnings,
         )
+        # The overlay is drawn meanwhile, in the background thread: its temporaries are the size
+        # of the thumbnail whatever the slide, and it needs only the class areas.
+        overlay_job = (
+            background.submit(_write_overlay, out_dir, label_map, thumbnail, classes, stats)
+            if options.write_overlay
+            else None
+        )
         regions = vectorize(
             label_map,
             len(classes),
@@ -308,9 +305,13 @@ def run(
         )
         del regions
         progress("write", 1, 3)
-        # After the polygons, not beside them: run concurrently, the two would hold their
+        # The mask after the polygons, not beside them: run concurrently, the two would hold their
         # temporaries at once (in two malloc arenas), and peak memory would grow with the slide.
-        files.update(_write_rasters(out_dir, label_map, thumbnail, classes, stats, options))
+        files["mask"] = outputs.write_mask_tiff(
+            out_dir / outputs.MASK_NAME, label_map, classes, options.output_mpp
+        )
+        if overlay_job is not None:
+            files.update(overlay_job.result())
         files["stats"] = outputs.write_json(out_dir / outputs.STATS_NAME, stats)
         progress("write", 2, 3)
         sha256 = slide_sha256 or (sha_job.result() if sha_job is not None else "")
