@@ -232,6 +232,55 @@ def test_packaged_style_network_runs_through_the_streaming_seam(tmp_path, known_
     assert result.stats["tissue_area_um2"] > 0
 
 
+def test_a_cpu_network_and_the_worker_threads_take_turns(tmp_path, known_slide, tiny_checkpoint, monkeypatch):
+    """A network on the CPU never runs beside a tile read or a stitch (each would stall its
+    OpenMP threads at their next barrier); a network elsewhere (GPU, null) runs beside them."""
+    import threading
+    import time
+
+    from fprotoseg import model
+    from fprotoseg.worker.wsi import feed
+
+    intervals: dict[str, list[tuple[float, float]]] = {"network": [], "work": []}
+    lock = threading.Lock()
+
+    def timed(kind, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with lock:
+                    intervals[kind].append((t0, time.perf_counter()))
+        return wrapper
+
+    monkeypatch.setattr(feed, "read_tile", timed("work", feed.read_tile))
+    monkeypatch.setattr(LabelMapStitcher, "add_batch", timed("work", LabelMapStitcher.add_batch))
+
+    def overlaps() -> int:
+        return sum(a0 < b1 and b0 < a1 for a0, a1 in intervals["network"] for b0, b1 in intervals["work"])
+
+    seg = model.load_segmenter(tiny_checkpoint, device="cpu", precision="fp32")
+    seg.submit = timed("network", seg.submit)  # the CPU network computes inside submit
+    options = PipelineOptions(reader_threads=2, batch_size=4, prefetch_batches=2)
+    result = run(known_slide, tmp_path / "cpu", seg, options=options)
+    assert len(intervals["network"]) == -(-result.tiles_inferred // 4) >= 5
+    assert len(intervals["work"]) >= result.tiles_inferred
+    assert overlaps() == 0
+
+    for kind in intervals:
+        intervals[kind].clear()
+    stub = ChannelStubSegmenter(device="null")
+
+    def slow_predict(tiles: np.ndarray) -> np.ndarray:
+        time.sleep(0.02)  # a device that takes its time: the threads read the next batches meanwhile
+        return ChannelStubSegmenter.predict(stub, tiles)
+
+    stub.predict = timed("network", slow_predict)  # type: ignore[method-assign]
+    run(known_slide, tmp_path / "null", stub, options=options)
+    assert overlaps() > 0
+
+
 def test_cancellation_and_wrong_scores_surface_in_the_batch_loop(tmp_path, known_slide):
     stub = ChannelStubSegmenter()
     with pytest.raises(JobCancelledError):
