@@ -39,7 +39,7 @@ from fprotoseg.model.segmenter import PendingScores, ReadyScores, Segmenter, Str
 from fprotoseg.worker.errors import JobCancelledError, SegmenterOutputError
 from fprotoseg.worker.wsi.slide import Slide
 from fprotoseg.worker.wsi.stitch import LabelMapStitcher
-from fprotoseg.worker.wsi.tiling import Tile, read_tile
+from fprotoseg.worker.wsi.tiling import Tile, read_tiles
 
 ProgressCallback = Callable[[str, int, int], None]
 # Work items per thread per batch: small enough to balance the threads, large enough that
@@ -187,8 +187,7 @@ class Feeder:
     def _read_into(self, slot: _Slot, start: int, stop: int) -> None:
         with self._turns.item():
             t0 = time.perf_counter()
-            for i in range(start, stop):
-                read_tile(self.slide, slot.tiles[i], self.tile_size_px, out=slot.tiles_buffer[i])
+            read_tiles(self.slide, slot.tiles[start:stop], self.tile_size_px, slot.tiles_buffer[start:stop])
             self.timings.add_work("read_s", time.perf_counter() - t0)
 
     def _stitch(self, slot: _Slot, scores: np.ndarray, start: int, stop: int) -> None:

@@ -15,6 +15,7 @@ the stitcher places scores where they came from, with no half-pixel drift.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,10 @@ class TileGrid:
     @property
     def grid_total(self) -> int:
         return self.grid_rows * self.grid_cols
+
+
+# Row neighbours read as one region at most (a 256 px tile run of 8 at a 192 px step: 1,600 x 256 px).
+MAX_RUN_TILES = 8
 
 
 def default_margin_px(tile_size_px: int, output_stride: int) -> int:
@@ -195,3 +200,44 @@ def read_tile(slide: Slide, tile: Tile, tile_size_px: int, out: np.ndarray | Non
         return cv2.resize(img, (tile_size_px, tile_size_px), interpolation=interpolation)
     cv2.resize(img, (tile_size_px, tile_size_px), dst=out, interpolation=interpolation)
     return out
+
+
+def _continues_run(previous: Tile, tile: Tile) -> bool:
+    """Whether ``tile`` can share one region read with ``previous``: same level and rows of level
+    pixels, starting right of it within its width (grid neighbours overlap by the margin)."""
+    return (
+        tile.level == previous.level
+        and tile.read_y_px == previous.read_y_px
+        and tile.read_h_px == previous.read_h_px
+        and tile.read_w_px == previous.read_w_px
+        and 0 < tile.read_x_px - previous.read_x_px <= previous.read_w_px
+    )
+
+
+def read_tiles(slide: Slide, tiles: Sequence[Tile], tile_size_px: int, out: np.ndarray) -> None:
+    """Read ``tiles`` into ``out[:len(tiles)]`` (uint8 (N, T, T, 3)), as :func:`read_tile` would.
+
+    Why runs: grid neighbours in a row overlap by twice the margin, and OpenSlide composes every
+    region it is asked for from its cached JPEG tiles, so each ``read_region`` costs in
+    proportion to its pixels plus a fixed setup. Where the level is read as is (no resampling,
+    the usual case), a run of up to :data:`MAX_RUN_TILES` row neighbours is read as one region
+    and cut into tiles: fewer pixels composed (the overlap once) and one call per run; measured
+    on the 40x bench slide about 0.3 ms less per 256 px tile (1.35 vs 1.65 ms).
+    """
+    i, n = 0, len(tiles)
+    while i < n:
+        first = tiles[i]
+        j = i + 1
+        if first.read_w_px == tile_size_px and first.read_h_px == tile_size_px:
+            while j < n and j - i < MAX_RUN_TILES and _continues_run(tiles[j - 1], tiles[j]):
+                j += 1
+        if j - i == 1:
+            read_tile(slide, first, tile_size_px, out=out[i])
+            i = j
+            continue
+        width_px = tiles[j - 1].read_x_px + first.read_w_px - first.read_x_px
+        region = slide.read_level(first.level, first.read_x_px, first.read_y_px, width_px, first.read_h_px)
+        for k in range(i, j):
+            x = tiles[k].read_x_px - first.read_x_px
+            out[k] = region[:, x : x + tile_size_px]
+        i = j
