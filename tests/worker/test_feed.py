@@ -288,6 +288,50 @@ def test_a_cpu_network_and_the_worker_threads_take_turns(tmp_path, known_slide, 
     assert overlaps() > 0
 
 
+def test_a_signal_while_the_cpu_network_waits_does_not_hold_the_workers_back():
+    """The batch loop waits for items in flight before a CPU forward pass. An exception delivered
+    there (a real SIGALRM whose handler raises, as a terminating worker's would) must leave the
+    worker threads free to run: otherwise the pool's shutdown would wait for them forever."""
+    import signal
+    import threading
+
+    from fprotoseg.worker.wsi.feed import _TurnTaking
+
+    turns = _TurnTaking(enabled=True)
+    inside, release = threading.Event(), threading.Event()
+
+    def long_item() -> None:
+        with turns.item():
+            inside.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=long_item)
+    holder.start()
+    assert inside.wait(5)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise TimeoutError("signal while the network waited for an item")
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(TimeoutError), turns.network():
+            pytest.fail("the network ran beside a work item")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    release.set()
+    holder.join(5)
+    started = threading.Event()
+
+    def next_item() -> None:
+        with turns.item():
+            started.set()
+
+    threading.Thread(target=next_item, daemon=True).start()
+    assert started.wait(5)
+
+
 def test_cancellation_and_wrong_scores_surface_in_the_batch_loop(tmp_path, known_slide):
     stub = ChannelStubSegmenter()
     with pytest.raises(JobCancelledError):

@@ -124,14 +124,19 @@ class _TurnTaking:
 
     @contextlib.contextmanager
     def network(self) -> Iterator[None]:
-        """Around one forward pass: holds new items back and waits for those in flight."""
+        """Around one forward pass: holds new items back and waits for those in flight.
+
+        The flag is raised inside the ``try``: an exception delivered to the batch loop while it
+        waits (a signal handler's, a cancellation) must not leave every worker thread held back,
+        or the pool's shutdown would wait for them forever.
+        """
         if not self.enabled:
             yield
             return
-        with self._cv:
-            self._network_running = True
-            self._cv.wait_for(lambda: self._items_running == 0)
         try:
+            with self._cv:
+                self._network_running = True
+                self._cv.wait_for(lambda: self._items_running == 0)
             yield
         finally:
             with self._cv:
