@@ -35,9 +35,10 @@ MIN_MPP = 0.01
 MAX_MPP = 100.0
 # Decoding a chunk holds its RGBA (OpenSlide's buffer and numpy's copy) and RGB at once.
 SCALED_BYTES_PER_PX = 11
-# Regions up to this size decode into a buffer each reader thread keeps (tiles: no allocation,
-# no page faults per read); larger ones (the tissue stage's chunks) get a buffer of their own.
-REUSED_REGION_BYTES = 2**20
+# Regions up to this size decode into a buffer each reader thread keeps (tiles and runs of 8
+# row neighbours of 256 px tiles, 1,600 x 256 px: no allocation, no page faults per read); larger
+# ones (the tissue stage's chunks) get a buffer of their own.
+REUSED_REGION_BYTES = 2 * 2**20
 MAX_SCALED_BYTES_IN_FLIGHT = 64 * 2**20
 
 @dataclass
