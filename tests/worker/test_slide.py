@@ -119,6 +119,7 @@ def test_direct_openslide_reads_equal_the_public_read_region(shared_data, name):
     public = openslide.OpenSlide(str(path))
     with open_slide(path, mpp_override=0.5) as slide:
         assert _raw_openslide_reader(slide._handle) is not None  # the pinned openslide-python has it
+        assert slide._raw_read is not None  # resolved once at open, used by every read
         batch = np.zeros((3, 256, 256, 3), np.uint8)  # reads land in slots of a batch buffer
         level = slide.level_count - 1 if name.endswith(".ndpi") else 0
         lw, lh = slide.level_dimensions[level]

@@ -63,6 +63,8 @@ class Slide:
     _local: threading.local = field(repr=False, default_factory=threading.local)
     _extra_handles: list[Any] = field(repr=False, default_factory=list)
     _lock: threading.Lock = field(repr=False, default_factory=threading.Lock)
+    # OpenSlide's C region read, resolved once at open (None: the public read_region path).
+    _raw_read: Callable[..., None] | None = field(repr=False, default=None)
 
     @property
     def level_count(self) -> int:
@@ -126,7 +128,7 @@ class Slide:
         target = out[y0 - y_px : y1 - y_px, x0 - x_px : x1 - x_px]
         try:
             handle = self._reader_handle()
-            raw = _raw_openslide_reader(handle) if self.reader == "openslide" else None
+            raw = self._raw_read
             if raw is not None:
                 bgra, pointer = self._region_buffer(size)
                 raw(handle._osr, pointer, loc[0], loc[1], level, *size)
@@ -475,6 +477,7 @@ def _slide_from_handle(
             level_downsamples=tuple(float(d) for d in handle.level_downsamples),
             properties=props,
             _handle=handle,
+            _raw_read=_raw_openslide_reader(handle) if reader == "openslide" else None,
         )
     except BaseException:
         handle.close()
