@@ -94,6 +94,12 @@ class _Clock:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + dt
 
 
+def receptive_field_px(segmenter: Segmenter) -> int | None:
+    """The input context one output cell sees, where the network's manifest states it."""
+    value = getattr(segmenter, "manifest", {}).get("receptive_field_px")
+    return int(value) if value else None
+
+
 def _noop_progress(stage: str, done: int, total: int) -> None:
     return None
 
@@ -224,6 +230,7 @@ def run(
                 output_stride=int(segmenter.output_stride),
                 output_mpp=options.output_mpp,
                 margin_px=options.tile_margin_px,
+                receptive_field_px=receptive_field_px(segmenter),
             )
             progress("tiling", 1, 1)
             clock.add("tiling", time.perf_counter() - t)

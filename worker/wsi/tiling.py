@@ -71,7 +71,7 @@ class TileGrid:
 MAX_RUN_TILES = 8
 
 
-def default_margin_px(tile_size_px: int, output_stride: int) -> int:
+def default_margin_px(tile_size_px: int, output_stride: int, receptive_field_px: int | None = None) -> int:
     """About 1/8 of the tile per side (a multiple of the output stride, at least one).
 
     Why: a CNN's outermost feature cells see the zero padding, not tissue, and their class
@@ -79,9 +79,17 @@ def default_margin_px(tile_size_px: int, output_stride: int) -> int:
     stride 16) margins of 0, 8 and 16 px gave slide mIoU 0.671-0.675, 24 px 0.694 and 32-64 px
     0.703-0.712 (Normal moved most): two feature cells of overlap, 1/8 of the tile, keep every
     owned pixel's receptive field on the slide, at 1.36x the tiles of a 1/16 margin.
+
+    A network that states its ``receptive_field_px`` (in its manifest) gets at least half of it
+    plus one output cell (the bilinear neighbour an owned pixel is sampled from): then every owned
+    pixel is scored from slide pixels only, exactly as one pass over the whole slide would score
+    it, and no class border can follow a tile edge.
     """
     stride = max(1, output_stride)
-    return max(stride, round(tile_size_px / 8 / stride) * stride)
+    margin = max(stride, round(tile_size_px / 8 / stride) * stride)
+    if receptive_field_px:
+        margin = max(margin, math.ceil((receptive_field_px // 2 + stride) / stride) * stride)
+    return margin
 
 
 def output_shape(slide: Slide, output_mpp: float) -> tuple[int, int]:
@@ -101,9 +109,13 @@ def plan_tiles(
     output_stride: int,
     output_mpp: float,
     margin_px: int | None = None,
+    receptive_field_px: int | None = None,
 ) -> TileGrid:
     """All grid tiles whose owned area touches tissue, in row-major order."""
-    margin = default_margin_px(tile_size_px, output_stride) if margin_px is None else int(margin_px)
+    if margin_px is None:
+        margin = default_margin_px(tile_size_px, output_stride, receptive_field_px)
+    else:
+        margin = int(margin_px)
     step = tile_size_px - 2 * margin
     if step <= 0:
         raise ValueError(f"overlap margin {margin} px leaves no tile centre in {tile_size_px} px tiles")
