@@ -1,0 +1,195 @@
+"""Cross-validate CAM-CNN recipes on fixed folds and print the table (the one way to choose).
+
+For every recipe, seed and fold: train on the other folds' units, save the fold's checkpoint,
+predict the held-out units through the service's own seam (``load_segmenter`` + the tiling of
+``fprotoseg evaluate``), and keep the out-of-fold confusion matrix. With ``--slide`` each fold's
+held-out units are also laid out as one pyramidal slide (``../shared/tools/mosaic.py``), run
+through ``fprotoseg segment`` and scored by ``../shared/tools/geojson_check.py``: the whole-slide
+figure beside the crop figure. Results are kept per run in ``--out`` (a rerun skips what is done).
+
+    python bench/cv.py model/configs/cam_cnn_baseline.yaml model/configs/cam_cnn_stain.yaml \
+        --seeds 0 --jobs 2 --slide
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _run_fold(
+    recipe_path: str, plan_name: str, seed: int, fold: int, out_dir: str, threads: int
+) -> dict[str, Any]:
+    """Train one (recipe, seed, fold), save its checkpoint, score its held-out units."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from fprotoseg.model import load_segmenter
+    from fprotoseg.model.cam_cnn import CamCnnRecipe, manifest_for, train
+    from fprotoseg.model.checkpoint import save_checkpoint
+    from fprotoseg.model.cv import load_units, read_plan, unit_confusion
+    from fprotoseg.model.evaluate import predict_labels
+
+    recipe = CamCnnRecipe.from_yaml(recipe_path)
+    plan = read_plan(plan_name, SHARED_DATA)
+    units = load_units(plan)
+    train_units = [u for u in units if u.fold != fold]
+    test_units = [u for u in units if u.fold == fold]
+    t0 = time.perf_counter()
+    net = train([(u.rgb, u.mask) for u in train_units], recipe, seed)
+    train_s = time.perf_counter() - t0
+    ckpt = Path(out_dir) / f"{recipe.name}_s{seed}_f{fold}.safetensors"
+    manifest = manifest_for(
+        recipe, cv={"plan": plan_name, "seed": seed, "fold": fold, "trained_on": len(train_units)}
+    )
+    save_checkpoint(ckpt, net.state_dict(), manifest)
+    seg = load_segmenter(ckpt, device="cpu")
+    cm = sum(
+        (
+            unit_confusion(u.mask, predict_labels(seg.predict, u.rgb, seg.tile_size_px), plan.dataset)
+            for u in test_units
+        ),
+        np.zeros((3, 3), np.int64),
+    )
+    return {
+        "recipe": recipe.name,
+        "seed": seed,
+        "fold": fold,
+        "confusion": cm.tolist(),
+        "train_s": round(train_s, 1),
+        "checkpoint": str(ckpt),
+        "units": [u.name for u in test_units],
+    }
+
+
+def _slide_fold(run: dict[str, Any], plan_name: str) -> dict[str, Any]:
+    """The fold's held-out units as one mosaic slide through ``fprotoseg segment``."""
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from mosaic_eval import slide_scores
+
+    from fprotoseg.model.cv import load_units, read_plan
+
+    plan = read_plan(plan_name, SHARED_DATA)
+    units = [u for u in load_units(plan) if u.fold == run["fold"]]
+    with tempfile.TemporaryDirectory(prefix="fprotoseg-cv-") as tmp:
+        root = Path(tmp) / "data"
+        (root / "img").mkdir(parents=True)
+        (root / "mask").mkdir()
+        names = []
+        for u in units:
+            name = u.name.replace("#", "_") if u.name.endswith(".png") else u.name.replace("#", "_") + ".png"
+            name = name if name.endswith(".png") else name + ".png"
+            Image.fromarray(u.rgb).save(root / "img" / name)
+            Image.fromarray(u.mask.astype(np.uint8)).save(root / "mask" / name)
+            names.append(name)
+        work = Path(tmp) / "work"
+        work.mkdir()
+        scores = slide_scores(Path(run["checkpoint"]), root, names, work, "wsss4luad", 1.0)
+    return {
+        "slide_miou_present": scores["miou_present"],
+        "slide_iou": scores["iou"],
+        "slide_present": scores["present"],
+    }
+
+
+def _fmt(mean: float, sd: float) -> str:
+    return f"{mean:.3f} ± {sd:.3f}"
+
+
+def table(runs: list[dict[str, Any]], classes: tuple[str, ...]) -> str:
+    """One row per recipe: per-fold mIoU mean ± sd (over folds and seeds), pooled mIoU, per class,
+    and the whole-slide mean ± sd where it was measured."""
+    from fprotoseg.model.cv import CvResult
+
+    lines = [
+        "| recipe | runs | crop mIoU, folds (mean ± sd) | crop mIoU, pooled | "
+        + " | ".join(classes)
+        + " | whole slide, folds (mean ± sd) |",
+        "|---|---|---|---|" + "---|" * len(classes) + "---|",
+    ]
+    for name in dict.fromkeys(r["recipe"] for r in runs):
+        mine = [r for r in runs if r["recipe"] == name]
+        res = CvResult(classes, {(r["seed"], r["fold"]): np.array(r["confusion"]) for r in mine})
+        s = res.summary()
+        slides = [r["slide_miou_present"] for r in mine if "slide_miou_present" in r]
+        slide = _fmt(float(np.mean(slides)), float(np.std(slides))) + f" ({len(slides)})" if slides else "—"
+        lines.append(
+            f"| {name} | {s['runs']} | {_fmt(s['folds_miou_mean'], s['folds_miou_sd'])} | "
+            f"{_fmt(s['pooled_miou_mean'], s['pooled_miou_sd'])} | "
+            + " | ".join(f"{s['iou'][c]:.3f}" for c in classes)
+            + f" | {slide} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("recipes", nargs="+", help="recipe YAML files (model/configs/cam_cnn_*.yaml)")
+    ap.add_argument("--plan", default="cv_wsss4luad", help="fold plan (model/configs/cv_*.yaml)")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds")
+    ap.add_argument("--folds", default=None, help="comma-separated folds (default: all)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (one torch thread each when > 1)")
+    ap.add_argument("--slide", action="store_true", help="also score each fold as a whole slide")
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "cv")
+    args = ap.parse_args(argv)
+
+    from fprotoseg.model.cam_cnn import CamCnnRecipe
+    from fprotoseg.model.cv import read_plan
+
+    plan = read_plan(args.plan, SHARED_DATA)
+    folds = [int(f) for f in args.folds.split(",")] if args.folds else list(range(plan.num_folds))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / f"{args.plan}.jsonl"
+    done: dict[tuple[str, int, int], dict[str, Any]] = {}
+    if results_path.exists():
+        for line in results_path.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["recipe"], r["seed"], r["fold"])] = r
+    todo = []
+    for path in args.recipes:
+        recipe = CamCnnRecipe.from_yaml(path)
+        todo += [(path, recipe.name, s, f) for s in seeds for f in folds if (recipe.name, s, f) not in done]
+    threads = 1 if args.jobs > 1 else (os.cpu_count() or 1)
+    print(f"{len(todo)} runs to train ({len(done)} kept from {results_path})", flush=True)
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = [pool.submit(_run_fold, p, args.plan, s, f, str(args.out), threads) for p, _, s, f in todo]
+        for fut in futures:
+            r = fut.result()
+            done[(r["recipe"], r["seed"], r["fold"])] = r
+            with results_path.open("a") as fh:
+                fh.write(json.dumps(r) + "\n")
+            print(
+                f"  {r['recipe']} seed {r['seed']} fold {r['fold']}: trained in {r['train_s']} s", flush=True
+            )
+    names = {CamCnnRecipe.from_yaml(p).name for p in args.recipes}
+    runs = [r for k, r in done.items() if k[0] in names and k[1] in seeds and k[2] in folds]
+    if args.slide:
+        for r in runs:
+            if "slide_miou_present" not in r:
+                r.update(_slide_fold(r, args.plan))
+                print(
+                    f"  {r['recipe']} seed {r['seed']} fold {r['fold']}: slide {r['slide_miou_present']:.3f}",
+                    flush=True,
+                )
+        results_path.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+    print(table(runs, ("Tumor", "Stroma", "Normal")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""Train the file that ships: a cross-validated recipe, retrained on every labelled unit.
+
+Why separate from the CV runs: the folds chose the recipe; the shipped file then learns from all
+the data (more Normal, more stain variety) and carries, in its manifest, the cross-validated
+figures of its recipe and of the baseline — never a score on data it was trained on. ``GET
+/models`` and the model card show those figures.
+
+    python -m fprotoseg.model.ship model/configs/cam_cnn_stain.yaml \
+        --baseline model/configs/cam_cnn_baseline.yaml --cv runs/cv/cv_wsss4luad.jsonl \
+        --out model/weights/fprotoseg_wsss4luad.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fprotoseg.model.cam_cnn import WSSS4LUAD_CLASSES, CamCnnRecipe, manifest_for, train
+from fprotoseg.model.checkpoint import save_checkpoint
+from fprotoseg.model.cv import CvResult, load_units, read_plan
+from fprotoseg.model.datasets import DatasetError
+
+DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def cv_summary(cv_jsonl: Path, recipe_name: str, classes: tuple[str, ...]) -> dict[str, Any]:
+    """The CV figures of one recipe from a ``bench/cv.py`` results file (refuses a missing one)."""
+    runs = [json.loads(line) for line in cv_jsonl.read_text().splitlines() if line.strip()]
+    mine = [r for r in runs if r["recipe"] == recipe_name]
+    if not mine:
+        raise DatasetError(f"{cv_jsonl} has no cross-validation runs of recipe {recipe_name!r}")
+    summary = CvResult(classes, {(r["seed"], r["fold"]): np.array(r["confusion"]) for r in mine}).summary()
+    slides = [r["slide_miou_present"] for r in mine if "slide_miou_present" in r]
+    if slides:
+        summary["slide_folds_miou_mean"] = float(np.mean(slides))
+        summary["slide_folds_miou_sd"] = float(np.std(slides))
+    summary.pop("confusion")
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("recipe", type=Path)
+    ap.add_argument(
+        "--baseline", type=Path, required=True, help="the baseline recipe the CV compared against"
+    )
+    ap.add_argument("--cv", type=Path, required=True, help="bench/cv.py results (JSON lines)")
+    ap.add_argument("--plan", default="cv_wsss4luad")
+    ap.add_argument("--shared-data", type=Path, default=DEFAULT_SHARED_DATA)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default="fprotoseg-wsss4luad-cam-cnn")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+
+    recipe = CamCnnRecipe.from_yaml(args.recipe)
+    baseline = CamCnnRecipe.from_yaml(args.baseline)
+    plan = read_plan(args.plan, args.shared_data)
+    if plan.dataset != "wsss4luad":
+        raise DatasetError(f"shipping is written for WSSS4LUAD's classes, not {plan.dataset!r}")
+    classes = tuple(name for name, _ in WSSS4LUAD_CLASSES)
+    metrics = {
+        "cv_protocol": f"{plan.num_folds}-fold cross-validation, folds fixed in "
+        f"model/configs/{args.plan}.yaml; "
+        "crop mIoU over the classes present, ground-truth background ignored; whole slide = each fold's "
+        "held-out units as one mosaic slide through fprotoseg segment (bench/cv.py)",
+        "cv_recipe": cv_summary(args.cv, recipe.name, classes),
+        "cv_baseline": cv_summary(args.cv, baseline.name, classes),
+        "scored_on_training_data": False,
+    }
+    units = load_units(plan)
+    net = train([(u.rgb, u.mask) for u in units], recipe, args.seed)
+    manifest = manifest_for(
+        recipe,
+        name=args.name,
+        training={
+            "data": f"all {len(units)} units of model/configs/{args.plan}.yaml (the 67 masked crops of "
+            "../shared/data/masks/wsss4luad/test); crop-level labels only: the classes above "
+            f"{recipe.label_fraction:.0%} of each random {recipe.crop_px} px crop",
+            "supervision": "crop-level (image-level) labels derived from masks; masks never reach a loss",
+            "seed": args.seed,
+            "steps": recipe.steps,
+        },
+        domain={"organ": ["lung"], "stain": "H&E", "mpp": recipe.mpp, "classes": list(classes)},
+        metrics=metrics,
+    )
+    state = {k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    save_checkpoint(args.out, state, manifest)
+    print(json.dumps({"out": str(args.out), "metrics": metrics}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
