@@ -74,10 +74,24 @@ def _run_fold(
     }
 
 
-def _slide_fold(run: dict[str, Any], plan_name: str) -> dict[str, Any]:
-    """The fold's held-out units as one mosaic slide through ``fprotoseg segment``."""
+def _write_fold_data(units: list[Any], root: Path) -> list[str]:
+    """The units as an img/mask pair folder (bands of a cut image get their own file names)."""
     from PIL import Image
 
+    (root / "img").mkdir(parents=True)
+    (root / "mask").mkdir()
+    names = []
+    for u in units:
+        name = u.name.replace(".png#", "_band") + ("" if u.name.endswith(".png") else ".png")
+        Image.fromarray(u.rgb).save(root / "img" / name)
+        Image.fromarray(u.mask.astype(np.uint8)).save(root / "mask" / name)
+        names.append(name)
+    return names
+
+
+def _slide_fold(run: dict[str, Any], plan_name: str, keep: Path | None = None) -> dict[str, Any]:
+    """The fold's held-out units as one mosaic slide through ``fprotoseg segment`` (``keep``: a
+    folder that keeps the mosaic, its ground truth and the results)."""
     sys.path.insert(0, str(REPO / "bench"))
     from mosaic_eval import slide_scores
 
@@ -87,23 +101,46 @@ def _slide_fold(run: dict[str, Any], plan_name: str) -> dict[str, Any]:
     units = [u for u in load_units(plan) if u.fold == run["fold"]]
     with tempfile.TemporaryDirectory(prefix="fprotoseg-cv-") as tmp:
         root = Path(tmp) / "data"
-        (root / "img").mkdir(parents=True)
-        (root / "mask").mkdir()
-        names = []
-        for u in units:
-            name = u.name.replace("#", "_") if u.name.endswith(".png") else u.name.replace("#", "_") + ".png"
-            name = name if name.endswith(".png") else name + ".png"
-            Image.fromarray(u.rgb).save(root / "img" / name)
-            Image.fromarray(u.mask.astype(np.uint8)).save(root / "mask" / name)
-            names.append(name)
-        work = Path(tmp) / "work"
-        work.mkdir()
+        names = _write_fold_data(units, root)
+        work = keep or Path(tmp) / "work"
+        work.mkdir(parents=True, exist_ok=True)
         scores = slide_scores(Path(run["checkpoint"]), root, names, work, "wsss4luad", 1.0)
     return {
         "slide_miou_present": scores["miou_present"],
         "slide_iou": scores["iou"],
         "slide_present": scores["present"],
     }
+
+
+def figure(run: dict[str, Any], plan_name: str, out_png: Path) -> None:
+    """A fold's mosaic slide: the slide, the ground truth and the prediction side by side."""
+    import tifffile
+    from PIL import Image
+
+    from fprotoseg.model.cam_cnn import WSSS4LUAD_CLASSES
+
+    with tempfile.TemporaryDirectory(prefix="fprotoseg-cv-figure-") as tmp:
+        work = Path(tmp)
+        _slide_fold(run, plan_name, keep=work)
+        with tifffile.TiffFile(work / "mosaic.tiff") as tif:
+            rgb = tif.pages[0].asarray()[..., :3]
+        gt = np.asarray(Image.open(work / "mosaic.gt.png"))
+        with tifffile.TiffFile(work / "out" / "mask.tiff") as tif:
+            pred = tif.pages[0].asarray()
+    palette = np.full((256, 3), 255, np.uint8)
+    for k, (_, colour) in enumerate(WSSS4LUAD_CLASSES):
+        palette[k] = colour  # ground truth: class k
+    gt_rgb = palette[gt]
+    pred_palette = np.full((256, 3), 255, np.uint8)
+    pred_palette[1 : len(WSSS4LUAD_CLASSES) + 1] = palette[: len(WSSS4LUAD_CLASSES)]
+    pred_rgb = np.asarray(Image.fromarray(pred_palette[pred]).resize(gt.shape[::-1], Image.NEAREST))
+    gap = np.full((rgb.shape[0], 16, 3), 255, np.uint8)
+    panel = np.concatenate([rgb, gap, gt_rgb, gap, pred_rgb], axis=1)
+    scale = min(1.0, 1800 / panel.shape[1])
+    img = Image.fromarray(panel)
+    img = img.resize((round(panel.shape[1] * scale), round(panel.shape[0] * scale)), Image.LANCZOS)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    img.save(out_png, optimize=True)
 
 
 def _fmt(mean: float, sd: float) -> str:
@@ -145,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (one torch thread each when > 1)")
     ap.add_argument("--slide", action="store_true", help="also score each fold as a whole slide")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "cv")
+    ap.add_argument("--figure", type=Path, default=None, help="PNG: the first recipe's first fold as a slide")
     args = ap.parse_args(argv)
 
     from fprotoseg.model.cam_cnn import CamCnnRecipe
@@ -188,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
         results_path.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
     print(table(runs, ("Tumor", "Stroma", "Normal")))
+    if args.figure is not None:
+        first = CamCnnRecipe.from_yaml(args.recipes[0]).name
+        figure(done[(first, seeds[0], folds[0])], args.plan, args.figure)
+        print(f"figure: {args.figure}")
     return 0
 
 
