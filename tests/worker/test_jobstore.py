@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import threading
 import time
 import uuid
@@ -10,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from fprotoseg.worker.errors import DuplicateJobError
+from fprotoseg.worker.errors import DuplicateJobError, JobStoreError
 from fprotoseg.worker.service.jobstore import JobRecord, JobStore, RedisJobStore, SqliteJobStore
 from fprotoseg.worker.service.states import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
-from tests.app.live import redis_url_for_tests
+from tests.app.live import free_port, redis_available, redis_url_for_tests
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -122,3 +124,55 @@ def test_metrics_heartbeats_and_ping(store_factory) -> None:  # type: ignore[no-
     assert m["duration_le_5"] == 1 and m["duration_le_15"] == 2 and m["tiles_total"] == 100
     store.heartbeat("w1")
     assert time.time() - store.heartbeats()["w1"] < 5
+
+
+# --- faults caused for real: a private redis-server whose second user may not run ZADD or MGET ---
+@pytest.fixture
+def redis_with_limited_user(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """(full URL, limited URL) of a private redis-server; the limited user is refused ZADD and MGET.
+
+    A refused command inside MULTI aborts the whole transaction (EXECABORT), exactly as a failed
+    transaction does in production; a refused MGET is a Redis error on a plain read.
+    """
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("no redis-server binary")
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path),
+         "--user", "limited", "on", ">secret", "~*", "&*", "+@all", "-zadd", "-mget"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    full = f"redis://127.0.0.1:{port}/0"
+    try:
+        for _ in range(100):
+            if redis_available(full):
+                break
+            time.sleep(0.05)
+        yield full, f"redis://limited:secret@127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_redis_create_that_fails_leaves_its_idempotency_key_free(redis_with_limited_user) -> None:
+    full_url, limited_url = redis_with_limited_user
+    refused = RedisJobStore(limited_url)
+    with pytest.raises(JobStoreError):  # the transaction is aborted: ZADD is refused
+        refused.create(JobRecord(id="first", idempotency_key="k1", tenant="lab"))
+    store = RedisJobStore(full_url)
+    assert store.get("first") is None and store.find_by_idempotency_key("k1", "lab") is None
+    # the client retries with the same key: a new job, not 409 duplicate_job for good
+    retried = store.create(JobRecord(id="second", idempotency_key="k1", tenant="lab"))
+    assert store.find_by_idempotency_key("k1", "lab") == retried
+    with pytest.raises(DuplicateJobError) as info:  # and the key is taken once the job exists
+        store.create(JobRecord(id="third", idempotency_key="k1", tenant="lab"))
+    assert info.value.existing_id == "second"
+
+
+def test_redis_errors_of_record_reads_are_job_store_errors(redis_with_limited_user) -> None:
+    full_url, limited_url = redis_with_limited_user
+    RedisJobStore(full_url).create(JobRecord(id="queued-1"))
+    refused = RedisJobStore(limited_url)  # may list ids (ZRANGE) but not read records (MGET)
+    with pytest.raises(JobStoreError):
+        refused.oldest_queued()

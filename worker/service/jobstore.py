@@ -582,31 +582,71 @@ class RedisJobStore(JobStore):
         return self._k("tenant", tenant, "state", state) if state else self._k("tenant", tenant, "jobs")
 
     def create(self, record: JobRecord) -> JobRecord:
-        with self._errors():
-            if record.idempotency_key:
-                idem = self._idem_key(record.tenant, record.idempotency_key)
-                if not self.client.set(idem, record.id, nx=True):
-                    existing = self.client.get(idem)
-                    raise DuplicateJobError(existing.decode() if existing else "?")
-            pipe = self.client.pipeline(transaction=True)
-            pipe.set(self._k("job", record.id), _encode(record))
-            pipe.zadd(self._k("jobs"), {record.id: record.created_at})
-            pipe.zadd(self._k("state", record.state), {record.id: record.created_at})
-            pipe.zadd(self._tenant_key(record.tenant), {record.id: record.created_at})
-            pipe.zadd(self._tenant_key(record.tenant, record.state), {record.id: record.created_at})
+        """Claim the idempotency key and write the record and its indexes in ONE transaction.
+
+        The key is claimed inside MULTI (WATCHed first), so a transaction that fails claims nothing
+        and a retry with the same key makes the job; a key naming a record that does not exist is
+        a leftover of such a failure, not a duplicate.
+        """
+        idem = self._idem_key(record.tenant, record.idempotency_key) if record.idempotency_key else None
+        with self._errors(), self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    if idem is not None:
+                        pipe.watch(idem)
+                        owner = pipe.get(idem)
+                        if owner and pipe.exists(self._k("job", owner.decode())):
+                            pipe.unwatch()
+                            raise DuplicateJobError(owner.decode())
+                    pipe.multi()
+                    if idem is not None:
+                        pipe.set(idem, record.id)
+                    self._queue_create(pipe, record)
+                    pipe.execute()
+                    return record
+                except self._watch_error:
+                    continue
+                except self._redis_errors:
+                    self._undo_create(record, idem)
+                    raise
+
+    def _queue_create(self, pipe: Any, record: JobRecord) -> None:
+        pipe.set(self._k("job", record.id), _encode(record))
+        pipe.zadd(self._k("jobs"), {record.id: record.created_at})
+        pipe.zadd(self._k("state", record.state), {record.id: record.created_at})
+        pipe.zadd(self._tenant_key(record.tenant), {record.id: record.created_at})
+        pipe.zadd(self._tenant_key(record.tenant, record.state), {record.id: record.created_at})
+        if record.upload_sha256:
+            pipe.zadd(
+                self._k("content", record.tenant, record.upload_sha256, record.params_hash),
+                {record.id: record.created_at},
+            )
+
+    def _undo_create(self, record: JobRecord, idem: str | None) -> None:
+        """Best effort after a failed EXEC: Redis applies the commands of a transaction that did
+        not fail at queue time even when one of them errs, so remove whatever did land."""
+        try:
+            undo = self.client.pipeline(transaction=False)
+            undo.delete(self._k("job", record.id))
+            for key in (self._k("jobs"), self._k("state", record.state), self._tenant_key(record.tenant),
+                        self._tenant_key(record.tenant, record.state)):
+                undo.zrem(key, record.id)
             if record.upload_sha256:
-                pipe.zadd(
-                    self._k("content", record.tenant, record.upload_sha256, record.params_hash),
-                    {record.id: record.created_at},
-                )
-            pipe.execute()
-        return record
+                content = self._k("content", record.tenant, record.upload_sha256, record.params_hash)
+                undo.zrem(content, record.id)
+            undo.execute(raise_on_error=False)
+            if idem is not None and self.client.get(idem) == record.id.encode():
+                self.client.delete(idem)
+        except self._redis_errors:
+            pass  # the store is gone: a leftover key names no record, so it blocks no retry
 
     def _get_many(self, ids: builtins.list[bytes] | builtins.list[str]) -> builtins.list[JobRecord]:
         if not ids:
             return []
         keys = [self._k("job", i.decode() if isinstance(i, bytes) else i) for i in ids]
-        return [JobRecord.from_dict(json.loads(raw)) for raw in self.client.mget(keys) if raw]
+        with self._errors():
+            found = self.client.mget(keys)
+        return [JobRecord.from_dict(json.loads(raw)) for raw in found if raw]
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._errors():
