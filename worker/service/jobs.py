@@ -144,7 +144,7 @@ def _run_pipeline(
     # The gzip copy lets the API answer Accept-Encoding: gzip without recompressing per request.
     options = PipelineOptions(
         geojson_gzip=True,
-        batch_size=settings.batch_size or PipelineOptions.batch_size,
+        batch_size=settings.batch_size,  # None: the segmenter chooses (PipelineOptions)
         reader_threads=settings.pipeline_threads,
     )
     shutil.rmtree(work_dir, ignore_errors=True)
