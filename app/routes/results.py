@@ -13,6 +13,7 @@ from fprotoseg.app.auth import ApiKey, Principal
 from fprotoseg.app.deps import SettingsDep, StoreDep
 from fprotoseg.app.errors import Problem
 from fprotoseg.app.routes.jobs import load_job
+from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.service.jobstore import JobStore
 from fprotoseg.worker.service.settings import Settings
 from fprotoseg.worker.service.states import SUCCEEDED
@@ -38,15 +39,14 @@ def _result_path(settings: Settings, store: JobStore, job_id: str, name: str, wh
     rec = load_job(store, job_id, who)
     if rec.state != SUCCEEDED:
         raise Problem(
-            409,
+            ErrorCode.RESULTS_NOT_READY,
             f"job {job_id} is {rec.state}; results exist once it has succeeded",
-            code="results_not_ready",
             extra={"state": rec.state},
         )
     result_dir = settings.result_dir(job_id)
     if not results_complete(result_dir):
         raise Problem(
-            404, f"the results of job {job_id} are missing from the data dir", code="results_missing"
+            ErrorCode.RESULTS_MISSING, f"the results of job {job_id} are missing from the data dir"
         )
     return result_dir / RESULT_FILES[name]
 

@@ -29,6 +29,7 @@ from fprotoseg.app.errors import Problem
 from fprotoseg.app.reference import IncomingSlide, receive_reference, remove_incoming, unpack_dicom_zip
 from fprotoseg.app.routes.views import SegmentAccepted, base_url, job_view
 from fprotoseg.app.upload import MAX_FILENAME_CHARS, receive_upload
+from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.errors import BrokerUnavailableError, DuplicateJobError
 from fprotoseg.worker.service.callbacks import job_links
 from fprotoseg.worker.service.jobstore import JobRecord, JobStore
@@ -129,11 +130,11 @@ def _parse_mpp(raw: str | None) -> float | None:
         value = float(raw)
     except ValueError:
         raise Problem(
-            422, f"mpp must be a number of µm per pixel, got {raw[:40]!r}", code="invalid_request"
+            ErrorCode.INVALID_REQUEST, f"mpp must be a number of µm per pixel, got {raw[:40]!r}"
         ) from None
     if not math.isfinite(value) or not MIN_MPP <= value <= MAX_MPP:
         raise Problem(
-            422, f"mpp must be between {MIN_MPP:g} and {MAX_MPP:g} µm per pixel", code="invalid_request"
+            ErrorCode.INVALID_REQUEST, f"mpp must be between {MIN_MPP:g} and {MAX_MPP:g} µm per pixel"
         )
     return value
 
@@ -144,7 +145,7 @@ def _parse_callback(raw: str | None, settings: Settings) -> str | None:
     try:
         return check_callback_url(raw, settings.callback_allowed_hosts)
     except CallbackURLError as exc:
-        raise Problem(422, str(exc), code="invalid_request") from None
+        raise Problem(ErrorCode.INVALID_REQUEST, str(exc)) from None
 
 
 def _parse_model(raw: str | None, settings: Settings) -> str | None:
@@ -157,9 +158,8 @@ def _parse_model(raw: str | None, settings: Settings) -> str | None:
     if raw not in models:
         known = sorted(models)
         raise Problem(
-            422,
+            ErrorCode.UNKNOWN_MODEL,
             f"unknown model {raw[:100]!r}; known models: {', '.join(known) or '(none)'} (GET /models)",
-            code="unknown_model",
             extra={"known_models": known},
         )
     return None if raw == default else raw
@@ -170,20 +170,20 @@ def _parse_metadata(raw: str | None, external_id: str | None) -> dict[str, Any] 
     metadata: dict[str, Any] | None = None
     if raw:
         if len(raw.encode()) > MAX_METADATA_BYTES:
-            raise Problem(422, f"metadata is larger than {MAX_METADATA_BYTES} bytes", code="invalid_request")
+            raise Problem(ErrorCode.INVALID_REQUEST, f"metadata is larger than {MAX_METADATA_BYTES} bytes")
         try:
             value = json.loads(raw)
         except ValueError:
-            raise Problem(422, "metadata must be a JSON object", code="invalid_request") from None
+            raise Problem(ErrorCode.INVALID_REQUEST, "metadata must be a JSON object") from None
         if not isinstance(value, dict):
             raise Problem(
-                422, "metadata must be a JSON object, not a list or a value", code="invalid_request"
+                ErrorCode.INVALID_REQUEST, "metadata must be a JSON object, not a list or a value"
             )
         metadata = value
     if external_id:
         if len(external_id) > MAX_EXTERNAL_ID_CHARS:
             raise Problem(
-                422, f"external_id is longer than {MAX_EXTERNAL_ID_CHARS} characters", code="invalid_request"
+                ErrorCode.INVALID_REQUEST, f"external_id is longer than {MAX_EXTERNAL_ID_CHARS} characters"
             )
         metadata = {**(metadata or {}), "external_id": external_id}
     return metadata
@@ -246,14 +246,13 @@ def _find_existing(
         if rec is not None:
             if rec.upload_sha256 != sha256 or rec.params_hash != phash:
                 raise Problem(
-                    422,
+                    ErrorCode.IDEMPOTENCY_KEY_REUSED,
                     "this Idempotency-Key was used for a different upload; use a new key",
-                    code="idempotency_key_reused",
                 )
             return rec
         if store.find_by_idempotency_key(key, who.tenant) is not None:  # a dead job still holds it
             raise Problem(
-                409, "this Idempotency-Key belongs to a job still being ended; retry", code="conflict"
+                ErrorCode.CONFLICT, "this Idempotency-Key belongs to a job still being ended; retry"
             )
     return _replayable(store, settings, dispatcher, store.find_by_content(sha256, phash, who.tenant))
 

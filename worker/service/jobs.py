@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fprotoseg.model.errors import FprotosegError
+from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.errors import (
     JobCancelledError,
     JobInterrupted,
@@ -83,7 +84,7 @@ def _claim(store: JobStore, settings: Settings, job_id: str) -> JobRecord | None
         return None
     if rec.attempts >= settings.max_delivery_attempts:
         fail_job(
-            store, settings, job_id, "worker_lost",
+            store, settings, job_id, ErrorCode.WORKER_LOST,
             f"the worker processing this job stopped {rec.attempts} times (out of memory or killed); "
             "check the worker logs and the slide",
         )
@@ -177,23 +178,25 @@ def _failed(store: JobStore, settings: Settings, rec: JobRecord, exc: BaseExcept
         # cannot, the JobStoreError below is transient and the reaper ends the job later.
         log.error("job %s: out of disk space: %s", job_id, exc)
         return fail_job(
-            store, settings, job_id, "disk_full",
+            store, settings, job_id, ErrorCode.DISK_FULL,
             "the server ran out of disk space while processing the slide; upload it again later",
         )
     if isinstance(exc, JobStoreError) or not isinstance(exc, Exception):
         raise exc  # transient (retried by process_job's caller), or KeyboardInterrupt/SystemExit
     if isinstance(exc, FprotosegError):
-        return fail_job(store, settings, job_id, exc.code, client_message(rec, exc.message))
+        return fail_job(store, settings, job_id, exc.code, client_message(rec, exc, settings))
     if isinstance(exc, MemoryError):
-        return fail_job(store, settings, job_id, "out_of_memory", "the worker ran out of memory on the slide")
+        return fail_job(
+            store, settings, job_id, ErrorCode.OUT_OF_MEMORY, "the worker ran out of memory on the slide"
+        )
     if type(exc).__name__ == "SoftTimeLimitExceeded":  # Celery's, matched by name (no import)
         limit_s = settings.job_soft_time_limit_s
         return fail_job(
-            store, settings, job_id, "time_limit",
+            store, settings, job_id, ErrorCode.TIME_LIMIT,
             f"the job ran longer than FPROTOSEG_JOB_SOFT_TIME_LIMIT_S={limit_s:g} s",
         )
     log.exception("job %s: unexpected error", job_id, exc_info=exc)
     return fail_job(
-        store, settings, job_id, "internal_error",
+        store, settings, job_id, ErrorCode.INTERNAL_ERROR,
         f"internal error ({type(exc).__name__}) while processing the slide; the worker log has details",
     )

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.errors import JobStoreError
 from fprotoseg.worker.service.jobstore import JobRecord, JobStore
 from fprotoseg.worker.service.lifecycle import cancel_job, fail_job, heartbeat_stale
@@ -50,7 +51,7 @@ def end_lost_job(
             store,
             settings,
             rec.id,
-            "worker_lost",
+            ErrorCode.WORKER_LOST,
             f"the job's worker stopped answering {rec.attempts} times (worker killed, broker or job "
             "store lost, or disk full); upload the slide again",
             where=still_lost,
