@@ -9,6 +9,7 @@ Mapping is by class: every :class:`~fprotoseg.model.errors.FprotosegError` (a
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,7 +22,13 @@ from fprotoseg.model.errors import FprotosegError
 from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.service.storage import is_out_of_space
 
-__all__ = ["PROBLEM_MEDIA_TYPE", "Problem", "install_problem_handlers", "problem_response"]
+__all__ = [
+    "PROBLEM_MEDIA_TYPE",
+    "Problem",
+    "install_problem_handlers",
+    "problem_response",
+    "validation_detail",
+]
 
 log = logging.getLogger("fprotoseg.api")
 
@@ -68,9 +75,11 @@ def problem_response(
     return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 
 
-def _validation_detail(exc: RequestValidationError) -> str:
+def validation_detail(errors: Sequence[Any]) -> str:
+    """One line naming each bad field (at most five) of a pydantic/FastAPI validation error:
+    ``mpp: Input should be a valid number``."""
     parts = []
-    for err in exc.errors()[:5]:
+    for err in errors[:5]:
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
     return "; ".join(parts) or "invalid request"
@@ -113,7 +122,8 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return problem_response(ErrorCode.INVALID_REQUEST, _validation_detail(exc), instance=request.url.path)
+        detail = validation_detail(exc.errors())
+        return problem_response(ErrorCode.INVALID_REQUEST, detail, instance=request.url.path)
 
     @app.exception_handler(FprotosegError)
     async def _fprotoseg(request: Request, exc: FprotosegError) -> JSONResponse:

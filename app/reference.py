@@ -33,6 +33,7 @@ from urllib.parse import unquote, urlsplit
 from fastapi import Request
 
 from fprotoseg.app.errors import Problem
+from fprotoseg.app.routes.segment_models import SegmentFields, SegmentReference
 from fprotoseg.app.upload import TEMP_PREFIX, client_filename, storage_full
 from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.service.settings import Settings
@@ -40,9 +41,7 @@ from fprotoseg.worker.service.storage import FILE_MODE, free_mb, is_out_of_space
 from fprotoseg.worker.wsi.dicom import DICOM_FOLDER_SUFFIX, folder_sha256, series_files, unpack_series_zip
 
 MAX_JSON_BODY_BYTES = 16 * 1024
-MAX_URI_CHARS = 2048
 HASH_CHUNK_BYTES = 1 << 20
-_FIELDS = {"slide_uri", "mpp", "model", "callback_url", "metadata", "external_id"}
 
 
 @dataclass
@@ -59,7 +58,8 @@ class IncomingSlide:
     filename: str
     owned: bool
     slide_uri: str | None = None
-    fields: dict[str, str] = field(default_factory=dict)
+    form: dict[str, str] = field(default_factory=dict)  # an upload's other form fields, as sent
+    request: SegmentFields | None = None  # a JSON body's fields, validated as it was read
 
 
 def _hash_file(path: Path) -> tuple[str, int]:
@@ -93,7 +93,7 @@ def unpack_dicom_zip(upload: IncomingSlide, settings: Settings) -> IncomingSlide
     finally:
         upload.path.unlink(missing_ok=True)
     return IncomingSlide(
-        folder, upload.sha256, upload.size_bytes, upload.filename, owned=True, fields=upload.fields
+        folder, upload.sha256, upload.size_bytes, upload.filename, owned=True, form=upload.form
     )
 
 
@@ -215,30 +215,6 @@ def fetch_s3(uri: str, settings: Settings) -> IncomingSlide:
     return IncomingSlide(tmp, digest.hexdigest(), received, key.rsplit("/", 1)[-1], owned=True, slide_uri=uri)
 
 
-_TYPES: dict[str, tuple[type, ...]] = {
-    "mpp": (int, float),
-    "model": (str,),
-    "callback_url": (str,),
-    "external_id": (str,),
-    "metadata": (dict,),
-}
-
-
-def _check_types(doc: dict[str, Any]) -> None:
-    """Each optional field has the JSON type the schema names (a quoted number is not an mpp)."""
-    for name, types in _TYPES.items():
-        value = doc.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
-            kind = "a number" if name == "mpp" else "a JSON object" if name == "metadata" else "a string"
-            raise Problem(ErrorCode.INVALID_REQUEST, f"{name} must be {kind}")
-
-
-def _as_field(value: Any) -> str:
-    if isinstance(value, dict):
-        return json.dumps(value)
-    return "" if value is None else str(value)
-
-
 async def receive_reference(request: Request, settings: Settings) -> IncomingSlide:
     """Parse the JSON body and bring the named slide to a hashed file (see the module docstring)."""
     from fastapi.concurrency import run_in_threadpool
@@ -256,22 +232,8 @@ async def receive_reference(request: Request, settings: Settings) -> IncomingSli
         doc = json.loads(body)
     except ValueError:
         raise Problem(ErrorCode.INVALID_REQUEST, "the body is not valid JSON", status=400) from None
-    if not isinstance(doc, dict):
-        raise Problem(ErrorCode.INVALID_REQUEST, "the body must be a JSON object with slide_uri")
-    unknown = sorted(set(doc) - _FIELDS)
-    if unknown:
-        raise Problem(
-            ErrorCode.INVALID_REQUEST,
-            f"unknown field(s) {', '.join(unknown)[:200]}; allowed: {', '.join(sorted(_FIELDS))}",
-        )
-    uri = doc.get("slide_uri")
-    if not isinstance(uri, str) or not uri or len(uri) > MAX_URI_CHARS:
-        raise Problem(
-            ErrorCode.INVALID_REQUEST,
-            f"slide_uri must be a file:// or s3:// URI of at most {MAX_URI_CHARS} characters",
-        )
-    _check_types(doc)
-    fields = {k: _as_field(doc.get(k)) for k in _FIELDS - {"slide_uri"} if doc.get(k) is not None}
+    fields = SegmentReference.from_json(doc)
+    uri = fields.slide_uri
     scheme = urlsplit(uri).scheme.lower()
     if scheme == "file":
         path = resolve_file_uri(uri, settings.slide_roots)
@@ -285,5 +247,5 @@ async def receive_reference(request: Request, settings: Settings) -> IncomingSli
         incoming.filename = client_filename(incoming.filename)
     else:
         raise Problem(ErrorCode.INVALID_SLIDE_URI, "slide_uri must start with file:// or s3://")
-    incoming.fields = fields
+    incoming.request = fields
     return incoming
