@@ -97,8 +97,11 @@ def test_the_package_metadata_builds_without_deprecations(tmp_path: Path) -> Non
     assert "<" in setuptools_req, "setuptools needs an upper bound in build-system.requires"
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO_ROOT / name, tmp_path / name)
-    for package_dir in ("app/commands", "app/routes", "worker/service", "worker/wsi", "model"):
-        (tmp_path / package_dir).mkdir(parents=True)  # metadata needs the folders, not the code
+    roots = pyproject["tool"]["setuptools"]["package-dir"]
+    for package in pyproject["tool"]["setuptools"]["packages"]:  # the folders, not the code
+        root = next(r for r in roots if package == r or package.startswith(r + "."))
+        folder = tmp_path / roots[root] / package[len(root) + 1 :].replace(".", "/")
+        folder.mkdir(parents=True, exist_ok=True)
     code = (
         "import warnings\n"
         "from setuptools import SetuptoolsDeprecationWarning\n"

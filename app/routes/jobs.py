@@ -13,7 +13,7 @@ from fprotoseg.app.errors import Problem
 from fprotoseg.app.routes.views import JobList, JobView, base_url, job_view
 from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.service.jobstore import JobRecord, JobStore
-from fprotoseg.worker.service.lifecycle import heartbeat_stale
+from fprotoseg.worker.service.lifecycle import job_is_lost
 from fprotoseg.worker.service.maintenance import end_lost_job
 from fprotoseg.worker.service.states import CANCELLED, FAILED, SUCCEEDED, JobState
 
@@ -44,7 +44,7 @@ def list_jobs(
     state: JobState | None = None,
 ) -> dict[str, Any]:
     limit = min(limit, settings.jobs_page_max)
-    records, total = store.list(limit=limit, offset=offset, state=state, tenant=who.list_filter)
+    records, total = store.page(limit=limit, offset=offset, state=state, tenant=who.list_filter)
     next_url = None
     if offset + len(records) < total:
         query = f"limit={limit}&offset={offset + limit}" + (f"&state={state}" if state else "")
@@ -93,7 +93,6 @@ def cancel_job(
         raise Problem(ErrorCode.JOB_FINISHED, f"job {job_id} has already {rec.state}; nothing to cancel")
     if rec.state != CANCELLED:
         rec = store.request_cancel(job_id) or rec
-        if heartbeat_stale(rec, settings):  # no worker will see the flag: end the job here
-            resubmit = None if dispatcher.kind == "embedded" else dispatcher.submit
-            rec = end_lost_job(store, settings, rec, resubmit) or store.get(job_id) or rec
+        if job_is_lost(rec, settings):  # no worker will see the flag: end the job here
+            rec = end_lost_job(store, settings, rec, dispatcher.resubmit) or store.get(job_id) or rec
     return JSONResponse(job_view(rec, request, settings), status_code=202)

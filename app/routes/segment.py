@@ -33,7 +33,7 @@ from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.errors import BrokerUnavailableError, DuplicateJobError
 from fprotoseg.worker.service.callbacks import job_links
 from fprotoseg.worker.service.jobstore import JobRecord, JobStore
-from fprotoseg.worker.service.lifecycle import heartbeat_stale
+from fprotoseg.worker.service.lifecycle import job_is_lost
 from fprotoseg.worker.service.maintenance import end_lost_job
 from fprotoseg.worker.service.netguard import CallbackURLError, check_callback_url
 from fprotoseg.worker.service.settings import Settings
@@ -108,8 +108,8 @@ def _replayable(
     store: JobStore, settings: Settings, dispatcher: Dispatcher, rec: JobRecord | None
 ) -> JobRecord | None:
     """``rec`` if it can still finish; a job lost with its worker is ended (or requeued) first."""
-    if rec is not None and heartbeat_stale(rec, settings):
-        end_lost_job(store, settings, rec, None if dispatcher.kind == "embedded" else dispatcher.submit)
+    if rec is not None and job_is_lost(rec, settings):
+        end_lost_job(store, settings, rec, dispatcher.resubmit)
         rec = store.get(rec.id)
     if rec is None or rec.state in (FAILED, CANCELLED):
         return None

@@ -28,7 +28,7 @@ from fprotoseg.worker.errors import (
 )
 from fprotoseg.worker.service.client_view import client_message, describe_results_for_client, render_viewer
 from fprotoseg.worker.service.jobstore import JobRecord, JobStore, open_jobstore
-from fprotoseg.worker.service.lifecycle import JobHeartbeat, _finish, cancel_job, fail_job, heartbeat_stale
+from fprotoseg.worker.service.lifecycle import JobHeartbeat, _finish, cancel_job, fail_job, job_is_lost
 from fprotoseg.worker.service.runtime import JobProgress, StopCheck
 from fprotoseg.worker.service.segmenters import get_segmenter
 from fprotoseg.worker.service.settings import Settings
@@ -39,7 +39,7 @@ from fprotoseg.worker.wsi.result_files import publish, results_complete
 if TYPE_CHECKING:
     from fprotoseg.worker.wsi.pipeline import RunResult
 
-__all__ = ["cancel_job", "fail_job", "heartbeat_stale", "process_job"]
+__all__ = ["cancel_job", "fail_job", "job_is_lost", "process_job"]
 
 log = logging.getLogger(__name__)
 StopFlag = Callable[[], bool] | None
@@ -89,12 +89,12 @@ def _claim(store: JobStore, settings: Settings, job_id: str) -> JobRecord | None
             "check the worker logs and the slide",
         )
         return None
-    if rec.state == RUNNING and not heartbeat_stale(rec, settings):
+    if rec.state == RUNNING and not job_is_lost(rec, settings):
         log.info("job %s: attempt %d is alive elsewhere; duplicate delivery ignored", job_id, rec.attempts)
         return None
     return store.transition(
         job_id, RUNNING, [QUEUED, RUNNING],
-        lambda r: r.state == QUEUED or heartbeat_stale(r, settings),
+        lambda r: r.state == QUEUED or job_is_lost(r, settings),
         attempts=rec.attempts + 1,
         started_at=rec.started_at or time.time(), stage="loading model", progress=0.0,
         heartbeat_at=time.time(),
