@@ -35,6 +35,7 @@ from fastapi import Request
 from fprotoseg.app.errors import Problem
 from fprotoseg.app.routes.segment_models import SegmentFields, SegmentReference
 from fprotoseg.app.upload import TEMP_PREFIX, client_filename, storage_full
+from fprotoseg.model.digest import file_sha256_and_size
 from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.service.settings import Settings
 from fprotoseg.worker.service.storage import FILE_MODE, free_mb, is_out_of_space
@@ -60,15 +61,6 @@ class IncomingSlide:
     slide_uri: str | None = None
     form: dict[str, str] = field(default_factory=dict)  # an upload's other form fields, as sent
     request: SegmentFields | None = None  # a JSON body's fields, validated as it was read
-
-
-def _hash_file(path: Path) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    with path.open("rb") as fh:
-        while chunk := fh.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
 
 
 def _hash_series(folder: Path, max_files: int) -> tuple[str, int]:
@@ -240,7 +232,7 @@ async def receive_reference(request: Request, settings: Settings) -> IncomingSli
         if path.is_dir():  # a DICOM WSI series: hashed over its instances (worker/wsi/dicom.py)
             sha256, size = await run_in_threadpool(_hash_series, path, settings.dicom_zip_max_files)
         else:
-            sha256, size = await run_in_threadpool(_hash_file, path)
+            sha256, size = await run_in_threadpool(file_sha256_and_size, path)
         incoming = IncomingSlide(path, sha256, size, client_filename(path.name), owned=False, slide_uri=uri)
     elif scheme == "s3":
         incoming = await run_in_threadpool(fetch_s3, uri, settings)

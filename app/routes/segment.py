@@ -29,6 +29,7 @@ from fprotoseg.app.reference import IncomingSlide, receive_reference, remove_inc
 from fprotoseg.app.routes.segment_models import SEGMENT_REQUEST_BODY, SegmentAccepted, SegmentFields
 from fprotoseg.app.routes.views import base_url, job_view
 from fprotoseg.app.upload import receive_upload
+from fprotoseg.model.errors import UnknownModelError
 from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.errors import BrokerUnavailableError, DuplicateJobError
 from fprotoseg.worker.service.callbacks import job_links
@@ -36,6 +37,7 @@ from fprotoseg.worker.service.jobstore import JobRecord, JobStore
 from fprotoseg.worker.service.lifecycle import job_is_lost
 from fprotoseg.worker.service.maintenance import end_lost_job
 from fprotoseg.worker.service.netguard import CallbackURLError, check_callback_url
+from fprotoseg.worker.service.segmenters import find_model
 from fprotoseg.worker.service.settings import Settings
 from fprotoseg.worker.service.states import CANCELLED, FAILED, QUEUED
 from fprotoseg.worker.wsi.dicom import DICOM_FOLDER_SUFFIX, is_zip_file, series_entry
@@ -60,16 +62,12 @@ def _parse_model(raw: str | None, settings: Settings) -> str | None:
     """The requested model's name, or None for the configured default (also when named)."""
     if not raw:
         return None
-    from fprotoseg.model.catalog import installed_models
-
-    models, default = installed_models(settings.checkpoint, settings.models_dir)
-    if raw not in models:
-        known = sorted(models)
+    try:
+        _, default = find_model(settings, raw)
+    except UnknownModelError as exc:
         raise Problem(
-            ErrorCode.UNKNOWN_MODEL,
-            f"unknown model {raw[:100]!r}; known models: {', '.join(known) or '(none)'} (GET /models)",
-            extra={"known_models": known},
-        )
+            ErrorCode.UNKNOWN_MODEL, f"{exc.message} (GET /models)", extra={"known_models": exc.known}
+        ) from None
     return None if raw == default else raw
 
 

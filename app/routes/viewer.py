@@ -27,15 +27,13 @@ from fprotoseg.app.auth import api_key_scheme, authenticate
 from fprotoseg.app.deps import SettingsDep, StoreDep
 from fprotoseg.app.errors import Problem
 from fprotoseg.app.routes.jobs import MAX_JOB_ID_CHARS, load_job
+from fprotoseg.app.routes.results import geojson_file, published_results
 from fprotoseg.app.viewlink import MAX_TOKEN_CHARS, sign_view_token, view_token_valid
 from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.service.jobstore import JobRecord, JobStore
 from fprotoseg.worker.service.settings import Settings
-from fprotoseg.worker.service.states import SUCCEEDED
 from fprotoseg.worker.wsi.result_files import (
     GEOJSON_NAME,
-    GZIP_SUFFIX,
-    MEDIA_TYPES,
     PROVENANCE_NAME,
     STATS_NAME,
     VIEWER_DIR,
@@ -43,7 +41,6 @@ from fprotoseg.worker.wsi.result_files import (
     VIEWER_SLIDE_LAYER,
     VIEWER_TILE_MEDIA_TYPES,
     VIEWER_TILE_PX,
-    results_complete,
 )
 
 router = APIRouter(tags=["viewer"])
@@ -87,17 +84,7 @@ def _viewable_job(
     else:
         rec = load_job(store, job_id, authenticate(request, key))
         token = sign_view_token(settings, rec.id, rec.tenant)
-    if rec.state != SUCCEEDED:
-        raise Problem(
-            ErrorCode.RESULTS_NOT_READY,
-            f"job {job_id} is {rec.state}; the viewer exists once it has succeeded",
-            extra={"state": rec.state},
-        )
-    if not results_complete(settings.result_dir(job_id)):
-        raise Problem(
-            ErrorCode.RESULTS_MISSING, f"the results of job {job_id} are missing from the data dir"
-        )
-    if not (settings.result_dir(job_id) / VIEWER_MANIFEST).is_file():
+    if not (published_results(settings, rec, "the viewer exists") / VIEWER_MANIFEST).is_file():
         raise Problem(
             ErrorCode.VIEWER_MISSING,
             f"job {job_id} has no viewer (it finished before the viewer existed); submit the slide again",
@@ -255,13 +242,7 @@ def get_view_polygons(
 ) -> FileResponse:
     """The job's GeoJSON for the page's polygon layer (gzip-encoded when the browser accepts it)."""
     _viewable_job(request, settings, store, job_id, token, key)
-    path = settings.result_dir(job_id) / GEOJSON_NAME
-    gz = path.with_name(path.name + GZIP_SUFFIX)
-    headers = {**_TILE_HEADERS, "Vary": "Accept-Encoding"}
-    if "gzip" in request.headers.get("accept-encoding", "").lower() and gz.is_file():
-        headers["Content-Encoding"] = "gzip"
-        return FileResponse(gz, media_type=MEDIA_TYPES["geojson"], headers=headers)
-    return FileResponse(path, media_type=MEDIA_TYPES["geojson"], headers=headers)
+    return geojson_file(settings.result_dir(job_id) / GEOJSON_NAME, request, _TILE_HEADERS)
 
 
 @router.get("/jobs/{job_id}/view/{layer}.dzi", include_in_schema=False)
