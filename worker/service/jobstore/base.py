@@ -86,6 +86,10 @@ class JobRecord:
         return JobRecord.from_dict(data)
 
 
+# a condition on the record a compare-and-set also requires (e.g. "still the same attempt")
+Where = Callable[[JobRecord], bool]
+
+
 class JobStore(ABC):
     """What the API, the embedded worker and the Celery workers need from job storage."""
 
@@ -127,12 +131,8 @@ class JobStore(ABC):
 
     @abstractmethod
     def _modify(
-        self,
-        job_id: str,
-        allowed: Iterable[str],
-        to_state: str | None,
-        changes: dict[str, Any],
-        where: Callable[[JobRecord], bool] | None = None,
+        self, job_id: str, allowed: Iterable[str], to_state: str | None, changes: dict[str, Any],
+        where: Where | None = None,
     ) -> JobRecord | None:
         """Atomically apply ``changes`` (and ``to_state`` if given) when the state is in ``allowed``
         (and ``where(record)`` holds, if given)."""
@@ -157,7 +157,7 @@ class JobStore(ABC):
         job_id: str,
         to_state: str,
         from_states: Iterable[str],
-        where: Callable[[JobRecord], bool] | None = None,
+        where: Where | None = None,
         **changes: Any,
     ) -> JobRecord | None:
         """Compare-and-set: move to ``to_state`` only from one of ``from_states``; None if not."""

@@ -4,12 +4,12 @@ Celery worker, with compare-and-set by WATCH/MULTI."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from fprotoseg.worker.errors import DuplicateJobError, JobStoreError
-from fprotoseg.worker.service.jobstore.base import JobRecord, JobStore, encode_record
+from fprotoseg.worker.service.jobstore.base import JobRecord, JobStore, Where, encode_record
 from fprotoseg.worker.service.states import CANCELLED, FAILED, STATES, TERMINAL_STATES
 
 
@@ -193,12 +193,8 @@ class RedisJobStore(JobStore):
         return found
 
     def _modify(
-        self,
-        job_id: str,
-        allowed: Iterable[str],
-        to_state: str | None,
-        changes: dict[str, Any],
-        where: Callable[[JobRecord], bool] | None = None,
+        self, job_id: str, allowed: Iterable[str], to_state: str | None, changes: dict[str, Any],
+        where: Where | None = None,
     ) -> JobRecord | None:
         allowed = tuple(allowed)
         key = self._k("job", job_id)

@@ -8,13 +8,13 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from fprotoseg.worker.errors import DuplicateJobError, JobStoreError
-from fprotoseg.worker.service.jobstore.base import EmbeddedQueue, JobRecord, JobStore, encode_record
+from fprotoseg.worker.service.jobstore.base import EmbeddedQueue, JobRecord, JobStore, Where, encode_record
 from fprotoseg.worker.service.states import CANCELLED, FAILED, QUEUED, STATES, TERMINAL_STATES
 
 _SQLITE_SCHEMA = """
@@ -184,12 +184,8 @@ class SqliteJobStore(JobStore, EmbeddedQueue):
         return [JobRecord.from_dict(json.loads(r[0])) for r in rows]
 
     def _modify(
-        self,
-        job_id: str,
-        allowed: Iterable[str],
-        to_state: str | None,
-        changes: dict[str, Any],
-        where: Callable[[JobRecord], bool] | None = None,
+        self, job_id: str, allowed: Iterable[str], to_state: str | None, changes: dict[str, Any],
+        where: Where | None = None,
     ) -> JobRecord | None:
         allowed = tuple(allowed)
         with self._tx() as db:
