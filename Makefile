@@ -40,7 +40,7 @@ typecheck: install
 	@for d in app worker model; do ln -sfn ../../../$$d $(TYPECHECK_ROOT)/$$d; done
 	$(BIN)/mypy -p fprotoseg.app -p fprotoseg.worker -m fprotoseg.model -m fprotoseg.model.segmenter \
 	    -m fprotoseg.model.errors -m fprotoseg.model.checkpoint -m fprotoseg.model.registry \
-	    -m fprotoseg.model.catalog -m fprotoseg.model.config_schema
+	    -m fprotoseg.model.catalog -m fprotoseg.model.config_schema -m fprotoseg.model.digest
 
 bench: install
 	$(BIN)/python bench/pipeline.py

@@ -20,6 +20,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
 from fprotoseg.app.errors import Problem
+from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.service.jobstore import JobRecord
 from fprotoseg.worker.service.settings import KeyEntry, Settings
 from fprotoseg.worker.service.storage import load_or_create_secret
@@ -71,7 +72,7 @@ def match_key(candidate: str, entries: list[KeyEntry]) -> KeyEntry | None:
 
 def _unauthorized(detail: str) -> Problem:
     return Problem(
-        401, detail, code="unauthorized", headers={"WWW-Authenticate": f'ApiKey header="{API_KEY_HEADER}"'}
+        ErrorCode.UNAUTHORIZED, detail, headers={"WWW-Authenticate": f'ApiKey header="{API_KEY_HEADER}"'}
     )
 
 

@@ -23,13 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"fprotoseg.app.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"fprotoseg.app.commands.{name}":
-                continue  # subcommand not built yet
-            raise
-        module.register(sub)
+        # a module missing from the install is a packaging error: let its import error surface
+        importlib.import_module(f"fprotoseg.app.commands.{name}").register(sub)
     return parser
 
 

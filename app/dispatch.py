@@ -12,7 +12,9 @@ import threading
 import time
 from typing import Protocol
 
-from fprotoseg.worker.service.jobstore import JobStore
+from fprotoseg.model.errors import ConfigurationError
+from fprotoseg.worker.service.jobstore import EmbeddedQueue, JobStore
+from fprotoseg.worker.service.maintenance import Resubmit
 from fprotoseg.worker.service.settings import Settings
 
 log = logging.getLogger("fprotoseg.api")
@@ -20,6 +22,9 @@ log = logging.getLogger("fprotoseg.api")
 
 class Dispatcher(Protocol):
     kind: str
+    # how a requeued job (its worker lost) reaches a worker again; None where the workers take
+    # queued jobs from the job store themselves (the embedded worker)
+    resubmit: Resubmit | None
 
     def submit(self, job_id: str) -> None:
         """Hand a queued job to the workers; raise on a broker failure."""
@@ -36,8 +41,9 @@ class EmbeddedDispatcher:
     """The local worker process polls the SQLite store for queued jobs: nothing to send."""
 
     kind = "embedded"
+    resubmit: Resubmit | None = None
 
-    def __init__(self, settings: Settings, store: JobStore) -> None:
+    def __init__(self, settings: Settings, store: EmbeddedQueue) -> None:
         self.settings, self.store = settings, store
 
     def submit(self, job_id: str) -> None:
@@ -65,6 +71,7 @@ class CeleryDispatcher:
         from fprotoseg.worker.service.celery_app import make_celery
 
         self.settings = settings
+        self.resubmit: Resubmit | None = self.submit
         self.app = make_celery(settings)
         self._ping_lock = threading.Lock()
         self._ping_at = 0.0
@@ -114,4 +121,8 @@ class CeleryDispatcher:
 
 
 def make_dispatcher(settings: Settings, store: JobStore) -> Dispatcher:
-    return EmbeddedDispatcher(settings, store) if settings.embedded else CeleryDispatcher(settings)
+    if not settings.embedded:
+        return CeleryDispatcher(settings)
+    if not isinstance(store, EmbeddedQueue):
+        raise ConfigurationError("the embedded worker needs the SQLite job store (no FPROTOSEG_BROKER_URL)")
+    return EmbeddedDispatcher(settings, store)

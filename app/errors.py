@@ -12,22 +12,28 @@ from __future__ import annotations
 from typing import Any
 
 from fprotoseg.model.errors import FprotosegError
+from fprotoseg.worker.error_codes import ErrorCode
+from fprotoseg.worker.errors import CodedError
 
 
 class Problem(FprotosegError):
-    """Raise from a route to answer with a problem body of ``status``."""
+    """Raise from a route to answer with a problem body of ``code``.
+
+    The status is the code's (:class:`ErrorCode`); ``status`` only where one code answers with
+    another status on one path (``invalid_request`` for a JSON body too large: 413).
+    """
 
     def __init__(
         self,
-        status: int,
+        code: ErrorCode,
         detail: str,
         *,
-        code: str,
+        status: int | None = None,
         headers: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(detail, code=code)
-        self.http_status = status
+        self.http_status = status or code.http_status
         self.headers = headers or {}
         self.extra = extra or {}
 
@@ -40,9 +46,7 @@ class Problem(FprotosegError):
         return self.message
 
 
-class UsageError(FprotosegError):
+class UsageError(CodedError):
     """A command-line argument is out of range (``--batch-size 0``); the message names it."""
 
-    code = "invalid_argument"
-    http_status = 422
-    exit_code = 2
+    code = ErrorCode.INVALID_ARGUMENT

@@ -100,7 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     except PackageNotFoundError:
         app_version = "0+unknown"
 
-    maintenance = Maintenance(settings, store, None if dispatcher.kind == "embedded" else dispatcher.submit)
+    maintenance = Maintenance(settings, store, dispatcher.resubmit)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

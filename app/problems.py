@@ -9,6 +9,7 @@ Mapping is by class: every :class:`~fprotoseg.model.errors.FprotosegError` (a
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,9 +19,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fprotoseg.app.errors import Problem
 from fprotoseg.model.errors import FprotosegError
+from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.service.storage import is_out_of_space
 
-__all__ = ["PROBLEM_MEDIA_TYPE", "Problem", "install_problem_handlers", "problem_response"]
+__all__ = [
+    "PROBLEM_MEDIA_TYPE",
+    "Problem",
+    "install_problem_handlers",
+    "problem_response",
+    "validation_detail",
+]
 
 log = logging.getLogger("fprotoseg.api")
 
@@ -42,14 +50,18 @@ _TITLES = {
 
 
 def problem_response(
-    status: int,
+    code: str,
     detail: str,
     *,
-    code: str,
+    status: int | None = None,
     instance: str | None = None,
     headers: dict[str, str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> JSONResponse:
+    """The one way a problem body is built. ``status`` defaults to the code's in the registry
+    (a code of the model layer, a plain string, comes with the status of its error class)."""
+    if status is None:
+        status = code.http_status if isinstance(code, ErrorCode) else 500
     body: dict[str, Any] = {
         "type": f"urn:fprotoseg:problem:{code}",
         "title": _TITLES.get(status, "Error"),
@@ -63,9 +75,11 @@ def problem_response(
     return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 
 
-def _validation_detail(exc: RequestValidationError) -> str:
+def validation_detail(errors: Sequence[Any]) -> str:
+    """One line naming each bad field (at most five) of a pydantic/FastAPI validation error:
+    ``mpp: Input should be a valid number``."""
     parts = []
-    for err in exc.errors()[:5]:
+    for err in errors[:5]:
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
     return "; ".join(parts) or "invalid request"
@@ -91,24 +105,25 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(
+            exc.status_code, ErrorCode.HTTP_ERROR
+        )
         detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(exc.status_code, "error")
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:
             headers["Allow"] = ", ".join(allowed_methods(app, request.url.path))
         return problem_response(
-            exc.status_code,
+            code,
             detail,
-            code=code,
+            status=exc.status_code,
             instance=request.url.path,
             headers=headers or None,
         )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return problem_response(
-            422, _validation_detail(exc), code="invalid_request", instance=request.url.path
-        )
+        detail = validation_detail(exc.errors())
+        return problem_response(ErrorCode.INVALID_REQUEST, detail, instance=request.url.path)
 
     @app.exception_handler(FprotosegError)
     async def _fprotoseg(request: Request, exc: FprotosegError) -> JSONResponse:
@@ -118,9 +133,9 @@ def install_problem_handlers(app: FastAPI) -> None:
         if exc.http_status == 503:
             headers.setdefault("Retry-After", "5")  # transient by definition: say when to come back
         return problem_response(
-            exc.http_status,
+            exc.code,
             exc.message,
-            code=exc.code,
+            status=exc.http_status,
             instance=request.url.path,
             headers=headers or None,
             extra=problem.extra if problem else None,
@@ -131,17 +146,15 @@ def install_problem_handlers(app: FastAPI) -> None:
         if is_out_of_space(exc):
             log.error("out of disk space on %s %s: %s", request.method, request.url.path, exc)
             return problem_response(
-                507,
+                ErrorCode.INSUFFICIENT_STORAGE,
                 "the server is out of disk space; try again later",
-                code="insufficient_storage",
                 instance=request.url.path,
                 headers={"Retry-After": "300"},
             )
         # The traceback goes to the server log only; the body names the error class and nothing more.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem_response(
-            500,
+            ErrorCode.INTERNAL_ERROR,
             f"internal error ({type(exc).__name__}); see the server log",
-            code="internal_error",
             instance=request.url.path,
         )

@@ -33,15 +33,16 @@ from urllib.parse import unquote, urlsplit
 from fastapi import Request
 
 from fprotoseg.app.errors import Problem
+from fprotoseg.app.routes.segment_models import SegmentFields, SegmentReference
 from fprotoseg.app.upload import TEMP_PREFIX, client_filename, storage_full
+from fprotoseg.model.digest import file_sha256_and_size
+from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.service.settings import Settings
 from fprotoseg.worker.service.storage import FILE_MODE, free_mb, is_out_of_space
 from fprotoseg.worker.wsi.dicom import DICOM_FOLDER_SUFFIX, folder_sha256, series_files, unpack_series_zip
 
 MAX_JSON_BODY_BYTES = 16 * 1024
-MAX_URI_CHARS = 2048
 HASH_CHUNK_BYTES = 1 << 20
-_FIELDS = {"slide_uri", "mpp", "model", "callback_url", "metadata", "external_id"}
 
 
 @dataclass
@@ -58,20 +59,8 @@ class IncomingSlide:
     filename: str
     owned: bool
     slide_uri: str | None = None
-    fields: dict[str, str] = field(default_factory=dict)
-
-
-def _refused(status: int, detail: str, code: str) -> Problem:
-    return Problem(status, detail, code=code)
-
-
-def _hash_file(path: Path) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    with path.open("rb") as fh:
-        while chunk := fh.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
+    form: dict[str, str] = field(default_factory=dict)  # an upload's other form fields, as sent
+    request: SegmentFields | None = None  # a JSON body's fields, validated as it was read
 
 
 def _hash_series(folder: Path, max_files: int) -> tuple[str, int]:
@@ -96,7 +85,7 @@ def unpack_dicom_zip(upload: IncomingSlide, settings: Settings) -> IncomingSlide
     finally:
         upload.path.unlink(missing_ok=True)
     return IncomingSlide(
-        folder, upload.sha256, upload.size_bytes, upload.filename, owned=True, fields=upload.fields
+        folder, upload.sha256, upload.size_bytes, upload.filename, owned=True, form=upload.form
     )
 
 
@@ -111,25 +100,23 @@ def remove_incoming(path: Path) -> None:
 def resolve_file_uri(uri: str, roots: list[Path]) -> Path:
     """The real path a ``file://`` URI names, if it lies inside a root; a 4xx problem otherwise."""
     if not roots:
-        raise _refused(
-            403,
+        raise Problem(
+            ErrorCode.SLIDE_ROOTS_UNSET,
             "slides by path are not enabled on this server (FPROTOSEG_SLIDE_ROOTS is unset)",
-            "slide_roots_unset",
         )
     parts = urlsplit(uri)
     if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
-        raise _refused(
-            422, "a file URI is file:///absolute/path (no host, query or fragment)", "invalid_slide_uri"
+        raise Problem(
+            ErrorCode.INVALID_SLIDE_URI, "a file URI is file:///absolute/path (no host, query or fragment)"
         )
     decoded = unquote(parts.path, errors="strict")
     if not decoded.startswith("/") or "\x00" in decoded or "\\" in decoded or "%" in decoded:
-        raise _refused(
-            422,
+        raise Problem(
+            ErrorCode.INVALID_SLIDE_URI,
             "the slide path must be absolute and encoded once, without NUL or backslash",
-            "invalid_slide_uri",
         )
     if any(segment in ("..", ".") for segment in decoded.split("/")):
-        raise _refused(403, "the slide path may not contain '.' or '..' segments", "slide_path_forbidden")
+        raise Problem(ErrorCode.SLIDE_PATH_FORBIDDEN, "the slide path may not contain '.' or '..' segments")
     try:
         real = Path(decoded).resolve(strict=True)
     except (OSError, RuntimeError):  # missing, or a symlink loop
@@ -141,13 +128,13 @@ def resolve_file_uri(uri: str, roots: list[Path]) -> Path:
             for r, raw in zip(real_roots, roots, strict=True)
         )
         if inside:
-            raise _refused(404, "no slide at this path under the slide roots", "slide_not_found")
-        raise _refused(403, "the slide path is outside FPROTOSEG_SLIDE_ROOTS", "slide_path_forbidden")
+            raise Problem(ErrorCode.SLIDE_NOT_FOUND, "no slide at this path under the slide roots")
+        raise Problem(ErrorCode.SLIDE_PATH_FORBIDDEN, "the slide path is outside FPROTOSEG_SLIDE_ROOTS")
     if not any(real.is_relative_to(r) for r in real_roots):
         # a symlink (or an absolute path) leading out of every root
-        raise _refused(403, "the slide path is outside FPROTOSEG_SLIDE_ROOTS", "slide_path_forbidden")
+        raise Problem(ErrorCode.SLIDE_PATH_FORBIDDEN, "the slide path is outside FPROTOSEG_SLIDE_ROOTS")
     if not real.is_file() and not real.is_dir():
-        raise _refused(422, "the slide path is neither a file nor a folder", "invalid_slide_uri")
+        raise Problem(ErrorCode.INVALID_SLIDE_URI, "the slide path is neither a file nor a folder")
     return real
 
 
@@ -155,10 +142,9 @@ def _s3_filesystem(settings: Settings) -> Any:
     try:
         import s3fs
     except ImportError:
-        raise _refused(
-            422,
+        raise Problem(
+            ErrorCode.S3_UNAVAILABLE,
             "s3:// slides need the optional extra on this server: pip install 'fprotoseg[s3]'",
-            "s3_unavailable",
         ) from None
     client_kwargs = {"endpoint_url": settings.s3_endpoint_url} if settings.s3_endpoint_url else {}
     return s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True)
@@ -169,29 +155,28 @@ def fetch_s3(uri: str, settings: Settings) -> IncomingSlide:
     parts = urlsplit(uri)
     key = parts.path.lstrip("/")
     if not parts.netloc or not key or parts.query or parts.fragment:
-        raise _refused(422, "an object URI is s3://bucket/key", "invalid_slide_uri")
+        raise Problem(ErrorCode.INVALID_SLIDE_URI, "an object URI is s3://bucket/key")
     cap_bytes = int(settings.slide_cache_max_mb * 2**20)
     fs = _s3_filesystem(settings)
     location = f"{parts.netloc}/{key}"
     try:
         info = fs.info(location)
     except FileNotFoundError:
-        raise _refused(404, f"no object {uri[:200]!r}", "slide_not_found") from None
+        raise Problem(ErrorCode.SLIDE_NOT_FOUND, f"no object {uri[:200]!r}") from None
     except PermissionError:
-        raise _refused(403, f"access to {uri[:200]!r} was denied", "slide_access_denied") from None
+        raise Problem(ErrorCode.SLIDE_ACCESS_DENIED, f"access to {uri[:200]!r} was denied") from None
     except Exception as exc:  # botocore's own errors (no credentials, bad endpoint, …) too: never a 500
         raise Problem(
-            502, f"the object store did not answer ({type(exc).__name__})", code="object_store_error"
+            ErrorCode.OBJECT_STORE_ERROR, f"the object store did not answer ({type(exc).__name__})"
         ) from None
     size = int(info.get("size") or 0)
     if info.get("type") == "directory":
-        raise _refused(422, "the object URI names a prefix, not an object", "invalid_slide_uri")
+        raise Problem(ErrorCode.INVALID_SLIDE_URI, "the object URI names a prefix, not an object")
     if size > cap_bytes:
-        raise _refused(
-            413,
+        raise Problem(
+            ErrorCode.SLIDE_TOO_LARGE_FOR_CACHE,
             f"the object is {size / 2**20:.1f} MiB, over the {settings.slide_cache_max_mb:g} MiB cap "
             "(FPROTOSEG_SLIDE_CACHE_MAX_MB)",
-            "slide_too_large_for_cache",
         )
     if free_mb(settings.uploads_dir) - size / 2**20 < settings.min_free_mb:
         raise storage_full("the server has not enough free disk space for this slide; try again later")
@@ -203,10 +188,9 @@ def fetch_s3(uri: str, settings: Settings) -> IncomingSlide:
             while chunk := src.read(HASH_CHUNK_BYTES):
                 received += len(chunk)
                 if received > cap_bytes:  # the object grew after info()
-                    raise _refused(
-                        413,
+                    raise Problem(
+                        ErrorCode.SLIDE_TOO_LARGE_FOR_CACHE,
                         "the object is over the cap (FPROTOSEG_SLIDE_CACHE_MAX_MB)",
-                        "slide_too_large_for_cache",
                     )
                 digest.update(chunk)
                 out.write(chunk)
@@ -218,33 +202,9 @@ def fetch_s3(uri: str, settings: Settings) -> IncomingSlide:
         if is_out_of_space(exc):
             raise storage_full("the server ran out of disk space while fetching the slide") from None
         raise Problem(
-            502, f"reading the object failed ({type(exc).__name__})", code="object_store_error"
+            ErrorCode.OBJECT_STORE_ERROR, f"reading the object failed ({type(exc).__name__})"
         ) from None
     return IncomingSlide(tmp, digest.hexdigest(), received, key.rsplit("/", 1)[-1], owned=True, slide_uri=uri)
-
-
-_TYPES: dict[str, tuple[type, ...]] = {
-    "mpp": (int, float),
-    "model": (str,),
-    "callback_url": (str,),
-    "external_id": (str,),
-    "metadata": (dict,),
-}
-
-
-def _check_types(doc: dict[str, Any]) -> None:
-    """Each optional field has the JSON type the schema names (a quoted number is not an mpp)."""
-    for name, types in _TYPES.items():
-        value = doc.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
-            kind = "a number" if name == "mpp" else "a JSON object" if name == "metadata" else "a string"
-            raise _refused(422, f"{name} must be {kind}", "invalid_request")
-
-
-def _as_field(value: Any) -> str:
-    if isinstance(value, dict):
-        return json.dumps(value)
-    return "" if value is None else str(value)
 
 
 async def receive_reference(request: Request, settings: Settings) -> IncomingSlide:
@@ -255,43 +215,29 @@ async def receive_reference(request: Request, settings: Settings) -> IncomingSli
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_JSON_BODY_BYTES:
-            raise _refused(
-                413, f"the JSON body is larger than {MAX_JSON_BODY_BYTES} bytes", "invalid_request"
+            raise Problem(
+                ErrorCode.INVALID_REQUEST,
+                f"the JSON body is larger than {MAX_JSON_BODY_BYTES} bytes",
+                status=413,
             )
     try:
         doc = json.loads(body)
     except ValueError:
-        raise _refused(400, "the body is not valid JSON", "invalid_request") from None
-    if not isinstance(doc, dict):
-        raise _refused(422, "the body must be a JSON object with slide_uri", "invalid_request")
-    unknown = sorted(set(doc) - _FIELDS)
-    if unknown:
-        raise _refused(
-            422,
-            f"unknown field(s) {', '.join(unknown)[:200]}; allowed: {', '.join(sorted(_FIELDS))}",
-            "invalid_request",
-        )
-    uri = doc.get("slide_uri")
-    if not isinstance(uri, str) or not uri or len(uri) > MAX_URI_CHARS:
-        raise _refused(
-            422,
-            f"slide_uri must be a file:// or s3:// URI of at most {MAX_URI_CHARS} characters",
-            "invalid_request",
-        )
-    _check_types(doc)
-    fields = {k: _as_field(doc.get(k)) for k in _FIELDS - {"slide_uri"} if doc.get(k) is not None}
+        raise Problem(ErrorCode.INVALID_REQUEST, "the body is not valid JSON", status=400) from None
+    fields = SegmentReference.from_json(doc)
+    uri = fields.slide_uri
     scheme = urlsplit(uri).scheme.lower()
     if scheme == "file":
         path = resolve_file_uri(uri, settings.slide_roots)
         if path.is_dir():  # a DICOM WSI series: hashed over its instances (worker/wsi/dicom.py)
             sha256, size = await run_in_threadpool(_hash_series, path, settings.dicom_zip_max_files)
         else:
-            sha256, size = await run_in_threadpool(_hash_file, path)
+            sha256, size = await run_in_threadpool(file_sha256_and_size, path)
         incoming = IncomingSlide(path, sha256, size, client_filename(path.name), owned=False, slide_uri=uri)
     elif scheme == "s3":
         incoming = await run_in_threadpool(fetch_s3, uri, settings)
         incoming.filename = client_filename(incoming.filename)
     else:
-        raise _refused(422, "slide_uri must start with file:// or s3://", "invalid_slide_uri")
-    incoming.fields = fields
+        raise Problem(ErrorCode.INVALID_SLIDE_URI, "slide_uri must start with file:// or s3://")
+    incoming.request = fields
     return incoming

@@ -22,6 +22,7 @@ from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from fprotoseg.app.errors import Problem
+from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.service.storage import FILE_MODE, free_mb, is_out_of_space
 
 log = logging.getLogger("fprotoseg.api")
@@ -59,23 +60,22 @@ def client_filename(raw: str | None) -> str:
         return ""
     if len(raw) > MAX_FILENAME_CHARS:
         raise Problem(
-            422, f"the file name is longer than {MAX_FILENAME_CHARS} characters", code="filename_too_long"
+            ErrorCode.FILENAME_TOO_LONG, f"the file name is longer than {MAX_FILENAME_CHARS} characters"
         )
     if any(unicodedata.category(c) == "Cc" for c in raw):
-        raise Problem(422, "the file name contains control characters", code="invalid_request")
+        raise Problem(ErrorCode.INVALID_REQUEST, "the file name contains control characters")
     return raw
 
 
 def storage_full(detail: str) -> Problem:
     """507 with a stable code and a retry hint: the client did nothing wrong and may try later."""
-    return Problem(507, detail, code="insufficient_storage", headers={"Retry-After": str(RETRY_AFTER_FULL_S)})
+    return Problem(ErrorCode.INSUFFICIENT_STORAGE, detail, headers={"Retry-After": str(RETRY_AFTER_FULL_S)})
 
 
 def too_large(cap_bytes: int) -> Problem:
     return Problem(
-        413,
+        ErrorCode.UPLOAD_TOO_LARGE,
         f"the upload exceeds the limit of {cap_bytes / 2**20:g} MiB (FPROTOSEG_MAX_UPLOAD_MB)",
-        code="upload_too_large",
     )
 
 
@@ -117,7 +117,7 @@ class _Sink:
         name = params.get(b"name", b"").decode("utf-8", "replace")
         if name == FILE_FIELD and b"filename" in params:
             if self.file_seen:
-                self.error = Problem(422, "send exactly one file in the 'file' field", code="invalid_request")
+                self.error = Problem(ErrorCode.INVALID_REQUEST, "send exactly one file in the 'file' field")
                 return
             self.file_seen = True
             self.filename = params[b"filename"].decode("utf-8", "replace")
@@ -139,7 +139,7 @@ class _Sink:
             self.hasher.update(chunk)
         elif self._part is not None and self._part != FILE_FIELD:
             if len(self._buf) + (end - start) > MAX_FIELD_BYTES:
-                self.error = Problem(422, f"form field {self._part!r} is too long", code="invalid_request")
+                self.error = Problem(ErrorCode.INVALID_REQUEST, f"form field {self._part!r} is too long")
                 self._part = None
                 return
             self._buf += data[start:end]
@@ -186,9 +186,8 @@ async def receive_upload(
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or not params.get(b"boundary"):
         raise Problem(
-            415,
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
             "send the slide as multipart/form-data in a field named 'file' (curl -F file=@slide.svs)",
-            code="unsupported_media_type",
         )
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > cap_bytes + 1024 * 1024:
@@ -199,7 +198,7 @@ async def receive_upload(
         free = free_mb(uploads_dir)
     except OSError as exc:
         log.error("upload refused: the uploads dir is unusable: %s", exc)
-        raise Problem(503, "storage is unavailable; try again later", code="storage_unavailable") from None
+        raise Problem(ErrorCode.STORAGE_UNAVAILABLE, "storage is unavailable; try again later") from None
     needed_mb = min_free_mb + (int(declared) / 2**20 if declared and declared.isdigit() else 0.0)
     if free < needed_mb:
         log.error("upload refused: %.0f MiB free, %.0f MiB needed (FPROTOSEG_MIN_FREE_MB)", free, needed_mb)
@@ -229,17 +228,16 @@ async def receive_upload(
                 "the server ran out of disk space during the upload; try again later"
             ) from None
         log.error("upload aborted: cannot write the upload: %s", exc)
-        raise Problem(503, "storage is unavailable; try again later", code="storage_unavailable") from None
+        raise Problem(ErrorCode.STORAGE_UNAVAILABLE, "storage is unavailable; try again later") from None
     except Exception as exc:
         _discard(sink, temp_path)
         if "header size" in str(exc):  # python-multipart's cap on one part header line (4 KiB)
             raise Problem(
-                422,
+                ErrorCode.FILENAME_TOO_LONG,
                 f"a part header is too long: keep the file name under {MAX_FILENAME_CHARS} characters",
-                code="filename_too_long",
             ) from None
         raise Problem(
-            400, "the multipart body is malformed or was cut off", code="malformed_upload"
+            ErrorCode.MALFORMED_UPLOAD, "the multipart body is malformed or was cut off"
         ) from None
     finally:
         _discard(sink, None)
@@ -252,11 +250,11 @@ async def receive_upload(
         raise sink.error
     if not sink.ended:
         temp_path.unlink(missing_ok=True)
-        raise Problem(400, "the multipart body was cut off before its end", code="malformed_upload")
+        raise Problem(ErrorCode.MALFORMED_UPLOAD, "the multipart body was cut off before its end")
     if not sink.file_seen:
         temp_path.unlink(missing_ok=True)
         raise Problem(
-            422, "no file: send the slide in a multipart field named 'file'", code="invalid_request"
+            ErrorCode.INVALID_REQUEST, "no file: send the slide in a multipart field named 'file'"
         )
     try:
         filename = client_filename(sink.filename)

@@ -15,7 +15,6 @@ previous one's scores beyond what stitching needs; plain ``predict`` remains the
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 import weakref
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from fprotoseg.model.digest import file_sha256
 from fprotoseg.model.errors import CheckpointError, DeviceError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -348,15 +348,6 @@ class TorchSegmenter:
             "compile_and_measure_s": compile_wall_s,
         }
         return self.compile_report
-
-
-def file_sha256(path: Path) -> str:
-    """Streaming sha256 of a file (checkpoints are tens of MB: never read whole)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _rgb(color: Sequence[Any]) -> tuple[int, int, int]:

@@ -84,3 +84,33 @@ def test_the_installed_wheel_imports(wheel: Path, tmp_path: Path) -> None:
         [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_package_metadata_builds_without_deprecations(tmp_path: Path) -> None:
+    """setuptools deprecates the ``project.license`` table (removal dated February 2027); with the
+    SPDX string and setuptools pinned in ``build-system.requires`` installs keep working after it."""
+    import tomllib
+
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert isinstance(pyproject["project"]["license"], str)
+    (setuptools_req,) = [r for r in pyproject["build-system"]["requires"] if r.startswith("setuptools")]
+    assert "<" in setuptools_req, "setuptools needs an upper bound in build-system.requires"
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO_ROOT / name, tmp_path / name)
+    roots = pyproject["tool"]["setuptools"]["package-dir"]
+    for package in pyproject["tool"]["setuptools"]["packages"]:  # the folders, not the code
+        root = next(r for r in roots if package == r or package.startswith(r + "."))
+        folder = tmp_path / roots[root] / package[len(root) + 1 :].replace(".", "/")
+        folder.mkdir(parents=True, exist_ok=True)
+    code = (
+        "import warnings\n"
+        "from setuptools import SetuptoolsDeprecationWarning\n"
+        "warnings.simplefilter('error', SetuptoolsDeprecationWarning)\n"
+        "from setuptools import build_meta\n"
+        f"build_meta.prepare_metadata_for_build_wheel({str(tmp_path / 'meta')!r})\n"
+    )
+    (tmp_path / "meta").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]

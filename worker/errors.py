@@ -1,151 +1,173 @@
 """Every error of the worker layer (slide pipeline and job service), each with a stable ``code``.
 
-One module for the layer so a reader finds every code in one place; the HTTP status and CLI exit
-code come with each class (see :class:`fprotoseg.model.errors.FprotosegError`). The slide
+One module for the layer so a reader finds every class in one place; each class names its code in
+the registry (:mod:`fprotoseg.worker.error_codes`), which gives its HTTP status and CLI exit code. The slide
 validation errors are raised the same way by the upload sniffer in the API and by the slide
 reader in the worker, so one fault has one code wherever it is caught.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from fprotoseg.model.errors import FprotosegError
+from fprotoseg.worker.error_codes import ErrorCode
+
+
+class CodedError(FprotosegError):
+    """An error whose class names its :class:`ErrorCode`: status and exit code come from there."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        code = cls.__dict__.get("code")
+        if isinstance(code, ErrorCode):
+            cls.http_status = code.http_status
+            cls.exit_code = code.exit_code
+
+
+@dataclass(frozen=True)
+class FieldHint:
+    """The request parameter that fixes an error, worded for each kind of client.
+
+    The pipeline does not know whether the CLI (``--mpp``) or the API (the form field ``mpp``)
+    ran it: the error keeps its fix apart from its message, and each client words it.
+    """
+
+    name: str
+    example: str
+
+    def for_cli(self) -> str:
+        return f"pass it with --{self.name} (e.g. --{self.name} {self.example})"
+
+    def for_http(self) -> str:
+        return f"send it in the form field {self.name} (e.g. {self.example})"
 
 
 # --- the slide file ------------------------------------------------------------------------------
-class SlideError(FprotosegError):
-    """The file cannot be read as a whole-slide image."""
+class SlideError(CodedError):
+    """The file cannot be read as a whole-slide image.
 
-    code = "unreadable_slide"
-    http_status = 422
+    ``hint``: the request parameter that fixes it, if one does; the CLI's wording of it is part of
+    the message (``str(exc)``), :attr:`summary` is the message without it.
+    """
+
+    code = ErrorCode.UNREADABLE_SLIDE
+
+    def __init__(self, message: str, *, hint: FieldHint | None = None) -> None:
+        super().__init__(f"{message}; {hint.for_cli()}" if hint else message)
+        self.summary = message
+        self.hint = hint
 
 
 class EmptySlideError(SlideError):
     """The file has no bytes at all."""
 
-    code = "empty_upload"
-    http_status = 400
+    code = ErrorCode.EMPTY_UPLOAD
 
 
 class UnsupportedFormatError(SlideError):
     """The bytes are not a whole-slide image format fprotoseg reads (PNG, ZIP, text, ...)."""
 
-    code = "unsupported_format"
-    http_status = 415
+    code = ErrorCode.UNSUPPORTED_FORMAT
 
 
 class TruncatedSlideError(SlideError):
     """The TIFF structure or its image data points past the end of the file (a cut-off upload)."""
 
-    code = "corrupt_slide"
-    http_status = 422
+    code = ErrorCode.CORRUPT_SLIDE
 
 
 class MissingMppError(SlideError):
     """Neither the slide metadata nor the request gives the pixel size."""
 
-    code = "missing_mpp"
+    code = ErrorCode.MISSING_MPP
 
 
 class SlideTooLargeError(SlideError):
     """Dimensions beyond any real slide (decompression-bomb guard)."""
 
-    code = "slide_too_large"
+    code = ErrorCode.SLIDE_TOO_LARGE
 
 
 class DicomSeriesError(SlideError):
     """A DICOM WSI folder or zip that is not one readable series (too many instances, …)."""
 
-    code = "dicom_series_invalid"
-    http_status = 422
+    code = ErrorCode.DICOM_SERIES_INVALID
 
 
 class UnsafeZipError(SlideError):
     """A zip upload whose entries point outside its folder, are links, or are corrupt."""
 
-    code = "unsafe_zip"
-    http_status = 422
+    code = ErrorCode.UNSAFE_ZIP
 
 
 class ZipTooLargeError(SlideError):
     """A zip upload with too many entries or inflating beyond the caps (a zip bomb)."""
 
-    code = "zip_too_large"
-    http_status = 413
+    code = ErrorCode.ZIP_TOO_LARGE
 
 
-class PipelineOptionsError(FprotosegError):
+class PipelineOptionsError(CodedError):
     """A pipeline option (batch size, output µm/px, ...) is out of range."""
 
-    code = "invalid_options"
-    http_status = 422
+    code = ErrorCode.INVALID_OPTIONS
 
 
 class UploadChangedError(SlideError):
     """The stored upload no longer has the sha256 recorded when it was received."""
 
-    code = "upload_changed"
-    http_status = 500
+    code = ErrorCode.UPLOAD_CHANGED
 
 
 # --- running a job -------------------------------------------------------------------------------
-class JobCancelledError(FprotosegError):
+class JobCancelledError(CodedError):
     """The job was cancelled while running; raised at the next batch boundary."""
 
-    code = "cancelled"
-    http_status = 409
+    code = ErrorCode.CANCELLED
 
 
-class JobInterrupted(FprotosegError):
+class JobInterrupted(CodedError):
     """The worker is shutting down; the job goes back to the queue to be resumed."""
 
-    code = "interrupted"
-    http_status = 503
+    code = ErrorCode.INTERRUPTED
 
 
-class JobTimeLimitError(FprotosegError):
+class JobTimeLimitError(CodedError):
     """The job ran longer than FPROTOSEG_JOB_SOFT_TIME_LIMIT_S."""
 
-    code = "time_limit"
-    http_status = 500
+    code = ErrorCode.TIME_LIMIT
 
 
-class TransientJobError(FprotosegError):
+class TransientJobError(CodedError):
     """A failure worth retrying (the job store or broker blinked); the job stays queued."""
 
-    code = "transient_error"
-    http_status = 503
-    exit_code = 75  # EX_TEMPFAIL
+    code = ErrorCode.TRANSIENT_ERROR
 
 
-class JobStoreError(FprotosegError):
+class JobStoreError(CodedError):
     """The job store (SQLite file or Redis) cannot be reached or written."""
 
-    code = "jobstore_unavailable"
-    http_status = 503
-    exit_code = 75
+    code = ErrorCode.JOBSTORE_UNAVAILABLE
 
 
-class BrokerUnavailableError(FprotosegError):
+class BrokerUnavailableError(CodedError):
     """The Celery broker (Redis) did not take the job."""
 
-    code = "broker_unavailable"
-    http_status = 503
-    exit_code = 75
+    code = ErrorCode.BROKER_UNAVAILABLE
 
 
-class DuplicateJobError(FprotosegError):
+class DuplicateJobError(CodedError):
     """A job with this Idempotency-Key exists already; ``existing_id`` names it."""
 
-    code = "duplicate_job"
-    http_status = 409
+    code = ErrorCode.DUPLICATE_JOB
 
     def __init__(self, existing_id: str) -> None:
         super().__init__(f"a job with this Idempotency-Key exists: {existing_id}")
         self.existing_id = existing_id
 
 
-class SegmenterOutputError(FprotosegError):
+class SegmenterOutputError(CodedError):
     """The network returned scores of the wrong shape for the tiles it was given."""
 
-    code = "segmenter_error"
-    http_status = 500
+    code = ErrorCode.SEGMENTER_ERROR

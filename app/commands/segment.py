@@ -1,4 +1,4 @@
-"""``fprotoseg segment SLIDE``: one slide in, the result files of DESIGN.md section 3 out.
+"""``fprotoseg segment SLIDE``: one slide in, the result files of README.md's "Outputs" out.
 
 The slide is opened and vetted before the model is loaded, so a bad file fails in milliseconds
 with a one-line reason. torch, OpenSlide and the pipeline are imported inside the handler only.

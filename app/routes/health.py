@@ -12,7 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fprotoseg.app.auth import require_api_key
 from fprotoseg.app.deps import DispatcherDep, SettingsDep, StoreDep
-from fprotoseg.app.problems import PROBLEM_MEDIA_TYPE
+from fprotoseg.app.problems import problem_response
+from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.errors import JobStoreError
 from fprotoseg.worker.service.storage import free_mb
 
@@ -73,15 +74,9 @@ def readyz(settings: SettingsDep, store: StoreDep, dispatcher: DispatcherDep) ->
         failing[failing.index("storage")] = (
             f"storage ({free} MiB free, FPROTOSEG_MIN_FREE_MB={settings.min_free_mb:g})"
         )
-    body = {
-        "type": "urn:fprotoseg:problem:not_ready",
-        "title": "Service unavailable",
-        "status": 503,
-        "detail": "not ready: " + ", ".join(failing),
-        "code": "not_ready",
-        "checks": checks,
-    }
-    return JSONResponse(body, status_code=503, media_type=PROBLEM_MEDIA_TYPE)
+    return problem_response(
+        ErrorCode.NOT_READY, "not ready: " + ", ".join(failing), extra={"checks": checks}
+    )
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

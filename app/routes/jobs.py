@@ -11,8 +11,9 @@ from fprotoseg.app.auth import ApiKey, Principal
 from fprotoseg.app.deps import DispatcherDep, SettingsDep, StoreDep
 from fprotoseg.app.errors import Problem
 from fprotoseg.app.routes.views import JobList, JobView, base_url, job_view
+from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.service.jobstore import JobRecord, JobStore
-from fprotoseg.worker.service.lifecycle import heartbeat_stale
+from fprotoseg.worker.service.lifecycle import job_is_lost
 from fprotoseg.worker.service.maintenance import end_lost_job
 from fprotoseg.worker.service.states import CANCELLED, FAILED, SUCCEEDED, JobState
 
@@ -28,7 +29,7 @@ def load_job(store: JobStore, job_id: str, who: Principal) -> JobRecord:
     one (same status, code and detail), so job ids cannot be probed across tenants."""
     rec = store.get(job_id) if 0 < len(job_id) <= MAX_JOB_ID_CHARS else None
     if rec is None or not who.may_see(rec):
-        raise Problem(404, f"no job {job_id[:MAX_JOB_ID_CHARS]!r}", code="job_not_found")
+        raise Problem(ErrorCode.JOB_NOT_FOUND, f"no job {job_id[:MAX_JOB_ID_CHARS]!r}")
     return rec
 
 
@@ -43,7 +44,7 @@ def list_jobs(
     state: JobState | None = None,
 ) -> dict[str, Any]:
     limit = min(limit, settings.jobs_page_max)
-    records, total = store.list(limit=limit, offset=offset, state=state, tenant=who.list_filter)
+    records, total = store.page(limit=limit, offset=offset, state=state, tenant=who.list_filter)
     next_url = None
     if offset + len(records) < total:
         query = f"limit={limit}&offset={offset + limit}" + (f"&state={state}" if state else "")
@@ -89,10 +90,9 @@ def cancel_job(
 ) -> JSONResponse:
     rec = load_job(store, job_id, who)
     if rec.state in (SUCCEEDED, FAILED):
-        raise Problem(409, f"job {job_id} has already {rec.state}; nothing to cancel", code="job_finished")
+        raise Problem(ErrorCode.JOB_FINISHED, f"job {job_id} has already {rec.state}; nothing to cancel")
     if rec.state != CANCELLED:
         rec = store.request_cancel(job_id) or rec
-        if heartbeat_stale(rec, settings):  # no worker will see the flag: end the job here
-            resubmit = None if dispatcher.kind == "embedded" else dispatcher.submit
-            rec = end_lost_job(store, settings, rec, resubmit) or store.get(job_id) or rec
+        if job_is_lost(rec, settings):  # no worker will see the flag: end the job here
+            rec = end_lost_job(store, settings, rec, dispatcher.resubmit) or store.get(job_id) or rec
     return JSONResponse(job_view(rec, request, settings), status_code=202)

@@ -13,7 +13,8 @@ from fprotoseg.app.auth import ApiKey, Principal
 from fprotoseg.app.deps import SettingsDep, StoreDep
 from fprotoseg.app.errors import Problem
 from fprotoseg.app.routes.jobs import load_job
-from fprotoseg.worker.service.jobstore import JobStore
+from fprotoseg.worker.error_codes import ErrorCode
+from fprotoseg.worker.service.jobstore import JobRecord, JobStore
 from fprotoseg.worker.service.settings import Settings
 from fprotoseg.worker.service.states import SUCCEEDED
 from fprotoseg.worker.wsi.result_files import GZIP_SUFFIX, MEDIA_TYPES, RESULT_FILES, results_complete
@@ -34,30 +35,44 @@ def _responses(name: str) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def _result_path(settings: Settings, store: JobStore, job_id: str, name: str, who: Principal) -> Path:
-    rec = load_job(store, job_id, who)
+def published_results(settings: Settings, rec: JobRecord, what: str = "results exist") -> Path:
+    """The job's published results directory: ``409 results_not_ready`` until the job succeeded,
+    ``404 results_missing`` when its files are gone (the one rule for results and the viewer)."""
     if rec.state != SUCCEEDED:
         raise Problem(
-            409,
-            f"job {job_id} is {rec.state}; results exist once it has succeeded",
-            code="results_not_ready",
+            ErrorCode.RESULTS_NOT_READY,
+            f"job {rec.id} is {rec.state}; {what} once it has succeeded",
             extra={"state": rec.state},
         )
-    result_dir = settings.result_dir(job_id)
+    result_dir = settings.result_dir(rec.id)
     if not results_complete(result_dir):
-        raise Problem(
-            404, f"the results of job {job_id} are missing from the data dir", code="results_missing"
-        )
-    return result_dir / RESULT_FILES[name]
+        raise Problem(ErrorCode.RESULTS_MISSING, f"the results of job {rec.id} are missing from the data dir")
+    return result_dir
+
+
+def geojson_file(path: Path, request: Request, headers: dict[str, str]) -> FileResponse:
+    """The GeoJSON, gzip-encoded when the client accepts gzip (the worker wrote the copy)."""
+    headers = {**headers, "Vary": "Accept-Encoding"}
+    gz = path.with_name(path.name + GZIP_SUFFIX)
+    if "gzip" in request.headers.get("accept-encoding", "").lower() and gz.is_file():
+        headers["Content-Encoding"] = "gzip"
+        path = gz
+    return FileResponse(path, media_type=MEDIA_TYPES["geojson"], headers=headers)
+
+
+def _result_path(settings: Settings, store: JobStore, job_id: str, name: str, who: Principal) -> Path:
+    return published_results(settings, load_job(store, job_id, who)) / RESULT_FILES[name]
+
+
+def _disposition(path: Path, job_id: str, *, attachment: bool) -> dict[str, str]:
+    """Saved as ``<job id>-<file>``: a LIMS downloading many jobs' results keeps them apart."""
+    kind = "attachment" if attachment else "inline"
+    return {"Content-Disposition": f'{kind}; filename="{job_id}-{path.name}"'}
 
 
 def _file(path: Path, name: str, job_id: str, *, attachment: bool) -> FileResponse:
-    disposition = "attachment" if attachment else "inline"
-    return FileResponse(
-        path,
-        media_type=MEDIA_TYPES[name],
-        headers={"Content-Disposition": f'{disposition}; filename="{job_id}-{path.name}"'},
-    )
+    headers = _disposition(path, job_id, attachment=attachment)
+    return FileResponse(path, media_type=MEDIA_TYPES[name], headers=headers)
 
 
 @router.get(
@@ -70,21 +85,7 @@ def get_geojson(
     job_id: str, request: Request, who: ApiKey, settings: SettingsDep, store: StoreDep
 ) -> FileResponse:
     path = _result_path(settings, store, job_id, "geojson", who)
-    gz = path.with_name(path.name + GZIP_SUFFIX)
-    wants_gzip = "gzip" in request.headers.get("accept-encoding", "").lower()
-    if wants_gzip and gz.is_file():
-        return FileResponse(
-            gz,
-            media_type=MEDIA_TYPES["geojson"],
-            headers={
-                "Content-Encoding": "gzip",
-                "Vary": "Accept-Encoding",
-                "Content-Disposition": f'attachment; filename="{job_id}-{path.name}"',
-            },
-        )
-    response = _file(path, "geojson", job_id, attachment=True)
-    response.headers["Vary"] = "Accept-Encoding"
-    return response
+    return geojson_file(path, request, _disposition(path, job_id, attachment=True))
 
 
 @router.get(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import uuid
 from pathlib import Path
@@ -27,14 +26,18 @@ from fprotoseg.app.deps import DispatcherDep, SettingsDep, StoreDep
 from fprotoseg.app.dispatch import Dispatcher
 from fprotoseg.app.errors import Problem
 from fprotoseg.app.reference import IncomingSlide, receive_reference, remove_incoming, unpack_dicom_zip
-from fprotoseg.app.routes.views import SegmentAccepted, base_url, job_view
-from fprotoseg.app.upload import MAX_FILENAME_CHARS, receive_upload
+from fprotoseg.app.routes.segment_models import SEGMENT_REQUEST_BODY, SegmentAccepted, SegmentFields
+from fprotoseg.app.routes.views import base_url, job_view
+from fprotoseg.app.upload import receive_upload
+from fprotoseg.model.errors import UnknownModelError
+from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.errors import BrokerUnavailableError, DuplicateJobError
 from fprotoseg.worker.service.callbacks import job_links
 from fprotoseg.worker.service.jobstore import JobRecord, JobStore
-from fprotoseg.worker.service.lifecycle import heartbeat_stale
+from fprotoseg.worker.service.lifecycle import job_is_lost
 from fprotoseg.worker.service.maintenance import end_lost_job
-from fprotoseg.worker.service.netguard import MAX_URL_CHARS, CallbackURLError, check_callback_url
+from fprotoseg.worker.service.netguard import CallbackURLError, check_callback_url
+from fprotoseg.worker.service.segmenters import find_model
 from fprotoseg.worker.service.settings import Settings
 from fprotoseg.worker.service.states import CANCELLED, FAILED, QUEUED
 from fprotoseg.worker.wsi.dicom import DICOM_FOLDER_SUFFIX, is_zip_file, series_entry
@@ -44,98 +47,6 @@ log = logging.getLogger("fprotoseg.api")
 router = APIRouter(tags=["segment"])
 
 MAX_IDEMPOTENCY_KEY_LEN = 200
-MAX_METADATA_BYTES = 4096
-MAX_EXTERNAL_ID_CHARS = 200
-MIN_MPP, MAX_MPP = 0.01, 100.0
-
-_REFERENCE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["slide_uri"],
-    "additionalProperties": False,
-    "properties": {
-        "slide_uri": {
-            "type": "string",
-            "maxLength": 2048,
-            "description": "file:///path under FPROTOSEG_SLIDE_ROOTS (read where it is) or s3://bucket/key "
-            "(fetched, at most FPROTOSEG_SLIDE_CACHE_MAX_MB)",
-        },
-        "mpp": {"type": "number", "minimum": MIN_MPP, "maximum": MAX_MPP},
-        "model": {"type": "string", "maxLength": 100},
-        "callback_url": {"type": "string", "format": "uri", "maxLength": MAX_URL_CHARS},
-        "metadata": {"type": "object"},
-        "external_id": {"type": "string", "maxLength": MAX_EXTERNAL_ID_CHARS},
-    },
-}
-
-_UPLOAD_SCHEMA: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": _REFERENCE_SCHEMA},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "the whole-slide image; its file name (at most "
-                            f"{MAX_FILENAME_CHARS} characters) is kept exactly, as data",
-                        },
-                        "mpp": {
-                            "type": "number",
-                            "minimum": MIN_MPP,
-                            "maximum": MAX_MPP,
-                            "description": "level-0 µm/px; overrides (or supplies missing) slide metadata",
-                        },
-                        "callback_url": {
-                            "type": "string",
-                            "format": "uri",
-                            "maxLength": MAX_URL_CHARS,
-                            "description": "http(s) URL POSTed a signed JSON body when the job finishes; "
-                            "no credentials, no private address unless FPROTOSEG_CALLBACK_ALLOWED_HOSTS "
-                            "lists it",
-                        },
-                        "model": {
-                            "type": "string",
-                            "maxLength": 100,
-                            "description": "a model name from GET /models; default: the configured default",
-                        },
-                        "metadata": {
-                            "type": "string",
-                            "maxLength": MAX_METADATA_BYTES,
-                            "description": f'a JSON object of the client\'s own (e.g. {{"external_id": '
-                            f'"CASE-4711"}}), at most {MAX_METADATA_BYTES} bytes; echoed in the job, '
-                            "stats.json, provenance.json and the callback",
-                        },
-                        "external_id": {
-                            "type": "string",
-                            "maxLength": MAX_EXTERNAL_ID_CHARS,
-                            "description": "shorthand for metadata.external_id",
-                        },
-                    },
-                }
-            }
-        },
-    }
-}
-
-
-def _parse_mpp(raw: str | None) -> float | None:
-    if raw is None or raw == "":
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise Problem(
-            422, f"mpp must be a number of µm per pixel, got {raw[:40]!r}", code="invalid_request"
-        ) from None
-    if not math.isfinite(value) or not MIN_MPP <= value <= MAX_MPP:
-        raise Problem(
-            422, f"mpp must be between {MIN_MPP:g} and {MAX_MPP:g} µm per pixel", code="invalid_request"
-        )
-    return value
 
 
 def _parse_callback(raw: str | None, settings: Settings) -> str | None:
@@ -144,49 +55,20 @@ def _parse_callback(raw: str | None, settings: Settings) -> str | None:
     try:
         return check_callback_url(raw, settings.callback_allowed_hosts)
     except CallbackURLError as exc:
-        raise Problem(422, str(exc), code="invalid_request") from None
+        raise Problem(ErrorCode.INVALID_REQUEST, str(exc)) from None
 
 
 def _parse_model(raw: str | None, settings: Settings) -> str | None:
     """The requested model's name, or None for the configured default (also when named)."""
     if not raw:
         return None
-    from fprotoseg.model.catalog import installed_models
-
-    models, default = installed_models(settings.checkpoint, settings.models_dir)
-    if raw not in models:
-        known = sorted(models)
+    try:
+        _, default = find_model(settings, raw)
+    except UnknownModelError as exc:
         raise Problem(
-            422,
-            f"unknown model {raw[:100]!r}; known models: {', '.join(known) or '(none)'} (GET /models)",
-            code="unknown_model",
-            extra={"known_models": known},
-        )
+            ErrorCode.UNKNOWN_MODEL, f"{exc.message} (GET /models)", extra={"known_models": exc.known}
+        ) from None
     return None if raw == default else raw
-
-
-def _parse_metadata(raw: str | None, external_id: str | None) -> dict[str, Any] | None:
-    """The client's JSON object (size-capped), with ``external_id`` merged in when given alone."""
-    metadata: dict[str, Any] | None = None
-    if raw:
-        if len(raw.encode()) > MAX_METADATA_BYTES:
-            raise Problem(422, f"metadata is larger than {MAX_METADATA_BYTES} bytes", code="invalid_request")
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            raise Problem(422, "metadata must be a JSON object", code="invalid_request") from None
-        if not isinstance(value, dict):
-            raise Problem(
-                422, "metadata must be a JSON object, not a list or a value", code="invalid_request"
-            )
-        metadata = value
-    if external_id:
-        if len(external_id) > MAX_EXTERNAL_ID_CHARS:
-            raise Problem(
-                422, f"external_id is longer than {MAX_EXTERNAL_ID_CHARS} characters", code="invalid_request"
-            )
-        metadata = {**(metadata or {}), "external_id": external_id}
-    return metadata
 
 
 def params_hash(
@@ -224,8 +106,8 @@ def _replayable(
     store: JobStore, settings: Settings, dispatcher: Dispatcher, rec: JobRecord | None
 ) -> JobRecord | None:
     """``rec`` if it can still finish; a job lost with its worker is ended (or requeued) first."""
-    if rec is not None and heartbeat_stale(rec, settings):
-        end_lost_job(store, settings, rec, None if dispatcher.kind == "embedded" else dispatcher.submit)
+    if rec is not None and job_is_lost(rec, settings):
+        end_lost_job(store, settings, rec, dispatcher.resubmit)
         rec = store.get(rec.id)
     if rec is None or rec.state in (FAILED, CANCELLED):
         return None
@@ -246,14 +128,13 @@ def _find_existing(
         if rec is not None:
             if rec.upload_sha256 != sha256 or rec.params_hash != phash:
                 raise Problem(
-                    422,
+                    ErrorCode.IDEMPOTENCY_KEY_REUSED,
                     "this Idempotency-Key was used for a different upload; use a new key",
-                    code="idempotency_key_reused",
                 )
             return rec
         if store.find_by_idempotency_key(key, who.tenant) is not None:  # a dead job still holds it
             raise Problem(
-                409, "this Idempotency-Key belongs to a job still being ended; retry", code="conflict"
+                ErrorCode.CONFLICT, "this Idempotency-Key belongs to a job still being ended; retry"
             )
     return _replayable(store, settings, dispatcher, store.find_by_content(sha256, phash, who.tenant))
 
@@ -262,7 +143,7 @@ def _find_existing(
     "/segment",
     status_code=202,
     summary="Upload a slide and start its segmentation",
-    openapi_extra=_UPLOAD_SCHEMA,
+    openapi_extra=SEGMENT_REQUEST_BODY,
     responses={
         202: {
             "description": "job created (or the existing job for the same upload)",
@@ -311,7 +192,7 @@ async def create_segmentation(
         )
         upload = IncomingSlide(
             received.path, received.sha256, received.size_bytes, received.filename, owned=True,
-            fields=received.fields,
+            form=received.fields,
         )
     try:
         if upload.owned and await run_in_threadpool(is_zip_file, upload.path):  # a DICOM WSI series
@@ -323,10 +204,11 @@ async def create_segmentation(
         else:
             fmt = await run_in_threadpool(sniff, upload.path, upload.filename)
             extension = fmt.extension
-        mpp = _parse_mpp(upload.fields.get("mpp"))
-        callback_url = _parse_callback(upload.fields.get("callback_url"), settings)
-        metadata = _parse_metadata(upload.fields.get("metadata"), upload.fields.get("external_id"))
-        model = _parse_model(upload.fields.get("model"), settings)
+        fields = upload.request if upload.request is not None else SegmentFields.from_form(upload.form)
+        mpp = fields.mpp
+        callback_url = _parse_callback(fields.callback_url, settings)
+        metadata = fields.client_metadata()
+        model = _parse_model(fields.model, settings)
         phash = params_hash(settings, mpp, callback_url, upload.filename, metadata, model)
         existing = await run_in_threadpool(
             _find_existing, store, settings, dispatcher, who, idempotency_key, upload.sha256, phash

@@ -27,14 +27,13 @@ from fprotoseg.app.auth import api_key_scheme, authenticate
 from fprotoseg.app.deps import SettingsDep, StoreDep
 from fprotoseg.app.errors import Problem
 from fprotoseg.app.routes.jobs import MAX_JOB_ID_CHARS, load_job
+from fprotoseg.app.routes.results import geojson_file, published_results
 from fprotoseg.app.viewlink import MAX_TOKEN_CHARS, sign_view_token, view_token_valid
+from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.service.jobstore import JobRecord, JobStore
 from fprotoseg.worker.service.settings import Settings
-from fprotoseg.worker.service.states import SUCCEEDED
 from fprotoseg.worker.wsi.result_files import (
     GEOJSON_NAME,
-    GZIP_SUFFIX,
-    MEDIA_TYPES,
     PROVENANCE_NAME,
     STATS_NAME,
     VIEWER_DIR,
@@ -42,7 +41,6 @@ from fprotoseg.worker.wsi.result_files import (
     VIEWER_SLIDE_LAYER,
     VIEWER_TILE_MEDIA_TYPES,
     VIEWER_TILE_PX,
-    results_complete,
 )
 
 router = APIRouter(tags=["viewer"])
@@ -80,29 +78,16 @@ def _viewable_job(
         rec = store.get(job_id) if 0 < len(job_id) <= MAX_JOB_ID_CHARS else None
         if rec is None or not view_token_valid(settings, token, job_id, rec.tenant):
             raise Problem(
-                401,
+                ErrorCode.VIEW_LINK_INVALID,
                 "this view link is invalid or has expired; GET /jobs/{id} with the API key gives a new one",
-                code="view_link_invalid",
             )
     else:
         rec = load_job(store, job_id, authenticate(request, key))
         token = sign_view_token(settings, rec.id, rec.tenant)
-    if rec.state != SUCCEEDED:
+    if not (published_results(settings, rec, "the viewer exists") / VIEWER_MANIFEST).is_file():
         raise Problem(
-            409,
-            f"job {job_id} is {rec.state}; the viewer exists once it has succeeded",
-            code="results_not_ready",
-            extra={"state": rec.state},
-        )
-    if not results_complete(settings.result_dir(job_id)):
-        raise Problem(
-            404, f"the results of job {job_id} are missing from the data dir", code="results_missing"
-        )
-    if not (settings.result_dir(job_id) / VIEWER_MANIFEST).is_file():
-        raise Problem(
-            404,
+            ErrorCode.VIEWER_MISSING,
             f"job {job_id} has no viewer (it finished before the viewer existed); submit the slide again",
-            code="viewer_missing",
         )
     return rec, token
 
@@ -257,13 +242,7 @@ def get_view_polygons(
 ) -> FileResponse:
     """The job's GeoJSON for the page's polygon layer (gzip-encoded when the browser accepts it)."""
     _viewable_job(request, settings, store, job_id, token, key)
-    path = settings.result_dir(job_id) / GEOJSON_NAME
-    gz = path.with_name(path.name + GZIP_SUFFIX)
-    headers = {**_TILE_HEADERS, "Vary": "Accept-Encoding"}
-    if "gzip" in request.headers.get("accept-encoding", "").lower() and gz.is_file():
-        headers["Content-Encoding"] = "gzip"
-        return FileResponse(gz, media_type=MEDIA_TYPES["geojson"], headers=headers)
-    return FileResponse(path, media_type=MEDIA_TYPES["geojson"], headers=headers)
+    return geojson_file(settings.result_dir(job_id) / GEOJSON_NAME, request, _TILE_HEADERS)
 
 
 @router.get("/jobs/{job_id}/view/{layer}.dzi", include_in_schema=False)
@@ -274,10 +253,10 @@ def get_dzi(
     """A layer's Deep Zoom descriptor (for other DZI viewers; the page builds its sources inline)."""
     _viewable_job(request, settings, store, job_id, token, key)
     if not _LAYER_RE.match(layer):
-        raise Problem(404, f"no viewer layer {layer[:40]!r}", code="not_found")
+        raise Problem(ErrorCode.NOT_FOUND, f"no viewer layer {layer[:40]!r}")
     path = settings.result_dir(job_id) / VIEWER_DIR / f"{layer}.dzi"
     if not path.is_file():
-        raise Problem(404, f"no viewer layer {layer!r}", code="not_found")
+        raise Problem(ErrorCode.NOT_FOUND, f"no viewer layer {layer!r}")
     return FileResponse(path, media_type="application/xml", headers=_TILE_HEADERS)
 
 
@@ -290,7 +269,7 @@ def get_tile(
     _viewable_job(request, settings, store, job_id, token, key)
     match = _TILE_RE.match(tile)
     if not _LAYER_RE.match(layer) or match is None or not 0 <= level <= 40:
-        raise Problem(404, "no such viewer tile", code="not_found")
+        raise Problem(ErrorCode.NOT_FOUND, "no such viewer tile")
     col, row, ext = int(match.group(1)), int(match.group(2)), match.group(3)
     # the path is built from validated integers and names only
     path = settings.result_dir(job_id) / VIEWER_DIR / f"{layer}_files" / str(level) / f"{col}_{row}.{ext}"
@@ -301,7 +280,7 @@ def get_tile(
         manifest, level, col, row
     ):
         return Response(_BLANK_PNG, media_type="image/png", headers=_TILE_HEADERS)
-    raise Problem(404, "no such viewer tile", code="not_found")
+    raise Problem(ErrorCode.NOT_FOUND, "no such viewer tile")
 
 
 def _in_pyramid(manifest: dict[str, Any], level: int, col: int, row: int) -> bool:

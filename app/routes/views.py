@@ -80,13 +80,6 @@ class JobList(BaseModel):
     next: str | None = Field(description="URL of the next page, or null")
 
 
-class SegmentAccepted(BaseModel):
-    job_id: str
-    status_url: str
-    state: str
-    job: JobView
-
-
 def iso(ts: float | None) -> str | None:
     """UNIX seconds -> ISO 8601 UTC with milliseconds (``2026-01-02T03:04:05.678Z``)."""
     if ts is None:

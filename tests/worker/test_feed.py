@@ -29,12 +29,6 @@ from tests.stubs import ChannelStubSegmenter, render_known_slide_rgb, write_pyra
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def known_slide(tmp_path_factory, shared_data):
-    rgb, _ = render_known_slide_rgb(shared_data / "patches", 1.0)
-    return write_pyramid_tiff(tmp_path_factory.mktemp("slide") / "known.tiff", rgb, 1.0, 2)
-
-
 def _bench_module(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     assert spec is not None and spec.loader is not None
@@ -61,7 +55,7 @@ def test_thread_counts_and_batch_sizes_give_the_same_label_map(tmp_path, known_s
     for threads, batch in ((1, 32), (3, 3), (2, 5)):
         stub = ChannelStubSegmenter()
         options = PipelineOptions(reader_threads=threads, batch_size=batch, prefetch_batches=1)
-        result = run(known_slide, tmp_path / f"t{threads}b{batch}", stub, options=options)
+        result = run(known_slide.path, tmp_path / f"t{threads}b{batch}", stub, options=options)
         assert sum(stub.calls) == result.tiles_inferred  # every tile once, in batches of <= batch
         assert max(stub.calls) <= batch
         assert result.provenance["options"]["reader_threads"] == threads
@@ -72,7 +66,7 @@ def test_thread_counts_and_batch_sizes_give_the_same_label_map(tmp_path, known_s
 
 
 def test_tiles_decoded_into_batch_slots_equal_plain_reads(known_slide):
-    with open_slide(known_slide) as slide:
+    with open_slide(known_slide.path) as slide:
         tissue, _ = _tissue_stage(slide, PipelineOptions())
         for model_mpp, tile_px in ((1.0, 224), (1.5, 160)):  # level read as is, and resampled
             grid = plan_tiles(slide, tissue, model_mpp=model_mpp, tile_size_px=tile_px,
@@ -98,7 +92,7 @@ def test_tiles_decoded_into_batch_slots_equal_plain_reads(known_slide):
 
 def test_stitcher_equals_the_numpy_bilinear_reference(known_slide):
     """OpenCV sampling (GIL released) gives the labels of the exact numpy sampling + argmax."""
-    with open_slide(known_slide) as slide:
+    with open_slide(known_slide.path) as slide:
         tissue, _ = _tissue_stage(slide, PipelineOptions())
         grid = plan_tiles(slide, tissue, model_mpp=1.0, tile_size_px=224, output_stride=8, output_mpp=2.0)
     stitcher = LabelMapStitcher(grid.output_shape, 2.0, tissue)
@@ -234,7 +228,7 @@ def test_packaged_style_network_runs_through_the_streaming_seam(tmp_path, known_
     from fprotoseg import model
 
     seg = model.load_segmenter(tiny_checkpoint, device="cpu", precision="fp32")
-    result = run(known_slide, tmp_path / "out", seg, options=PipelineOptions(reader_threads=2))
+    result = run(known_slide.path, tmp_path / "out", seg, options=PipelineOptions(reader_threads=2))
     assert result.provenance["options"]["batch_size"] == 32  # chosen by the segmenter (None given)
     assert result.stats["tissue_area_um2"] > 0
 
@@ -270,7 +264,7 @@ def test_a_cpu_network_and_the_worker_threads_take_turns(tmp_path, known_slide, 
     seg = model.load_segmenter(tiny_checkpoint, device="cpu", precision="fp32")
     seg.submit = timed("network", seg.submit)  # the CPU network computes inside submit
     options = PipelineOptions(reader_threads=2, batch_size=4, prefetch_batches=2)
-    result = run(known_slide, tmp_path / "cpu", seg, options=options)
+    result = run(known_slide.path, tmp_path / "cpu", seg, options=options)
     assert len(intervals["network"]) == -(-result.tiles_inferred // 4) >= 5
     assert len(intervals["work"]) >= 2 * len(intervals["network"])  # reads and stitches of every batch
     assert overlaps() == 0
@@ -284,7 +278,7 @@ def test_a_cpu_network_and_the_worker_threads_take_turns(tmp_path, known_slide, 
         return ChannelStubSegmenter.predict(stub, tiles)
 
     stub.predict = timed("network", slow_predict)  # type: ignore[method-assign]
-    run(known_slide, tmp_path / "null", stub, options=options)
+    run(known_slide.path, tmp_path / "null", stub, options=options)
     assert overlaps() > 0
 
 
@@ -335,7 +329,7 @@ def test_a_signal_while_the_cpu_network_waits_does_not_hold_the_workers_back():
 def test_cancellation_and_wrong_scores_surface_in_the_batch_loop(tmp_path, known_slide):
     stub = ChannelStubSegmenter()
     with pytest.raises(JobCancelledError):
-        run(known_slide, tmp_path / "c", stub, options=PipelineOptions(batch_size=2, reader_threads=3),
+        run(known_slide.path, tmp_path / "c", stub, options=PipelineOptions(batch_size=2, reader_threads=3),
             should_cancel=lambda: len(stub.calls) >= 3)
     assert len(stub.calls) == 3
 
@@ -344,7 +338,7 @@ def test_cancellation_and_wrong_scores_surface_in_the_batch_loop(tmp_path, known
             return super().predict(tiles_nhwc_uint8)[:, :, :-1]
 
     with pytest.raises(SegmenterOutputError, match="shape"):
-        run(known_slide, tmp_path / "w", WrongShape(), options=PipelineOptions(batch_size=4))
+        run(known_slide.path, tmp_path / "w", WrongShape(), options=PipelineOptions(batch_size=4))
 
 
 def test_default_threads_follow_the_cores_and_a_cgroup_quota(tmp_path, monkeypatch):

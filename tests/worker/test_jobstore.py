@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import threading
 import time
 import uuid
@@ -10,10 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from fprotoseg.worker.errors import DuplicateJobError
-from fprotoseg.worker.service.jobstore import JobRecord, JobStore, RedisJobStore, SqliteJobStore
+from fprotoseg.worker.errors import DuplicateJobError, JobStoreError
+from fprotoseg.worker.service.jobstore import (
+    EmbeddedQueue,
+    JobRecord,
+    JobStore,
+    RedisJobStore,
+    SqliteJobStore,
+)
 from fprotoseg.worker.service.states import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
-from tests.app.live import redis_url_for_tests
+from tests.app.live import free_port, redis_available, redis_url_for_tests
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -77,16 +85,19 @@ def test_list_newest_first_paginated_and_counts(store_factory) -> None:  # type:
     for i in range(5):
         ids.append(new_job(store, created_at=1000.0 + i).id)
     store.transition(ids[0], RUNNING, [QUEUED])
-    page, total = store.list(limit=2, offset=0)
+    page, total = store.page(limit=2, offset=0)
     assert total == 5 and [r.id for r in page] == [ids[4], ids[3]]
-    page, _ = store.list(limit=2, offset=4)
+    page, _ = store.page(limit=2, offset=4)
     assert [r.id for r in page] == [ids[0]]
-    running, n_running = store.list(limit=10, state=RUNNING)
+    running, n_running = store.page(limit=10, state=RUNNING)
     assert n_running == 1 and running[0].id == ids[0]
     counts = store.counts_by_state()
     assert counts[QUEUED] == 4 and counts[RUNNING] == 1 and counts[SUCCEEDED] == 0
-    assert store.oldest_queued().id == ids[1]
     assert store.ids_in_state(RUNNING) == [ids[0]]
+    if isinstance(store, EmbeddedQueue):  # the embedded worker's queue: SQLite only
+        assert store.oldest_queued().id == ids[1]
+    else:
+        assert not hasattr(store, "oldest_queued") and not hasattr(store, "heartbeats")
 
 
 def test_idempotency_key_and_content_lookup(store_factory) -> None:  # type: ignore[no-untyped-def]
@@ -120,5 +131,61 @@ def test_metrics_heartbeats_and_ping(store_factory) -> None:  # type: ignore[no-
     m = store_factory().metrics()
     assert m["duration_count"] == 2 and m["duration_sum"] == pytest.approx(15.0)
     assert m["duration_le_5"] == 1 and m["duration_le_15"] == 2 and m["tiles_total"] == 100
-    store.heartbeat("w1")
-    assert time.time() - store.heartbeats()["w1"] < 5
+    if isinstance(store, EmbeddedQueue):  # the embedded worker's registry: SQLite only
+        store.heartbeat("w1")
+        assert time.time() - store.heartbeats()["w1"] < 5
+
+
+# --- faults caused for real: a private redis-server whose second user may not run ZADD or MGET ---
+@pytest.fixture
+def redis_with_limited_user(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """(full URL, limited URL) of a private redis-server; the limited user is refused ZADD and MGET.
+
+    A refused command inside MULTI aborts the whole transaction (EXECABORT), exactly as a failed
+    transaction does in production; a refused MGET is a Redis error on a plain read.
+    """
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("no redis-server binary")
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path),
+         "--user", "limited", "on", ">secret", "~*", "&*", "+@all", "-zadd", "-mget"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    full = f"redis://127.0.0.1:{port}/0"
+    try:
+        for _ in range(100):
+            if redis_available(full):
+                break
+            time.sleep(0.05)
+        yield full, f"redis://limited:secret@127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_redis_create_that_fails_leaves_its_idempotency_key_free(redis_with_limited_user) -> None:
+    full_url, limited_url = redis_with_limited_user
+    refused = RedisJobStore(limited_url)
+    with pytest.raises(JobStoreError):  # the transaction is aborted: ZADD is refused
+        refused.create(JobRecord(id="first", idempotency_key="k1", tenant="lab"))
+    store = RedisJobStore(full_url)
+    assert store.get("first") is None and store.find_by_idempotency_key("k1", "lab") is None
+    # the client retries with the same key: a new job, not 409 duplicate_job for good
+    retried = store.create(JobRecord(id="second", idempotency_key="k1", tenant="lab"))
+    assert store.find_by_idempotency_key("k1", "lab") == retried
+    with pytest.raises(DuplicateJobError) as info:  # and the key is taken once the job exists
+        store.create(JobRecord(id="third", idempotency_key="k1", tenant="lab"))
+    assert info.value.existing_id == "second"
+
+
+def test_redis_errors_of_record_reads_are_job_store_errors(redis_with_limited_user) -> None:
+    full_url, limited_url = redis_with_limited_user
+    RedisJobStore(full_url).create(JobRecord(id="queued-1", upload_sha256="s1", params_hash="p1"))
+    refused = RedisJobStore(limited_url)  # may list ids (ZRANGE) but not read records (MGET)
+    with pytest.raises(JobStoreError):
+        refused.page(limit=10)
+    with pytest.raises(JobStoreError):
+        refused.find_by_content("s1", "p1")
+

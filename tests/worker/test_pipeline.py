@@ -13,14 +13,7 @@ from PIL import Image
 
 from fprotoseg.worker.errors import JobCancelledError
 from fprotoseg.worker.wsi.pipeline import STAGES, PipelineOptions, run
-from tests.stubs import ChannelStubSegmenter, render_known_slide_rgb, write_pyramid_tiff
-
-
-@pytest.fixture(scope="module")
-def known_slide(tmp_path_factory, shared_data):
-    rgb, truth = render_known_slide_rgb(shared_data / "patches", 1.0)
-    path = write_pyramid_tiff(tmp_path_factory.mktemp("slide") / "known.tiff", rgb, 1.0, 2)
-    return path, truth
+from tests.stubs import ChannelStubSegmenter, write_pyramid_tiff
 
 
 def test_blank_slide_succeeds_with_zero_areas_and_says_so(tmp_path):
@@ -41,7 +34,7 @@ def test_blank_slide_succeeds_with_zero_areas_and_says_so(tmp_path):
 
 def test_progress_reports_every_stage_in_order(tmp_path, known_slide):
     events: list[tuple[str, int, int]] = []
-    result = run(known_slide[0], tmp_path / "out", ChannelStubSegmenter(),
+    result = run(known_slide.path, tmp_path / "out", ChannelStubSegmenter(),
                  progress=lambda s, d, t: events.append((s, d, t)))
     seen = list(dict.fromkeys(e[0] for e in events))
     assert seen == list(STAGES)
@@ -52,7 +45,7 @@ def test_progress_reports_every_stage_in_order(tmp_path, known_slide):
 
 def test_only_tissue_tiles_are_inferred(tmp_path, known_slide):
     stub = ChannelStubSegmenter()
-    result = run(known_slide[0], tmp_path / "out", stub, options=PipelineOptions(batch_size=4))
+    result = run(known_slide.path, tmp_path / "out", stub, options=PipelineOptions(batch_size=4))
     tiles = result.provenance["tiles"]
     assert sum(stub.calls) == tiles["inferred"]
     assert 0 < tiles["inferred"] < tiles["grid_total"]
@@ -62,7 +55,7 @@ def test_only_tissue_tiles_are_inferred(tmp_path, known_slide):
 def test_cancel_between_batches(tmp_path, known_slide):
     stub = ChannelStubSegmenter()
     with pytest.raises(JobCancelledError):
-        run(known_slide[0], tmp_path / "out", stub, options=PipelineOptions(batch_size=2),
+        run(known_slide.path, tmp_path / "out", stub, options=PipelineOptions(batch_size=2),
             should_cancel=lambda: len(stub.calls) >= 2)
     assert len(stub.calls) == 2
     assert not (tmp_path / "out" / "stats.json").exists()
@@ -73,7 +66,7 @@ def test_real_network_through_the_seam_and_optional_outputs(tmp_path, known_slid
 
     segmenter = model.load_segmenter(tiny_checkpoint, device="cpu", precision="fp32")
     opts = PipelineOptions(batch_size=8, geojson_gzip=True, output_mpp=4.0)
-    result = run(known_slide[0], tmp_path / "out", segmenter, options=opts)
+    result = run(known_slide.path, tmp_path / "out", segmenter, options=opts)
     assert set(result.files) == {"geojson", "geojson_gz", "stats", "mask", "overlay", "provenance"}
     plain = (tmp_path / "out" / "segmentation.geojson").read_bytes()
     assert gzip.decompress(result.files["geojson_gz"].read_bytes()) == plain
@@ -91,6 +84,6 @@ def test_bf16_autocast_runs_on_cpu(tmp_path, known_slide, tiny_checkpoint):
     from fprotoseg import model
 
     segmenter = model.load_segmenter(tiny_checkpoint, device="cpu", precision="bf16")
-    result = run(known_slide[0], tmp_path / "out", segmenter, options=PipelineOptions(batch_size=8))
+    result = run(known_slide.path, tmp_path / "out", segmenter, options=PipelineOptions(batch_size=8))
     assert result.provenance["model"]["precision"] == "bf16"
     assert result.stats["tissue_area_um2"] > 0

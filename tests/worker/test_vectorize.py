@@ -166,3 +166,43 @@ def test_simplified_regions_keep_their_pixel_area():
         px = stats[1:, cv2.CC_STAT_AREA].max()  # the region is the largest component in its box
         assert r.area_um2 == pytest.approx(px * 4.0, rel=0.02)
         assert r.geometry.area / 16 == pytest.approx(px, rel=0.02)
+
+
+def test_areas_of_regions_at_the_slide_edge_are_those_of_their_clipped_polygons(tmp_path, shared_data):
+    """Tissue running off the right and bottom edges of a slide whose size is not a multiple of the
+    output pixel: the last output pixels reach past the slide, the polygons are clipped to it, and
+    ``measurements.area_um2`` must be the area of the polygon it annotates, not of the unclipped one."""
+    import json
+
+    import shapely
+    from shapely.geometry import shape
+
+    from fprotoseg.worker.wsi.pipeline import PipelineOptions, run
+    from tests.stubs import (
+        CLASS_PERMUTATIONS,
+        GLASS_RGB,
+        ChannelStubSegmenter,
+        load_textures,
+        mosaic,
+        write_pyramid_tiff,
+    )
+
+    width, height, mpp, output_mpp = 1001, 803, 1.0, 8.0  # the last output px overhang by 7 and 5 px
+    rgb = np.empty((height, width, 3), np.uint8)
+    rgb[:] = GLASS_RGB
+    textures = load_textures(shared_data / "patches")
+    tissue = mosaic(textures, height, width, mpp, seed=3)[:, :, list(CLASS_PERMUTATIONS[0])]
+    rgb[300:, 400:] = tissue[300:, 400:]  # class 0, touching the right and bottom edges
+    slide = write_pyramid_tiff(tmp_path / "edge.tiff", rgb, mpp, 1)
+    result = run(slide, tmp_path / "out", ChannelStubSegmenter(),
+                 options=PipelineOptions(output_mpp=output_mpp, write_overlay=False))
+    features = json.loads(result.files["geojson"].read_text())["features"]
+    at_edge = 0
+    for feat in features:
+        geom = shape(feat["geometry"])
+        minx, miny, maxx, maxy = geom.bounds
+        assert minx >= 0 and miny >= 0 and maxx <= width and maxy <= height
+        at_edge += maxx == width or maxy == height
+        expected_um2 = shapely.area(geom) * mpp * mpp
+        assert feat["properties"]["measurements"]["area_um2"] == pytest.approx(expected_um2, rel=1e-4)
+    assert at_edge >= 1

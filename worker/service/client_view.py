@@ -2,8 +2,8 @@
 
 Why a module of its own: the slide pipeline writes results and errors for whoever ran it (the CLI
 names ``--mpp`` and the file it read); the service stores an upload under its own name in its
-data dir. Before results and errors reach an HTTP client they are rewritten here, in one place,
-so no server path leaks and a LIMS can match every file to its case.
+data dir. Before results and errors reach an HTTP client they are described for it here, in one
+place, so no server path leaks and a LIMS can match every file to its case.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
+from fprotoseg.model.errors import FprotosegError
+from fprotoseg.worker.errors import SlideError
 from fprotoseg.worker.service.jobstore import JobRecord
 from fprotoseg.worker.service.settings import Settings
 
@@ -48,11 +49,7 @@ def describe_results_for_client(work_dir: Path, rec: JobRecord, settings: Settin
         "slide_uri": rec.slide_uri,  # file:// or s3:// when named instead of uploaded
         "model": rec.model,  # as requested; null = the configured default (provenance.model says which)
     }
-    server_names = tuple(
-        s
-        for s in {str(settings.data_dir), str(settings.data_dir.resolve()), rec.upload_path}
-        if s and s not in (".", "")
-    )
+    server_names = _server_folders(settings, rec)
     for name in ("stats.json", "provenance.json"):
         path = work_dir / name
         if not path.is_file():
@@ -69,19 +66,33 @@ def describe_results_for_client(work_dir: Path, rec: JobRecord, settings: Settin
         os.replace(tmp, path)
 
 
-def client_message(rec: JobRecord, message: str) -> str:
+def client_message(rec: JobRecord, exc: FprotosegError, settings: Settings) -> str:
     """A job error as the HTTP client that submitted the job should read it.
 
-    Errors of the slide pipeline speak to the CLI (``--mpp``) and name the file they read (the
-    server's ``<job id>.svs``); here the file is the client's and the fix is the form field.
+    Errors of the slide pipeline name the file they read (the server's ``<job id>.svs``) and word
+    their fix for the CLI (``--mpp``); here the file is the client's, the fix is worded for the API
+    from the error's ``hint``, and no server folder is named.
     """
-    stored = Path(rec.upload_path).name
+    if isinstance(exc, SlideError) and exc.hint is not None:
+        message = f"{exc.summary}; {exc.hint.for_http()}"
+    else:
+        message = exc.message
     label = repr(rec.filename) if rec.filename else "the uploaded slide"
-    if stored:
-        message = message.replace(stored, label)
-    message = re.sub(r"--mpp(?= |$|\))", "the form field mpp", message)
-    message = message.replace("pass it with the form field mpp", "send it in the form field mpp")
-    return re.sub(r"(?<![\w.])/[^\s'\"]+", "<server path>", message)
+    for server_name in (rec.upload_path, Path(rec.upload_path).name):
+        if server_name:
+            message = message.replace(server_name, label)
+    for folder in _server_folders(settings, rec):
+        message = message.replace(folder, "<server path>")
+    return message
+
+
+def _server_folders(settings: Settings, rec: JobRecord) -> tuple[str, ...]:
+    """The server's own paths a message or result file may name: the data dir and the upload."""
+    return tuple(
+        s
+        for s in {str(settings.data_dir), str(settings.data_dir.resolve()), rec.upload_path}
+        if s and s not in (".", "")
+    )
 
 
 def render_viewer(settings: Settings, rec: JobRecord, work_dir: Path) -> None:

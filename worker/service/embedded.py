@@ -19,7 +19,7 @@ import threading
 from fprotoseg.worker.errors import JobStoreError, TransientJobError
 from fprotoseg.worker.service.callbacks import CallbackOutbox
 from fprotoseg.worker.service.jobs import process_job
-from fprotoseg.worker.service.jobstore import open_jobstore
+from fprotoseg.worker.service.jobstore import SqliteJobStore, open_jobstore
 from fprotoseg.worker.service.segmenters import get_segmenter
 from fprotoseg.worker.service.settings import Settings, load_settings
 from fprotoseg.worker.service.states import QUEUED, RUNNING
@@ -35,7 +35,7 @@ def worker_name() -> str:
 
 
 def _heartbeat_loop(settings: Settings, stop: threading.Event) -> None:
-    store = open_jobstore(settings)
+    store = SqliteJobStore(settings.sqlite_path)
     name = worker_name()
     while not stop.is_set():
         try:
@@ -59,7 +59,7 @@ def run_embedded_worker(settings: Settings, stop: threading.Event | None = None)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    store = open_jobstore(settings)
+    store = SqliteJobStore(settings.sqlite_path)  # the embedded worker's queue (no broker)
     for job_id in store.ids_in_state(RUNNING):
         store.transition(job_id, QUEUED, [RUNNING], stage="requeued after a worker restart", progress=0.0)
         log.info("job %s: requeued (its worker stopped)", job_id)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fprotoseg.model.errors import FprotosegError
+from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.errors import (
     JobCancelledError,
     JobInterrupted,
@@ -27,7 +28,7 @@ from fprotoseg.worker.errors import (
 )
 from fprotoseg.worker.service.client_view import client_message, describe_results_for_client, render_viewer
 from fprotoseg.worker.service.jobstore import JobRecord, JobStore, open_jobstore
-from fprotoseg.worker.service.lifecycle import JobHeartbeat, _finish, cancel_job, fail_job, heartbeat_stale
+from fprotoseg.worker.service.lifecycle import JobHeartbeat, _finish, cancel_job, fail_job, job_is_lost
 from fprotoseg.worker.service.runtime import JobProgress, StopCheck
 from fprotoseg.worker.service.segmenters import get_segmenter
 from fprotoseg.worker.service.settings import Settings
@@ -38,7 +39,7 @@ from fprotoseg.worker.wsi.result_files import publish, results_complete
 if TYPE_CHECKING:
     from fprotoseg.worker.wsi.pipeline import RunResult
 
-__all__ = ["cancel_job", "fail_job", "heartbeat_stale", "process_job"]
+__all__ = ["cancel_job", "fail_job", "job_is_lost", "process_job"]
 
 log = logging.getLogger(__name__)
 StopFlag = Callable[[], bool] | None
@@ -83,17 +84,17 @@ def _claim(store: JobStore, settings: Settings, job_id: str) -> JobRecord | None
         return None
     if rec.attempts >= settings.max_delivery_attempts:
         fail_job(
-            store, settings, job_id, "worker_lost",
+            store, settings, job_id, ErrorCode.WORKER_LOST,
             f"the worker processing this job stopped {rec.attempts} times (out of memory or killed); "
             "check the worker logs and the slide",
         )
         return None
-    if rec.state == RUNNING and not heartbeat_stale(rec, settings):
+    if rec.state == RUNNING and not job_is_lost(rec, settings):
         log.info("job %s: attempt %d is alive elsewhere; duplicate delivery ignored", job_id, rec.attempts)
         return None
     return store.transition(
         job_id, RUNNING, [QUEUED, RUNNING],
-        lambda r: r.state == QUEUED or heartbeat_stale(r, settings),
+        lambda r: r.state == QUEUED or job_is_lost(r, settings),
         attempts=rec.attempts + 1,
         started_at=rec.started_at or time.time(), stage="loading model", progress=0.0,
         heartbeat_at=time.time(),
@@ -144,7 +145,7 @@ def _run_pipeline(
     # The gzip copy lets the API answer Accept-Encoding: gzip without recompressing per request.
     options = PipelineOptions(
         geojson_gzip=True,
-        batch_size=settings.batch_size or PipelineOptions.batch_size,
+        batch_size=settings.batch_size,  # None: the segmenter chooses (PipelineOptions)
         reader_threads=settings.pipeline_threads,
     )
     shutil.rmtree(work_dir, ignore_errors=True)
@@ -177,23 +178,25 @@ def _failed(store: JobStore, settings: Settings, rec: JobRecord, exc: BaseExcept
         # cannot, the JobStoreError below is transient and the reaper ends the job later.
         log.error("job %s: out of disk space: %s", job_id, exc)
         return fail_job(
-            store, settings, job_id, "disk_full",
+            store, settings, job_id, ErrorCode.DISK_FULL,
             "the server ran out of disk space while processing the slide; upload it again later",
         )
     if isinstance(exc, JobStoreError) or not isinstance(exc, Exception):
         raise exc  # transient (retried by process_job's caller), or KeyboardInterrupt/SystemExit
     if isinstance(exc, FprotosegError):
-        return fail_job(store, settings, job_id, exc.code, client_message(rec, exc.message))
+        return fail_job(store, settings, job_id, exc.code, client_message(rec, exc, settings))
     if isinstance(exc, MemoryError):
-        return fail_job(store, settings, job_id, "out_of_memory", "the worker ran out of memory on the slide")
+        return fail_job(
+            store, settings, job_id, ErrorCode.OUT_OF_MEMORY, "the worker ran out of memory on the slide"
+        )
     if type(exc).__name__ == "SoftTimeLimitExceeded":  # Celery's, matched by name (no import)
         limit_s = settings.job_soft_time_limit_s
         return fail_job(
-            store, settings, job_id, "time_limit",
+            store, settings, job_id, ErrorCode.TIME_LIMIT,
             f"the job ran longer than FPROTOSEG_JOB_SOFT_TIME_LIMIT_S={limit_s:g} s",
         )
     log.exception("job %s: unexpected error", job_id, exc_info=exc)
     return fail_job(
-        store, settings, job_id, "internal_error",
+        store, settings, job_id, ErrorCode.INTERNAL_ERROR,
         f"internal error ({type(exc).__name__}) while processing the slide; the worker log has details",
     )

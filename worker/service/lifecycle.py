@@ -20,7 +20,7 @@ from fprotoseg.worker.service.jobstore import JobRecord, JobStore
 from fprotoseg.worker.service.settings import Settings
 from fprotoseg.worker.service.states import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobState
 
-__all__ = ["cancel_job", "fail_job", "heartbeat_stale"]
+__all__ = ["cancel_job", "fail_job", "job_is_lost"]
 
 log = logging.getLogger("fprotoseg.worker.service.jobs")
 
@@ -85,8 +85,10 @@ def cancel_job(
     return _finish(store, settings, job_id, CANCELLED, where=where, stage="cancelled", cancel_requested=True)
 
 
-def heartbeat_stale(rec: JobRecord, settings: Settings, now: float | None = None) -> bool:
-    """A running job whose attempt has not been heard of for FPROTOSEG_JOB_HEARTBEAT_TIMEOUT_S."""
+def job_is_lost(rec: JobRecord, settings: Settings, now: float | None = None) -> bool:
+    """Whether the job is lost with its worker: running, and its attempt not heard of (no
+    heartbeat, progress or start) for FPROTOSEG_JOB_HEARTBEAT_TIMEOUT_S. A lost job is requeued,
+    failed ``worker_lost`` or cancelled by :func:`~fprotoseg.worker.service.maintenance.end_lost_job`."""
     if rec.state != RUNNING:
         return False
     last = rec.heartbeat_at or rec.started_at or rec.updated_at

@@ -22,9 +22,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.errors import JobStoreError
 from fprotoseg.worker.service.jobstore import JobRecord, JobStore
-from fprotoseg.worker.service.lifecycle import cancel_job, fail_job, heartbeat_stale
+from fprotoseg.worker.service.lifecycle import cancel_job, fail_job, job_is_lost
 from fprotoseg.worker.service.settings import Settings
 from fprotoseg.worker.service.states import QUEUED, RUNNING
 
@@ -41,7 +42,7 @@ def end_lost_job(
     attempt = rec.attempts
 
     def still_lost(r: JobRecord) -> bool:
-        return r.attempts == attempt and heartbeat_stale(r, settings, now)
+        return r.attempts == attempt and job_is_lost(r, settings, now)
 
     if rec.cancel_requested:
         out = cancel_job(store, settings, rec.id, where=still_lost)
@@ -50,7 +51,7 @@ def end_lost_job(
             store,
             settings,
             rec.id,
-            "worker_lost",
+            ErrorCode.WORKER_LOST,
             f"the job's worker stopped answering {rec.attempts} times (worker killed, broker or job "
             "store lost, or disk full); upload the slide again",
             where=still_lost,
@@ -84,7 +85,7 @@ def reap_lost_jobs(
     acted = 0
     for job_id in store.ids_in_state(RUNNING):
         rec = store.get(job_id)
-        if rec is not None and heartbeat_stale(rec, settings, now):
+        if rec is not None and job_is_lost(rec, settings, now):
             acted += end_lost_job(store, settings, rec, resubmit, now) is not None
     if resubmit is not None:  # a requeue whose resubmission failed (broker down) is sent again
         for job_id in store.ids_in_state(QUEUED):

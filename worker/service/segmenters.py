@@ -30,22 +30,32 @@ _cache: OrderedDict[_CacheKey, Segmenter] = OrderedDict()
 _lock = threading.Lock()
 
 
+def find_model(settings: Settings, name: str) -> tuple[Path, str]:
+    """(the checkpoint of the installed model ``name``, the default model's name).
+
+    The one place a model name is refused: UnknownModelError listing the installed names, for a
+    request naming one (``422 unknown_model``) and for a job whose model was removed after it was
+    accepted.
+    """
+    from fprotoseg.model.catalog import installed_models
+    from fprotoseg.model.errors import UnknownModelError
+
+    models, default = installed_models(settings.checkpoint, settings.models_dir)
+    if name not in models:
+        known = sorted(models)
+        raise UnknownModelError(
+            f"unknown model {name[:100]!r}; known models: {', '.join(known) or '(none)'}", known
+        )
+    return models[name].path, default
+
+
 def checkpoint_for(settings: Settings, model: str | None) -> Path:
-    """The checkpoint file of ``model`` (None = the configured default); UnknownModelError when
-    the name is no longer installed (removed after the job was accepted)."""
-    from fprotoseg.model.catalog import installed_models, resolve_checkpoint
+    """The checkpoint file of ``model`` (None = the configured default)."""
+    from fprotoseg.model.catalog import resolve_checkpoint
 
     if model is None:
         return resolve_checkpoint(settings.checkpoint, settings.models_dir)
-    from fprotoseg.model.errors import UnknownModelError
-
-    models, _ = installed_models(settings.checkpoint, settings.models_dir)
-    if model not in models:
-        known = sorted(models)
-        raise UnknownModelError(
-            f"model {model!r} is no longer installed; known models: {', '.join(known)}", known
-        )
-    return models[model].path
+    return find_model(settings, model)[0]
 
 
 def get_segmenter(settings: Settings, model: str | None = None) -> Segmenter:

@@ -1,11 +1,12 @@
 """Every setting of the service in one pydantic-settings class (environment prefix ``FPROTOSEG_``).
 
 Lives in the job service because both the API and the workers read it (app -> worker -> model).
-It is the one home of the checkpoint, device and precision settings: the CLI reads them here too. The
-names of DESIGN.md section 3 (``FPROTOSEG_DATA_DIR``, ``FPROTOSEG_BROKER_URL``,
-``FPROTOSEG_API_KEYS``, ``FPROTOSEG_AUTH_DISABLED``, ``FPROTOSEG_MAX_UPLOAD_MB``,
-``FPROTOSEG_CHECKPOINT``, ``FPROTOSEG_CALLBACK_SECRET``) are part of the public contract; the rest
-tune the service and have safe defaults. Importing this module is cheap (no torch, no Celery).
+It is the one home of the checkpoint, device and precision settings: the CLI reads them here too.
+These names (``FPROTOSEG_DATA_DIR``, ``FPROTOSEG_BROKER_URL``, ``FPROTOSEG_API_KEYS``,
+``FPROTOSEG_AUTH_DISABLED``, ``FPROTOSEG_MAX_UPLOAD_MB``, ``FPROTOSEG_CHECKPOINT``,
+``FPROTOSEG_CALLBACK_SECRET``) are part of the public contract; the rest tune the service and have
+safe defaults (docs/service.md, "Settings", lists them all). Importing this module is cheap (no
+torch, no Celery).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class Settings(BaseSettings):
         env_prefix="FPROTOSEG_", extra="ignore", validate_default=True, env_ignore_empty=True
     )
 
-    # --- public contract (DESIGN.md section 3) ---------------------------------------------------
+    # --- public contract (the names above) ----------------------------------------------------------
     data_dir: Path = Field(
         default=Path("fprotoseg-data"),
         description="Uploads, job results, the SQLite job store and the generated API key.",

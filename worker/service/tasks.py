@@ -12,6 +12,7 @@ import functools
 import logging
 from typing import Any
 
+from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.errors import JobStoreError, TransientJobError
 from fprotoseg.worker.service.callbacks import CallbackOutbox
 from fprotoseg.worker.service.celery_app import TASK_NAME, make_celery
@@ -85,14 +86,14 @@ def register_tasks(app: Any, settings: Settings) -> Any:
 def record_task_failure(job_id: str, exc: BaseException, settings: Settings, store: JobStore) -> None:
     """Mark the job failed for a hard time limit or exhausted retries (no-op when already final)."""
     if type(exc).__name__ == "TimeLimitExceeded":
-        code = "time_limit"
+        code = ErrorCode.TIME_LIMIT
         message = (
             "the job ran past FPROTOSEG_JOB_HARD_TIME_LIMIT_S="
             f"{settings.job_hard_time_limit_s:g} s and its worker process was stopped"
         )
     elif isinstance(exc, TransientJobError):
         code, message = (
-            "transient_error",
+            ErrorCode.TRANSIENT_ERROR,
             f"{exc.message} (gave up after {settings.transient_retries} retries)",
         )
     else:

@@ -20,6 +20,7 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+from fprotoseg.model.digest import file_sha256_and_size
 from fprotoseg.worker.errors import DicomSeriesError, UnsafeZipError, UnsupportedFormatError, ZipTooLargeError
 
 DICOM_MAGIC = b"DICM"  # at byte 128, after the preamble
@@ -71,12 +72,9 @@ def folder_sha256(files: list[Path], folder: Path) -> tuple[str, int]:
     order (what ``sha256sum * | sha256sum`` prints), so the same instances hash the same anywhere."""
     lines, total = [], 0
     for path in files:
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            while chunk := fh.read(COPY_CHUNK_BYTES):
-                digest.update(chunk)
-                total += len(chunk)
-        lines.append(f"{digest.hexdigest()}  {path.relative_to(folder).as_posix()}\n")
+        sha256, size = file_sha256_and_size(path)
+        total += size
+        lines.append(f"{sha256}  {path.relative_to(folder).as_posix()}\n")
     return hashlib.sha256("".join(lines).encode()).hexdigest(), total
 
 

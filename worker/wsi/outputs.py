@@ -1,4 +1,4 @@
-"""The result files of one job (DESIGN.md section 3), written atomically (tmp file, then rename).
+"""The result files of one job (README.md, "Outputs"), written atomically (tmp file, then rename).
 
 ``segmentation.geojson`` (QuPath import rules), ``stats.json`` (areas from the label map, exact),
 ``mask.tiff`` (tiled pyramidal label TIFF with resolution tags and a colour palette),

@@ -1,4 +1,4 @@
-"""One whole-slide image in, the result files of DESIGN.md section 3 out: :func:`run`.
+"""One whole-slide image in, the result files README.md's "Outputs" lists out: :func:`run`.
 
 Stages (each reported through ``progress(stage, done, total)`` and timed into provenance):
 open -> tissue -> tiling -> inference (+ stitch, interleaved) -> vectorise -> write.

@@ -27,12 +27,20 @@ from typing import Any
 
 import numpy as np
 
-from fprotoseg.worker.errors import EmptySlideError, MissingMppError, SlideError, UnsupportedFormatError
+from fprotoseg.worker.errors import (
+    EmptySlideError,
+    FieldHint,
+    MissingMppError,
+    SlideError,
+    UnsupportedFormatError,
+)
 from fprotoseg.worker.wsi.validate import TIFF_MAGICS, check_dimensions, one_line, quiet_tifffile, vet_tiff
 
 # Smallest plausible pixel size (µm/px): anything below is a unit error in the metadata.
 MIN_MPP = 0.01
 MAX_MPP = 100.0
+# the fix for a slide without a pixel size: the CLI's --mpp, the API's form field mpp
+MPP_HINT = FieldHint("mpp", "0.5 for a 20x scan, 0.25 for 40x")
 # Decoding a chunk holds its RGBA (OpenSlide's buffer and numpy's copy) and RGB at once.
 SCALED_BYTES_PER_PX = 11
 # Regions up to this size decode into a buffer each reader thread keeps (tiles and runs of 8
@@ -495,8 +503,7 @@ def _resolve_mpp(slide: Slide, mpp_override: float | None) -> None:
         found = _mpp_from_tiff_tags(slide.path) if is_tiff else None
     if found is None:
         raise MissingMppError(
-            f"{slide.path.name} has no pixel size (µm/px) in its metadata; pass it with --mpp "
-            "(e.g. --mpp 0.5 for a 20x scan, 0.25 for 40x)"
+            f"{slide.path.name} has no pixel size (µm/px) in its metadata", hint=MPP_HINT
         )
     slide.mpp, slide.mpp_source = found
 

@@ -638,9 +638,8 @@ def vectorize(
         geoms = _class_polygons(label_map, k + 1, min_area_px, tol_px, scale, band_bytes)
         if not len(geoms):
             continue
-        areas_um2 = shapely.area(geoms) * (px_area_um2 / scale**2)
-        keep = areas_um2 >= min_region_area_um2
-        geoms, areas_um2 = geoms[keep], areas_um2[keep]
+        # clipped to the slide first: the last output pixels can reach past its edge, and the
+        # area measured (and filtered on) must be that of the polygon written
         bounds = shapely.bounds(geoms)
         outside = np.flatnonzero(
             (bounds[:, 0] < 0)
@@ -652,8 +651,10 @@ def vectorize(
             slide_box = shapely.box(0, 0, slide_width_px, slide_height_px)
             for i in outside:
                 geoms[i] = _polygonal(_valid(geoms[i].intersection(slide_box)))
-            kept = _present(geoms)
-            geoms, areas_um2 = geoms[kept], areas_um2[kept]
+            geoms = geoms[_present(geoms)]
+        areas_um2 = shapely.area(geoms) * (px_area_um2 / scale**2)
+        keep = areas_um2 >= min_region_area_um2
+        geoms, areas_um2 = geoms[keep], areas_um2[keep]
         geoms = shapely.orient_polygons(geoms)  # QuPath/GeoJSON: shells counter-clockwise
         order = np.argsort(-areas_um2, kind="stable")
         regions.extend(Region(k, geoms[i], float(areas_um2[i])) for i in order)

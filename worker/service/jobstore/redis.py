@@ -1,0 +1,284 @@
+"""The Redis job store, used when a broker is configured: records shared by the API and every
+Celery worker, with compare-and-set by WATCH/MULTI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from fprotoseg.worker.errors import DuplicateJobError, JobStoreError
+from fprotoseg.worker.service.jobstore.base import JobRecord, JobStore, Where, encode_record
+from fprotoseg.worker.service.states import CANCELLED, FAILED, STATES, TERMINAL_STATES
+
+
+class RedisJobStore(JobStore):
+    """Records as JSON strings under ``<prefix>job:<id>``; one sorted set per state for listing.
+
+    Compare-and-set uses WATCH/MULTI, so concurrent workers and the API never lose an update.
+    Durability across a Redis restart is Redis's own (enable AOF or RDB snapshots in production).
+    """
+
+    def __init__(self, url: str, prefix: str = "fprotoseg:") -> None:
+        import redis
+
+        self._redis_errors = (redis.RedisError, OSError)
+        self._watch_error = redis.WatchError
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
+        )
+        self.prefix = prefix
+
+    def _k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except self._redis_errors as exc:
+            raise JobStoreError(f"job store (Redis) unavailable: {exc}") from None
+
+    def _idem_key(self, tenant: str, key: str) -> str:
+        return self._k("idem", tenant, key)  # tenant names hold no ':' (TENANT_PATTERN)
+
+    def _tenant_key(self, tenant: str, state: str | None = None) -> str:
+        return self._k("tenant", tenant, "state", state) if state else self._k("tenant", tenant, "jobs")
+
+    def create(self, record: JobRecord) -> JobRecord:
+        """Claim the idempotency key and write the record and its indexes in ONE transaction.
+
+        The key is claimed inside MULTI (WATCHed first), so a transaction that fails claims nothing
+        and a retry with the same key makes the job; a key naming a record that does not exist is
+        a leftover of such a failure, not a duplicate.
+        """
+        idem = self._idem_key(record.tenant, record.idempotency_key) if record.idempotency_key else None
+        with self._errors(), self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    if idem is not None:
+                        pipe.watch(idem)
+                        owner = pipe.get(idem)
+                        if owner and pipe.exists(self._k("job", owner.decode())):
+                            pipe.unwatch()
+                            raise DuplicateJobError(owner.decode())
+                    pipe.multi()
+                    if idem is not None:
+                        pipe.set(idem, record.id)
+                    self._queue_create(pipe, record)
+                    pipe.execute()
+                    return record
+                except self._watch_error:
+                    continue
+                except self._redis_errors:
+                    self._undo_create(record, idem)
+                    raise
+
+    def _queue_create(self, pipe: Any, record: JobRecord) -> None:
+        pipe.set(self._k("job", record.id), encode_record(record))
+        pipe.zadd(self._k("jobs"), {record.id: record.created_at})
+        pipe.zadd(self._k("state", record.state), {record.id: record.created_at})
+        pipe.zadd(self._tenant_key(record.tenant), {record.id: record.created_at})
+        pipe.zadd(self._tenant_key(record.tenant, record.state), {record.id: record.created_at})
+        if record.upload_sha256:
+            pipe.zadd(
+                self._k("content", record.tenant, record.upload_sha256, record.params_hash),
+                {record.id: record.created_at},
+            )
+
+    def _undo_create(self, record: JobRecord, idem: str | None) -> None:
+        """Best effort after a failed EXEC: Redis applies the commands of a transaction that did
+        not fail at queue time even when one of them errs, so remove whatever did land."""
+        try:
+            undo = self.client.pipeline(transaction=False)
+            undo.delete(self._k("job", record.id))
+            for key in (self._k("jobs"), self._k("state", record.state), self._tenant_key(record.tenant),
+                        self._tenant_key(record.tenant, record.state)):
+                undo.zrem(key, record.id)
+            if record.upload_sha256:
+                content = self._k("content", record.tenant, record.upload_sha256, record.params_hash)
+                undo.zrem(content, record.id)
+            undo.execute(raise_on_error=False)
+            if idem is not None and self.client.get(idem) == record.id.encode():
+                self.client.delete(idem)
+        except self._redis_errors:
+            pass  # the store is gone: a leftover key names no record, so it blocks no retry
+
+    def _get_many(self, ids: list[bytes] | list[str]) -> list[JobRecord]:
+        if not ids:
+            return []
+        keys = [self._k("job", i.decode() if isinstance(i, bytes) else i) for i in ids]
+        with self._errors():
+            found = self.client.mget(keys)
+        return [JobRecord.from_dict(json.loads(raw)) for raw in found if raw]
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._errors():
+            raw = self.client.get(self._k("job", job_id))
+        return JobRecord.from_dict(json.loads(raw)) if raw else None
+
+    def page(
+        self, *, limit: int, offset: int = 0, state: str | None = None, tenant: str | None = None
+    ) -> tuple[list[JobRecord], int]:
+        if tenant is not None:
+            key = self._tenant_key(tenant, state)
+        else:
+            key = self._k("state", state) if state else self._k("jobs")
+        with self._errors():
+            ids = self.client.zrevrange(key, offset, offset + limit - 1)
+            return self._get_many(ids), int(self.client.zcard(key))
+
+    def find_by_idempotency_key(self, key: str, tenant: str = "") -> JobRecord | None:
+        with self._errors():
+            job_id = self.client.get(self._idem_key(tenant, key))
+        return self.get(job_id.decode()) if job_id else None
+
+    def find_by_content(self, sha256: str, params_hash: str, tenant: str = "") -> JobRecord | None:
+        with self._errors():
+            ids = self.client.zrevrange(self._k("content", tenant, sha256, params_hash), 0, 20)
+            for rec in self._get_many(ids):
+                if rec.state not in (FAILED, CANCELLED):
+                    return rec
+        return None
+
+    def release_idempotency_key(self, job_id: str) -> None:
+        rec = self._modify(job_id, STATES, None, {"idempotency_released": True})
+        if rec is None or not rec.idempotency_key:
+            return
+        idem = self._idem_key(rec.tenant, rec.idempotency_key)
+        with self._errors(), self.client.pipeline(transaction=True) as pipe:
+            try:  # only if the key still names this job (a newer job may own it already)
+                pipe.watch(idem)
+                if pipe.get(idem) == job_id.encode():
+                    pipe.multi()
+                    pipe.delete(idem)
+                    pipe.execute()
+                else:
+                    pipe.unwatch()
+            except self._watch_error:
+                pass
+
+    def delete(self, job_id: str) -> None:
+        rec = self.get(job_id)
+        if rec is None:
+            return
+        with self._errors():
+            pipe = self.client.pipeline(transaction=True)
+            pipe.delete(self._k("job", job_id))
+            pipe.zrem(self._k("jobs"), job_id)
+            pipe.zrem(self._k("state", rec.state), job_id)
+            pipe.zrem(self._tenant_key(rec.tenant), job_id)
+            pipe.zrem(self._tenant_key(rec.tenant, rec.state), job_id)
+            pipe.zrem(self._k("content", rec.tenant, rec.upload_sha256, rec.params_hash), job_id)
+            pipe.zrem(self._k("callbacks"), job_id)
+            pipe.execute()
+        if rec.idempotency_key and not rec.idempotency_released:
+            with self._errors():
+                idem = self._idem_key(rec.tenant, rec.idempotency_key)
+                if self.client.get(idem) == job_id.encode():
+                    self.client.delete(idem)
+
+    def finished_before(self, ts: float, limit: int = 500) -> list[JobRecord]:
+        found: list[JobRecord] = []
+        with self._errors():
+            for state in sorted(TERMINAL_STATES):
+                ids = self.client.zrange(self._k("state", state), 0, -1)
+                for i in range(0, len(ids), 200):
+                    for rec in self._get_many(ids[i : i + 200]):
+                        if rec.finished_at is not None and rec.finished_at < ts:
+                            found.append(rec)
+                            if len(found) >= limit:
+                                return found
+        return found
+
+    def _modify(
+        self, job_id: str, allowed: Iterable[str], to_state: str | None, changes: dict[str, Any],
+        where: Where | None = None,
+    ) -> JobRecord | None:
+        allowed = tuple(allowed)
+        key = self._k("job", job_id)
+        with self._errors(), self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if not raw:
+                        pipe.unwatch()
+                        return None
+                    rec = JobRecord.from_dict(json.loads(raw))
+                    if rec.state not in allowed or (where is not None and not where(rec)):
+                        pipe.unwatch()
+                        return None
+                    old_state = rec.state
+                    new = rec.changed(changes, to_state)
+                    pipe.multi()
+                    pipe.set(key, encode_record(new))
+                    if new.state != old_state:
+                        pipe.zrem(self._k("state", old_state), job_id)
+                        pipe.zadd(self._k("state", new.state), {job_id: new.created_at})
+                        pipe.zrem(self._tenant_key(new.tenant, old_state), job_id)
+                        pipe.zadd(self._tenant_key(new.tenant, new.state), {job_id: new.created_at})
+                    pipe.execute()
+                    return new
+                except self._watch_error:
+                    continue
+
+    def schedule_callback(self, job_id: str, due_at: float) -> None:
+        with self._errors():
+            self.client.zadd(self._k("callbacks"), {job_id: due_at})
+
+    def due_callbacks(self, now: float, limit: int = 20) -> list[str]:
+        with self._errors():
+            ids = self.client.zrangebyscore(self._k("callbacks"), "-inf", now, start=0, num=limit)
+        return [i.decode() for i in ids]
+
+    def claim_callback(self, job_id: str, now: float, lease_s: float) -> bool:
+        key = self._k("callbacks")
+        with self._errors(), self.client.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(key)
+                due = pipe.zscore(key, job_id)
+                if due is None or float(due) > now:
+                    pipe.unwatch()
+                    return False
+                pipe.multi()
+                pipe.zadd(key, {job_id: now + lease_s})
+                pipe.execute()
+                return True
+            except self._watch_error:
+                return False  # someone else changed the outbox meanwhile: let them have it
+
+    def unschedule_callback(self, job_id: str) -> None:
+        with self._errors():
+            self.client.zrem(self._k("callbacks"), job_id)
+
+    def counts_by_state(self) -> dict[str, int]:
+        with self._errors():
+            pipe = self.client.pipeline(transaction=False)
+            for s in STATES:
+                pipe.zcard(self._k("state", s))
+            return {s: int(n) for s, n in zip(STATES, pipe.execute(), strict=True)}
+
+    def ids_in_state(self, state: str) -> list[str]:
+        with self._errors():
+            return [i.decode() for i in self.client.zrange(self._k("state", state), 0, -1)]
+
+    def incr_metrics(self, increments: dict[str, float]) -> None:
+        with self._errors():
+            pipe = self.client.pipeline(transaction=True)
+            for name, value in increments.items():
+                pipe.hincrbyfloat(self._k("metrics"), name, float(value))
+            pipe.execute()
+
+    def metrics(self) -> dict[str, float]:
+        with self._errors():
+            raw = self.client.hgetall(self._k("metrics"))
+        return {k.decode(): float(v) for k, v in raw.items()}
+
+    def ping(self) -> None:
+        with self._errors():
+            self.client.ping()
+
+    def close(self) -> None:
+        self.client.close()
