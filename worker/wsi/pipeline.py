@@ -22,11 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from fprotoseg.model.segmenter import CPU_BATCH_SIZE, Segmenter, StreamingSegmenter, file_sha256
+from fprotoseg.model.segmenter import CPU_BATCH_SIZE, Segmenter, StreamingSegmenter
 from fprotoseg.worker.errors import PipelineOptionsError
 from fprotoseg.worker.wsi import outputs
 from fprotoseg.worker.wsi.buffers import anonymous_array
 from fprotoseg.worker.wsi.cpus import default_pipeline_threads
+from fprotoseg.worker.wsi.dicom import path_sha256
 from fprotoseg.worker.wsi.feed import Feeder
 from fprotoseg.worker.wsi.slide import Slide, open_slide
 from fprotoseg.worker.wsi.stitch import LabelMapStitcher
@@ -203,7 +204,7 @@ def run(
         t = time.perf_counter()
         progress("open", 0, 1)
         slide = open_slide(slide_path, mpp_override=mpp_override)
-        sha_job = None if slide_sha256 else background.submit(file_sha256, slide_path)
+        sha_job = None if slide_sha256 else background.submit(path_sha256, slide_path)
         with slide:
             progress("open", 1, 1)
             clock.add("open", time.perf_counter() - t)
