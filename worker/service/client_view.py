@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from fprotoseg.model.catalog import default_model_name
 from fprotoseg.worker.service.jobstore import JobRecord
 from fprotoseg.worker.service.settings import Settings
 
@@ -46,7 +47,7 @@ def describe_results_for_client(work_dir: Path, rec: JobRecord, settings: Settin
         "idempotency_key": rec.idempotency_key,
         "upload_sha256": rec.upload_sha256,
         "slide_uri": rec.slide_uri,  # file:// or s3:// when named instead of uploaded
-        "model": rec.model,  # as requested; null = the configured default (provenance.model says which)
+        "model": rec.model or default_model_name(settings.checkpoint),  # the name GET /jobs/{id} shows
     }
     server_names = tuple(
         s

@@ -31,7 +31,7 @@ from fprotoseg.worker.service.lifecycle import JobHeartbeat, _finish, cancel_job
 from fprotoseg.worker.service.runtime import JobProgress, StopCheck
 from fprotoseg.worker.service.segmenters import get_segmenter
 from fprotoseg.worker.service.settings import Settings
-from fprotoseg.worker.service.states import QUEUED, RUNNING, SUCCEEDED
+from fprotoseg.worker.service.states import PUBLISHING_STAGE, QUEUED, RUNNING, SUCCEEDED
 from fprotoseg.worker.service.storage import is_out_of_space
 from fprotoseg.worker.wsi.result_files import publish, results_complete
 
@@ -113,7 +113,7 @@ def _process(job_id: str, settings: Settings, store: JobStore, should_stop: Stop
             store.progress(job_id, "rendering viewer", 0.98)
             render_viewer(settings, rec, work_dir)
         describe_results_for_client(work_dir, rec, settings)
-        store.progress(job_id, "publishing results", 0.99)
+        _enter_publishing(store, job_id)
         result_dir = settings.result_dir(job_id)
         publish(work_dir, result_dir)
         for stale in result_dir.parent.glob("work-*"):  # partial output of attempts whose worker died
@@ -126,6 +126,19 @@ def _process(job_id: str, settings: Settings, store: JobStore, should_stop: Stop
         store, settings, job_id, SUCCEEDED, only_from=RUNNING, progress=1.0, stage="done",
         duration_s=duration_s, tiles=result.tiles_inferred,
     )
+
+
+def _enter_publishing(store: JobStore, job_id: str) -> None:
+    """The point of no return. The batch loop sees a cancel only between batches, so a one-batch
+    job was past its last check at once; here a cancel requested at any time before is honoured
+    (JobCancelledError), in the same compare-and-set that makes DELETE answer ``cancellable:
+    false`` from now on, so the answer and the outcome always agree."""
+    entered = store.transition(
+        job_id, RUNNING, [RUNNING], lambda r: not r.cancel_requested,
+        stage=PUBLISHING_STAGE, progress=0.99, heartbeat_at=time.time(),
+    )
+    if entered is None and store.is_cancel_requested(job_id):
+        raise JobCancelledError("the job was cancelled")
 
 
 def _run_pipeline(
