@@ -128,6 +128,24 @@ def _process(job_id: str, settings: Settings, store: JobStore, should_stop: Stop
     )
 
 
+def _fail_disk_full(store: JobStore, settings: Settings, job_id: str) -> JobRecord | None:
+    """``disk_full``, written while the heartbeat timeout allows. The work dir is gone by now and
+    each write the store refused gave back its write-ahead log, so a later try finds room; only
+    if none does is the JobStoreError left to the reaper."""
+    deadline = time.monotonic() + settings.job_heartbeat_timeout_s / 2
+    while True:
+        try:
+            return fail_job(
+                store, settings, job_id, "disk_full",
+                "the server ran out of disk space while processing the slide; upload it again later",
+            )
+        except JobStoreError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("job %s: failure not recorded yet (%s); trying again", job_id, exc.message)
+            time.sleep(settings.job_heartbeat_interval_s / 4)
+
+
 def _enter_publishing(store: JobStore, job_id: str) -> None:
     """The point of no return. The batch loop sees a cancel only between batches, so a one-batch
     job was past its last check at once; here a cancel requested at any time before is honoured
@@ -185,14 +203,9 @@ def _failed(store: JobStore, settings: Settings, rec: JobRecord, exc: BaseExcept
         return store.get(job_id)
     if isinstance(exc, JobCancelledError):
         return cancel_job(store, settings, job_id)
-    if isinstance(exc, Exception) and is_out_of_space(exc):
-        # The work dir is gone by now, so the job store can usually take this last write; if it
-        # cannot, the JobStoreError below is transient and the reaper ends the job later.
+    if isinstance(exc, Exception) and is_out_of_space(exc):  # the job store's own writes too
         log.error("job %s: out of disk space: %s", job_id, exc)
-        return fail_job(
-            store, settings, job_id, "disk_full",
-            "the server ran out of disk space while processing the slide; upload it again later",
-        )
+        return _fail_disk_full(store, settings, job_id)
     if isinstance(exc, JobStoreError) or not isinstance(exc, Exception):
         raise exc  # transient (retried by process_job's caller), or KeyboardInterrupt/SystemExit
     if isinstance(exc, FprotosegError):

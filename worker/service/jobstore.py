@@ -34,6 +34,7 @@ from fprotoseg.worker.service.states import (
     TERMINAL_STATES,
     JobState,
 )
+from fprotoseg.worker.service.storage import give_back_sqlite_journal, is_out_of_space
 
 __all__ = [
     "DURATION_BUCKETS_S",
@@ -342,6 +343,10 @@ class SqliteJobStore(JobStore):
         db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=True)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
+        # A small write-ahead log (checkpoint every 64 pages, file cut back to 256 KiB): at SQLite's
+        # default (1000 pages, never cut back) it took the last MiBs of a nearly full disk.
+        db.execute("PRAGMA wal_autocheckpoint=64")
+        db.execute("PRAGMA journal_size_limit=262144")
         return db
 
     def _db(self) -> sqlite3.Connection:
@@ -362,6 +367,8 @@ class SqliteJobStore(JobStore):
                 raise
             db.execute("COMMIT")
         except sqlite3.Error as exc:
+            if is_out_of_space(exc):
+                give_back_sqlite_journal(db)  # so the next write (the job's disk_full) finds room
             raise JobStoreError(f"job store: {exc}") from None
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> builtins.list[tuple[Any, ...]]:
