@@ -72,29 +72,13 @@ def folder_sha256(files: list[Path], folder: Path) -> tuple[str, int]:
     order (what ``sha256sum * | sha256sum`` prints), so the same instances hash the same anywhere."""
     lines, total = [], 0
     for path in files:
-        hexdigest, size = _file_sha256(path)
-        total += size
-        lines.append(f"{hexdigest}  {path.relative_to(folder).as_posix()}\n")
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            while chunk := fh.read(COPY_CHUNK_BYTES):
+                digest.update(chunk)
+                total += len(chunk)
+        lines.append(f"{digest.hexdigest()}  {path.relative_to(folder).as_posix()}\n")
     return hashlib.sha256("".join(lines).encode()).hexdigest(), total
-
-
-def _file_sha256(path: Path) -> tuple[str, int]:
-    """(sha256, bytes) of one file, read 1 MiB at a time (instances and slides are large)."""
-    digest, size = hashlib.sha256(), 0
-    with path.open("rb") as fh:
-        while chunk := fh.read(COPY_CHUNK_BYTES):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
-def path_sha256(path: Path) -> str:
-    """The checksum of a slide as named: a file's bytes, or a DICOM WSI folder's instances
-    (:func:`folder_sha256`, the checksum the service records for the same folder by reference),
-    so a folder gets a checksum instead of an IsADirectoryError."""
-    if path.is_dir():
-        return folder_sha256(series_files(path, MAX_SERIES_FILES), path)[0]
-    return _file_sha256(path)[0]
 
 
 def _check_name(name: str) -> None:

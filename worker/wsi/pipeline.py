@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from fprotoseg.model.segmenter import CPU_BATCH_SIZE, Segmenter, StreamingSegmenter
+from fprotoseg.model.segmenter import CPU_BATCH_SIZE, Segmenter, StreamingSegmenter, file_sha256
 from fprotoseg.worker.errors import PipelineOptionsError
 from fprotoseg.worker.wsi import outputs
 from fprotoseg.worker.wsi.buffers import anonymous_array
 from fprotoseg.worker.wsi.cpus import default_pipeline_threads
-from fprotoseg.worker.wsi.dicom import path_sha256
+from fprotoseg.worker.wsi.dicom import MAX_SERIES_FILES, folder_sha256, series_files
 from fprotoseg.worker.wsi.feed import Feeder
 from fprotoseg.worker.wsi.slide import Slide, open_slide
 from fprotoseg.worker.wsi.stitch import LabelMapStitcher
@@ -93,6 +93,14 @@ class _Clock:
 
     def add(self, stage: str, dt: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + dt
+
+
+def _slide_sha256(path: Path) -> str:
+    """The slide's checksum as named: a file's bytes, or a DICOM WSI folder over its instances (the
+    checksum the service records for the same folder), not an IsADirectoryError."""
+    if path.is_dir():
+        return folder_sha256(series_files(path, MAX_SERIES_FILES), path)[0]
+    return file_sha256(path)
 
 
 def _noop_progress(stage: str, done: int, total: int) -> None:
@@ -204,7 +212,7 @@ def run(
         t = time.perf_counter()
         progress("open", 0, 1)
         slide = open_slide(slide_path, mpp_override=mpp_override)
-        sha_job = None if slide_sha256 else background.submit(path_sha256, slide_path)
+        sha_job = None if slide_sha256 else background.submit(_slide_sha256, slide_path)
         with slide:
             progress("open", 1, 1)
             clock.add("open", time.perf_counter() - t)
