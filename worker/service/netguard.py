@@ -55,6 +55,8 @@ _NOT_GLOBAL = (_V6("::/96"), _V6("64:ff9b:1::/48"), _V6("3fff::/20"), _V6("5f00:
 # ISATAP (RFC 5214): an interface identifier 0:5efe or 200:5efe followed by the IPv4 address of the
 # host the router tunnels to, under any /64 prefix.
 _ISATAP_IDS = (0x00005EFE, 0x02005EFE)
+
+
 class CallbackURLError(ValueError):
     """The URL may not be called; the message says why, in one line for the client."""
 
@@ -94,11 +96,11 @@ def is_public(addr: IPAddress) -> bool:
     if isinstance(addr, ipaddress.IPv6Address):
         if any(addr in net for net in _NOT_GLOBAL):
             return False
-        if addr.teredo is not None and not is_public(addr.teredo[0]):
-            return False
         inner = embedded_ipv4(addr)
-        if inner is not None:
-            return is_public(inner)
+        if inner is not None and not is_public(inner):
+            return False
+        if addr.teredo is not None and not is_public(addr.teredo[0]):  # the relay server too
+            return False
     return bool(addr.is_global) and not addr.is_multicast
 
 
