@@ -37,18 +37,10 @@ def register(subparsers: Any) -> None:
         ".safetensors path (default: $FPROTOSEG_CHECKPOINT, else the packaged default model)",
     )
     p.add_argument("--mpp", type=float, default=None, help="level-0 µm/px, overriding the slide metadata")
-    p.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default=None,
-        help="default: $FPROTOSEG_DEVICE, else auto (a GPU where one exists)",
-    )
-    p.add_argument(
-        "--precision",
-        choices=("fp32", "fp16", "bf16"),
-        default=None,
-        help="default: $FPROTOSEG_PRECISION, else fp16 on CUDA, fp32 on CPU",
-    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="default: $FPROTOSEG_DEVICE, else auto (a GPU where one exists)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="default: $FPROTOSEG_PRECISION, else fp16 on CUDA, fp32 on CPU")
     p.add_argument("--batch-size", type=int, default=32, help="tiles per network call (default 32)")
     p.add_argument(
         "--output-mpp", type=float, default=2.0, help="µm/px of the label map and polygons (default 2.0)"
@@ -144,13 +136,10 @@ class _Bar:
         now_s = time.monotonic()
         if changed:
             self._started_s, self._logged_step = now_s, -1
-        step = int(done / total / self.LOG_STEP) if total else 0
-        if step == self._logged_step and now_s - self._logged_s < self.LOG_INTERVAL_S and done != total:
+        step = int(done / total / self.LOG_STEP) if total else 0  # the last one: done == total
+        if step <= self._logged_step and now_s - self._logged_s < self.LOG_INTERVAL_S:
             return
-        if done == total and self._logged_step == -2:
-            return  # the last line is out already
-        self._logged_step = -2 if done == total else step
-        self._logged_s = now_s
+        self._logged_step, self._logged_s = step, now_s
         elapsed_s = now_s - self._started_s
         rate = f", {done / elapsed_s:.1f} tiles/s" if done and elapsed_s > 0 else ""
         percent = 100 * done / total if total else 100.0
