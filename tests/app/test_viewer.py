@@ -44,11 +44,13 @@ def finished(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Ite
     log = tmp_path_factory.mktemp("viewer-logs") / "serve.log"
     env = {"FPROTOSEG_BATCH_SIZE": "4", "FPROTOSEG_MIN_FREE_MB": "0", "FPROTOSEG_VIEW_LINK_TTL_S": "600"}
     with api_client(data_dir, PACKAGED, log, **env) as client:
-        wait_ready(client)
+        # bounds, not sleeps: on a 2-core machine shared with training runs the packaged model's
+        # load and the job took minutes (the job was still running after 180 s)
+        wait_ready(client, timeout_s=600)
         slide = (shared_data / SLIDE).read_bytes()
         r = client.post("/segment", files={"file": ("CMU-1 Small Region.svs", slide)})
         assert r.status_code == 202, r.text
-        job = poll_job(client, r.json()["job_id"])
+        job = poll_job(client, r.json()["job_id"], timeout_s=900)
         seen_s = time.monotonic()
         assert job["state"] == "succeeded", (job, log.read_text()[-3000:])
         yield client, job, seen_s, data_dir
