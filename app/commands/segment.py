@@ -10,7 +10,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 
 def register(subparsers: Any) -> None:
@@ -22,7 +22,12 @@ def register(subparsers: Any) -> None:
             "(per-class areas in µm²), mask.tiff, overlay.png and provenance.json into --out."
         ),
     )
-    p.add_argument("slide", type=Path, help="slide file (SVS, NDPI, MIRAX, SCN, OME-TIFF, tiled TIFF, ...)")
+    p.add_argument(
+        "slide",
+        type=Path,
+        help="slide file (SVS, NDPI, MIRAX, SCN, OME-TIFF, tiled TIFF, ...) or a DICOM WSI series: its "
+        "folder or one of its instances",
+    )
     p.add_argument("--out", type=Path, default=None, help="output directory (default: ./<slide name>/)")
     p.add_argument(
         "--checkpoint",
@@ -58,36 +63,94 @@ def register(subparsers: Any) -> None:
 
 
 def default_out_dir(slide: Path) -> Path:
+    """``./<slide name>/``; for a DICOM folder named from where it lies, ``./<name> results/``
+    (the results must not land among the series' own instances)."""
     name = slide.name
     for suffix in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(suffix):
             return Path.cwd() / name[: -len(suffix)]
-    return Path.cwd() / slide.stem
+    out = Path.cwd() / (slide.name if slide.is_dir() else slide.stem)
+    if out.resolve() == slide.resolve():
+        out = out.with_name(f"{out.name} results")
+    return out
+
+
+_INFERENCE_FORMAT = (
+    "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} tiles [{elapsed}<{remaining}, {rate_fmt}]"
+)
 
 
 class _Bar:
-    """tqdm bar: tiles done/total and tiles/s during inference, the stage name always."""
+    """Progress on stderr. On a terminal a tqdm bar: the stage name (with its step count where it
+    has several), and tiles done/total with tiles/s during inference. In a log (no terminal) plain
+    lines: one per stage, and during inference one per 5 % of the tiles or per 10 s at most, so a
+    batch job's log is not one line per batch."""
 
-    def __init__(self, enabled: bool) -> None:
-        from tqdm import tqdm
+    LOG_STEP = 0.05  # fraction of the tiles between two log lines
+    LOG_INTERVAL_S = 10.0  # ... or this long, whichever comes first
 
-        self._bar = tqdm(total=0, unit="tile", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+    def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
+        self._stream = stream or sys.stderr
+        self._enabled = enabled
+        self._tty = enabled and self._stream.isatty()
         self._stage = ""
+        self._bar: Any = None
+        self._logged_step = -1
+        self._logged_s = 0.0
+        self._started_s = 0.0
+        if self._tty:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=None, bar_format="{desc}", unit="tile", file=self._stream, dynamic_ncols=True
+            )
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self._enabled:
+            return
+        changed = stage != self._stage
+        self._stage = stage
+        if self._bar is not None:
+            self._draw(stage, done, total, changed)
+        elif stage == "inference":
+            self._log_tiles(done, total, changed)
+        elif changed:
+            self._line(stage)
+
+    def _draw(self, stage: str, done: int, total: int, changed: bool) -> None:
         bar = self._bar
-        if stage != self._stage:
-            self._stage = stage
-            bar.set_description(stage)
-            if stage == "inference":
-                bar.reset(total=total)
         if stage == "inference":
+            if changed:
+                bar.bar_format = _INFERENCE_FORMAT
+                bar.set_description_str(stage, refresh=False)
+                bar.reset(total=total)
             bar.update(done - bar.n)
-        else:
-            bar.refresh()
+            if done == total:
+                bar.refresh()  # the last count is drawn even inside tqdm's minimum interval
+            return
+        if changed:
+            bar.bar_format = "{desc}"
+        bar.set_description_str(f"{stage} {done}/{total}" if total > 1 else stage)
+
+    def _log_tiles(self, done: int, total: int, changed: bool) -> None:
+        now_s = time.monotonic()
+        if changed:
+            self._started_s, self._logged_step = now_s, -1
+        step = int(done / total / self.LOG_STEP) if total else 0  # the last one: done == total
+        if step <= self._logged_step and now_s - self._logged_s < self.LOG_INTERVAL_S:
+            return
+        self._logged_step, self._logged_s = step, now_s
+        elapsed_s = now_s - self._started_s
+        rate = f", {done / elapsed_s:.1f} tiles/s" if done and elapsed_s > 0 else ""
+        percent = 100 * done / total if total else 100.0
+        self._line(f"inference: {done}/{total} tiles ({percent:.0f}%{rate})")
+
+    def _line(self, text: str) -> None:
+        print(text, file=self._stream, flush=True)
 
     def close(self) -> None:
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
 
 
 def handle(args: argparse.Namespace) -> int:

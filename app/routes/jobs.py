@@ -76,7 +76,7 @@ def get_job(
 @router.delete(
     "/jobs/{job_id}",
     status_code=202,
-    summary="Cancel a job (a running job stops at its next batch)",
+    summary="Cancel a job (stops at its next batch or before it publishes; `cancellable` says whether)",
     response_model=JobView,
     responses={404: {"description": "no such job"}, 409: {"description": "the job has already finished"}},
 )

@@ -53,11 +53,17 @@ _BLANK_PNG = bytes.fromhex(
     "89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c489"
     "0000000d49444154789c6360606060000000050001a5f645400000000049454e44ae426082"
 )
+# The one inline style allowed, by its hash: the <style> OpenSeadragon 6.1.1 adds to the page
+# ("@media (hover: none) { .openseadragon-canvas:focus { outline: none !important; } }", its exact
+# text); without it the console logs a CSP refusal. Scripts stay 'self' only (tests/app/test_viewer.py
+# checks the hash against the shipped library and the console in Chromium).
+_OPENSEADRAGON_STYLE_SHA256 = "'sha256-9xTiqzfwFaL2SGb1rmr8gysEwVVjIvqWAgmZgqFqpEE='"
 _PAGE_HEADERS = {
     "Cache-Control": "no-store",
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; "
+    f"style-src 'self' {_OPENSEADRAGON_STYLE_SHA256}; "
     "img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'",
 }
 _TILE_HEADERS = {"Cache-Control": "private, max-age=3600", "Referrer-Policy": "no-referrer"}

@@ -13,7 +13,7 @@ from fprotoseg.model.catalog import default_model_name
 from fprotoseg.worker.service.callbacks import job_links
 from fprotoseg.worker.service.jobstore import JobRecord
 from fprotoseg.worker.service.settings import Settings
-from fprotoseg.worker.service.states import JobState
+from fprotoseg.worker.service.states import PUBLISHING_STAGE, QUEUED, RUNNING, JobState
 
 
 class JobErrorView(BaseModel):
@@ -58,6 +58,12 @@ class JobView(BaseModel):
     updated_at: str | None
     attempts: int = Field(description="deliveries so far (more than 1 after a worker was lost)")
     cancel_requested: bool
+    cancellable: bool = Field(
+        description="whether a DELETE stops the job: true while it is queued or running, until it "
+        "publishes its results; false from then on and once it has ended. After a DELETE, "
+        "cancel_requested true with cancellable true means it will end cancelled; with cancellable "
+        "false the request came too late and the job ends as it would have (usually succeeded)"
+    )
     upload: UploadView
     mpp: float | None = Field(description="µm/px given with the upload (overrides slide metadata)")
     model: str = Field(description="the model the job runs (a name from GET /models)")
@@ -110,6 +116,7 @@ def job_view(rec: JobRecord, request: Request, settings: Settings) -> dict[str, 
         "updated_at": iso(rec.updated_at),
         "attempts": rec.attempts,
         "cancel_requested": rec.cancel_requested,
+        "cancellable": rec.state == QUEUED or (rec.state == RUNNING and rec.stage != PUBLISHING_STAGE),
         "upload": {
             "filename": rec.filename,
             "sha256": rec.upload_sha256,

@@ -20,26 +20,8 @@ SLIDE = "slides/CMU-1-Small-Region.svs"
 
 
 @pytest.fixture(scope="module")
-def series(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    """CMU-1-Small-Region.svs as a DICOM WSI series in <root>/CMU-1 series/ (made here, not stored)."""
-    from wsidicom.codec import Jpeg2kSettings
-    from wsidicomizer import WsiDicomizer
-    from wsidicomizer.sources import TiffSlideSource
-
-    folder = tmp_path_factory.mktemp("dicom-root") / "CMU-1 series"
-    folder.mkdir()
-    WsiDicomizer.convert(
-        shared_data / SLIDE,
-        folder,
-        preferred_source=TiffSlideSource,
-        encoding=Jpeg2kSettings(levels=[0]),  # lossless: the series holds the slide's own pixels
-        include_label=False,
-        include_overview=False,
-        include_thumbnail=False,
-        tile_size=256,
-    )
-    assert list(folder.glob("*.dcm"))
-    return folder
+def series(dicom_series: Path) -> Path:
+    return dicom_series
 
 
 def _zip(entries: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:

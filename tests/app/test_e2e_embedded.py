@@ -309,6 +309,7 @@ def test_a_lims_can_match_every_result_to_its_case(embedded, shared_data: Path) 
         assert doc["slide"]["file"] == name
         assert doc["job"]["filename"] == name and doc["job"]["metadata"] == {"external_id": "CASE-4711"}
         assert doc["job"]["idempotency_key"] == "LIMS-4711"
+        assert doc["job"]["model"] == job["model"] == "tiny"  # the default model, by its name (was null)
     assert "path" not in provenance["slide"]
     assert str(data_dir) not in provenance_text and job["job_id"] + ".svs" not in provenance_text
     (headers, body), = hook.received

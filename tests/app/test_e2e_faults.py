@@ -207,13 +207,24 @@ def tiny_tmpfs(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+# What fills the disk first: the job's results, or (a progress write per tile, as a slow machine
+# writes more heartbeats) the job store's write-ahead log, which took the last space and then
+# refused every write: the job stayed `running` at 0.99 in `vectorise` (issue 22, item 8).
+DISK_FILLERS = {
+    "results": {},
+    "job-store": {"FPROTOSEG_PROGRESS_INTERVAL_S": "0", "FPROTOSEG_BATCH_SIZE": "1"},
+}
+
+
 @pytest.mark.slow
-def test_a_disk_that_fills_up(tmp_path: Path, tiny_checkpoint: Path, shared_data: Path) -> None:
-    """Uploads on a full disk get 507 and leave nothing; a job whose disk fills up ends (failed
-    with a code, or requeued and finished once space is back); a resubmission succeeds."""
+@pytest.mark.parametrize("filler", sorted(DISK_FILLERS))
+def test_a_disk_that_fills_up(tmp_path: Path, tiny_checkpoint: Path, shared_data: Path, filler: str) -> None:
+    """Uploads on a full disk get 507 and leave nothing; a job whose disk fills up ends failed with
+    ``disk_full`` in its first attempt (the worker ends it, not the reaper after lost attempts),
+    whatever the machine's load; a resubmission succeeds once there is space."""
     slide = (shared_data / SLIDE).read_bytes()
     with tiny_tmpfs(tmp_path / "small", "2600k") as data_dir:
-        env = {**FAST_REAPER, "FPROTOSEG_KEEP_UPLOADS": "false"}
+        env = {**FAST_REAPER, "FPROTOSEG_KEEP_UPLOADS": "false", **DISK_FILLERS[filler]}
         with api_client(data_dir, tiny_checkpoint, tmp_path / "api.log", **env) as client:
             wait_ready(client)
             first = client.post("/segment", files={"file": ("a.svs", slide)})
@@ -222,13 +233,13 @@ def test_a_disk_that_fills_up(tmp_path: Path, tiny_checkpoint: Path, shared_data
             assert second.status_code == 507 and second.json()["code"] == "insufficient_storage", second.text
             assert second.headers["retry-after"]
             assert [p.name for p in (data_dir / "uploads").iterdir()] == [f"{first.json()['job_id']}.svs"]
-            job = poll_job(client, first.json()["job_id"], timeout_s=120)
+            # waits on the job's state only: the deadline is a bound, not a sleep
+            job = poll_job(client, first.json()["job_id"], timeout_s=300)
             print(f"job on a full disk: {job['state']} {job['error']}")
-            assert job["state"] in ("failed", "succeeded"), job
-            if job["state"] == "failed":
-                assert job["error"]["code"] in ("disk_full", "worker_lost"), job
+            assert job["state"] == "failed" and job["error"]["code"] == "disk_full", job
+            assert job["attempts"] == 1, job
             assert "Traceback" not in (tmp_path / "api.log").read_text()
             subprocess.run(["mount", "-o", "remount,size=64m", str(data_dir)], check=True)  # space is back
             again = client.post("/segment", files={"file": ("a.svs", slide)})
             assert again.status_code == 202
-            assert poll_job(client, again.json()["job_id"], timeout_s=120)["state"] == "succeeded"
+            assert poll_job(client, again.json()["job_id"], timeout_s=300)["state"] == "succeeded"

@@ -144,7 +144,7 @@ def test_each_job_runs_the_model_it_names(server, shared_data: Path, models_dir:
     breast_sha = hashlib.sha256((models_dir / "tiny_breast.safetensors").read_bytes()).hexdigest()
     assert breast_prov["model"]["checksum_sha256"] == breast_sha
     assert default_prov["model"]["checksum_sha256"] != breast_sha
-    assert breast_prov["job"]["model"] == "tiny_breast" and default_prov["job"]["model"] is None
+    assert breast_prov["job"]["model"] == "tiny_breast" and default_prov["job"]["model"] == DEFAULT_MODEL_NAME
     stats = client.get(jobs["tiny_breast"]["links"]["stats"]).json()
     assert [c["name"] for c in stats["classes"]] == [n for n, _ in BREAST]
     # naming the default is the default: the same upload replays the first job

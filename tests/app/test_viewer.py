@@ -9,8 +9,11 @@ the reason, in CI it fails.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -41,11 +44,13 @@ def finished(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Ite
     log = tmp_path_factory.mktemp("viewer-logs") / "serve.log"
     env = {"FPROTOSEG_BATCH_SIZE": "4", "FPROTOSEG_MIN_FREE_MB": "0", "FPROTOSEG_VIEW_LINK_TTL_S": "600"}
     with api_client(data_dir, PACKAGED, log, **env) as client:
-        wait_ready(client)
+        # bounds, not sleeps: on a 2-core machine shared with training runs the packaged model's
+        # load and the job took minutes (the job was still running after 180 s)
+        wait_ready(client, timeout_s=600)
         slide = (shared_data / SLIDE).read_bytes()
         r = client.post("/segment", files={"file": ("CMU-1 Small Region.svs", slide)})
         assert r.status_code == 202, r.text
-        job = poll_job(client, r.json()["job_id"])
+        job = poll_job(client, r.json()["job_id"], timeout_s=900)
         seen_s = time.monotonic()
         assert job["state"] == "succeeded", (job, log.read_text()[-3000:])
         yield client, job, seen_s, data_dir
@@ -61,6 +66,12 @@ def test_signed_link_opens_page_and_tiles_without_the_key(finished) -> None:
     assert page.headers["referrer-policy"] == "no-referrer" and "script-src 'self'" in page.headers[
         "content-security-policy"
     ]
+    csp = page.headers["content-security-policy"]
+    style_src = next(d for d in csp.split(";") if d.strip().startswith("style-src")).split()
+    assert "'unsafe-inline'" not in csp
+    for css in _styles_openseadragon_inserts():  # allowed by hash, nothing else inline
+        digest = base64.b64encode(hashlib.sha256(css.encode()).digest()).decode()
+        assert f"'sha256-{digest}'" in style_src, (css, style_src)
     text = page.text
     stats = client.get(job["links"]["stats"]).json()
     for c in stats["classes"]:  # per-class areas and fractions on the page
@@ -119,6 +130,23 @@ def test_expired_or_other_job_token_is_refused_and_tile_paths_cannot_escape(fini
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
 
 
+def _styles_openseadragon_inserts() -> list[str]:
+    """The text of every <style> element the shipped OpenSeadragon adds to the page."""
+    source = (REPO_ROOT / "app" / "static" / "openseadragon" / "openseadragon.min.js").read_text()
+    found = re.findall(r'createElement\("style"\);[^;]*;\w+\.textContent="([^"]*)"', source)
+    assert found, "OpenSeadragon no longer inserts a <style>: drop its hash from the viewer's CSP"
+    return found
+
+
+def _csp_violations(driver: Any) -> list[str]:
+    """Console messages of Content-Security-Policy refusals (the page's scripts and the library's)."""
+    return [
+        entry["message"]
+        for entry in driver.get_log("browser")
+        if "Content Security Policy" in entry["message"] or "Content-Security-Policy" in entry["message"]
+    ]
+
+
 def _chromium() -> tuple[str, str] | None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
@@ -164,6 +192,7 @@ def test_viewer_in_headless_chromium_colours_tissue_and_toggles_classes(finished
     stats = client.get(job["links"]["stats"]).json()
     options = webdriver.ChromeOptions()
     options.binary_location = found[0]
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, CSP refusals included
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 f"--window-size={WINDOW_PX[0]},{WINDOW_PX[1]}", "--force-device-scale-factor=1"):
         options.add_argument(arg)
@@ -173,6 +202,7 @@ def test_viewer_in_headless_chromium_colours_tissue_and_toggles_classes(finished
         driver.get(job["links"]["view"])  # no key: the signed link only
         _wait_ready(driver)
         usable_s = time.monotonic() - start_s
+        assert _csp_violations(driver) == []
         print(f"\nviewer: pyramids rendered by the worker in {render_s:.2f} s (inside the job); "
               f"succeeded job -> every layer drawn in Chromium {usable_s:.2f} s")
         default = _screenshot(driver)
@@ -206,6 +236,7 @@ def test_viewer_in_headless_chromium_colours_tissue_and_toggles_classes(finished
         for c in present:
             if c["name"] != biggest["name"]:  # the other classes stay
                 assert _near(toggled, c["color"]) > 0.5 * counts[c["name"]]
+        assert _csp_violations(driver) == []  # nor after the toggles redrew the layers
         keep = os.environ.get("FPROTOSEG_VIEWER_SCREENSHOTS")
         if keep:
             for name in ("default.png", "toggled.png"):

@@ -146,6 +146,8 @@ def send_callback(
 
 
 def encode_payload(payload: dict[str, Any]) -> bytes:
+    """UTF-8 JSON (RFC 8259). Raises ValueError (UnicodeEncodeError) for a string with a lone
+    surrogate: such a body is not JSON a receiver could verify and parse, so it is never sent."""
     return json.dumps(payload, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
 
 
@@ -205,13 +207,20 @@ def deliver_due(settings: Settings, store: JobStore, *, now: float | None = None
             continue
         made += 1
         attempt = rec.callback_attempts + 1
-        outcome = post_once(
-            rec.callback_url,
-            encode_payload(callback_payload(settings, rec)),
-            secret=secret,
-            timeout_s=settings.callback_timeout_s,
-            allowed_hosts=settings.callback_allowed_hosts,
-        )
+        try:
+            body = encode_payload(callback_payload(settings, rec))
+        except ValueError as exc:  # UnicodeEncodeError: a lone surrogate stored by an older version
+            # No later pass can encode it either: fail it now, once, instead of at every lease expiry.
+            log.error("job %s: callback payload cannot be encoded as JSON (%s); not sent", job_id, exc)
+            outcome: Outcome = "give_up"
+        else:
+            outcome = post_once(
+                rec.callback_url,
+                body,
+                secret=secret,
+                timeout_s=settings.callback_timeout_s,
+                allowed_hosts=settings.callback_allowed_hosts,
+            )
         if outcome == "retry" and attempt < settings.callback_attempts:
             store.annotate(job_id, callback_status="pending", callback_attempts=attempt)
             store.schedule_callback(job_id, time.time() + settings.callback_backoff_s * 2 ** (attempt - 1))

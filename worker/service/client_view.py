@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fprotoseg.model.catalog import default_model_name
 from fprotoseg.model.errors import FprotosegError
 from fprotoseg.worker.errors import SlideError
 from fprotoseg.worker.service.jobstore import JobRecord
@@ -47,7 +48,7 @@ def describe_results_for_client(work_dir: Path, rec: JobRecord, settings: Settin
         "idempotency_key": rec.idempotency_key,
         "upload_sha256": rec.upload_sha256,
         "slide_uri": rec.slide_uri,  # file:// or s3:// when named instead of uploaded
-        "model": rec.model,  # as requested; null = the configured default (provenance.model says which)
+        "model": rec.model or default_model_name(settings.checkpoint),  # the name GET /jobs/{id} shows
     }
     server_names = _server_folders(settings, rec)
     for name in ("stats.json", "provenance.json"):

@@ -32,7 +32,7 @@ from fprotoseg.worker.service.lifecycle import JobHeartbeat, _finish, cancel_job
 from fprotoseg.worker.service.runtime import JobProgress, StopCheck
 from fprotoseg.worker.service.segmenters import get_segmenter
 from fprotoseg.worker.service.settings import Settings
-from fprotoseg.worker.service.states import QUEUED, RUNNING, SUCCEEDED
+from fprotoseg.worker.service.states import PUBLISHING_STAGE, QUEUED, RUNNING, SUCCEEDED
 from fprotoseg.worker.service.storage import is_out_of_space
 from fprotoseg.worker.wsi.result_files import publish, results_complete
 
@@ -114,7 +114,7 @@ def _process(job_id: str, settings: Settings, store: JobStore, should_stop: Stop
             store.progress(job_id, "rendering viewer", 0.98)
             render_viewer(settings, rec, work_dir)
         describe_results_for_client(work_dir, rec, settings)
-        store.progress(job_id, "publishing results", 0.99)
+        _enter_publishing(store, job_id)
         result_dir = settings.result_dir(job_id)
         publish(work_dir, result_dir)
         for stale in result_dir.parent.glob("work-*"):  # partial output of attempts whose worker died
@@ -127,6 +127,37 @@ def _process(job_id: str, settings: Settings, store: JobStore, should_stop: Stop
         store, settings, job_id, SUCCEEDED, only_from=RUNNING, progress=1.0, stage="done",
         duration_s=duration_s, tiles=result.tiles_inferred,
     )
+
+
+def _fail_disk_full(store: JobStore, settings: Settings, job_id: str) -> JobRecord | None:
+    """``disk_full``, written while the heartbeat timeout allows. The work dir is gone by now and
+    each write the store refused gave back its write-ahead log, so a later try finds room; only
+    if none does is the JobStoreError left to the reaper."""
+    deadline = time.monotonic() + settings.job_heartbeat_timeout_s / 2
+    while True:
+        try:
+            return fail_job(
+                store, settings, job_id, ErrorCode.DISK_FULL,
+                "the server ran out of disk space while processing the slide; upload it again later",
+            )
+        except JobStoreError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("job %s: failure not recorded yet (%s); trying again", job_id, exc.message)
+            time.sleep(settings.job_heartbeat_interval_s / 4)
+
+
+def _enter_publishing(store: JobStore, job_id: str) -> None:
+    """The point of no return. The batch loop sees a cancel only between batches, so a one-batch
+    job was past its last check at once; here a cancel requested at any time before is honoured
+    (JobCancelledError), in the same compare-and-set that makes DELETE answer ``cancellable:
+    false`` from now on, so the answer and the outcome always agree."""
+    entered = store.transition(
+        job_id, RUNNING, [RUNNING], lambda r: not r.cancel_requested,
+        stage=PUBLISHING_STAGE, progress=0.99, heartbeat_at=time.time(),
+    )
+    if entered is None and store.is_cancel_requested(job_id):
+        raise JobCancelledError("the job was cancelled")
 
 
 def _run_pipeline(
@@ -173,14 +204,9 @@ def _failed(store: JobStore, settings: Settings, rec: JobRecord, exc: BaseExcept
         return store.get(job_id)
     if isinstance(exc, JobCancelledError):
         return cancel_job(store, settings, job_id)
-    if isinstance(exc, Exception) and is_out_of_space(exc):
-        # The work dir is gone by now, so the job store can usually take this last write; if it
-        # cannot, the JobStoreError below is transient and the reaper ends the job later.
+    if isinstance(exc, Exception) and is_out_of_space(exc):  # the job store's own writes too
         log.error("job %s: out of disk space: %s", job_id, exc)
-        return fail_job(
-            store, settings, job_id, ErrorCode.DISK_FULL,
-            "the server ran out of disk space while processing the slide; upload it again later",
-        )
+        return _fail_disk_full(store, settings, job_id)
     if isinstance(exc, JobStoreError) or not isinstance(exc, Exception):
         raise exc  # transient (retried by process_job's caller), or KeyboardInterrupt/SystemExit
     if isinstance(exc, FprotosegError):

@@ -9,10 +9,12 @@ network next to Redis, databases and cloud metadata endpoints. So:
   networks: the LIMS on the hospital network is the usual entry);
 - at submission (:func:`check_callback_url`), everything the URL alone shows: scheme,
   credentials, and a literal IP in any notation (``0x7f000001``, ``2130706433``, ``0177.1``,
-  ``[::ffff:127.0.0.1]``). Non-canonical IPv4 spellings are refused outright: no LIMS writes them,
-  and they exist to slip past filters;
+  ``[::ffff:127.0.0.1]``). Non-canonical IPv4 spellings, and IPv6 literals that embed or translate
+  to an IPv4 address (mapped, compatible, SIIT, NAT64, 6to4, Teredo, ISATAP), are refused outright:
+  no LIMS writes them, and they exist to slip past filters;
 - at delivery (:func:`resolve_for_delivery`), the host name is resolved, every address checked
-  the same way, and the request is sent to the checked address (DNS rebinding cannot swap it).
+  the same way (an IPv6 answer with an IPv4 address inside, e.g. from DNS64, is judged by that
+  IPv4 address), and the request is sent to the checked address (DNS rebinding cannot swap it).
 
 Stdlib only: the API and the workers both import it.
 """
@@ -24,12 +26,35 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-__all__ = ["CallbackTarget", "CallbackURLError", "check_callback_url", "resolve_for_delivery"]
+__all__ = [
+    "CallbackTarget",
+    "CallbackURLError",
+    "check_callback_url",
+    "embedded_ipv4",
+    "is_public",
+    "resolve_for_delivery",
+]
 
 MAX_URL_CHARS = 2048
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-# NAT64 (RFC 6052) embeds an IPv4 address that a translator on the path would reach.
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_V6 = ipaddress.IPv6Network
+# IPv6 forms whose last 32 bits are an IPv4 address that some host, translator or stack on the path
+# turns the packet into: IPv4-mapped and IPv4-compatible (RFC 4291), SIIT IPv4-translated
+# (RFC 2765), NAT64 well-known and local-use prefixes (RFC 6052, RFC 8215).
+_LOW32 = (
+    _V6("::ffff:0:0/96"),
+    _V6("::ffff:0:0:0/96"),
+    _V6("::/96"),
+    _V6("64:ff9b::/96"),
+    _V6("64:ff9b:1::/48"),
+)
+# Never globally reachable, whatever Python's tables say (3.11 calls these global): IPv4-compatible
+# is deprecated, the local-use NAT64 prefix translates into networks only its operator knows, and
+# the IANA special-purpose registry marks the rest non-global (documentation 3fff::/20, SRv6 SIDs).
+_NOT_GLOBAL = (_V6("::/96"), _V6("64:ff9b:1::/48"), _V6("3fff::/20"), _V6("5f00::/16"))
+# ISATAP (RFC 5214): an interface identifier 0:5efe or 200:5efe followed by the IPv4 address of the
+# host the router tunnels to, under any /64 prefix.
+_ISATAP_IDS = (0x00005EFE, 0x02005EFE)
 
 
 class CallbackURLError(ValueError):
@@ -47,24 +72,35 @@ class CallbackTarget:
     address: str  # the IP the request is pinned to
 
 
-def _embedded_ipv4(addr: IPAddress) -> ipaddress.IPv4Address | None:
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return addr.ipv4_mapped
-        if addr in _NAT64:
-            return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
-        if addr.sixtofour is not None:
-            return addr.sixtofour
-        if addr.teredo is not None:
-            return addr.teredo[1]
+def embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries or translates to, if any: a packet to it ends up
+    at that IPv4 host (a stack's mapping, a NAT64/SIIT translator, a 6to4/ISATAP/Teredo tunnel),
+    so it may be called only if that address may."""
+    value = int(addr)
+    if value <= 1:  # :: and ::1 are themselves, not IPv4-compatible addresses
+        return None
+    if any(addr in net for net in _LOW32):
+        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if addr.teredo is not None:
+        return addr.teredo[1]
+    if (value >> 32) & 0xFFFFFFFF in _ISATAP_IDS:
+        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
     return None
 
 
 def is_public(addr: IPAddress) -> bool:
-    """Globally routable, and so is any IPv4 address embedded in it."""
-    inner = _embedded_ipv4(addr)
-    if inner is not None and not is_public(inner):
-        return False
+    """Globally routable, and so is any IPv4 address embedded in it (a DNS64 answer for a public
+    host is public; ``::ffff:127.0.0.1`` and ``64:ff9b::a9fe:a9fe`` are not)."""
+    if isinstance(addr, ipaddress.IPv6Address):
+        if any(addr in net for net in _NOT_GLOBAL):
+            return False
+        inner = embedded_ipv4(addr)
+        if inner is not None and not is_public(inner):
+            return False
+        if addr.teredo is not None and not is_public(addr.teredo[0]):  # the relay server too
+            return False
     return bool(addr.is_global) and not addr.is_multicast
 
 
@@ -134,6 +170,11 @@ def check_callback_url(url: str, allowed_hosts: list[str]) -> str:
         return url
     if str(addr) != host.strip("[]").split("%", 1)[0].lower() and addr.version == 4:
         raise CallbackURLError(f"callback_url spells an IP address in a non-standard way ({host!r})")
+    embeds_ipv4 = isinstance(addr, ipaddress.IPv6Address) and embedded_ipv4(addr) is not None
+    if embeds_ipv4 and not allowed.address(addr):
+        raise CallbackURLError(
+            f"callback_url spells an IPv4 address as IPv6 ({host!r}); write the IPv4 address or a host name"
+        )
     if not is_public(addr) and not allowed.address(addr):
         raise CallbackURLError(
             f"callback_url points at {addr}, which is not a public address; an operator can allow it "

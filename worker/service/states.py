@@ -19,3 +19,7 @@ CANCELLED: Final = "cancelled"
 
 STATES: tuple[JobState, ...] = get_args(JobState)
 TERMINAL_STATES: frozenset[str] = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+# The stage a job is in while its results are published: the point of no return for a cancel (the
+# job service checks the cancel flag in the same compare-and-set that enters this stage).
+PUBLISHING_STAGE: Final = "publishing results"

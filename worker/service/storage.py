@@ -9,10 +9,12 @@ the workers both import it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
 import shutil
+import sqlite3
 import uuid
 from pathlib import Path
 
@@ -44,6 +46,18 @@ def is_out_of_space(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return "database or disk is full" in text or "no space left" in text
+
+
+def give_back_sqlite_journal(db: sqlite3.Connection) -> None:
+    """After SQLite reported a full disk: end the failed transaction, fold the write-ahead log into
+    the database and truncate it to 0 bytes. Its space is what lets the next write through (the
+    job's ``disk_full``, the reaper's requeue); without this a full disk kept every write failing,
+    and a job stayed ``running`` for good. Best effort: a checkpoint that finds no room either
+    leaves things as they were."""
+    with contextlib.suppress(sqlite3.Error):
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def free_mb(path: Path) -> float:

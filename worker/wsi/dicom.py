@@ -28,6 +28,7 @@ DICOM_FOLDER_SUFFIX = ".dicom"  # the stored folder of an unpacked series: <job 
 ZIP_MAGIC = b"PK\x03\x04"
 MAX_COMPRESSION_RATIO = 200  # DICOM WSI (JPEG/J2K tiles) barely compresses; a bomb does 1000x
 COPY_CHUNK_BYTES = 1 << 20
+MAX_SERIES_FILES = 100_000  # instances of a folder named on the command line (the API has its own cap)
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -62,7 +63,7 @@ def series_files(folder: Path, max_files: int) -> list[Path]:
     return found
 
 
-def series_entry(folder: Path, max_files: int = 100_000) -> Path:
+def series_entry(folder: Path, max_files: int = MAX_SERIES_FILES) -> Path:
     """The instance the reader opens (OpenSlide finds the rest of the series beside it)."""
     return series_files(folder, max_files)[0]
 

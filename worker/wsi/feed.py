@@ -300,7 +300,8 @@ class Feeder:
         n_slots = min(n_batches, self.prefetch_batches + 2)
         slots = [self._new_slot() for _ in range(n_slots)]
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="fprotoseg-feed")
-        done = 0
+        done = 0  # tiles whose scores went to stitching
+        inferred = 0  # tiles the network has computed: what progress counts
         pending: PendingScores | None = None
         try:
             for b in range(n_slots):
@@ -313,12 +314,19 @@ class Feeder:
                     if self.should_cancel():
                         raise JobCancelledError("the job was cancelled")
                     pending = self._submit(slot)
+                    if isinstance(pending, ReadyScores):  # computed in _submit (a CPU network)
+                        # counted now, not once the next batch is computed too: a 2-batch job
+                        # would otherwise show no progress for its whole inference
+                        inferred += len(slot.tiles)
+                        self.progress("inference", inferred, total)
                 if b >= 1 and previous is not None:  # batch b is queued; b-1's scores go to stitching
                     prev = slots[(b - 1) % n_slots]
                     refill = b - 1 + n_slots
                     done += len(prev.tiles)  # before the stitchers may refill the slot
                     self._start_stitch(prev, previous, refill if refill < n_batches else None)
-                    self.progress("inference", done, total)
+                    if done > inferred:  # a queued (GPU) batch: counted once its scores are taken
+                        inferred = done
+                        self.progress("inference", inferred, total)
             t0 = time.perf_counter()
             for slot in slots:
                 for fut in slot.stitches:

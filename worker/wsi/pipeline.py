@@ -27,6 +27,7 @@ from fprotoseg.worker.errors import PipelineOptionsError
 from fprotoseg.worker.wsi import outputs
 from fprotoseg.worker.wsi.buffers import anonymous_array
 from fprotoseg.worker.wsi.cpus import default_pipeline_threads
+from fprotoseg.worker.wsi.dicom import MAX_SERIES_FILES, folder_sha256, series_files
 from fprotoseg.worker.wsi.feed import Feeder
 from fprotoseg.worker.wsi.slide import Slide, open_slide
 from fprotoseg.worker.wsi.stitch import LabelMapStitcher
@@ -98,6 +99,14 @@ def receptive_field_px(segmenter: Segmenter) -> int | None:
     """The input context one output cell sees, where the network's manifest states it."""
     value = getattr(segmenter, "manifest", {}).get("receptive_field_px")
     return int(value) if value else None
+
+
+def _slide_sha256(path: Path) -> str:
+    """The slide's checksum as named: a file's bytes, or a DICOM WSI folder over its instances (the
+    checksum the service records for the same folder), not an IsADirectoryError."""
+    if path.is_dir():
+        return folder_sha256(series_files(path, MAX_SERIES_FILES), path)[0]
+    return file_sha256(path)
 
 
 def _noop_progress(stage: str, done: int, total: int) -> None:
@@ -209,7 +218,7 @@ def run(
         t = time.perf_counter()
         progress("open", 0, 1)
         slide = open_slide(slide_path, mpp_override=mpp_override)
-        sha_job = None if slide_sha256 else background.submit(file_sha256, slide_path)
+        sha_job = None if slide_sha256 else background.submit(_slide_sha256, slide_path)
         with slide:
             progress("open", 1, 1)
             clock.add("open", time.perf_counter() - t)

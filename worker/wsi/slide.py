@@ -426,7 +426,8 @@ def open_slide(path: str | Path, mpp_override: float | None = None, *, require_m
     else:
         raise UnsupportedFormatError(
             f"{path.name} is not a whole-slide image format fprotoseg reads "
-            "(Aperio SVS, Hamamatsu NDPI, MIRAX, Leica SCN, Philips TIFF, Ventana BIF, OME-TIFF, tiled TIFF)"
+            "(Aperio SVS, Hamamatsu NDPI, MIRAX, Leica SCN, Philips TIFF, Ventana BIF, OME-TIFF, tiled TIFF, "
+            "DICOM WSI: a folder of one series or one of its instances)"
         )
     try:
         _resolve_mpp(slide, mpp_override)

@@ -16,6 +16,7 @@ from typing import Any
 from fprotoseg.worker.errors import DuplicateJobError, JobStoreError
 from fprotoseg.worker.service.jobstore.base import EmbeddedQueue, JobRecord, JobStore, Where, encode_record
 from fprotoseg.worker.service.states import CANCELLED, FAILED, QUEUED, STATES, TERMINAL_STATES
+from fprotoseg.worker.service.storage import give_back_sqlite_journal, is_out_of_space
 
 _SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -79,6 +80,10 @@ class SqliteJobStore(JobStore, EmbeddedQueue):
         db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=True)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
+        # A small write-ahead log (checkpoint every 64 pages, file cut back to 256 KiB): at SQLite's
+        # default (1000 pages, never cut back) it took the last MiBs of a nearly full disk.
+        db.execute("PRAGMA wal_autocheckpoint=64")
+        db.execute("PRAGMA journal_size_limit=262144")
         return db
 
     def _db(self) -> sqlite3.Connection:
@@ -99,6 +104,8 @@ class SqliteJobStore(JobStore, EmbeddedQueue):
                 raise
             db.execute("COMMIT")
         except sqlite3.Error as exc:
+            if is_out_of_space(exc):
+                give_back_sqlite_journal(db)  # so the next write (the job's disk_full) finds room
             raise JobStoreError(f"job store: {exc}") from None
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
