@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fprotoseg.model.cam_cnn import WSSS4LUAD_CLASSES, CamCnnRecipe, manifest_for, train
+from fprotoseg.model.cam_cnn import WSSS4LUAD_CLASSES, CamCnn, CamCnnRecipe, manifest_for, train
 from fprotoseg.model.checkpoint import save_checkpoint
 from fprotoseg.model.cv import CvResult, load_units, read_plan
 from fprotoseg.model.datasets import DatasetError
@@ -54,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="fprotoseg-wsss4luad-cam-cnn")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="skip training: a torch state dict of this recipe already trained on every unit",
+    )
     args = ap.parse_args(argv)
 
     recipe = CamCnnRecipe.from_yaml(args.recipe)
@@ -62,6 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     if plan.dataset != "wsss4luad":
         raise DatasetError(f"shipping is written for WSSS4LUAD's classes, not {plan.dataset!r}")
     classes = tuple(name for name, _ in WSSS4LUAD_CLASSES)
+    units = load_units(plan)
+    if args.weights is None:
+        net = train([(u.rgb, u.mask) for u in units], recipe, args.seed)
+    else:
+        import torch
+
+        net = CamCnn(len(classes), recipe.channels, recipe.strides)
+        net.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+    # the CV figures are read after training, so runs that ended meanwhile count too
     metrics = {
         "cv_protocol": f"{plan.num_folds}-fold cross-validation, folds fixed in "
         f"model/configs/{args.plan}.yaml; "
@@ -71,8 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         "cv_baseline": cv_summary(args.cv, baseline.name, classes),
         "scored_on_training_data": False,
     }
-    units = load_units(plan)
-    net = train([(u.rgb, u.mask) for u in units], recipe, args.seed)
     manifest = manifest_for(
         recipe,
         name=args.name,
