@@ -90,24 +90,30 @@ class CamCnnRecipe:
         return d
 
 
+def conv_blocks(channels: Sequence[int], strides: Sequence[int]) -> nn.Sequential:
+    """Blocks of two 3x3 conv + BN + ReLU, the first of each strided (also the tiny test network)."""
+    layers: list[nn.Module] = []
+    c_in = 3
+    for c_out, stride in zip(channels, strides, strict=True):
+        layers += [
+            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        ]
+        c_in = c_out
+    return nn.Sequential(*layers)
+
+
 class CamCnn(nn.Module):
     """Blocks of two 3x3 conv + BN + ReLU (the first strided), a 1x1 class conv: the CAM."""
 
     def __init__(self, num_classes: int, channels: Sequence[int], strides: Sequence[int]) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        c_in = 3
-        for c_out, stride in zip(channels, strides, strict=True):
-            layers += [
-                nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
-                nn.BatchNorm2d(c_out),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-                nn.BatchNorm2d(c_out),
-                nn.ReLU(inplace=True),
-            ]
-            c_in = c_out
-        self.features = nn.Sequential(*layers)
+        self.features = conv_blocks(channels, strides)
+        c_in = channels[-1]
         self.classifier = nn.Conv2d(c_in, num_classes, 1)
 
     def cam(self, x: torch.Tensor) -> torch.Tensor:

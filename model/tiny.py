@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fprotoseg.model.cam_cnn import conv_blocks
 from fprotoseg.model.checkpoint import save_checkpoint
 from fprotoseg.model.registry import register
 
@@ -21,20 +22,9 @@ class TinySegNet(nn.Module):
 
     def __init__(self, num_classes: int, width: int = 32, n_stages: int = 3) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        c_in = 3
-        for i in range(n_stages):
-            c_out = width * (2 ** min(i, 2))
-            layers += [
-                nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(c_out),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-                nn.BatchNorm2d(c_out),
-                nn.ReLU(inplace=True),
-            ]
-            c_in = c_out
-        self.features = nn.Sequential(*layers)
+        channels = [width * (2 ** min(i, 2)) for i in range(n_stages)]
+        self.features = conv_blocks(channels, [2] * n_stages)
+        c_in = channels[-1]
         self.head = nn.Conv2d(c_in, num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
