@@ -7,7 +7,7 @@ held-out units are also laid out as one pyramidal slide (``../shared/tools/mosai
 through ``fprotoseg segment`` and scored by ``../shared/tools/geojson_check.py``: the whole-slide
 figure beside the crop figure. Results are kept per run in ``--out`` (a rerun skips what is done).
 
-    python bench/cv.py model/configs/cam_cnn_baseline.yaml model/configs/cam_cnn_stain.yaml \
+    python bench/cv.py model/recipes/cam_cnn_baseline.yaml model/recipes/cam_cnn_stain.yaml \
         --seeds 0 --jobs 2 --slide
 """
 
@@ -175,8 +175,8 @@ def table(runs: list[dict[str, Any]], classes: tuple[str, ...]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("recipes", nargs="+", help="recipe YAML files (model/configs/cam_cnn_*.yaml)")
-    ap.add_argument("--plan", default="cv_wsss4luad", help="fold plan (model/configs/cv_*.yaml)")
+    ap.add_argument("recipes", nargs="+", help="recipe YAML files (model/recipes/cam_cnn_*.yaml)")
+    ap.add_argument("--plan", default="cv_wsss4luad", help="fold plan (model/recipes/cv_*.yaml)")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds")
     ap.add_argument("--folds", default=None, help="comma-separated folds (default: all)")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (one torch thread each when > 1)")

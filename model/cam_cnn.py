@@ -85,9 +85,9 @@ class CamCnnRecipe:
         return replace(cls(), **raw)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["channels"], d["strides"] = list(self.channels), list(self.strides)
-        return d
+        out = asdict(self)
+        out["channels"], out["strides"] = list(self.channels), list(self.strides)
+        return out
 
 
 def conv_blocks(channels: Sequence[int], strides: Sequence[int]) -> nn.Sequential:
@@ -127,9 +127,7 @@ class CamCnn(nn.Module):
 
 @register(ARCHITECTURE)
 def _build(config: dict[str, Any], manifest: dict[str, Any]) -> nn.Module:
-    recipe = CamCnnRecipe(
-        **{**config, "channels": tuple(config["channels"]), "strides": tuple(config["strides"])}
-    )
+    recipe = CamCnnRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
     return CamCnn(len(manifest["classes"]), recipe.channels, recipe.strides)
 
 

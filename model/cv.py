@@ -3,7 +3,7 @@
 Why a module of its own: a recipe chosen on the split that scores it reports a figure no lab will
 see (a 19-crop split once said 0.715 where unseen tissue said 0.518). Every choice — recipe, gate,
 schedule, ablation — is made on the out-of-fold predictions of fixed folds written in a config
-(``model/configs/cv_*.yaml``), and reported as mean ± sd over folds and seeds beside the pooled
+(``model/recipes/cv_*.yaml``), and reported as mean ± sd over folds and seeds beside the pooled
 figure (all out-of-fold pixels in one confusion matrix, which counts a rare class such as Normal
 over every image that holds it).
 """
@@ -22,7 +22,7 @@ import yaml
 from fprotoseg.model.datasets import DATASETS, DatasetError, load_pairs
 from fprotoseg.model.metrics import confusion_matrix
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parent / "recipes"  # CV plans and CAM-CNN recipes, not training configs
 SPLIT_MARK = "#"  # "68.png#2": the third band of 68.png named in the config's ``splits``
 
 

@@ -5,8 +5,8 @@ the data (more Normal, more stain variety) and carries, in its manifest, the cro
 figures of its recipe and of the baseline — never a score on data it was trained on. ``GET
 /models`` and the model card show those figures.
 
-    python -m fprotoseg.model.ship model/configs/cam_cnn_stain.yaml \
-        --baseline model/configs/cam_cnn_baseline.yaml --cv runs/cv/cv_wsss4luad.jsonl \
+    python -m fprotoseg.model.ship model/recipes/cam_cnn_stain.yaml \
+        --baseline model/recipes/cam_cnn_baseline.yaml --cv runs/cv/cv_wsss4luad.jsonl \
         --out model/weights/fprotoseg_wsss4luad.safetensors
 """
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     # the CV figures are read after training, so runs that ended meanwhile count too
     metrics = {
         "cv_protocol": f"{plan.num_folds}-fold cross-validation, folds fixed in "
-        f"model/configs/{args.plan}.yaml; "
+        f"model/recipes/{args.plan}.yaml; "
         "crop mIoU over the classes present, ground-truth background ignored; whole slide = each fold's "
         "held-out units as one mosaic slide through fprotoseg segment (bench/cv.py)",
         "cv_recipe": cv_summary(args.cv, recipe.name, classes),
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe,
         name=args.name,
         training={
-            "data": f"all {len(units)} units of model/configs/{args.plan}.yaml (the 67 masked crops of "
+            "data": f"all {len(units)} units of model/recipes/{args.plan}.yaml (the 67 masked crops of "
             "../shared/data/masks/wsss4luad/test); crop-level labels only: the classes above "
             f"{recipe.label_fraction:.0%} of each random {recipe.crop_px} px crop",
             "supervision": "crop-level (image-level) labels derived from masks; masks never reach a loss",
