@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from fprotoseg.model.datasets import DatasetError, image_level_label
+from fprotoseg.model.datasets import DatasetError, image_level_label, put_glass
 from fprotoseg.model.registry import register
 from fprotoseg.model.stain import hed_jitter
 
@@ -52,6 +52,9 @@ class CamCnnRecipe:
     weight_decay: float = 1e-3
     hed_sigma: float = 0.0  # H&E stain jitter per crop (model/stain.py:hed_jitter); 0 = none
     cosine: bool = False  # cosine learning-rate decay to 0 over ``steps``
+    # Share of crops with a band of empty glass in place of tissue (model/datasets.py:put_glass):
+    # on a slide the network meets glass beside tissue at every tissue edge, never in a crop.
+    glass_prob: float = 0.0
     mpp: float = 1.0
     # 512 px tiles: the default 1/8 overlap (64 px) then exceeds half the receptive field plus one
     # output cell (45 px), so every owned pixel is scored exactly as in one pass over the slide.
@@ -165,6 +168,8 @@ class CropSampler:
                 rgb[y : y + r.crop_px, x : x + r.crop_px],
                 mask[y : y + r.crop_px, x : x + r.crop_px],
             )
+            if r.glass_prob > 0 and rng.random() < r.glass_prob:
+                c_rgb, c_mask = put_glass(rng, c_rgb, c_mask, self.num_classes)
             labels[i] = image_level_label(c_mask, self.num_classes, r.label_fraction)
             ph, pw = r.crop_px - c_rgb.shape[0], r.crop_px - c_rgb.shape[1]
             if ph or pw:

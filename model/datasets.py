@@ -352,6 +352,23 @@ def glass_cover(rng: np.random.Generator, n: int) -> np.ndarray:
     return cover
 
 
+def put_glass(
+    rng: np.random.Generator, rgb: np.ndarray, mask: np.ndarray, not_tissue: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Copies of a crop and its mask with a band of empty glass (:func:`glass_cover`) in place of
+    tissue; covered mask pixels become ``not_tissue``. The glass is light grey with a slight tint
+    per crop and sensor noise, as scanners render empty slide; the crop's label must then come
+    from the tissue left visible."""
+    n = max(rgb.shape[0], rgb.shape[1])
+    cover = glass_cover(rng, n)[: rgb.shape[0], : rgb.shape[1]]
+    rgb, mask = rgb.copy(), mask.copy()
+    base = 244.0 + rng.uniform(-10.0, 6.0) + rng.uniform(-3.0, 3.0, size=3)
+    noise = rng.normal(0.0, 3.0, size=(int(cover.sum()), 3))
+    rgb[cover] = np.clip(base + noise, 0, 255).astype(np.uint8)
+    mask[cover] = not_tissue
+    return rgb, mask
+
+
 def draw_weak_crop(
     rng: np.random.Generator,
     shapes: Sequence[tuple[int, int]],
@@ -376,22 +393,15 @@ def draw_weak_crop(
         y = int(rng.integers(0, max(1, h - crop_px + 1)))
         x = int(rng.integers(0, max(1, w - crop_px + 1)))
         im = get(i)
-        cover = None
+        crop = im.rgb[y : y + crop_px, x : x + crop_px]
         if glass_prob > 0 and im._mask is not None and rng.random() < glass_prob:
-            cover = glass_cover(rng, crop_px)
-            sub = im._mask[y : y + crop_px, x : x + crop_px].copy()
-            sub[cover[: sub.shape[0], : sub.shape[1]]] = num_classes  # not tissue any more
+            sub = im._mask[y : y + crop_px, x : x + crop_px]
+            crop, sub = put_glass(rng, crop, sub, num_classes)
             label = image_level_label(sub, num_classes, min_fraction)
         else:
             label = im.crop_label(y, x, crop_px, num_classes, min_fraction)
         if not (label > 0).any():
             continue
-        crop = im.rgb[y : y + crop_px, x : x + crop_px]
-        if cover is not None:
-            crop = crop.copy()
-            c = cover[: crop.shape[0], : crop.shape[1]]
-            noise = rng.normal(0.0, 3.0, size=(int(c.sum()), 3))
-            crop[c] = np.clip(244.0 + noise, 0, 255).astype(np.uint8)
         if crop.shape[0] < crop_px or crop.shape[1] < crop_px:
             pad = ((0, crop_px - crop.shape[0]), (0, crop_px - crop.shape[1]), (0, 0))
             crop = np.pad(crop, pad, mode="reflect")
