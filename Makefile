@@ -32,15 +32,13 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 
-# mypy on app/, worker/ and the model's public API under their installed names (fprotoseg.*):
+# mypy on app/, worker/ and all of model/ under their installed names (fprotoseg.*):
 # build/typecheck/fprotoseg/{app,worker,model} link to the folders (see [tool.mypy] in pyproject.toml).
 TYPECHECK_ROOT := build/typecheck/fprotoseg
 typecheck: install
 	@mkdir -p $(TYPECHECK_ROOT)
 	@for d in app worker model; do ln -sfn ../../../$$d $(TYPECHECK_ROOT)/$$d; done
-	$(BIN)/mypy -p fprotoseg.app -p fprotoseg.worker -m fprotoseg.model -m fprotoseg.model.segmenter \
-	    -m fprotoseg.model.errors -m fprotoseg.model.checkpoint -m fprotoseg.model.registry \
-	    -m fprotoseg.model.catalog -m fprotoseg.model.config_schema -m fprotoseg.model.digest
+	$(BIN)/mypy -p fprotoseg.app -p fprotoseg.worker -p fprotoseg.model
 
 bench: install
 	$(BIN)/python bench/pipeline.py

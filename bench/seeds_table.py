@@ -87,6 +87,7 @@ def restained_miou(ckpt: Path, names: list[str]) -> float:
 def pseudo_miou(ckpt: Path, names: list[str]) -> float | None:
     """Stage-1 pseudo-mask mIoU on the split (CAMs gated by each image's true label)."""
     from fprotoseg.model.checkpoint import read_checkpoint
+    from fprotoseg.model.config_schema import as_train_config
     from fprotoseg.model.datasets import load_pairs
     from fprotoseg.model.segmenter import build_inference_module
     from fprotoseg.model.train import pseudo_mask_scores
@@ -95,9 +96,8 @@ def pseudo_miou(ckpt: Path, names: list[str]) -> float | None:
     if manifest["architecture"] != "fprotoseg_cam":
         return None
     module = build_inference_module(manifest, state).eval()
-    cfg = manifest["config"]
-    fusion = [float(w) for w in cfg.get("inference", {}).get("fusion", [0.0, 0.3, 0.3, 0.4])]
-    min_frac = float(cfg["data"].get("min_fraction", 0.03))
+    cfg = as_train_config(manifest["config"])
+    fusion, min_frac = cfg.inference.fusion, cfg.data.min_fraction
     pairs = load_pairs(DEFAULT_ROOT, names)
     norm = manifest["normalisation"]
     return pseudo_mask_scores(module.net, pairs, "wsss4luad", "cpu", norm, fusion, min_frac)["miou"]

@@ -26,23 +26,25 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 REPO = Path(__file__).resolve().parents[1]
 
+if TYPE_CHECKING:
+    from fprotoseg.model.config_schema import TrainConfig
+
 
 def loader_rate(
-    data: Any, cfg: dict[str, Any], crop: int, batch: int, workers: int, n: int, cache: bool
+    data: Any, cfg: TrainConfig, crop: int, batch: int, workers: int, n: int, cache: bool
 ) -> float:
     """Images/s of the training loader alone (the first batch, with the workers' start, excluded)."""
     from fprotoseg.model.datasets import DATASETS
     from fprotoseg.model.loader import Augment, WeakBatchSampler, WeakCropDataset, make_loader
 
-    tcfg = cfg.get("train", {})
     k = len(DATASETS[data.dataset].classes)
     ds = WeakCropDataset(
-        data.train, k, float(cfg["data"].get("min_fraction", 0.03)), seed=0, area_crop_px=crop,
-        augment=Augment.from_config(tcfg), glass_prob=float(tcfg.get("glass_prob", 0.0)),
+        data.train, k, cfg.data.min_fraction, seed=0, area_crop_px=crop,
+        augment=Augment.from_config(cfg.train), glass_prob=cfg.train.glass_prob,
         cache_bytes=(256 << 20) if cache else 0,
     )
     sampler = WeakBatchSampler(batch, n + 1, [crop], seed=0)
@@ -54,16 +56,16 @@ def loader_rate(
     return n * batch / (time.perf_counter() - t)
 
 
-def build_stage1(cfg: dict[str, Any], k: int, names: list[str], device: str) -> Any:
+def build_stage1(cfg: TrainConfig, k: int, names: list[str], device: str) -> Any:
     import torch
 
     from fprotoseg.model.fprotoseg import Stage1Inference
     from fprotoseg.model.text import class_text_embeddings
 
-    emb, _ = class_text_embeddings(names, cfg.get("text", {}))
+    emb, _ = class_text_embeddings(names, cfg.text)
     module = Stage1Inference(cfg, k, emb.shape[1])
     module.net.text_embeddings.data.copy_(torch.from_numpy(emb))
-    if cfg.get("encoder", {}).get("pretrained") == "imagenet":
+    if cfg.encoder.pretrained == "imagenet":
         from fprotoseg.model.pretrained import load_encoder_weights
 
         load_encoder_weights(module.net.encoder, "imagenet")
@@ -72,7 +74,7 @@ def build_stage1(cfg: dict[str, Any], k: int, names: list[str], device: str) -> 
 
 def train_rates(
     module: Any,
-    cfg: dict[str, Any],
+    cfg: TrainConfig,
     preloaded: list[Any],
     fed: Callable[[], Iterator[Any]],
     steps: int,
@@ -90,8 +92,8 @@ def train_rates(
     from fprotoseg.model.fprotoseg import encoder_normalisation
     from fprotoseg.model.train import LossModel, to_input
 
-    norm = encoder_normalisation(cfg.get("encoder", {}))
-    loss_model = LossModel(module.net, 1, cfg.get("loss", {}))
+    norm = encoder_normalisation(cfg.encoder)
+    loss_model = LossModel(module.net, 1, cfg.loss)
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
 
     def step(b: dict[str, Any]) -> int:
@@ -148,14 +150,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from fprotoseg.model.config_schema import load_config
     from fprotoseg.model.datasets import DATASETS
     from fprotoseg.model.loader import Augment, WeakBatchSampler, WeakCropDataset, make_loader
-    from fprotoseg.model.train import build_data, load_config
+    from fprotoseg.model.train import build_data
 
     cfg = load_config(args.config)
-    tcfg = cfg.get("train", {})
-    batch = args.batch or int(tcfg.get("batch_size", 16))
-    threads = int(tcfg.get("threads") or torch.get_num_threads())
+    batch = args.batch or cfg.train.batch_size
+    threads = cfg.train.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     data = build_data(cfg)
@@ -168,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 
     module = build_stage1(cfg, k, list(spec.qupath_names), args.device)
     ds = WeakCropDataset(
-        data.train, k, float(cfg["data"].get("min_fraction", 0.03)), seed=0, area_crop_px=args.crop,
-        augment=Augment.from_config(tcfg), glass_prob=float(tcfg.get("glass_prob", 0.0)),
+        data.train, k, cfg.data.min_fraction, seed=0, area_crop_px=args.crop,
+        augment=Augment.from_config(cfg.train), glass_prob=cfg.train.glass_prob,
         cache_bytes=(256 << 20) if args.cache else 0,
     )
 

@@ -130,7 +130,7 @@ class CamCnn(nn.Module):
 
 @register(ARCHITECTURE)
 def _build(config: dict[str, Any], manifest: dict[str, Any]) -> nn.Module:
-    recipe = CamCnnRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    recipe = CamCnnRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})  # type: ignore[arg-type]
     return CamCnn(len(manifest["classes"]), recipe.channels, recipe.strides)
 
 

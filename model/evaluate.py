@@ -117,7 +117,10 @@ def best_constant(pairs: Sequence[MaskedImage], dataset: str) -> dict[str, Any]:
     spec = DATASETS[dataset]
     best: dict[str, Any] | None = None
     for c in range(len(spec.classes)):
-        r = score_pairs(pairs, lambda p, c=c: np.full(p.mask.shape, c), dataset)
+        def constant(p: MaskedImage, c: int = c) -> np.ndarray:
+            return np.full(p.mask.shape, c)
+
+        r = score_pairs(pairs, constant, dataset)
         if best is None or r["miou"] > best["miou"]:
             best = {**r, "constant": spec.classes[c]}
     assert best is not None

@@ -33,37 +33,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fprotoseg.model.config_schema import (
+    MIT_OPTIONS,
+    EncoderConfig,
+    LossConfig,
+    NetworkConfig,
+    PrototypesConfig,
+    network_config,
+)
 from fprotoseg.model.efficientnet import IMAGENET_NORMALISATION, LITE_VARIANTS, EfficientNetLite
 from fprotoseg.model.mit import MixTransformer, mit_config
 from fprotoseg.model.registry import register
 
 OUTPUT_STRIDE = 4
 HALF_NORMALISATION = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
-_LITE_OPTIONS = ("output_stride", "frozen_stages")
 
 
-def build_encoder(enc_cfg: dict[str, Any]) -> nn.Module:
+def build_encoder(enc: EncoderConfig) -> nn.Module:
     """MiT-B0..B3 (``variant: b0``) or EfficientNet-Lite0..2 (``variant: lite0``) from the config.
 
     Both return four feature levels and expose ``out_channels``; ``pretrained`` is read by the
     trainer (weights load once, before training), never here (inference needs no weight file).
+    The schema has already refused the options of the other family.
     """
-    variant = str(enc_cfg.get("variant", "b0"))
+    variant = enc.variant or "b0"
     if variant in LITE_VARIANTS:
-        unknown = set(enc_cfg) - {"variant", "pretrained", *_LITE_OPTIONS}
-        if unknown:
-            raise ValueError(f"unknown EfficientNet-Lite option(s) {sorted(unknown)}")
-        return EfficientNetLite(
-            variant, int(enc_cfg.get("output_stride", 32)), int(enc_cfg.get("frozen_stages", 0))
-        )
-    overrides = {k: v for k, v in enc_cfg.items() if k not in ("variant", "pretrained")}
-    return MixTransformer(mit_config(variant, **overrides))
+        return EfficientNetLite(variant, enc.output_stride or 32, enc.frozen_stages or 0)
+    return MixTransformer(mit_config(variant, **{k: getattr(enc, k) for k in MIT_OPTIONS}))
 
 
-def encoder_normalisation(enc_cfg: dict[str, Any]) -> dict[str, list[float]]:
+def encoder_normalisation(enc: EncoderConfig) -> dict[str, list[float]]:
     """The input normalisation an encoder expects: ImageNet statistics for ImageNet weights,
     0.5/0.5 for MiT trained from scratch (what the first checkpoints used). Stored in the manifest."""
-    if str(enc_cfg.get("variant", "b0")) in LITE_VARIANTS or enc_cfg.get("pretrained"):
+    if (enc.variant or "b0") in LITE_VARIANTS or enc.pretrained:
         return IMAGENET_NORMALISATION
     return HALF_NORMALISATION
 
@@ -123,20 +125,19 @@ def fuse_levels(maps: list[torch.Tensor], weights: list[float], size: tuple[int,
 class FProtoSegStage1(nn.Module):
     """Encoder + CAM head + the projection used by text-aware prototype alignment."""
 
-    def __init__(self, cfg: dict[str, Any], num_classes: int, text_embeddings: torch.Tensor) -> None:
+    def __init__(self, cfg: NetworkConfig, num_classes: int, text_embeddings: torch.Tensor) -> None:
         super().__init__()
         self.cfg = cfg
         self.num_classes = num_classes
-        self.encoder = build_encoder(cfg.get("encoder", {}))
+        self.encoder = build_encoder(cfg.encoder)
         channels = self.encoder.out_channels
         text_dim = int(text_embeddings.shape[1])
-        if cfg.get("text", {}).get("source") == "learnable":
+        if cfg.text.source == "learnable":
             self.text_embeddings = nn.Parameter(text_embeddings.clone())
         else:
             self.register_buffer("text_embeddings", text_embeddings.clone())
-        self.cam_head = CamHead(cfg.get("cam_head", "text"), channels, text_dim, num_classes)
-        proto_cfg = cfg.get("prototypes", {})
-        self.proto_levels = [int(i) for i in proto_cfg.get("levels", [1, 2, 3])]
+        self.cam_head = CamHead(cfg.cam_head, channels, text_dim, num_classes)
+        self.proto_levels = list(cfg.prototypes.levels)
         fused_dim = sum(channels[i] for i in self.proto_levels)
         self.align_proj = nn.Sequential(
             nn.Linear(fused_dim, text_dim), nn.GELU(), nn.Linear(text_dim, text_dim)
@@ -209,7 +210,7 @@ def structure_aware_prototypes(
     feats: list[torch.Tensor],
     cams: list[torch.Tensor],
     labels: torch.Tensor,
-    cfg: dict[str, Any],
+    cfg: PrototypesConfig,
 ) -> PrototypeOutputs:
     """RECONSTRUCTION of FProtoSeg's structure-aware prototype modeling (on SIPE's scaffold).
 
@@ -222,13 +223,8 @@ def structure_aware_prototypes(
        morphologies get their own prototype); each sub-prototype is a masked mean (with grad).
     4. Instance CAM = max cosine to the class's sub-prototypes; L1 consistency with the global CAM.
     """
-    levels = [int(i) for i in cfg.get("levels", [1, 2, 3])]
-    fusion = [float(w) for w in cfg.get("fusion", [0.0, 0.3, 0.3, 0.4])]
-    bg_power = float(cfg.get("bg_power", 1.0))
-    beta = float(cfg.get("affinity_beta", 4.0))
-    walk_steps = int(cfg.get("walk_steps", 1))
-    n_sub = int(cfg.get("n_sub", 3))
-    min_px = int(cfg.get("min_px_per_sub", 8))
+    levels, fusion, bg_power = cfg.levels, cfg.fusion, cfg.bg_power
+    beta, walk_steps, n_sub, min_px = cfg.affinity_beta, cfg.walk_steps, cfg.n_sub, cfg.min_px_per_sub
 
     size = feats[levels[0]].shape[-2:]
     hier = torch.cat(
@@ -324,10 +320,10 @@ def partial_bce(logits: torch.Tensor, targets: torch.Tensor, known: torch.Tensor
 
 
 def stage1_losses(
-    net: FProtoSegStage1, out: dict[str, Any], labels: torch.Tensor, loss_cfg: dict[str, Any]
+    net: FProtoSegStage1, out: dict[str, Any], labels: torch.Tensor, loss_cfg: LossConfig
 ) -> dict[str, torch.Tensor]:
     """All stage-1 losses with their configured weights; ``total`` is what gets back-propagated."""
-    level_w = [float(w) for w in loss_cfg.get("level_weights", [0.0, 0.1, 1.0, 1.0])]
+    level_w = loss_cfg.level_weights
     known = (labels >= 0).to(out["logits"][-1].dtype)  # partial labels: -1 = unknown, no loss
     targets = labels.clamp(min=0.0)
     cls = sum(
@@ -335,17 +331,16 @@ def stage1_losses(
     )
     terms: dict[str, torch.Tensor] = {"cls": cls}
     total = cls
-    w_cons = float(loss_cfg.get("consistency", 0.0))
-    w_align = float(loss_cfg.get("alignment", 0.0))
+    w_cons, w_align = loss_cfg.consistency, loss_cfg.alignment
     if w_cons > 0 or w_align > 0:
-        proto_cfg = {**net.cfg.get("prototypes", {}), "levels": net.proto_levels}
         maybe_present = (labels != 0).to(labels.dtype)  # unknown (-1) may be present: not gated out
-        po = structure_aware_prototypes(out["feats"], out["cams"], maybe_present, proto_cfg)
+        po = structure_aware_prototypes(out["feats"], out["cams"], maybe_present, net.cfg.prototypes)
         terms["consistency"] = po.consistency
         total = total + w_cons * po.consistency
         if w_align > 0:
-            tau = float(loss_cfg.get("alignment_tau", 0.07))
-            align = text_alignment_loss(po.protos, po.owners, net.align_proj, net.text_embeddings, tau)
+            align = text_alignment_loss(
+                po.protos, po.owners, net.align_proj, net.text_embeddings, loss_cfg.alignment_tau
+            )
             terms["alignment"] = align
             total = total + w_align * align
     terms["total"] = total
@@ -377,14 +372,14 @@ class Stage1Inference(nn.Module):
     cannot win a pixel on texture alone). Measured on the held-out split, see docs/model.md.
     """
 
-    def __init__(self, cfg: dict[str, Any], num_classes: int, text_dim: int) -> None:
+    def __init__(self, cfg: NetworkConfig, num_classes: int, text_dim: int) -> None:
         super().__init__()
         self.net = FProtoSegStage1(cfg, num_classes, torch.zeros(num_classes, text_dim))
-        inf = cfg.get("inference", {})
-        self.fusion = [float(w) for w in inf.get("fusion", [0.0, 0.3, 0.3, 0.4])]
-        self.flip_tta = bool(inf.get("flip_tta", False))
-        self.image_logit_weight = float(inf.get("image_logit_weight", 0.0))
-        self.image_logit_pool = int(inf.get("image_logit_pool", 0))
+        inf = cfg.inference
+        self.fusion = inf.fusion
+        self.flip_tta = inf.flip_tta
+        self.image_logit_weight = inf.image_logit_weight
+        self.image_logit_pool = inf.image_logit_pool
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         size = (x.shape[-2] // OUTPUT_STRIDE, x.shape[-1] // OUTPUT_STRIDE)
@@ -432,23 +427,21 @@ class SegFormerHead(nn.Module):
 
 
 class FProtoSegStage2(nn.Module):
-    """Encoder (``cfg["encoder"]``: stage 2's own, or the teacher's) + SegFormer head; forward
+    """Encoder (``cfg.encoder``: stage 2's own, or the teacher's) + SegFormer head; forward
     returns class logits at stride 4. ``num_classes`` counts the outputs: K tissue classes, plus
     one for background with ``stage2.background`` (index K)."""
 
-    def __init__(self, cfg: dict[str, Any], num_classes: int) -> None:
+    def __init__(self, cfg: NetworkConfig, num_classes: int) -> None:
         super().__init__()
-        self.encoder = build_encoder(cfg.get("encoder", {}))
-        self.head = SegFormerHead(
-            self.encoder.out_channels, num_classes, int(cfg.get("stage2", {}).get("embed_dim", 256))
-        )
+        self.encoder = build_encoder(cfg.encoder)
+        self.head = SegFormerHead(self.encoder.out_channels, num_classes, cfg.stage2.embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x))
 
 
 class Stage2Inference(nn.Module):
-    def __init__(self, cfg: dict[str, Any], num_classes: int) -> None:
+    def __init__(self, cfg: NetworkConfig, num_classes: int) -> None:
         super().__init__()
         self.net = FProtoSegStage2(cfg, num_classes)
 
@@ -465,21 +458,23 @@ class GatedStage2Inference(nn.Module):
     paper; measured in docs/model.md). ``stage2.teacher_config`` holds the teacher's config.
     """
 
-    def __init__(self, cfg: dict[str, Any], num_classes: int, text_dim: int) -> None:
+    def __init__(self, cfg: NetworkConfig, num_classes: int, text_dim: int) -> None:
         super().__init__()
-        s2 = cfg.get("stage2", {})
+        s2 = cfg.stage2
+        if s2.teacher_config is None:
+            raise ValueError("a gated stage-2 network needs stage2.teacher_config (the trainer writes it)")
+        teacher_cfg = network_config(s2.teacher_config)
         self.net = FProtoSegStage2(cfg, num_classes)
         # with a background class the gate (the teacher) still knows the K tissue classes only:
         # it adds nothing to the background logit
-        self.background = bool(s2.get("background", False))
+        self.background = s2.background
         tissue = num_classes - int(self.background)
-        self.gate = FProtoSegStage1(s2["teacher_config"], tissue, torch.zeros(tissue, text_dim))
-        self.gate_weight = float(s2.get("gate_weight", 1.0))
-        self.gate_pool = int(s2.get("gate_pool", 0))
+        self.gate = FProtoSegStage1(teacher_cfg, tissue, torch.zeros(tissue, text_dim))
+        self.gate_weight = s2.gate_weight
+        self.gate_pool = s2.gate_pool
         # stage 2's own encoder may expect another input normalisation than the teacher's
         self.renorm = Renormalise(
-            encoder_normalisation(cfg.get("encoder", {})),
-            encoder_normalisation(s2["teacher_config"].get("encoder", {})),
+            encoder_normalisation(cfg.encoder), encoder_normalisation(teacher_cfg.encoder)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -507,19 +502,24 @@ class Renormalise(nn.Module):
         return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
 
 
+def text_dim(manifest: dict[str, Any]) -> int:
+    """The class text embeddings' width a checkpoint was trained with (its manifest's ``text``
+    record; 384, MiniLM's, in checkpoints that predate the record)."""
+    return int(manifest.get("text", {}).get("dim", 384))
+
+
 @register("fprotoseg_cam")
 def _build_stage1(config: dict[str, Any], manifest: dict[str, Any]) -> nn.Module:
-    text_dim = int(manifest.get("text", {}).get("dim", 384))
-    return Stage1Inference(config, len(manifest["classes"]), text_dim)
+    return Stage1Inference(network_config(config), len(manifest["classes"]), text_dim(manifest))
 
 
 @register("fprotoseg_seg")
 def _build_stage2(config: dict[str, Any], manifest: dict[str, Any]) -> nn.Module:
-    return Stage2Inference(config, len(manifest["classes"]))
+    return Stage2Inference(network_config(config), len(manifest["classes"]))
 
 
 @register("fprotoseg_seg_gated")
 def _build_stage2_gated(config: dict[str, Any], manifest: dict[str, Any]) -> nn.Module:
     return GatedStage2Inference(
-        config, len(manifest["classes"]), int(manifest.get("text", {}).get("dim", 384))
+        network_config(config), len(manifest["classes"]), text_dim(manifest)
     )

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from fprotoseg.model.config_schema import TrainSection
 from fprotoseg.model.datasets import DatasetError, WeakImage, WeakImageRef, area_cdf, draw_weak_crop
 from fprotoseg.model.stain import hed_jitter, stain_jitter
 
@@ -46,17 +47,13 @@ def flip_rotate(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 class Augment:
     """What each crop goes through (``train.colour_jitter``, ``saturation_jitter``, ``hed_jitter``)."""
 
-    colour: float = 0.08
-    saturation: float = 0.0
-    hed: float = 0.0
+    colour: float
+    saturation: float
+    hed: float
 
     @classmethod
-    def from_config(cls, tcfg: dict[str, Any]) -> Augment:
-        return cls(
-            float(tcfg.get("colour_jitter", 0.08)),
-            float(tcfg.get("saturation_jitter", 0.0)),
-            float(tcfg.get("hed_jitter", 0.0)),
-        )
+    def from_config(cls, train: TrainSection) -> Augment:
+        return cls(train.colour_jitter, train.saturation_jitter, train.hed_jitter)
 
     def __call__(self, crop: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(geometric, augmented): the crop flipped/rotated, and that crop with its stain jittered

@@ -70,7 +70,7 @@ def package(
 ) -> dict[str, Any]:
     """Write ``out`` = the run's weights + manifest with measured scores (and ``extra`` figures
     measured elsewhere: seeds, the mosaic slide), so the model card quotes the file itself."""
-    from fprotoseg.model.train import resolve_path
+    from fprotoseg.model.config_schema import resolve_path
 
     state, manifest = read_checkpoint(checkpoint)
     # fp16 storage halves the file (the 20 MB budget of a packaged model); scores are measured on

@@ -12,19 +12,19 @@ small specks removed; here with a saturation bound as well, and an opening for t
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from fprotoseg.model.fprotoseg import FProtoSegStage1, normalise_cam
+from fprotoseg.model.config_schema import PseudoMaskConfig, WhitePrior
+from fprotoseg.model.fprotoseg import normalise_cam
 
 IGNORE_INDEX = 255
 
 
 @torch.no_grad()
 def fused_normalised_cams(
-    net: FProtoSegStage1, x: torch.Tensor, fusion: list[float], flip_tta: bool = True, rot_tta: bool = False
+    net: nn.Module, x: torch.Tensor, fusion: list[float], flip_tta: bool = True, rot_tta: bool = False
 ) -> torch.Tensor:
     """(N, K, H, W) fused, per-level min-max normalised CAMs at input resolution (no gating).
 
@@ -62,16 +62,17 @@ def fused_normalised_cams(
     return total / n
 
 
-def white_background(
-    rgb: torch.Tensor, grey: float = 200.0, max_saturation: float = 0.2, open_px: int = 5
-) -> torch.Tensor:
+def white_background(rgb: torch.Tensor, prior: WhitePrior | None = None) -> torch.Tensor:
     """(N, H, W) bool: bright, low-saturation pixels of (N, 3, H, W) RGB in 0..255.
 
-    Grey level 0.299 R + 0.587 G + 0.114 B above ``grey`` (the recipes' threshold of 200) and
-    saturation (max - min) / max below ``max_saturation`` (pale eosin is bright but pink); then a
-    morphological opening of ``open_px`` removes white specks (the recipes remove objects under
-    50-80 px), so a lumen or a bright nucleus edge inside tissue stays tissue.
+    Grey level 0.299 R + 0.587 G + 0.114 B above ``prior.grey`` (the recipes' threshold of 200)
+    and saturation (max - min) / max below ``prior.max_saturation`` (pale eosin is bright but
+    pink); then a morphological opening of ``prior.open_px`` removes white specks (the recipes
+    remove objects under 50-80 px), so a lumen or a bright nucleus edge inside tissue stays tissue.
+    ``None``: the schema's defaults (``stage2.white_prior``).
     """
+    prior = prior or WhitePrior()
+    grey, max_saturation, open_px = prior.grey, prior.max_saturation, prior.open_px
     rgb = rgb.float()
     level = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
     hi, lo = rgb.max(dim=1).values, rgb.min(dim=1).values
@@ -87,7 +88,7 @@ def white_background(
 
 
 def pseudo_masks(
-    cams: torch.Tensor, labels: torch.Tensor, bg_power: float = 10.0, white: torch.Tensor | None = None
+    cams: torch.Tensor, labels: torch.Tensor, bg_power: float, white: torch.Tensor | None = None
 ) -> torch.Tensor:
     """(N, H, W) int64 labels in 0..K-1, IGNORE_INDEX where background wins; with ``white``
     ((N, H, W) bool, :func:`white_background`) those pixels are class K, background."""
@@ -102,36 +103,30 @@ def pseudo_masks(
 
 
 def make_pseudo_masks(
-    net: FProtoSegStage1, x: torch.Tensor, labels: torch.Tensor, cfg: dict[str, Any]
+    net: nn.Module, x: torch.Tensor, labels: torch.Tensor, cfg: PseudoMaskConfig
 ) -> torch.Tensor:
     """Stage 2's targets for a batch ``x`` (the student's input tensors) from the teacher ``net``.
 
-    ``cfg`` is the ``stage2`` config section (fusion, bg_power, flip_tta, rot_tta, background,
-    white_prior). With ``background`` the teacher must be a :class:`fprotoseg.model.stage2.
-    TeacherView` (it knows how to turn ``x`` back into RGB for the white prior).
+    ``cfg`` is how the masks are made (the ``stage2`` section in training). With ``background``
+    the teacher must be a :class:`fprotoseg.model.stage2.TeacherView` (it knows how to turn ``x``
+    back into RGB for the white prior).
     """
     was_training = net.training
     net.eval()
-    cams = fused_normalised_cams(
-        net,
-        x,
-        [float(w) for w in cfg.get("fusion", [0.0, 0.3, 0.3, 0.4])],
-        bool(cfg.get("flip_tta", True)),
-        bool(cfg.get("rot_tta", False)),
-    )
+    cams = fused_normalised_cams(net, x, cfg.fusion, cfg.flip_tta, cfg.rot_tta)
     net.train(was_training)
     white = None
-    if cfg.get("background"):
+    if cfg.background:
         rgb = getattr(net, "rgb", None)
         if rgb is None:
             raise ValueError("stage2.background needs the teacher wrapped in stage2.TeacherView")
-        white = white_background(rgb(x), **dict(cfg.get("white_prior") or {}))
-    return pseudo_masks(cams, labels, float(cfg.get("bg_power", 10.0)), white)
+        white = white_background(rgb(x), cfg.white_prior)
+    return pseudo_masks(cams, labels, cfg.bg_power, white)
 
 
 @torch.no_grad()
 def pseudo_label_map(
-    net: FProtoSegStage1, x: torch.Tensor, label: torch.Tensor, fusion: list[float]
+    net: nn.Module, x: torch.Tensor, label: torch.Tensor, fusion: list[float]
 ) -> torch.Tensor:
     """(H, W) class indices of one whole image's pseudo mask, gated by its true image label.
 

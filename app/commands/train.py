@@ -51,7 +51,8 @@ def register(subparsers: Any) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from fprotoseg.model.train import load_config, parse_override, train
+    from fprotoseg.model.config_schema import load_config, parse_override
+    from fprotoseg.model.train import train
 
     overrides = dict(parse_override(o) for o in args.overrides)
     if args.epochs is not None:
@@ -59,7 +60,7 @@ def handle(args: argparse.Namespace) -> int:
     if args.pretrained is not None:
         overrides["encoder.pretrained"] = str(args.pretrained.resolve())
     cfg = load_config(args.config, overrides)
-    out = args.out or Path("runs") / str(cfg["name"])
+    out = args.out or Path("runs") / str(cfg.name)
     result = train(cfg, out, device=args.device, resume=args.resume, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
         print(json.dumps(result, indent=2))

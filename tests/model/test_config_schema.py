@@ -106,16 +106,16 @@ def test_set_override_typo_is_caught(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_validates(path: Path) -> None:
-    from fprotoseg.model.train import load_config
+    from fprotoseg.model.config_schema import load_config
 
     cfg = load_config(path, check_paths=False)
-    assert cfg["name"]
+    assert cfg.name
 
 
 def test_keys_the_trainer_reads_are_in_the_schema() -> None:
     """Keys colleagues' code reads (loader, mid-epoch checkpoints, TensorBoard, stage-2 encoder and
     background) validate with their types, and their defaults are the documented ones."""
-    from fprotoseg.model.config_schema import defaults, validate_config
+    from fprotoseg.model.config_schema import as_train_config, defaults
 
     cfg = {
         "data": {"dataset": "luad-histoseg", "labelled_dirs": ["x"], "val_root": "y"},
@@ -129,50 +129,88 @@ def test_keys_the_trainer_reads_are_in_the_schema() -> None:
             "white_prior": {"grey": 210, "max_saturation": 0.15, "open_px": 3},
         },
     }
-    assert validate_config(cfg) is cfg
+    typed = as_train_config(cfg)
+    assert typed.stage2.white_prior.open_px == 3 and typed.loader.workers == 4
+    assert as_train_config(typed) is typed
     d = defaults()
     assert d["loader"] == {"workers": 2, "pin_memory": True}
     assert d["train"]["checkpoint_every_steps"] == 0 and d["train"]["tensorboard"] is False
     with pytest.raises(ConfigurationError, match=r"loader.pin_memory: input should be a valid boolean"):
-        validate_config({**cfg, "loader": {"pin_memory": "sometimes"}})
+        as_train_config({**cfg, "loader": {"pin_memory": "sometimes"}})
     with pytest.raises(ConfigurationError, match=r"output_stride is an option of EfficientNet-Lite"):
-        validate_config({**cfg, "encoder": {"variant": "b1", "output_stride": 16}})
+        as_train_config({**cfg, "encoder": {"variant": "b1", "output_stride": 16}})
     with pytest.raises(ConfigurationError, match=r"missing key data"):
-        validate_config({"stage": 1})
+        as_train_config({"stage": 1})
 
 
-# how the code names each config section when it reads keys from it (``tcfg.get("epochs")``)
-SECTION_VARIABLES = {
-    "tcfg": "TrainSection",
-    "inf": "InferenceConfig",
-    "loss_cfg": "LossConfig",
-    "proto_cfg": "PrototypesConfig",
-    "s2": "Stage2Config",
-    'cfg["stage2"]': "Stage2Config",
-    "enc_cfg": "EncoderConfig",
-    "text_cfg": "TextConfig",
-    "d": "DataConfig",
-    'cfg["data"]': "DataConfig",
-    "entry": "ClassDir",
-    "loader_cfg": "LoaderConfig",
-}
+# the modules that read a training config: they take the validated TrainConfig (or one of its
+# sections) and read attributes, which mypy checks against the schema
+CONFIG_READERS = (
+    "train", "fprotoseg", "pseudo", "pseudo_export", "stage2", "text", "loader", "resume", "history",
+    "ranks", "config_schema",
+)
 
 
-def test_every_key_the_code_reads_is_in_the_schema() -> None:
-    """Reads like ``tcfg.get("key")`` / ``s2["key"]`` in model/ name keys of the schema (a key
-    added to the trainer without the schema would make its configs fail validation)."""
-    import re
+def _schema_keys() -> set[str]:
+    from pydantic import BaseModel
 
     from fprotoseg.model import config_schema
 
-    found: dict[str, set[str]] = {}
-    for path in (REPO_ROOT / "model").glob("*.py"):
-        text = path.read_text()
-        for var, section in SECTION_VARIABLES.items():
-            pattern = re.escape(var) + r'(?:\.get\(|\[)"([a-z_0-9]+)"'
-            for key in re.findall(r"(?<![\w.\]])" + pattern, text):
-                found.setdefault(section, set()).add(key)
-    assert found["TrainSection"] and found["Stage2Config"] and found["DataConfig"]
-    for section, keys in found.items():
-        fields = set(getattr(config_schema, section).model_fields)
-        assert keys <= fields, (section, sorted(keys - fields))
+    keys: set[str] = set()
+    for obj in vars(config_schema).values():
+        if isinstance(obj, type) and issubclass(obj, BaseModel) and obj is not BaseModel:
+            keys |= set(obj.model_fields)
+    return keys
+
+
+def dict_reads_of_config_keys(text: str) -> list[str]:
+    """Reads of the config as a dict, whatever the variable: any schema key read with a default
+    (``x.get("epochs"``, chained ``cfg.get("data", {}).get("mpp"``) and any section taken by
+    subscript (``cfg["stage2"]``, the start of every other dict read of the config)."""
+    import re
+
+    from pydantic import BaseModel
+
+    from fprotoseg.model.config_schema import TrainConfig
+
+    keys = _schema_keys()
+    sections = {
+        k for k, f in TrainConfig.model_fields.items()
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
+    }
+    defaulted = {k for k in re.findall(r'\.get\(\s*"([a-z_0-9]+)"', text) if k in keys}
+    subscripted = {k for k in re.findall(r'\[\s*"([a-z_0-9]+)"\s*\]', text) if k in sections}
+    return sorted(defaulted | subscripted)
+
+
+def test_the_finder_sees_the_reads_that_slipped_past_the_old_test() -> None:
+    """The old check matched ``loader_cfg.get(`` while the trainer read ``lcfg.get(``, and
+    missed chained reads: this one names the key whatever the variable or the chain."""
+    old_trainer = (
+        'lcfg = cfg.get("loader", {})\n'
+        'workers = int(lcfg.get("workers", 2))\n'
+        'fusion = cfg.get("inference", {}).get("fusion", [0.0, 0.3, 0.3, 0.4])\n'
+        'init = cfg["stage2"].get("init_encoder_from_teacher", True)\n'
+    )
+    assert dict_reads_of_config_keys(old_trainer) == [
+        "fusion", "inference", "init_encoder_from_teacher", "loader", "stage2", "workers",
+    ]
+    assert dict_reads_of_config_keys('manifest.get("architecture")\nrow["epoch"]') == []
+
+
+@pytest.mark.parametrize("module", CONFIG_READERS)
+def test_config_readers_read_attributes_not_dict_keys(module: str) -> None:
+    """Every training module reads the typed config: a default stated beside a ``.get`` would
+    override the schema's, and a key missing from the schema would pass unnoticed. (Manifest
+    records are not config: their ``text`` record is left out.)"""
+    text = (REPO_ROOT / "model" / f"{module}.py").read_text()
+    text = text.replace('manifest.get("text", {}).get("dim", 384)', "").replace('manifest.get("text"', "")
+    assert dict_reads_of_config_keys(text) == [], module
+
+
+def test_the_fusion_default_is_written_once() -> None:
+    """The level-fusion default is stated in the schema alone (it was written in 9 places)."""
+    hits = []
+    for path in [*(REPO_ROOT / "model").glob("*.py"), *(REPO_ROOT / "bench").glob("*.py")]:
+        hits += [path.name for line in path.read_text().splitlines() if "0.0, 0.3, 0.3, 0.4" in line]
+    assert hits == ["config_schema.py"], hits

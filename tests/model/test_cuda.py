@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fprotoseg.model.checkpoint import save_checkpoint
+from fprotoseg.model.config_schema import network_config
 from fprotoseg.model.fprotoseg import FProtoSegStage1, Stage1Inference, stage1_losses
 
 pytestmark = [
@@ -16,12 +17,13 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-CFG = {
+CFG_DICT = {
     "encoder": {"variant": "b0"},
     "cam_head": "text",
     "text": {"source": "learnable"},
     "loss": {"consistency": 1.0, "alignment": 0.1},
 }
+CFG = network_config(CFG_DICT)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -36,7 +38,7 @@ def test_one_amp_training_step_channels_last(dtype: torch.dtype) -> None:
     with torch.autocast("cuda", dtype=dtype):
         out = net(x)
         terms = stage1_losses(
-            net, {**out, "logits": [lg.float() for lg in out["logits"]]}, labels, CFG["loss"]
+            net, {**out, "logits": [lg.float() for lg in out["logits"]]}, labels, CFG.loss
         )
     assert torch.isfinite(terms["total"])
     before = next(net.parameters()).detach().clone()
@@ -54,7 +56,7 @@ def test_inference_through_the_seam_on_cuda(tmp_path: Path, precision: str) -> N
     module = Stage1Inference(CFG, 3, 384)
     manifest = {
         "architecture": "fprotoseg_cam",
-        "config": CFG,
+        "config": CFG_DICT,
         "mpp": 1.0,
         "tile_size_px": 224,
         "output_stride": 4,
@@ -76,7 +78,7 @@ def _tiny_cuda_segmenter(tmp_path: Path, precision: str):
     module = Stage1Inference(CFG, 3, 384)
     manifest = {
         "architecture": "fprotoseg_cam",
-        "config": CFG,
+        "config": CFG_DICT,
         "mpp": 1.0,
         "tile_size_px": 224,
         "output_stride": 4,

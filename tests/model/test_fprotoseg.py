@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fprotoseg.model.checkpoint import save_checkpoint
+from fprotoseg.model.config_schema import PseudoMaskConfig, network_config
 from fprotoseg.model.errors import CheckpointError
 from fprotoseg.model.fprotoseg import (
     FProtoSegStage1,
@@ -30,13 +31,14 @@ TINY_ENCODER = {
     "num_heads": [1, 1, 1, 2],
     "depths": [1, 1, 1, 1],
 }
-TINY_CFG = {
+TINY_DICT = {
     "encoder": TINY_ENCODER,
     "cam_head": "text",
     "text": {"source": "learnable"},
     "prototypes": {"levels": [1, 2, 3], "n_sub": 2, "min_px_per_sub": 2},
     "loss": {"consistency": 1.0, "alignment": 0.1},
 }
+TINY_CFG = network_config(TINY_DICT)
 CLASSES = [
     {"name": "Tumor", "color": [200, 0, 0]},
     {"name": "Stroma", "color": [150, 200, 150]},
@@ -86,7 +88,7 @@ def test_stage1_losses_are_finite_with_gradients() -> None:
     labels = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     out = net(x)
     assert [c.shape[-1] for c in out["cams"]] == [16, 8, 4, 4]  # strides 4, 8, 16, 16
-    terms = stage1_losses(net, out, labels, TINY_CFG["loss"])
+    terms = stage1_losses(net, out, labels, TINY_CFG.loss)
     assert set(terms) == {"cls", "consistency", "alignment", "total"}
     assert all(torch.isfinite(v) for v in terms.values())
     terms["total"].backward()
@@ -101,7 +103,7 @@ def test_structure_aware_prototypes_one_owner_per_present_class_or_background() 
     net = FProtoSegStage1(TINY_CFG, 3, _text())
     labels = torch.tensor([[1.0, 0.0, 1.0]])
     out = net(torch.randn(1, 3, 64, 64))
-    po = structure_aware_prototypes(out["feats"], out["cams"], labels, {**TINY_CFG["prototypes"]})
+    po = structure_aware_prototypes(out["feats"], out["cams"], labels, TINY_CFG.prototypes)
     owners = set(po.owners[0].tolist())
     assert owners <= {-1, 0, 2}  # background, tumour, normal: never the absent stroma
     assert po.protos[0].shape[1] == sum(TINY_ENCODER["embed_dims"][i] for i in (1, 2, 3))
@@ -126,7 +128,7 @@ def test_pseudo_mask_shapes_and_background() -> None:
     assert (masks[1, 4:] == IGNORE_INDEX).all()  # stroma gated off -> background wins -> ignore
     torch.manual_seed(0)
     net = FProtoSegStage1(TINY_CFG, 3, _text())
-    m = make_pseudo_masks(net, torch.randn(2, 3, 64, 64), labels, {"flip_tta": True})
+    m = make_pseudo_masks(net, torch.randn(2, 3, 64, 64), labels, PseudoMaskConfig(flip_tta=True))
     assert m.shape == (2, 64, 64)
     assert set(torch.unique(m).tolist()) <= {0, 1, IGNORE_INDEX}  # only labelled classes appear
 
@@ -134,7 +136,7 @@ def test_pseudo_mask_shapes_and_background() -> None:
 def _manifest(arch: str) -> dict:
     return {
         "architecture": arch,
-        "config": TINY_CFG,
+        "config": TINY_DICT,
         "classes": CLASSES,
         "mpp": 1.0,
         "tile_size_px": 64,
@@ -212,8 +214,8 @@ def test_gated_stage2_vetoes_classes_the_tile_score_rules_out(tmp_path: Path) ->
     from fprotoseg.model.fprotoseg import GatedStage2Inference
 
     torch.manual_seed(0)
-    cfg = {**TINY_CFG, "stage2": {"teacher_config": TINY_CFG, "gate_weight": 0.0, "embed_dim": 16}}
-    module = GatedStage2Inference(cfg, 3, 16).eval()
+    cfg = {**TINY_DICT, "stage2": {"teacher_config": TINY_DICT, "gate_weight": 0.0, "embed_dim": 16}}
+    module = GatedStage2Inference(network_config(cfg), 3, 16).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(module(x), torch.softmax(module.net(x), dim=1))

@@ -52,13 +52,14 @@ def test_white_prior_marks_glass_not_pale_tissue_nor_specks() -> None:
 
 def test_rotation_tta_on_a_non_square_input() -> None:
     """Flip + 90-degree rotation TTA maps every view back: same shape as one view, in [0, 1]."""
+    from fprotoseg.model.config_schema import network_config
     from fprotoseg.model.fprotoseg import FProtoSegStage1
     from fprotoseg.model.pseudo import fused_normalised_cams
 
     torch.manual_seed(0)
     cfg = {"encoder": {"variant": "b0", "embed_dims": [8, 16, 32, 32], "depths": [1, 1, 1, 1],
                        "num_heads": [1, 1, 2, 2]}, "cam_head": "plain"}  # fmt: skip
-    net = FProtoSegStage1(cfg, 3, torch.zeros(3, 8)).eval()
+    net = FProtoSegStage1(network_config(cfg), 3, torch.zeros(3, 8)).eval()
     x = torch.randn(1, 3, 64, 96)
     cams = fused_normalised_cams(net, x, [0.0, 0.0, 0.0, 1.0], flip_tta=True, rot_tta=True)
     assert cams.shape == (1, 3, 64, 96) and float(cams.min()) >= 0.0 and float(cams.max()) <= 1.0 + 1e-5
@@ -115,19 +116,20 @@ def test_stage2_with_its_own_encoder_and_background_trains(
 def test_stage2_background_targets_come_from_the_white_prior(teacher: tuple[Path, Path, list[str]]) -> None:
     """With stage2.background the pseudo masks hold class K on glass, through the student's
     normalisation (the teacher view undoes it)."""
+    from fprotoseg.model.config_schema import as_train_config
     from fprotoseg.model.pseudo import make_pseudo_masks
     from fprotoseg.model.stage2 import build_stage2
 
     root, ckpt, holdout = teacher
     cfg = _tiny_config(root, holdout, epochs=1)
     cfg.update(stage=2, stage2={"teacher": str(ckpt), "background": True, "encoder": {"variant": "lite0"}})
-    parts = build_stage2(cfg, 3, "cpu", ckpt)
+    parts = build_stage2(as_train_config(cfg), 3, "cpu", ckpt)
     rgb = np.full((1, 64, 64, 3), (110, 40, 150), np.uint8)
     rgb[:, :, 32:] = 244
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     x = (torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
-    target = make_pseudo_masks(parts.teacher, x, torch.tensor([[1.0, 0.0, 0.0]]), parts.cfg["stage2"])
+    target = make_pseudo_masks(parts.teacher, x, torch.tensor([[1.0, 0.0, 0.0]]), parts.cfg.stage2)
     assert (target[0, :, 36:] == 3).all()  # glass -> background (K = 3)
     assert set(target[0, :, :28].unique().tolist()) <= {0, 255}  # tissue: the labelled class or ignore
 

@@ -210,3 +210,27 @@ def test_stain_jitter_changes_colour_not_geometry() -> None:
         corr = np.corrcoef(g.astype(float).mean(2).ravel(), j.astype(float).mean(2).ravel())[0, 1]
         assert corr > 0.9
     assert stain_jitter(geometric, np.random.default_rng(2), 0.0, 0.0) is geometric
+
+
+def test_keep_best_over_two_contexts_keeps_the_best_mean_epoch(tmp_path: Path) -> None:
+    """``keep: best`` with two validation contexts keeps the epoch with the best mean mIoU over
+    them, and reports that mean: the score an epoch is compared with is the score it is kept for
+    (the trainer once stored the first context's mIoU as the best and compared later epochs'
+    means with it, so another epoch than the best could be kept)."""
+    from fprotoseg.model.checkpoint import read_checkpoint
+    from fprotoseg.model.train import train
+
+    root = tmp_path / "data"
+    names = _write_generated_pairs(root, 12, seed=2)
+    cfg = _tiny_config(root, names[:3], epochs=4)
+    cfg["train"].update(iters_per_epoch=3, keep="best", glass_prob=0.3, val_contexts=["reflect", "glass"])
+    result = train(cfg, tmp_path / "run", device="cpu", progress=False, log=lambda s: None)
+    with (tmp_path / "run" / "history.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    means = [(float(r["val_miou"]) + float(r["val_glass_miou"])) / 2 for r in rows]
+    assert len(means) == 4
+    assert any(float(r["val_miou"]) != float(r["val_glass_miou"]) for r in rows)  # the contexts differ
+    best_epoch = int(np.argmax(means)) + 1  # the first of equal means, as the trainer keeps it
+    assert result["best_miou"] == pytest.approx(max(means), abs=1e-9)
+    manifest = read_checkpoint(Path(result["checkpoint"]))[1]
+    assert manifest["metrics"]["epoch"] == best_epoch and manifest["metrics"]["kept"] == "best"

@@ -180,7 +180,7 @@ def test_torchrun_two_cpu_processes_end_with_identical_weights(tmp_path: Path) -
     """``torchrun --nproc_per_node 2`` on CPU (Gloo): the same command, DDP; both ranks end with
     identical parameters and buffers (SHA-256 of each rank's state, gathered), equal to the one
     checkpoint rank 0 wrote; rank 0 alone wrote the files."""
-    from fprotoseg.model.train import tensors_digest
+    from fprotoseg.model.resume import tensors_digest
 
     cfg = _config(tmp_path, epochs=2, iters_per_epoch=4)
     path = _write(cfg, tmp_path / "tiny.yaml")
