@@ -39,35 +39,44 @@ def _run_fold(
     from fprotoseg.model import load_segmenter
     from fprotoseg.model.cam_cnn import CamCnnRecipe, manifest_for, train
     from fprotoseg.model.checkpoint import save_checkpoint
-    from fprotoseg.model.cv import load_units, read_plan, unit_confusion
+    from fprotoseg.model.cv import load_units, predicted_presence, presence_counts, read_plan, unit_confusion
+    from fprotoseg.model.datasets import DATASETS
     from fprotoseg.model.evaluate import predict_labels
 
     recipe = CamCnnRecipe.from_yaml(recipe_path)
     plan = read_plan(plan_name, SHARED_DATA)
+    if recipe.mpp != plan.mpp:
+        raise SystemExit(f"{recipe.name} runs at {recipe.mpp} µm/px, the plan {plan_name} at {plan.mpp}")
+    spec = DATASETS[plan.dataset]
+    classes = list(zip(spec.qupath_names, spec.colors, strict=True))
+    k = len(classes)
     units = load_units(plan)
     train_units = [u for u in units if u.fold != fold]
     test_units = [u for u in units if u.fold == fold]
     t0 = time.perf_counter()
-    net = train([(u.rgb, u.mask) for u in train_units], recipe, seed)
+    net = train([u.train_image() for u in train_units], recipe, seed, num_classes=k)
     train_s = time.perf_counter() - t0
     ckpt = Path(out_dir) / f"{recipe.name}_s{seed}_f{fold}.safetensors"
     manifest = manifest_for(
-        recipe, cv={"plan": plan_name, "seed": seed, "fold": fold, "trained_on": len(train_units)}
+        recipe, classes, cv={"plan": plan_name, "seed": seed, "fold": fold, "trained_on": len(train_units)}
     )
     save_checkpoint(ckpt, net.state_dict(), manifest)
     seg = load_segmenter(ckpt, device="cpu")
-    cm = sum(
-        (
-            unit_confusion(u.mask, predict_labels(seg.predict, u.rgb, seg.tile_size_px), plan.dataset)
-            for u in test_units
-        ),
-        np.zeros((3, 3), np.int64),
-    )
+    cm = np.zeros((k, k), np.int64)
+    presence = np.zeros((k, 3), np.int64)
+    for u in test_units:
+        labels = predict_labels(seg.predict, u.rgb, seg.tile_size_px)
+        if u.mask is not None:
+            cm += unit_confusion(u.mask, labels, plan.dataset)
+        else:
+            assert u.label is not None
+            presence += presence_counts(u.label, predicted_presence(labels, k, plan.min_label_fraction))
     return {
         "recipe": recipe.name,
         "seed": seed,
         "fold": fold,
         "confusion": cm.tolist(),
+        "presence": presence.tolist(),
         "train_s": round(train_s, 1),
         "checkpoint": str(ckpt),
         "units": [u.name for u in test_units],
@@ -98,13 +107,15 @@ def _slide_fold(run: dict[str, Any], plan_name: str, keep: Path | None = None) -
     from fprotoseg.model.cv import load_units, read_plan
 
     plan = read_plan(plan_name, SHARED_DATA)
-    units = [u for u in load_units(plan) if u.fold == run["fold"]]
+    units = [u for u in load_units(plan) if u.fold == run["fold"] and u.mask is not None]
+    if not units:  # a slide with image-level labels only: nothing to score pixels against
+        return {}
     with tempfile.TemporaryDirectory(prefix="fprotoseg-cv-") as tmp:
         root = Path(tmp) / "data"
         names = _write_fold_data(units, root)
         work = keep or Path(tmp) / "work"
         work.mkdir(parents=True, exist_ok=True)
-        scores = slide_scores(Path(run["checkpoint"]), root, names, work, "wsss4luad", 1.0)
+        scores = slide_scores(Path(run["checkpoint"]), root, names, work, plan.dataset, plan.mpp)
     return {
         "slide_miou_present": scores["miou_present"],
         "slide_iou": scores["iou"],
@@ -117,8 +128,10 @@ def figure(run: dict[str, Any], plan_name: str, out_png: Path) -> None:
     import tifffile
     from PIL import Image
 
-    from fprotoseg.model.cam_cnn import WSSS4LUAD_CLASSES
+    from fprotoseg.model.cv import read_plan
+    from fprotoseg.model.datasets import DATASETS
 
+    colours = DATASETS[read_plan(plan_name, SHARED_DATA).dataset].colors
     with tempfile.TemporaryDirectory(prefix="fprotoseg-cv-figure-") as tmp:
         work = Path(tmp)
         _slide_fold(run, plan_name, keep=work)
@@ -128,11 +141,11 @@ def figure(run: dict[str, Any], plan_name: str, out_png: Path) -> None:
         with tifffile.TiffFile(work / "out" / "mask.tiff") as tif:
             pred = tif.pages[0].asarray()
     palette = np.full((256, 3), 255, np.uint8)
-    for k, (_, colour) in enumerate(WSSS4LUAD_CLASSES):
+    for k, colour in enumerate(colours):
         palette[k] = colour  # ground truth: class k
     gt_rgb = palette[gt]
     pred_palette = np.full((256, 3), 255, np.uint8)
-    pred_palette[1 : len(WSSS4LUAD_CLASSES) + 1] = palette[: len(WSSS4LUAD_CLASSES)]
+    pred_palette[1 : len(colours) + 1] = palette[: len(colours)]
     pred_rgb = np.asarray(Image.fromarray(pred_palette[pred]).resize(gt.shape[::-1], Image.NEAREST))
     gap = np.full((rgb.shape[0], 16, 3), 255, np.uint8)
     panel = np.concatenate([rgb, gap, gt_rgb, gap, pred_rgb], axis=1)
@@ -148,19 +161,28 @@ def _fmt(mean: float, sd: float) -> str:
 
 
 def table(runs: list[dict[str, Any]], classes: tuple[str, ...]) -> str:
-    """One row per recipe: per-fold mIoU mean ± sd (over folds and seeds), pooled mIoU, per class,
-    and the whole-slide mean ± sd where it was measured."""
-    from fprotoseg.model.cv import CvResult
+    """One row per recipe: per-fold mIoU mean ± sd (over folds and seeds, folds with masks), pooled
+    mIoU, per class, the whole-slide mean ± sd where it was measured, and the image-level F1 of the
+    folds without masks (mean over their present classes)."""
+    from fprotoseg.model.cv import CvResult, presence_f1
 
     lines = [
         "| recipe | runs | crop mIoU, folds (mean ± sd) | crop mIoU, pooled | "
         + " | ".join(classes)
-        + " | whole slide, folds (mean ± sd) |",
-        "|---|---|---|---|" + "---|" * len(classes) + "---|",
+        + " | whole slide, folds (mean ± sd) | image-level F1, folds without masks |",
+        "|---|---|---|---|" + "---|" * len(classes) + "---|---|",
     ]
     for name in dict.fromkeys(r["recipe"] for r in runs):
         mine = [r for r in runs if r["recipe"] == name]
-        res = CvResult(classes, {(r["seed"], r["fold"]): np.array(r["confusion"]) for r in mine})
+        masked = [r for r in mine if np.asarray(r["confusion"]).sum() > 0]
+        label_only = [np.asarray(r["presence"]) for r in mine if np.asarray(r.get("presence", 0)).sum() > 0]
+        f1 = f"{float(np.nanmean(presence_f1(sum(label_only)))):.3f}" if label_only else "—"
+        if not masked:
+            lines.append(
+                f"| {name} | {len(mine)} | — | — | " + " | ".join("—" for _ in classes) + f" | — | {f1} |"
+            )
+            continue
+        res = CvResult(classes, {(r["seed"], r["fold"]): np.array(r["confusion"]) for r in masked})
         s = res.summary()
         slides = [r["slide_miou_present"] for r in mine if "slide_miou_present" in r]
         slide = _fmt(float(np.mean(slides)), float(np.std(slides))) + f" ({len(slides)})" if slides else "—"
@@ -168,7 +190,7 @@ def table(runs: list[dict[str, Any]], classes: tuple[str, ...]) -> str:
             f"| {name} | {s['runs']} | {_fmt(s['folds_miou_mean'], s['folds_miou_sd'])} | "
             f"{_fmt(s['pooled_miou_mean'], s['pooled_miou_sd'])} | "
             + " | ".join(f"{s['iou'][c]:.3f}" for c in classes)
-            + f" | {slide} |"
+            + f" | {slide} | {f1} |"
         )
     return "\n".join(lines)
 
@@ -220,12 +242,16 @@ def main(argv: list[str] | None = None) -> int:
         for r in runs:
             if "slide_miou_present" not in r:
                 r.update(_slide_fold(r, args.plan))
+                if "slide_miou_present" not in r:
+                    continue
                 print(
                     f"  {r['recipe']} seed {r['seed']} fold {r['fold']}: slide {r['slide_miou_present']:.3f}",
                     flush=True,
                 )
         results_path.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
-    print(table(runs, ("Tumor", "Stroma", "Normal")))
+    from fprotoseg.model.datasets import DATASETS
+
+    print(table(runs, DATASETS[plan.dataset].qupath_names))
     if args.figure is not None:
         first = CamCnnRecipe.from_yaml(args.recipes[0]).name
         figure(done[(first, seeds[0], folds[0])], args.plan, args.figure)

@@ -140,19 +140,32 @@ def _dihedral(img: np.ndarray, k: int) -> np.ndarray:
     return out[:, ::-1] if k >= 4 else out
 
 
+@dataclass(frozen=True)
+class TrainImage:
+    """One training image: a pixel mask (crops take their label from the pixels they hold) or
+    only an image-level ``label`` (a patch small enough that every crop of it keeps that label,
+    as BCSS-WSSS ships its training slides)."""
+
+    rgb: np.ndarray  # (H, W, 3) uint8
+    mask: np.ndarray | None = None  # (H, W) int64 class indices
+    label: np.ndarray | None = None  # (K,) 0/1
+
+    def __post_init__(self) -> None:
+        if (self.mask is None) == (self.label is None):
+            raise DatasetError("a training image has either a mask or an image-level label")
+
+
 class CropSampler:
     """Random crops of labelled images with the labels of their own pixels (the only thing a
     crop takes from a mask), drawn in proportion to image area."""
 
-    def __init__(
-        self, images: Sequence[tuple[np.ndarray, np.ndarray]], recipe: CamCnnRecipe, num_classes: int
-    ) -> None:
+    def __init__(self, images: Sequence[TrainImage], recipe: CamCnnRecipe, num_classes: int) -> None:
         if not images:
             raise DatasetError("no training images")
         self.images = list(images)
         self.recipe = recipe
         self.num_classes = num_classes
-        areas = np.array([m.size for _, m in self.images], dtype=np.float64)
+        areas = np.array([im.rgb.shape[0] * im.rgb.shape[1] for im in self.images], dtype=np.float64)
         self.p = areas / areas.sum()
 
     def batch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -160,17 +173,18 @@ class CropSampler:
         crops = np.empty((r.batch, r.crop_px, r.crop_px, 3), np.uint8)
         labels = np.empty((r.batch, self.num_classes), np.float32)
         for i in range(r.batch):
-            rgb, mask = self.images[int(rng.choice(len(self.images), p=self.p))]
-            h, w = mask.shape
+            im = self.images[int(rng.choice(len(self.images), p=self.p))]
+            h, w = im.rgb.shape[:2]
             y = int(rng.integers(0, max(1, h - r.crop_px + 1)))
             x = int(rng.integers(0, max(1, w - r.crop_px + 1)))
-            c_rgb, c_mask = (
-                rgb[y : y + r.crop_px, x : x + r.crop_px],
-                mask[y : y + r.crop_px, x : x + r.crop_px],
-            )
-            if r.glass_prob > 0 and rng.random() < r.glass_prob:
-                c_rgb, c_mask = put_glass(rng, c_rgb, c_mask, self.num_classes)
-            labels[i] = image_level_label(c_mask, self.num_classes, r.label_fraction)
+            c_rgb = im.rgb[y : y + r.crop_px, x : x + r.crop_px]
+            if im.mask is None:  # image-level label only: the crop keeps it (no glass, which would
+                labels[i] = im.label  # need the pixels' classes to relabel what stays visible)
+            else:
+                c_mask = im.mask[y : y + r.crop_px, x : x + r.crop_px]
+                if r.glass_prob > 0 and rng.random() < r.glass_prob:
+                    c_rgb, c_mask = put_glass(rng, c_rgb, c_mask, self.num_classes)
+                labels[i] = image_level_label(c_mask, self.num_classes, r.label_fraction)
             ph, pw = r.crop_px - c_rgb.shape[0], r.crop_px - c_rgb.shape[1]
             if ph or pw:
                 c_rgb = np.pad(c_rgb, ((0, ph), (0, pw), (0, 0)), mode="reflect")
@@ -189,13 +203,13 @@ def to_input(crops_nhwc_uint8: np.ndarray) -> torch.Tensor:
 
 
 def train(
-    images: Sequence[tuple[np.ndarray, np.ndarray]],
+    images: Sequence[TrainImage],
     recipe: CamCnnRecipe,
     seed: int,
     num_classes: int = 3,
     progress: Callable[[int, float], None] | None = None,
 ) -> CamCnn:
-    """Train one network on (rgb, mask) images; the masks only ever give crop-level labels."""
+    """Train one network; masks only ever give crop-level labels."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = CamCnn(num_classes, recipe.channels, recipe.strides)

@@ -18,8 +18,18 @@ from typing import Any
 
 import numpy as np
 import yaml
+from PIL import Image
 
-from fprotoseg.model.datasets import DATASETS, DatasetError, load_pairs
+from fprotoseg.model.cam_cnn import TrainImage
+from fprotoseg.model.datasets import (
+    DATASETS,
+    DatasetError,
+    find_dir,
+    list_images,
+    load_pairs,
+    parse_filename_label,
+    read_rgb,
+)
 from fprotoseg.model.metrics import confusion_matrix
 
 CONFIG_DIR = Path(__file__).parent / "recipes"  # CV plans and CAM-CNN recipes, not training configs
@@ -28,12 +38,18 @@ SPLIT_MARK = "#"  # "68.png#2": the third band of 68.png named in the config's `
 
 @dataclass
 class CvUnit:
-    """One image (or one band of a large image) that belongs to exactly one fold."""
+    """One image (or one band of a large image) that belongs to exactly one fold: with a pixel mask,
+    or with only an image-level label (BCSS-WSSS training patches)."""
 
     name: str
     rgb: np.ndarray  # (H, W, 3) uint8
-    mask: np.ndarray  # (H, W) int64 class indices (the dataset's ignore index outside tissue)
+    mask: np.ndarray | None  # (H, W) int64 class indices (the dataset's ignore index outside tissue)
     fold: int
+    label: np.ndarray | None = None  # (K,) 0/1 where there is no mask
+
+    def train_image(self) -> TrainImage:
+        """What training may take from this unit (the mask only ever gives crop-level labels)."""
+        return TrainImage(self.rgb, self.mask, None if self.mask is not None else self.label)
 
 
 @dataclass(frozen=True)
@@ -44,6 +60,13 @@ class CvPlan:
     data_root: Path
     folds: tuple[tuple[str, ...], ...]
     splits: dict[str, tuple[tuple[int, int], ...]]
+    # Folds named by slide: every image whose file name starts with a fold's prefix belongs to it
+    # (leave-one-slide-out), found in the data root's training folder (image-level labels in the
+    # file name) and its img/mask folders.
+    by_prefix: bool = False
+    source_mpp: float = 1.0  # µm/px of the files
+    mpp: float = 1.0  # µm/px the recipes train and predict at (files are resampled to it)
+    min_label_fraction: float = 0.02  # a unit "holds" a class above this share of its pixels
 
     @property
     def num_folds(self) -> int:
@@ -51,7 +74,7 @@ class CvPlan:
 
 
 def read_plan(config: str | Path, shared_data: str | Path) -> CvPlan:
-    """The fold plan of ``config`` (a path or a name in model/configs), data under ``shared_data``."""
+    """The fold plan of ``config`` (a path or a name in model/recipes), data under ``shared_data``."""
     path = Path(config)
     if not path.is_file():
         path = CONFIG_DIR / (str(config) if str(config).endswith(".yaml") else f"{config}.yaml")
@@ -63,11 +86,65 @@ def read_plan(config: str | Path, shared_data: str | Path) -> CvPlan:
     if len(names) != len(set(names)):
         raise DatasetError(f"{path.name}: a unit is listed in two folds")
     splits = {str(k): tuple((int(a), int(b)) for a, b in v) for k, v in (raw.get("splits") or {}).items()}
-    return CvPlan(str(raw["dataset"]), Path(shared_data) / str(raw["data_root"]), folds, splits)
+    source_mpp = float(raw.get("source_mpp", 1.0))
+    return CvPlan(
+        str(raw["dataset"]),
+        Path(shared_data) / str(raw["data_root"]),
+        folds,
+        splits,
+        by_prefix=bool(raw.get("by_prefix", False)),
+        source_mpp=source_mpp,
+        mpp=float(raw.get("mpp", source_mpp)),
+        min_label_fraction=float(raw.get("min_label_fraction", 0.02)),
+    )
+
+
+def _resample(
+    rgb: np.ndarray, mask: np.ndarray | None, factor: float
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Image (area-averaged) and mask (nearest) scaled by ``factor`` (0.5: half the pixels per side)."""
+    if factor == 1.0:
+        return rgb, mask
+    size = (max(1, round(rgb.shape[1] * factor)), max(1, round(rgb.shape[0] * factor)))
+    out_rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BOX))
+    if mask is None:
+        return out_rgb, None
+    out_mask = np.asarray(Image.fromarray(mask.astype(np.int32)).resize(size, Image.NEAREST)).astype(np.int64)
+    return out_rgb, out_mask
+
+
+def _load_by_prefix(plan: CvPlan) -> list[CvUnit]:
+    """Every image of the data root (training patches with labels in their names, img/mask pairs)
+    in the fold of the slide prefix it starts with; images of no listed slide are refused."""
+    k = len(DATASETS[plan.dataset].classes)
+    factor = plan.source_mpp / plan.mpp
+
+    def fold_of(name: str) -> int:
+        for i, fold in enumerate(plan.folds):
+            if any(name.startswith(prefix) for prefix in fold):
+                return i
+        raise DatasetError(f"{name}: belongs to no slide of the fold plan")
+
+    units: list[CvUnit] = []
+    train_dir = find_dir(plan.data_root, "train")
+    if train_dir is not None:
+        for path in list_images(train_dir):
+            rgb, _ = _resample(read_rgb(path), None, factor)
+            label = parse_filename_label(path.name, k)
+            units.append(CvUnit(path.name, rgb, None, fold_of(path.name), label))
+    for pair in load_pairs(plan.data_root) if find_dir(plan.data_root, "val") else []:
+        rgb, mask = _resample(pair.rgb, pair.mask, factor)
+        units.append(CvUnit(pair.name, rgb, mask, fold_of(pair.name)))
+    if not units:
+        raise DatasetError(f"no images under {plan.data_root}")
+    return units
 
 
 def load_units(plan: CvPlan) -> list[CvUnit]:
-    """Decode every unit of the plan (images cut into their configured bands)."""
+    """Decode every unit of the plan (images cut into their configured bands, or every image of
+    each listed slide)."""
+    if plan.by_prefix:
+        return _load_by_prefix(plan)
     fold_of = {n: i for i, fold in enumerate(plan.folds) for n in fold}
     stems = sorted({n.split(SPLIT_MARK)[0] for n in fold_of})
     units: list[CvUnit] = []
@@ -86,34 +163,41 @@ def load_units(plan: CvPlan) -> list[CvUnit]:
 
 
 def assign_folds(
-    units: Sequence[CvUnit], num_folds: int, anchor_class: int, min_fraction: float
+    units: Sequence[CvUnit],
+    num_folds: int,
+    anchor_class: int,
+    min_fraction: float,
+    dataset: str = "wsss4luad",
 ) -> dict[str, int]:
     """Stratified folds: units dominated by ``anchor_class`` (the rare one) one per fold first,
     then every class combination dealt round-robin, largest unit first. Used once to write a
     config; the config, not this function, is what a CV run reads."""
-    k = len(DATASETS["wsss4luad"].classes)
+    k = len(DATASETS[dataset].classes)
+    masked = [u for u in units if u.mask is not None]
 
     def combo(u: CvUnit) -> tuple[int, ...]:
+        assert u.mask is not None
         counts = np.bincount(u.mask.ravel(), minlength=k + 1)[:k] / u.mask.size
         return tuple(int(v > min_fraction) for v in counts)
 
     def dominated(u: CvUnit) -> bool:
+        assert u.mask is not None
         counts = np.bincount(u.mask.ravel(), minlength=k + 1)[:k]
         return bool(counts[anchor_class] > 0 and counts.argmax() == anchor_class)
 
-    anchors = sorted(u.name for u in units if dominated(u))
+    anchors = sorted(u.name for u in masked if dominated(u))
     if len(anchors) < num_folds:
         raise DatasetError(
             f"only {len(anchors)} units hold class {anchor_class}: fewer than {num_folds} folds"
         )
     folds = {n: i % num_folds for i, n in enumerate(anchors)}
     groups: dict[tuple[int, ...], list[CvUnit]] = {}
-    for u in units:
+    for u in masked:
         if u.name not in folds:
             groups.setdefault(combo(u), []).append(u)
     i = 0
     for key in sorted(groups):
-        for u in sorted(groups[key], key=lambda u: (-u.mask.size, u.name)):
+        for u in sorted(groups[key], key=lambda u: (-u.rgb.shape[0] * u.rgb.shape[1], u.name)):
             folds[u.name] = i % num_folds
             i += 1
     return folds
@@ -124,6 +208,28 @@ def unit_confusion(mask: np.ndarray, labels: np.ndarray, dataset: str) -> np.nda
     spec = DATASETS[dataset]
     k = len(spec.classes)
     return confusion_matrix(mask, labels, k + 1, [spec.ignore_index])[:k, :k]
+
+
+def predicted_presence(labels: np.ndarray, num_classes: int, min_fraction: float) -> np.ndarray:
+    """Classes the prediction calls present in an image: those on more than ``min_fraction`` of its
+    labelled pixels (``labels``: 1-based class map, 0 = no tissue), as an image-level label."""
+    counts = np.bincount(labels.ravel(), minlength=num_classes + 1)[1 : num_classes + 1]
+    return (counts / max(int(counts.sum()), 1) > min_fraction).astype(np.float32)
+
+
+def presence_counts(truth: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Per class (true positives, false positives, false negatives) of image-level labels."""
+    t, p = truth.astype(bool), predicted.astype(bool)
+    return np.stack([(t & p), (~t & p), (t & ~p)], axis=1).astype(np.int64)
+
+
+def presence_f1(counts: np.ndarray) -> np.ndarray:
+    """Per-class F1 of summed :func:`presence_counts` rows (NaN for a class never present nor
+    predicted): how a slide without masks scores a held-out fold."""
+    tp, fp, fn = counts[:, 0].astype(np.float64), counts[:, 1], counts[:, 2]
+    denom = 2 * tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), np.nan)
 
 
 def iou_from_confusion(cm: np.ndarray) -> np.ndarray:

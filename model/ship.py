@@ -8,6 +8,9 @@ figures of its recipe and of the baseline — never a score on data it was train
     python -m fprotoseg.model.ship model/recipes/cam_cnn_stain.yaml \
         --baseline model/recipes/cam_cnn_baseline.yaml --cv runs/cv/cv_wsss4luad.jsonl \
         --out model/weights/fprotoseg_wsss4luad.safetensors
+    python -m fprotoseg.model.ship model/recipes/bcss_cam_cnn_stain.yaml --plan cv_bcss_wsss \
+        --baseline model/recipes/bcss_cam_cnn_baseline.yaml --cv runs/cv/cv_bcss_wsss.jsonl \
+        --name fprotoseg-bcss-wsss-cam-cnn --out model/weights/fprotoseg_bcss_wsss.safetensors
 """
 
 from __future__ import annotations
@@ -19,10 +22,18 @@ from typing import Any
 
 import numpy as np
 
-from fprotoseg.model.cam_cnn import WSSS4LUAD_CLASSES, CamCnn, CamCnnRecipe, manifest_for, train
+from fprotoseg.model.cam_cnn import CamCnn, CamCnnRecipe, manifest_for, train
 from fprotoseg.model.checkpoint import save_checkpoint
-from fprotoseg.model.cv import CvResult, load_units, read_plan
-from fprotoseg.model.datasets import DatasetError
+from fprotoseg.model.cv import CvResult, load_units, presence_f1, read_plan
+from fprotoseg.model.datasets import DATASETS, DatasetError
+
+# What a dataset's shipped file says about where it comes from (the model's domain and its data).
+ORGANS = {"wsss4luad": ["lung"], "bcss-wsss": ["breast"]}
+DATA = {
+    "wsss4luad": "the 67 masked crops of ../shared/data/masks/wsss4luad/test",
+    "bcss-wsss": "the 238 training patches (image-level labels) and 14 masked validation patches of "
+    "../shared/data/bcss_wsss, three TCGA slides",
+}
 
 DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -31,9 +42,16 @@ def cv_summary(cv_jsonl: Path, recipe_name: str, classes: tuple[str, ...]) -> di
     """The CV figures of one recipe from a ``bench/cv.py`` results file (refuses a missing one)."""
     runs = [json.loads(line) for line in cv_jsonl.read_text().splitlines() if line.strip()]
     mine = [r for r in runs if r["recipe"] == recipe_name]
-    if not mine:
+    masked = [r for r in mine if np.asarray(r["confusion"]).sum() > 0]
+    if not masked:
         raise DatasetError(f"{cv_jsonl} has no cross-validation runs of recipe {recipe_name!r}")
-    summary = CvResult(classes, {(r["seed"], r["fold"]): np.array(r["confusion"]) for r in mine}).summary()
+    summary = CvResult(classes, {(r["seed"], r["fold"]): np.array(r["confusion"]) for r in masked}).summary()
+    label_only = [np.asarray(r["presence"]) for r in mine if np.asarray(r.get("presence", 0)).sum() > 0]
+    if label_only:  # folds of slides without masks: image-level F1 of the classes found per image
+        f1 = presence_f1(sum(label_only))
+        summary["image_f1_label_only_folds"] = {
+            c: round(float(v), 4) for c, v in zip(classes, f1, strict=True) if not np.isnan(v)
+        }
     slides = [r["slide_miou_present"] for r in mine if "slide_miou_present" in r]
     if slides:
         summary["slide_folds_miou_mean"] = float(np.mean(slides))
@@ -65,12 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     recipe = CamCnnRecipe.from_yaml(args.recipe)
     baseline = CamCnnRecipe.from_yaml(args.baseline)
     plan = read_plan(args.plan, args.shared_data)
-    if plan.dataset != "wsss4luad":
-        raise DatasetError(f"shipping is written for WSSS4LUAD's classes, not {plan.dataset!r}")
-    classes = tuple(name for name, _ in WSSS4LUAD_CLASSES)
+    if plan.dataset not in ORGANS:
+        raise DatasetError(f"no shipping description for dataset {plan.dataset!r}")
+    if recipe.mpp != plan.mpp:
+        raise DatasetError(f"{recipe.name} runs at {recipe.mpp} µm/px, the plan {args.plan} at {plan.mpp}")
+    spec = DATASETS[plan.dataset]
+    classes = spec.qupath_names
     units = load_units(plan)
     if args.weights is None:
-        net = train([(u.rgb, u.mask) for u in units], recipe, args.seed)
+        net = train([u.train_image() for u in units], recipe, args.seed, num_classes=len(classes))
     else:
         import torch
 
@@ -78,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         net.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
     # the CV figures are read after training, so runs that ended meanwhile count too
     metrics = {
-        "cv_protocol": f"{plan.num_folds}-fold cross-validation, folds fixed in "
-        f"model/recipes/{args.plan}.yaml; "
+        "cv_protocol": f"{plan.num_folds}-fold cross-validation"
+        + (" leaving one slide out" if plan.by_prefix else "")
+        + f", folds fixed in model/recipes/{args.plan}.yaml; "
         "crop mIoU over the classes present, ground-truth background ignored; whole slide = each fold's "
         "held-out units as one mosaic slide through fprotoseg segment (bench/cv.py)",
         "cv_recipe": cv_summary(args.cv, recipe.name, classes),
@@ -88,16 +110,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     manifest = manifest_for(
         recipe,
+        list(zip(classes, spec.colors, strict=True)),
         name=args.name,
         training={
-            "data": f"all {len(units)} units of model/recipes/{args.plan}.yaml (the 67 masked crops of "
-            "../shared/data/masks/wsss4luad/test); crop-level labels only: the classes above "
-            f"{recipe.label_fraction:.0%} of each random {recipe.crop_px} px crop",
+            "data": f"all {len(units)} units of model/recipes/{args.plan}.yaml ({DATA[plan.dataset]}); "
+            "crop-level labels only: the image's label, or the classes above "
+            f"{recipe.label_fraction:.0%} of each random {recipe.crop_px} px crop of a masked image",
             "supervision": "crop-level (image-level) labels derived from masks; masks never reach a loss",
             "seed": args.seed,
             "steps": recipe.steps,
         },
-        domain={"organ": ["lung"], "stain": "H&E", "mpp": recipe.mpp, "classes": list(classes)},
+        domain={"organ": ORGANS[plan.dataset], "stain": "H&E", "mpp": recipe.mpp, "classes": list(classes)},
         metrics=metrics,
     )
     state = {k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()}

@@ -17,6 +17,9 @@ from fprotoseg.model.cv import (
     iou_from_confusion,
     load_units,
     miou_present,
+    predicted_presence,
+    presence_counts,
+    presence_f1,
     read_plan,
 )
 from fprotoseg.model.datasets import DatasetError
@@ -51,6 +54,58 @@ def test_the_configured_folds_are_the_stratified_assignment(plan_units) -> None:
     assert assigned == {u.name: u.fold for u in units}
 
 
+def test_bcss_leaves_one_slide_out(shared_data: Path) -> None:
+    """Three folds, one per slide: a fold's units all come from its slide; the two training slides
+    give image-level labels only, the third pixel masks; everything is resampled to 0.5 µm/px."""
+    plan = read_plan("cv_bcss_wsss", shared_data)
+    units = load_units(plan)
+    assert plan.num_folds == 3 and plan.mpp == 0.5 and len(units) == 238 + 14
+    for fold, (prefix,) in enumerate(plan.folds):
+        mine = [u for u in units if u.fold == fold]
+        assert mine and all(u.name.startswith(prefix) for u in mine)
+    by_fold = [[u for u in units if u.fold == f] for f in range(3)]
+    assert [len(f) for f in by_fold] == [140, 98, 14]
+    assert all(u.mask is None and u.label is not None and u.label.shape == (4,) for u in by_fold[0])
+    assert all(u.mask is not None and u.mask.shape == u.rgb.shape[:2] for u in by_fold[2])
+    assert {u.rgb.shape[:2] for u in units} == {(112, 112)}  # 224 px at 0.25 µm/px
+    # the masks keep their classes through resampling (nearest): stroma and lymphocytes there
+    held_out = np.concatenate([u.mask.ravel() for u in by_fold[2]])
+    assert set(np.unique(held_out).tolist()) == {1, 2, 4}  # 4: background
+    image = by_fold[0][0].train_image()
+    assert image.mask is None and image.label is not None
+
+
+def test_presence_f1_scores_image_level_labels() -> None:
+    labels = np.zeros((10, 10), np.int64)
+    labels[:, :6] = 1  # 60% class 0 (1-based map)
+    labels[:, 6:9] = 2  # 30% class 1
+    labels[:, 9] = 0  # no tissue: not counted
+    found = predicted_presence(labels, 3, 0.05)
+    assert found.tolist() == [1, 1, 0]
+    counts = presence_counts(np.array([1, 0, 1]), found) + presence_counts(np.array([1, 1, 0]), found)
+    f1 = presence_f1(counts)
+    assert f1[0] == pytest.approx(1.0) and f1[1] == pytest.approx(2 / 3) and f1[2] == pytest.approx(0.0)
+
+
+def test_label_only_images_keep_their_label_and_masked_crops_relabel_glass() -> None:
+    from fprotoseg.model.cam_cnn import CropSampler, TrainImage
+
+    rng = np.random.default_rng(0)
+    patch = TrainImage(np.full((112, 112, 3), 120, np.uint8), label=np.array([0, 1, 1, 0], np.float32))
+    mask = np.zeros((112, 112), np.int64)
+    mask[:, 100:] = 1
+    masked = TrainImage(np.full((112, 112, 3), 90, np.uint8), mask=mask)
+    recipe = CamCnnRecipe(batch=64, glass_prob=1.0)
+    crops, labels = CropSampler([patch, masked], recipe, 4).batch(rng)
+    from_patch = (crops == 120).all(axis=(1, 2, 3))
+    assert from_patch.any() and (~from_patch).any()
+    assert (labels[from_patch] == [0, 1, 1, 0]).all()  # no glass on a label-only patch
+    # a masked crop's label is the tissue left beside its glass band (none if glass covers it all)
+    assert (labels[~from_patch][:, 2:] == 0).all() and (labels[~from_patch][:, 1] == 0).any()
+    with pytest.raises(DatasetError):
+        TrainImage(np.zeros((4, 4, 3), np.uint8))
+
+
 def test_scores_over_present_classes() -> None:
     cm = np.array([[8, 2, 0], [2, 8, 0], [0, 0, 0]])  # Normal absent and never predicted
     assert np.isnan(iou_from_confusion(cm)[2])
@@ -74,7 +129,7 @@ def test_training_lowers_the_loss_on_real_crops(plan_units) -> None:
     _, units = plan_units
     losses: list[float] = []
     recipe = CamCnnRecipe(steps=40, batch=8, channels=(8, 16, 32, 32), lr=3e-3)
-    train([(u.rgb, u.mask) for u in units[:10]], recipe, 0, progress=lambda _, loss: losses.append(loss))
+    train([u.train_image() for u in units[:10]], recipe, 0, progress=lambda _, loss: losses.append(loss))
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
 
 
