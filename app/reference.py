@@ -40,8 +40,9 @@ from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.service.settings import Settings
 from fprotoseg.worker.service.storage import FILE_MODE, free_mb, is_out_of_space
 from fprotoseg.worker.wsi.dicom import DICOM_FOLDER_SUFFIX, folder_sha256, series_files, unpack_series_zip
+from fprotoseg.worker.wsi.roi import MAX_ROI_BYTES
 
-MAX_JSON_BODY_BYTES = 16 * 1024
+MAX_JSON_BODY_BYTES = 16 * 1024 + MAX_ROI_BYTES  # the fields, and room for a region of interest
 HASH_CHUNK_BYTES = 1 << 20
 
 

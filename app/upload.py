@@ -24,6 +24,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from fprotoseg.app.errors import Problem
 from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.service.storage import FILE_MODE, free_mb, is_out_of_space
+from fprotoseg.worker.wsi.roi import MAX_ROI_BYTES
 
 log = logging.getLogger("fprotoseg.api")
 
@@ -31,6 +32,8 @@ FILE_FIELD = "file"
 MAX_FILENAME_CHARS = 1024
 RETRY_AFTER_FULL_S = 300
 MAX_FIELD_BYTES = 8192
+# fields allowed more than MAX_FIELD_BYTES: a region of interest traced in QuPath has many vertices
+FIELD_BYTE_CAPS = {"roi": MAX_ROI_BYTES}
 MAX_FIELDS = 16
 # After the cap is hit, read (and discard) at most this much more so the client sees the 413
 # instead of a reset connection; beyond it the connection is simply closed.
@@ -138,7 +141,7 @@ class _Sink:
             self._fh.write(chunk)
             self.hasher.update(chunk)
         elif self._part is not None and self._part != FILE_FIELD:
-            if len(self._buf) + (end - start) > MAX_FIELD_BYTES:
+            if len(self._buf) + (end - start) > FIELD_BYTE_CAPS.get(self._part, MAX_FIELD_BYTES):
                 self.error = Problem(ErrorCode.INVALID_REQUEST, f"form field {self._part!r} is too long")
                 self._part = None
                 return

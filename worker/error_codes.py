@@ -78,6 +78,7 @@ class ErrorCode(str, Enum):
     ZIP_TOO_LARGE = ("zip_too_large", 413, "send a zip within the entry and size caps")
     UPLOAD_CHANGED = ("upload_changed", 500, "upload the slide again")
     INVALID_OPTIONS = ("invalid_options", 422, "fix the pipeline option the message names")
+    INVALID_ROI = ("invalid_roi", 422, "send one GeoJSON polygon (level-0 px) that lies on the slide")
     # --- running a job ---------------------------------------------------------------------------
     CANCELLED = ("cancelled", 409, "the job was cancelled; submit it again to run it")
     INTERRUPTED = ("interrupted", 503, "none: the job is requeued and resumes", _EXIT_TEMPFAIL)
@@ -93,6 +94,7 @@ class ErrorCode(str, Enum):
     RESULTS_NOT_READY = ("results_not_ready", 409, "poll GET /jobs/{id} until it succeeded")
     RESULTS_MISSING = ("results_missing", 404, "submit the slide again (the results were removed)")
     VIEWER_MISSING = ("viewer_missing", 404, "the viewer was not rendered for this job")
+    SEG_NOT_AVAILABLE = ("seg_not_available", 404, "DICOM SEG is written for DICOM WSI input only")
     VIEW_LINK_INVALID = ("view_link_invalid", 401, "ask GET /jobs/{id} for a new view_url")
     NOT_READY = ("not_ready", 503, "retry later; `checks` says which part is not ready")
     INSUFFICIENT_STORAGE = ("insufficient_storage", 507, "retry after Retry-After")

@@ -114,6 +114,13 @@ class PipelineOptionsError(CodedError):
     code = ErrorCode.INVALID_OPTIONS
 
 
+class RoiError(CodedError):
+    """The region of interest is not a usable polygon: malformed, empty, self-intersecting, too
+    large, or off the slide. The message says which, in one line."""
+
+    code = ErrorCode.INVALID_ROI
+
+
 class UploadChangedError(SlideError):
     """The stored upload no longer has the sha256 recorded when it was received."""
 

@@ -58,6 +58,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--simplify-um", type=float, default=1.0, help="polygon simplification tolerance in µm")
     p.add_argument("--min-region-um2", type=float, default=50.0, help="drop regions smaller than this (µm²)")
     p.add_argument("--geojson-gzip", action="store_true", help="also write segmentation.geojson.gz")
+    p.add_argument(
+        "--roi",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a region of interest: GeoJSON Polygon/MultiPolygon, Feature or FeatureCollection in level-0 "
+        "pixels (as QuPath exports annotations); only tiles touching it are inferred, outputs and areas "
+        "are cut to it",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in scripts)")
     p.set_defaults(handler=handle)
 
@@ -166,8 +175,14 @@ def handle(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--mpp {args.mpp} is not a plausible pixel size (expected {MIN_MPP}..{MAX_MPP} µm/px)"
         )
-    # Vet the slide first: a bad file fails before the (slower) model load.
-    open_slide(args.slide, mpp_override=args.mpp).close()
+    # Vet the slide (and the ROI on it) first: a bad file fails before the (slower) model load.
+    roi = None
+    with open_slide(args.slide, mpp_override=args.mpp) as slide:
+        if args.roi is not None:
+            from fprotoseg.worker.wsi.roi import RoiGeometry, load_roi_file
+
+            roi = load_roi_file(args.roi)
+            RoiGeometry.on_slide(roi, slide.width_px, slide.height_px)
 
     from fprotoseg import model
     from fprotoseg.model.catalog import resolve_checkpoint
@@ -196,7 +211,9 @@ def handle(args: argparse.Namespace) -> int:
     bar = _Bar(enabled=not args.no_progress)
     t0 = time.perf_counter()
     try:
-        result = run(args.slide, out_dir, segmenter, options=options, mpp_override=args.mpp, progress=bar)
+        result = run(
+            args.slide, out_dir, segmenter, options=options, mpp_override=args.mpp, progress=bar, roi=roi
+        )
     finally:
         bar.close()
     elapsed = time.perf_counter() - t0
@@ -213,6 +230,8 @@ def _print_summary(result: Any, elapsed_s: float) -> None:
         f"{tiles['inferred']} tiles in {elapsed_s:.1f} s "
         f"on {prov['model']['device']}/{prov['model']['precision']}"
     )
+    if "roi" in stats:
+        print(f"region of interest: {stats['roi']['area_um2'] / 1e6:.3f} mm² (areas below are within it)")
     print(f"tissue: {stats['tissue_area_mm2']:.3f} mm²")
     for c in stats["classes"]:
         print(

@@ -1,5 +1,6 @@
 """Result files of a succeeded job: ``/geojson`` (gzip when asked), ``/stats``, ``/mask``,
-``/overlay``, ``/provenance``. Served straight from the job's published results directory."""
+``/overlay``, ``/provenance``, and ``/seg.dcm`` where the input was a DICOM WSI. Served straight
+from the job's published results directory."""
 
 from __future__ import annotations
 
@@ -17,7 +18,13 @@ from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.service.jobstore import JobRecord, JobStore
 from fprotoseg.worker.service.settings import Settings
 from fprotoseg.worker.service.states import SUCCEEDED
-from fprotoseg.worker.wsi.result_files import GZIP_SUFFIX, MEDIA_TYPES, RESULT_FILES, results_complete
+from fprotoseg.worker.wsi.result_files import (
+    GZIP_SUFFIX,
+    MEDIA_TYPES,
+    OPTIONAL_RESULT_FILES,
+    RESULT_FILES,
+    results_complete,
+)
 
 router = APIRouter(tags=["results"])
 
@@ -29,7 +36,10 @@ def _responses(name: str) -> dict[int | str, dict[str, Any]]:
         {"type": "object"} if media.endswith("json") else {"type": "string", "format": "binary"}
     )
     return {
-        200: {"description": f"{RESULT_FILES[name]}", "content": {media: {"schema": schema}}},
+        200: {
+            "description": RESULT_FILES.get(name) or OPTIONAL_RESULT_FILES[name],
+            "content": {media: {"schema": schema}},
+        },
         404: {"description": "no such job (or another tenant's), or its results are gone"},
         409: {"description": "the job has not succeeded (yet)"},
     }
@@ -128,3 +138,27 @@ def get_provenance(job_id: str, who: ApiKey, settings: SettingsDep, store: Store
     return _file(
         _result_path(settings, store, job_id, "provenance", who), "provenance", job_id, attachment=False
     )
+
+
+@router.get(
+    "/jobs/{job_id}/seg.dcm",
+    summary="DICOM Segmentation of a DICOM WSI input (segmentation.seg.dcm)",
+    response_class=FileResponse,
+    responses={
+        **_responses("seg"),
+        404: {
+            "description": "no such job (or another tenant's), its results are gone, or the input was "
+            "not a DICOM WSI (seg_not_available)"
+        },
+    },
+)
+def get_seg(job_id: str, who: ApiKey, settings: SettingsDep, store: StoreDep) -> FileResponse:
+    rec = load_job(store, job_id, who)
+    path = published_results(settings, rec) / OPTIONAL_RESULT_FILES["seg"]
+    if not path.is_file():
+        raise Problem(
+            ErrorCode.SEG_NOT_AVAILABLE,
+            f"job {rec.id} has no DICOM SEG: its input was {rec.upload_format or 'not DICOM'}, and a SEG is "
+            "written for DICOM WSI input only",
+        )
+    return _file(path, "seg", job_id, attachment=True)

@@ -41,12 +41,16 @@ from fprotoseg.worker.service.segmenters import find_model
 from fprotoseg.worker.service.settings import Settings
 from fprotoseg.worker.service.states import CANCELLED, FAILED, QUEUED
 from fprotoseg.worker.wsi.dicom import DICOM_FOLDER_SUFFIX, is_zip_file, series_entry
+from fprotoseg.worker.wsi.roi import check_roi_on_slide, parse_roi
 from fprotoseg.worker.wsi.validate import sniff
 
 log = logging.getLogger("fprotoseg.api")
 router = APIRouter(tags=["segment"])
 
 MAX_IDEMPOTENCY_KEY_LEN = 200
+# formats whose first TIFF image is level 0: the sniffed size is the slide's, so an ROI off it is
+# refused at once (for the others, DICOM included, the worker refuses it before reading a tile)
+LEVEL0_FIRST_FORMATS = ("aperio-svs", "hamamatsu-ndpi", "ome-tiff")
 
 
 def _parse_callback(raw: str | None, settings: Settings) -> str | None:
@@ -78,6 +82,7 @@ def params_hash(
     filename: str = "",
     metadata: dict[str, Any] | None = None,
     model: str | None = None,
+    roi: dict[str, Any] | None = None,
 ) -> str:
     """What, besides the bytes, decides a job and how it is described (and so whether an old job
     can be reused): the same slide sent for another case (name, metadata) is a new job."""
@@ -90,6 +95,8 @@ def params_hash(
     }
     if model is not None:  # only when named: jobs of the default model keep their earlier hashes
         params["model"] = model
+    if roi is not None:  # likewise: jobs without an ROI keep their hashes
+        params["roi"] = roi
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -209,7 +216,9 @@ async def create_segmentation(
         callback_url = _parse_callback(fields.callback_url, settings)
         metadata = fields.client_metadata()
         model = _parse_model(fields.model, settings)
-        phash = params_hash(settings, mpp, callback_url, upload.filename, metadata, model)
+        if fields.roi is not None and fmt.name in LEVEL0_FIRST_FORMATS and fmt.width_px and fmt.height_px:
+            check_roi_on_slide(parse_roi(fields.roi), fmt.width_px, fmt.height_px)  # else the worker does
+        phash = params_hash(settings, mpp, callback_url, upload.filename, metadata, model, fields.roi)
         existing = await run_in_threadpool(
             _find_existing, store, settings, dispatcher, who, idempotency_key, upload.sha256, phash
         )
@@ -240,6 +249,7 @@ async def create_segmentation(
             metadata=metadata,
             mpp=mpp,
             model=model,
+            roi=fields.roi,
             callback_url=callback_url,
             idempotency_key=idempotency_key,
             params_hash=phash,

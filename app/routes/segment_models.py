@@ -29,6 +29,7 @@ from fprotoseg.app.routes.views import JobView
 from fprotoseg.app.upload import MAX_FILENAME_CHARS
 from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.service.netguard import MAX_URL_CHARS
+from fprotoseg.worker.wsi.roi import MAX_ROI_BYTES, parse_roi
 
 __all__ = [
     "MAX_EXTERNAL_ID_CHARS",
@@ -81,6 +82,23 @@ class SegmentFields(BaseModel):
     external_id: str | None = Field(
         default=None, max_length=MAX_EXTERNAL_ID_CHARS, description="shorthand for metadata.external_id"
     )
+    roi: dict[str, Any] | None = Field(
+        default=None,
+        description="a region of interest in level-0 pixels: a GeoJSON Polygon or MultiPolygon, a Feature "
+        f"or a FeatureCollection as QuPath exports it (at most {MAX_ROI_BYTES // 1024} KiB); only tiles "
+        "touching it are inferred, and the outputs and areas are cut to it. A bad one: 422 invalid_roi",
+    )
+
+    @field_validator("roi", mode="before")
+    @classmethod
+    def _roi_checked(cls, value: Any, info: ValidationInfo) -> Any:
+        """Parsed and checked as GeoJSON here, kept as one MultiPolygon. A bad ROI raises RoiError
+        (no ValueError, so it leaves pydantic as itself: ``422 invalid_roi``, not invalid_request)."""
+        if value is None:
+            return None
+        if isinstance(value, str) and not _is_form(info):
+            raise ValueError("roi must be a GeoJSON object, not a string")
+        return parse_roi(value).to_geojson()
 
     @field_validator("metadata", mode="before")
     @classmethod
@@ -160,13 +178,13 @@ class SegmentAccepted(BaseModel):
     job: JobView
 
 
-def _form_property(schema: dict[str, Any]) -> dict[str, Any]:
+def _form_property(schema: dict[str, Any], max_bytes: int = MAX_METADATA_BYTES) -> dict[str, Any]:
     """A field's schema as a form part: the optional's null dropped, an object sent as JSON text."""
     alternatives = [s for s in schema.get("anyOf", [schema]) if s.get("type") != "null"]
     prop = {**alternatives[0], **{k: v for k, v in schema.items() if k not in ("anyOf", "default", "title")}}
     prop.pop("title", None)
     if prop.get("type") == "object":
-        prop = {"type": "string", "maxLength": MAX_METADATA_BYTES, "description": prop.get("description", "")}
+        prop = {"type": "string", "maxLength": max_bytes, "description": prop.get("description", "")}
     return prop
 
 
@@ -179,7 +197,10 @@ def _request_body() -> dict[str, Any]:
             "description": f"the whole-slide image; its file name (at most {MAX_FILENAME_CHARS} "
             "characters) is kept exactly, as data",
         },
-        **{name: _form_property(schema) for name, schema in fields.items()},
+        **{
+            name: _form_property(schema, MAX_ROI_BYTES if name == "roi" else MAX_METADATA_BYTES)
+            for name, schema in fields.items()
+        },
     }
     return {
         "required": True,

@@ -165,6 +165,7 @@ def _run_pipeline(
 ) -> RunResult:
     segmenter = get_segmenter(settings, rec.model)
     from fprotoseg.worker.wsi.pipeline import PipelineOptions, run
+    from fprotoseg.worker.wsi.roi import parse_roi
 
     slide = settings.upload_file(rec.upload_path)
     # a file must still have the size received (a DICOM series folder was hashed as a whole)
@@ -192,6 +193,7 @@ def _run_pipeline(
             store, rec.id, settings.cancel_poll_interval_s, should_stop, settings.job_soft_time_limit_s
         ),
         slide_sha256=rec.upload_sha256 or None,  # hashed once, while the upload streamed in
+        roi=parse_roi(rec.roi) if rec.roi is not None else None,
     )
 
 

@@ -166,11 +166,69 @@ def compute_stats(
 
 
 # ------------------------------------------------------------------------------------------- mask
-def write_mask_tiff(path: Path, label_map: np.ndarray, classes: Sequence[Any], output_mpp: float) -> Path:
-    """Tiled pyramidal uint8 TIFF (levels in SubIFDs, nearest-neighbour), palette + resolution tags.
+OME_NAMESPACE = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
+LABEL_NAMES_NAMESPACE = "fprotoseg/labels/names"  # MapAnnotation: label value -> class name
+LABEL_COLORS_NAMESPACE = "fprotoseg/labels/colors"  # MapAnnotation: label value -> #rrggbb
+MICROMETRE = "&#181;m"  # "µm" as a character reference: a TIFF ASCII tag holds 7-bit text only
 
-    Values: 0 = background, k + 1 = class k; the palette colours them for any viewer, and the
-    ImageDescription lists the classes.
+
+def mask_ome_xml(
+    shape: tuple[int, int], classes: Sequence[Any], output_mpp: float, creator: str = "fprotoseg"
+) -> str:
+    """The OME-XML of ``mask.tiff``: one uint8 plane of ``shape`` (h, w) at ``output_mpp`` µm/px,
+    and the labels (0 = background, k + 1 = class k) with names and colours as two MapAnnotations.
+
+    Why OME: Bio-Formats (QuPath, napari, Fiji) and tifffile read the physical pixel size from
+    it, and the reduced levels from the SubIFDs, so the mask opens at the slide's scale.
+    """
+    from xml.sax.saxutils import quoteattr
+
+    def entries(values: dict[int, str]) -> str:
+        return "".join(f"<M K={quoteattr(str(k))}>{_xml_text(v)}</M>" for k, v in values.items())
+
+    creator = creator.encode("ascii", "xmlcharrefreplace").decode()
+
+    names = {0: BACKGROUND_NAME, **{k + 1: c.name for k, c in enumerate(classes)}}
+    colors = {0: "#ffffff"}
+    colors.update({k + 1: "#{:02x}{:02x}{:02x}".format(*map(int, c.color)) for k, c in enumerate(classes)})
+    h, w = shape
+    mpp = repr(float(output_mpp))
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        f'<OME xmlns="{OME_NAMESPACE}" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
+        f'xsi:schemaLocation="{OME_NAMESPACE} {OME_NAMESPACE}/ome.xsd" Creator={quoteattr(creator)}>'
+        '<Image ID="Image:0" Name="fprotoseg labels">'
+        '<Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="uint8" '
+        f'SizeX="{w}" SizeY="{h}" SizeC="1" SizeZ="1" SizeT="1" '
+        f'PhysicalSizeX="{mpp}" PhysicalSizeXUnit="{MICROMETRE}" PhysicalSizeY="{mpp}" '
+        f'PhysicalSizeYUnit="{MICROMETRE}">'
+        '<Channel ID="Channel:0:0" Name="labels" SamplesPerPixel="1"/>'
+        '<TiffData IFD="0" PlaneCount="1"/>'
+        "</Pixels>"
+        '<AnnotationRef ID="Annotation:0"/><AnnotationRef ID="Annotation:1"/>'
+        "</Image>"
+        "<StructuredAnnotations>"
+        f'<MapAnnotation ID="Annotation:0" Namespace="{LABEL_NAMES_NAMESPACE}">'
+        f"<Value>{entries(names)}</Value></MapAnnotation>"
+        f'<MapAnnotation ID="Annotation:1" Namespace="{LABEL_COLORS_NAMESPACE}">'
+        f"<Value>{entries(colors)}</Value></MapAnnotation>"
+        "</StructuredAnnotations>"
+        "</OME>"
+    )
+
+
+def _xml_text(text: str) -> str:
+    """Escaped, and 7-bit: a class name with a non-ASCII letter becomes a character reference."""
+    from xml.sax.saxutils import escape
+
+    return escape(text).encode("ascii", "xmlcharrefreplace").decode()
+
+
+def write_mask_tiff(path: Path, label_map: np.ndarray, classes: Sequence[Any], output_mpp: float) -> Path:
+    """OME-TIFF: tiled pyramidal uint8 (levels in SubIFDs, nearest-neighbour), palette + resolution
+    tags, OME-XML (physical pixel size, label names and colours: :func:`mask_ome_xml`).
+
+    Values: 0 = background, k + 1 = class k; the palette colours them for any TIFF viewer.
     """
     import tifffile
 
@@ -185,14 +243,7 @@ def write_mask_tiff(path: Path, label_map: np.ndarray, classes: Sequence[Any], o
     colormap[:, 0] = 255 * 257  # background white
     for k, cls in enumerate(classes):
         colormap[:, k + 1] = [int(v) * 257 for v in cls.color]
-    description = json.dumps(
-        {
-            "fprotoseg_mask": {
-                "values": {"0": BACKGROUND_NAME, **{str(k + 1): c.name for k, c in enumerate(classes)}},
-                "mpp": output_mpp,
-            }
-        }
-    )
+    description = mask_ome_xml(label_map.shape[:2], classes, output_mpp, f"fprotoseg {own_version()}")
     px_per_cm = 1e4 / output_mpp
     tmp = path.with_name(path.name + ".tmp")
     with tifffile.TiffWriter(tmp, bigtiff=label_map.size > 2**31) as tif:
@@ -222,6 +273,15 @@ def write_mask_tiff(path: Path, label_map: np.ndarray, classes: Sequence[Any], o
             )
     os.replace(tmp, path)
     return path
+
+
+def own_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("fprotoseg")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 # ---------------------------------------------------------------------------------------- overlay
@@ -347,8 +407,10 @@ def build_provenance(
     timings_s: dict[str, float],
     started_at_s: float,
     warnings: list[str],
+    roi: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``provenance.json``: the slide and how it was read, the model, tiles, timings, software."""
+    """``provenance.json``: the slide and how it was read, the model, tiles, timings, software,
+    and the region of interest when one was given (``roi``: geometry as sent, area on the slide)."""
     software = software_versions()
     provenance: dict[str, Any] = {
         "fprotoseg_version": software.get("fprotoseg", "unknown"),
@@ -399,5 +461,7 @@ def build_provenance(
         "platform": {"system": platform.platform(), "machine": platform.machine()},
         "warnings": warnings,
     }
+    if roi is not None:
+        provenance["roi"] = roi
     provenance["timings_s"]["total"] = round(time.time() - started_at_s, 4)
     return provenance

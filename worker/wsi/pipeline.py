@@ -28,7 +28,10 @@ from fprotoseg.worker.wsi import outputs
 from fprotoseg.worker.wsi.buffers import anonymous_array
 from fprotoseg.worker.wsi.cpus import default_pipeline_threads
 from fprotoseg.worker.wsi.dicom import MAX_SERIES_FILES, folder_sha256, series_files
+from fprotoseg.worker.wsi.dicom_seg import DICOM_VENDOR, write_seg
 from fprotoseg.worker.wsi.feed import Feeder
+from fprotoseg.worker.wsi.result_files import SEG_NAME
+from fprotoseg.worker.wsi.roi import Roi, RoiGeometry
 from fprotoseg.worker.wsi.slide import Slide, open_slide
 from fprotoseg.worker.wsi.stitch import LabelMapStitcher
 from fprotoseg.worker.wsi.tiling import TileGrid, plan_tiles
@@ -196,12 +199,16 @@ def run(
     progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
     slide_sha256: str | None = None,
+    roi: Roi | None = None,
 ) -> RunResult:
     """Segment one slide into ``out_dir`` (created). Raises FprotosegError subclasses on bad input.
 
     ``slide_sha256``: the slide's checksum when the caller already has it (the job service
     records it while the upload streams in); the slide is then never hashed again. Without it
     (the CLI) one background thread hashes the slide while the network runs.
+
+    ``roi``: a region of interest (level-0 px); only tiles touching it are read, and the label
+    map, polygons and areas are cut to it (:mod:`fprotoseg.worker.wsi.roi`).
     """
     options = options or PipelineOptions()
     progress = progress or _noop_progress
@@ -218,6 +225,11 @@ def run(
         t = time.perf_counter()
         progress("open", 0, 1)
         slide = open_slide(slide_path, mpp_override=mpp_override)
+        try:  # the ROI is checked (and clipped to the slide) before a pixel is read or hashed
+            region = RoiGeometry.on_slide(roi, slide.width_px, slide.height_px) if roi else None
+        except BaseException:
+            slide.close()
+            raise
         sha_job = None if slide_sha256 else background.submit(_slide_sha256, slide_path)
         with slide:
             progress("open", 1, 1)
@@ -226,6 +238,8 @@ def run(
             t = time.perf_counter()
             progress("tissue", 0, 1)
             tissue, thumbnail = _tissue_stage(slide, options)
+            if region is not None:
+                tissue = region.restrict_tissue(tissue, slide.mpp)
             progress("tissue", 1, 1)
             clock.add("tissue", time.perf_counter() - t)
 
@@ -253,6 +267,8 @@ def run(
             progress("stitch", 1, 1)
 
         label_map = stitcher.label_map
+        if region is not None:
+            region.clip_label_map(label_map, slide.mpp, options.output_mpp)
         tissue_info = {
             "mpp": tissue.mpp,
             "saturation_threshold": tissue.saturation_threshold,
@@ -289,6 +305,8 @@ def run(
             slide_info=slide_info,
             warnings=warnings,
         )
+        if region is not None:
+            stats["roi"] = {k: v for k, v in region.provenance(slide.mpp).items() if k != "geometry"}
         # The overlay is drawn meanwhile, in the background thread: its temporaries are the size
         # of the thumbnail whatever the slide, and it needs only the class areas.
         overlay_job = (
@@ -307,6 +325,8 @@ def run(
             min_region_area_um2=options.min_region_area_um2,
             progress=lambda d, n: progress("vectorise", d, n),
         )
+        if region is not None:
+            regions = region.clip_regions(regions, slide.mpp, options.min_region_area_um2)
         clock.add("vectorise", time.perf_counter() - t)
 
         t = time.perf_counter()
@@ -326,6 +346,12 @@ def run(
         files["mask"] = outputs.write_mask_tiff(
             out_dir / outputs.MASK_NAME, label_map, classes, options.output_mpp
         )
+        if slide.vendor == DICOM_VENDOR:  # DICOM WSI in: the label map as a DICOM SEG too
+            files["seg"] = write_seg(
+                out_dir / SEG_NAME, label_map, classes, output_mpp=options.output_mpp, slide_mpp=slide.mpp,
+                series=slide_path, model_name=segmenter.name, model_version=segmenter.checksum_sha256[:16],
+                software_version=outputs.own_version(),
+            )
         if overlay_job is not None:
             files.update(overlay_job.result())
         files["stats"] = outputs.write_json(out_dir / outputs.STATS_NAME, stats)
@@ -349,6 +375,7 @@ def run(
         timings_s={**clock.seconds, **inner},
         started_at_s=started,
         warnings=warnings,
+        roi=region.provenance(slide.mpp) if region is not None else None,
     )
     files["provenance"] = outputs.write_json(out_dir / outputs.PROVENANCE_NAME, provenance)
     progress("write", 3, 3)

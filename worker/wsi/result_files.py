@@ -29,7 +29,13 @@ MEDIA_TYPES: Final[dict[str, str]] = {
     "mask": "image/tiff",
     "overlay": "image/png",
     "provenance": "application/json",
+    "seg": "application/dicom",
 }
+# Written only for some inputs (not part of a complete result set): key -> file name
+OPTIONAL_RESULT_FILES: Final[dict[str, str]] = {
+    "seg": "segmentation.seg.dcm",  # DICOM Segmentation, for DICOM WSI input only
+}
+SEG_NAME: Final = OPTIONAL_RESULT_FILES["seg"]
 GEOJSON_NAME: Final = RESULT_FILES["geojson"]
 STATS_NAME: Final = RESULT_FILES["stats"]
 MASK_NAME: Final = RESULT_FILES["mask"]

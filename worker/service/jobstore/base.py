@@ -53,6 +53,7 @@ class JobRecord:
     mpp: float | None = None
     model: str | None = None  # a name from GET /models; None = the configured default
     slide_uri: str | None = None  # file:// or s3:// when the slide was named, not uploaded
+    roi: dict[str, Any] | None = None  # region of interest: a GeoJSON MultiPolygon, level-0 px
     callback_url: str | None = None
     idempotency_key: str | None = None
     params_hash: str = ""
