@@ -58,6 +58,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--simplify-um", type=float, default=1.0, help="polygon simplification tolerance in µm")
     p.add_argument("--min-region-um2", type=float, default=50.0, help="drop regions smaller than this (µm²)")
     p.add_argument("--geojson-gzip", action="store_true", help="also write segmentation.geojson.gz")
+    p.add_argument(
+        "--qc-policy",
+        choices=("warn", "refuse"),
+        default=None,
+        help="slide QC: warn (print the QC codes, exit 0) or refuse (stop before inference with the QC "
+        "code's exit status, 65); default: $FPROTOSEG_QC_POLICY, else warn",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in scripts)")
     p.set_defaults(handler=handle)
 
@@ -191,6 +198,7 @@ def handle(args: argparse.Namespace) -> int:
         simplify_tolerance_um=args.simplify_um,
         min_region_area_um2=args.min_region_um2,
         geojson_gzip=args.geojson_gzip,
+        qc_policy=args.qc_policy or settings.qc_policy,
     )
     out_dir = args.out or default_out_dir(args.slide)
     bar = _Bar(enabled=not args.no_progress)
@@ -214,6 +222,12 @@ def _print_summary(result: Any, elapsed_s: float) -> None:
         f"on {prov['model']['device']}/{prov['model']['precision']}"
     )
     print(f"tissue: {stats['tissue_area_mm2']:.3f} mm²")
+    qc = stats.get("qc")
+    if qc:
+        codes = f" ({', '.join(qc['codes'])})" if qc["codes"] else ""
+        excluded_mm2 = qc["excluded_area_um2"] / 1e6
+        excluded = f", {excluded_mm2:.3f} mm² of artefacts not scored" if excluded_mm2 else ""
+        print(f"QC: {qc['verdict']}{codes}{excluded}")
     for c in stats["classes"]:
         print(
             f"  {c['name']:<14} {c['area_um2'] / 1e6:10.4f} mm²  {100 * c['fraction_of_tissue']:5.1f}%  "

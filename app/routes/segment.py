@@ -78,6 +78,7 @@ def params_hash(
     filename: str = "",
     metadata: dict[str, Any] | None = None,
     model: str | None = None,
+    qc_policy: str | None = None,
 ) -> str:
     """What, besides the bytes, decides a job and how it is described (and so whether an old job
     can be reused): the same slide sent for another case (name, metadata) is a new job."""
@@ -90,6 +91,8 @@ def params_hash(
     }
     if model is not None:  # only when named: jobs of the default model keep their earlier hashes
         params["model"] = model
+    if qc_policy is not None:  # likewise: a job that names no QC policy keeps its earlier hash
+        params["qc_policy"] = qc_policy
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -209,7 +212,9 @@ async def create_segmentation(
         callback_url = _parse_callback(fields.callback_url, settings)
         metadata = fields.client_metadata()
         model = _parse_model(fields.model, settings)
-        phash = params_hash(settings, mpp, callback_url, upload.filename, metadata, model)
+        phash = params_hash(
+            settings, mpp, callback_url, upload.filename, metadata, model, qc_policy=fields.qc_policy
+        )
         existing = await run_in_threadpool(
             _find_existing, store, settings, dispatcher, who, idempotency_key, upload.sha256, phash
         )
@@ -240,6 +245,7 @@ async def create_segmentation(
             metadata=metadata,
             mpp=mpp,
             model=model,
+            qc_policy=fields.qc_policy,
             callback_url=callback_url,
             idempotency_key=idempotency_key,
             params_hash=phash,

@@ -11,7 +11,7 @@ route against the server's settings.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -80,6 +80,11 @@ class SegmentFields(BaseModel):
     )
     external_id: str | None = Field(
         default=None, max_length=MAX_EXTERNAL_ID_CHARS, description="shorthand for metadata.external_id"
+    )
+    qc_policy: Literal["warn", "refuse"] | None = Field(
+        default=None,
+        description="slide QC: warn (succeed, QC codes as warnings) or refuse (fail with the QC code "
+        "before inference); default: the deployment's FPROTOSEG_QC_POLICY",
     )
 
     @field_validator("metadata", mode="before")

@@ -22,6 +22,7 @@ RESULT_FILES: Final[dict[str, str]] = {
     "mask": "mask.tiff",
     "overlay": "overlay.png",
     "provenance": "provenance.json",
+    "qc": "qc.json",  # slide quality control: verdicts, values, thresholds, artefact areas
 }
 MEDIA_TYPES: Final[dict[str, str]] = {
     "geojson": "application/geo+json",
@@ -29,12 +30,14 @@ MEDIA_TYPES: Final[dict[str, str]] = {
     "mask": "image/tiff",
     "overlay": "image/png",
     "provenance": "application/json",
+    "qc": "application/json",
 }
 GEOJSON_NAME: Final = RESULT_FILES["geojson"]
 STATS_NAME: Final = RESULT_FILES["stats"]
 MASK_NAME: Final = RESULT_FILES["mask"]
 OVERLAY_NAME: Final = RESULT_FILES["overlay"]
 PROVENANCE_NAME: Final = RESULT_FILES["provenance"]
+QC_NAME: Final = RESULT_FILES["qc"]
 GZIP_SUFFIX: Final = ".gz"  # segmentation.geojson.gz: served when the client accepts gzip
 COMPLETE_MARKER: Final = ".complete.json"
 
