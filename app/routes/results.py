@@ -128,3 +128,13 @@ def get_provenance(job_id: str, who: ApiKey, settings: SettingsDep, store: Store
     return _file(
         _result_path(settings, store, job_id, "provenance", who), "provenance", job_id, attachment=False
     )
+
+
+@router.get(
+    "/jobs/{job_id}/qc",
+    summary="Slide quality control: verdicts, values, thresholds, artefact areas (qc.json)",
+    response_class=FileResponse,
+    responses=_responses("qc"),
+)
+def get_qc(job_id: str, who: ApiKey, settings: SettingsDep, store: StoreDep) -> FileResponse:
+    return _file(_result_path(settings, store, job_id, "qc", who), "qc", job_id, attachment=False)

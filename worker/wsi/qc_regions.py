@@ -230,7 +230,7 @@ def scan_regions(slide: Slide, tissue: TissueMask, target_mpp: float, threads: i
         FOCUS_REFERENCE_FLOOR,
     )
     threshold = FOCUS_RELATIVE_THRESHOLD * reference
-    blurred = judged & (ratio < threshold)
+    blurred = _with_edge_blocks(judged & (ratio < threshold), judged)
     if blurred.any():
         full = np.repeat(np.repeat(blurred, block_px, axis=0), block_px, axis=1)[:h, :w]
         for r0 in range(0, h, 512):
@@ -249,6 +249,17 @@ def scan_regions(slide: Slide, tissue: TissueMask, target_mpp: float, threads: i
     )
     scan.area_um2 = artefact_areas_um2(artefacts, mpp)
     return scan
+
+
+def _with_edge_blocks(blurred: np.ndarray, judged: np.ndarray) -> np.ndarray:
+    """Blocks too thin in tissue or texture to judge (tissue edges) take the verdict of a blurred
+    judged neighbour: an out-of-focus field does not stop where its blocks thin out."""
+    import cv2
+
+    if not blurred.any():
+        return blurred
+    near = cv2.dilate(blurred.astype(np.uint8), np.ones((3, 3), np.uint8)) != 0
+    return blurred | (near & ~judged)
 
 
 def _median_from_hist(hist: np.ndarray, step: float) -> float:
