@@ -127,7 +127,8 @@ def test_blurred_half_is_reported_out_of_focus_with_its_area(tmp_path, shared_da
     right_polygons_um2 = sum(
         f["properties"]["measurements"]["area_um2"]
         for f in collection["features"]
-        if f["geometry"]["type"] == "Polygon" and min(x for x, _ in f["geometry"]["coordinates"][0]) > right_edge_px
+        if f["geometry"]["type"] == "Polygon"
+        and min(x for x, _ in f["geometry"]["coordinates"][0]) > right_edge_px
     )
     assert right_polygons_um2 < 0.1 * right_tissue_um2
 
