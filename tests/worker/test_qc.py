@@ -156,3 +156,24 @@ def test_pen_ink_drawn_on_a_real_slide_is_found(tmp_path, shared_data):
     ink = (report.scan.artefacts & ARTEFACT_BITS["pen_ink"]) != 0
     small = cv2.resize(strokes, (ink.shape[1], ink.shape[0]), interpolation=cv2.INTER_NEAREST) > 0
     assert (ink & ~small).sum() < 0.05 * ink.sum()  # where it was drawn, not elsewhere
+
+
+def test_models_list_shows_the_domain_qc_checks_against():
+    from fprotoseg.app.routes.models import ModelView
+    from fprotoseg.model.catalog import DEFAULT_MODEL_NAME, list_models
+
+    view = ModelView.model_validate(list_models()[DEFAULT_MODEL_NAME].describe(DEFAULT_MODEL_NAME))
+    assert view.domain is not None
+    assert view.domain.stain == "H&E" and view.domain.organ == ["lung"] and view.domain.mpp == 1.0
+    assert view.domain.classes == [c.name for c in view.classes]
+    # the packaged model's stain range is shipped beside it and matched to its checkpoint
+    from fprotoseg.model.segmenter import file_sha256
+    from fprotoseg.worker.wsi.qc import find_reference
+
+    class Packaged:  # matched by the checkpoint's bytes, whatever its manifest name
+        checksum_sha256 = file_sha256(list_models()[DEFAULT_MODEL_NAME].path)
+        name = "renamed"
+
+    reference = find_reference(Packaged())
+    assert reference is not None and reference["matched_by"] == "checkpoint_sha256"
+    assert set(reference["stains"]) == {"haematoxylin", "eosin"}
