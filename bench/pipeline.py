@@ -231,6 +231,7 @@ def child(
         "inference_stage_tiles_per_s": tiles / (timings["inference"] + timings["stitch"]),
         "wall_s": wall,
         "timings_s": timings,
+        "qc_share_of_run": timings.get("qc", 0.0) / wall,  # slide QC, target <= 0.05
         "label_map_bytes": int(np.prod(result.provenance["output"]["label_map_shape"])),
         "peak_rss_bytes": _peak_rss_bytes(),
         "peak_rss_bytes_by_stage_end": peak_by_stage,
@@ -498,10 +499,11 @@ def run_child(slide: Path, args: argparse.Namespace) -> dict:
 
 
 def _stage_line(res: dict) -> str:
-    stages = ("open", "tissue", "tiling", "inference", "stitch", "vectorise", "write")
+    stages = ("open", "tissue", "qc", "tiling", "inference", "stitch", "vectorise", "write")
+    share = res["timings_s"].get("qc", 0.0) / res["wall_s"] if res.get("wall_s") else 0.0
     return "time per stage (s)             " + "  ".join(
         f"{s} {res['timings_s'].get(s, 0):.2f}" for s in stages
-    )
+    ) + f"\nslide QC share of the run      {100 * share:.1f}%   (target <= 5%)"
 
 
 def _peak_line(res: dict) -> str:

@@ -52,6 +52,7 @@ class ModelEntry:
             "tile_size_px": m.get("tile_size_px"),
             "output_stride": m.get("output_stride"),
             "metrics": m.get("metrics", {}),
+            "domain": m.get("domain"),
             "size_bytes": self.path.stat().st_size,
         }
 

@@ -19,6 +19,7 @@ __all__ = ["ErrorCode"]
 # exit codes of the CLI (sysexits.h): 2 = usage/data error (argparse's too), 75 = try again later
 _EXIT_USAGE = 2
 _EXIT_TEMPFAIL = 75
+_EXIT_DATAERR = 65  # the slide is readable but not one the model should answer for (QC refused it)
 
 
 class ErrorCode(str, Enum):
@@ -79,6 +80,23 @@ class ErrorCode(str, Enum):
     UPLOAD_CHANGED = ("upload_changed", 500, "upload the slide again")
     INVALID_OPTIONS = ("invalid_options", 422, "fix the pipeline option the message names")
     INVALID_ROI = ("invalid_roi", 422, "send one GeoJSON polygon (level-0 px) that lies on the slide")
+    # --- slide quality control (warnings under qc_policy=warn, the job's error under refuse) -----
+    NOT_BRIGHTFIELD_HE = (
+        "not_brightfield_he", 422, "send a brightfield H&E slide (or qc_policy=warn to run it anyway)",
+        _EXIT_DATAERR,
+    )
+    STAIN_OUT_OF_RANGE = (
+        "stain_out_of_range", 422, "the stain differs from the model's training slides; check the result",
+        _EXIT_DATAERR,
+    )
+    MPP_OUTSIDE_MODEL_RANGE = (
+        "mpp_outside_model_range", 422, "send a slide scanned at the resolution GET /models states",
+        _EXIT_DATAERR,
+    )
+    ARTEFACT_AREA_HIGH = (
+        "artefact_area_high", 422, "rescan or recut the slide; qc.json lists the artefact areas",
+        _EXIT_DATAERR,
+    )
     # --- running a job ---------------------------------------------------------------------------
     CANCELLED = ("cancelled", 409, "the job was cancelled; submit it again to run it")
     INTERRUPTED = ("interrupted", 503, "none: the job is requeued and resumes", _EXIT_TEMPFAIL)

@@ -178,3 +178,21 @@ class SegmenterOutputError(CodedError):
     """The network returned scores of the wrong shape for the tiles it was given."""
 
     code = ErrorCode.SEGMENTER_ERROR
+
+
+# --- slide quality control -----------------------------------------------------------------------
+class QcRefusedError(CodedError):
+    """Slide QC found a problem and the QC policy is ``refuse``: the job fails before inference.
+
+    One class for the four QC codes (``not_brightfield_he``, ``stain_out_of_range``, ...): the code
+    of the first failed check is set per instance, with that code's status and exit code, so a
+    LIMS keys on the same code it would find among the warnings under ``warn``.
+    """
+
+    code = ErrorCode.NOT_BRIGHTFIELD_HE
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.http_status = code.http_status
+        self.exit_code = code.exit_code

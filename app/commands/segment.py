@@ -67,6 +67,13 @@ def register(subparsers: Any) -> None:
         "pixels (as QuPath exports annotations); only tiles touching it are inferred, outputs and areas "
         "are cut to it",
     )
+    p.add_argument(
+        "--qc-policy",
+        choices=("warn", "refuse"),
+        default=None,
+        help="slide QC: warn (print the QC codes, exit 0) or refuse (stop before inference with the QC "
+        "code's exit status, 65); default: $FPROTOSEG_QC_POLICY, else warn",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in scripts)")
     p.set_defaults(handler=handle)
 
@@ -206,6 +213,7 @@ def handle(args: argparse.Namespace) -> int:
         simplify_tolerance_um=args.simplify_um,
         min_region_area_um2=args.min_region_um2,
         geojson_gzip=args.geojson_gzip,
+        qc_policy=args.qc_policy or settings.qc_policy,
     )
     out_dir = args.out or default_out_dir(args.slide)
     bar = _Bar(enabled=not args.no_progress)
@@ -233,6 +241,12 @@ def _print_summary(result: Any, elapsed_s: float) -> None:
     if "roi" in stats:
         print(f"region of interest: {stats['roi']['area_um2'] / 1e6:.3f} mm² (areas below are within it)")
     print(f"tissue: {stats['tissue_area_mm2']:.3f} mm²")
+    qc = stats.get("qc")
+    if qc:
+        codes = f" ({', '.join(qc['codes'])})" if qc["codes"] else ""
+        excluded_mm2 = qc["excluded_area_um2"] / 1e6
+        excluded = f", {excluded_mm2:.3f} mm² of artefacts not scored" if excluded_mm2 else ""
+        print(f"QC: {qc['verdict']}{codes}{excluded}")
     for c in stats["classes"]:
         print(
             f"  {c['name']:<14} {c['area_um2'] / 1e6:10.4f} mm²  {100 * c['fraction_of_tissue']:5.1f}%  "

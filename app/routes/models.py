@@ -22,6 +22,13 @@ class ModelClass(BaseModel):
     color: list[int] = Field(description="[r, g, b] as in the GeoJSON classification")
 
 
+class ModelDomain(BaseModel):
+    organ: list[str] | None = None
+    stain: str | None = None
+    mpp: float | None = Field(default=None, description="µm/px of the training crops")
+    classes: list[str] | None = None
+
+
 class ModelView(BaseModel):
     name: str = Field(description="what POST /segment takes as model=NAME (the checkpoint's file stem)")
     default: bool = Field(description="used when a job names no model (FPROTOSEG_CHECKPOINT)")
@@ -34,6 +41,11 @@ class ModelView(BaseModel):
     output_stride: int | None
     metrics: dict[str, Any] = Field(description="the scores recorded in the manifest (held-out mIoU, …)")
     size_bytes: int
+    domain: ModelDomain | None = Field(
+        default=None,
+        description="what the model was trained on (organ, stain, µm/px, classes); slide QC flags a "
+        "slide outside it (not_brightfield_he, stain_out_of_range, mpp_outside_model_range)",
+    )
 
 
 class ModelList(BaseModel):

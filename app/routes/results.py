@@ -162,3 +162,13 @@ def get_seg(job_id: str, who: ApiKey, settings: SettingsDep, store: StoreDep) ->
             "written for DICOM WSI input only",
         )
     return _file(path, "seg", job_id, attachment=True)
+
+
+@router.get(
+    "/jobs/{job_id}/qc",
+    summary="Slide quality control: verdicts, values, thresholds, artefact areas (qc.json)",
+    response_class=FileResponse,
+    responses=_responses("qc"),
+)
+def get_qc(job_id: str, who: ApiKey, settings: SettingsDep, store: StoreDep) -> FileResponse:
+    return _file(_result_path(settings, store, job_id, "qc", who), "qc", job_id, attachment=False)

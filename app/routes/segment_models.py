@@ -11,7 +11,7 @@ route against the server's settings.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -99,6 +99,11 @@ class SegmentFields(BaseModel):
         if isinstance(value, str) and not _is_form(info):
             raise ValueError("roi must be a GeoJSON object, not a string")
         return parse_roi(value).to_geojson()
+    qc_policy: Literal["warn", "refuse"] | None = Field(
+        default=None,
+        description="slide QC: warn (succeed, QC codes as warnings) or refuse (fail with the QC code "
+        "before inference); default: the deployment's FPROTOSEG_QC_POLICY",
+    )
 
     @field_validator("metadata", mode="before")
     @classmethod

@@ -217,7 +217,9 @@ def test_metrics(client: TestClient, slide_bytes: bytes) -> None:
 def test_openapi_documents_the_upload(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/segment"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-    assert set(body["properties"]) == {"file", "mpp", "callback_url", "metadata", "external_id", "model"}
+    assert set(body["properties"]) == {
+        "file", "mpp", "callback_url", "metadata", "external_id", "model", "qc_policy"
+    }
     for path in ("/jobs", "/jobs/{job_id}", "/jobs/{job_id}/geojson", "/healthz", "/readyz", "/metrics"):
         assert path in spec["paths"]
     job = spec["components"]["schemas"]["JobView"]["properties"]

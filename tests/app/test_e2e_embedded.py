@@ -36,7 +36,7 @@ def fetch_and_check_results(client: httpx.Client, job: dict, slide_bytes: bytes)
     from PIL import Image
 
     links = job["links"]
-    assert set(links) == {"self", "geojson", "stats", "mask", "overlay", "provenance", "view"}
+    assert set(links) == {"self", "geojson", "stats", "mask", "overlay", "provenance", "qc", "view"}
     stats = client.get(links["stats"]).json()
     width, height = stats["slide"]["width"], stats["slide"]["height"]
     assert (width, height) == (2220, 2967)

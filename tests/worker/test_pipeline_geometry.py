@@ -108,4 +108,6 @@ def test_stats_agree_with_label_map_and_polygons(tmp_path, patches):
     assert stats["tissue_area_um2"] == counts[1:].sum() * output_mpp**2
     # The slide block names the metadata the areas rest on.
     assert stats["slide"]["mpp"] == pytest.approx(0.5)
-    assert stats["warnings"] == []
+    # The known slide's classes are channel permutations of H&E (green/brown tissue): slide QC says
+    # so (not_brightfield_he), and nothing else is wrong with it.
+    assert [w for w in stats["warnings"] if not w.startswith("not_brightfield_he")] == []

@@ -179,6 +179,7 @@ def _run_pipeline(
         geojson_gzip=True,
         batch_size=settings.batch_size,  # None: the segmenter chooses (PipelineOptions)
         reader_threads=settings.pipeline_threads,
+        qc_policy=rec.qc_policy or settings.qc_policy,
     )
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)

@@ -15,7 +15,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -191,6 +191,11 @@ class Settings(BaseSettings):
         default_factory=default_pipeline_threads,
         ge=1,
         description="Threads reading, decoding and stitching tiles; default one per available core.",
+    )
+    qc_policy: Literal["warn", "refuse"] = Field(
+        default="warn",
+        description="Slide QC: warn (the job succeeds with the QC codes as warnings) or refuse (the job "
+        "fails with the first QC code before inference); a request's qc_policy overrides it.",
     )
 
     # --- jobs, Celery and Redis ------------------------------------------------------------------

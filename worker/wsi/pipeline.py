@@ -1,7 +1,7 @@
 """One whole-slide image in, the result files README.md's "Outputs" lists out: :func:`run`.
 
 Stages (each reported through ``progress(stage, done, total)`` and timed into provenance):
-open -> tissue -> tiling -> inference (+ stitch, interleaved) -> vectorise -> write.
+open -> tissue -> qc -> tiling -> inference (+ stitch, interleaved) -> vectorise -> write.
 
 Why the inference loop looks like this (:mod:`fprotoseg.worker.wsi.feed`): tile reading,
 decoding, resampling and stitching run in one pool of threads sized to the host's cores
@@ -25,6 +25,7 @@ import numpy as np
 from fprotoseg.model.segmenter import CPU_BATCH_SIZE, Segmenter, StreamingSegmenter, file_sha256
 from fprotoseg.worker.errors import PipelineOptionsError
 from fprotoseg.worker.wsi import outputs
+from fprotoseg.worker.wsi import qc as slide_qc
 from fprotoseg.worker.wsi.buffers import anonymous_array
 from fprotoseg.worker.wsi.cpus import default_pipeline_threads
 from fprotoseg.worker.wsi.dicom import MAX_SERIES_FILES, folder_sha256, series_files
@@ -32,6 +33,7 @@ from fprotoseg.worker.wsi.dicom_seg import DICOM_VENDOR, write_seg
 from fprotoseg.worker.wsi.feed import Feeder
 from fprotoseg.worker.wsi.result_files import SEG_NAME
 from fprotoseg.worker.wsi.roi import Roi, RoiGeometry
+from fprotoseg.worker.wsi.result_files import QC_NAME
 from fprotoseg.worker.wsi.slide import Slide, open_slide
 from fprotoseg.worker.wsi.stitch import LabelMapStitcher
 from fprotoseg.worker.wsi.tiling import TileGrid, plan_tiles
@@ -39,7 +41,7 @@ from fprotoseg.worker.wsi.tissue import TissueMask, detect_tissue_from_saturatio
 from fprotoseg.worker.wsi.vectorize import absorb_small_regions, region_counts, vectorize
 
 ProgressCallback = Callable[[str, int, int], None]
-STAGES = ("open", "tissue", "tiling", "inference", "stitch", "vectorise", "write")
+STAGES = ("open", "tissue", "qc", "tiling", "inference", "stitch", "vectorise", "write")
 
 # The tissue thumbnail is capped in pixels so a huge slide cannot make it large.
 MAX_TISSUE_THUMBNAIL_PX = 64_000_000
@@ -66,6 +68,7 @@ class PipelineOptions:
     min_tissue_area_um2: float = 10_000.0
     geojson_gzip: bool = False
     write_overlay: bool = True
+    qc_policy: str = slide_qc.DEFAULT_QC_POLICY  # warn | refuse (fprotoseg.worker.wsi.qc)
 
     def __post_init__(self) -> None:
         if not (0.1 <= self.output_mpp <= 100):
@@ -75,6 +78,7 @@ class PipelineOptions:
             raise PipelineOptionsError("batch_size, reader_threads and prefetch_batches must be >= 1")
         if self.tissue_mpp <= 0 or self.simplify_tolerance_um < 0 or self.min_region_area_um2 < 0:
             raise PipelineOptionsError("tissue_mpp must be > 0; tolerances and areas must be >= 0")
+        slide_qc.check_policy(self.qc_policy)
 
 
 @dataclass
@@ -244,6 +248,15 @@ def run(
             clock.add("tissue", time.perf_counter() - t)
 
             t = time.perf_counter()
+            progress("qc", 0, 1)  # raises QcRefusedError under qc_policy=refuse, before any tile is read
+            qc_report = slide_qc.run_qc(
+                slide, tissue, thumbnail, segmenter, policy=options.qc_policy, qc_mpp=options.output_mpp,
+                threads=options.reader_threads,
+            )
+            progress("qc", 1, 1)
+            clock.add("qc", time.perf_counter() - t)
+
+            t = time.perf_counter()
             progress("tiling", 0, 1)
             grid = plan_tiles(
                 slide,
@@ -269,6 +282,7 @@ def run(
         label_map = stitcher.label_map
         if region is not None:
             region.clip_label_map(label_map, slide.mpp, options.output_mpp)
+        slide_qc.exclude(label_map, qc_report, options.output_mpp)  # artefacts: not scored
         tissue_info = {
             "mpp": tissue.mpp,
             "saturation_threshold": tissue.saturation_threshold,
@@ -276,7 +290,7 @@ def run(
         }
         del stitcher, tissue  # the tissue mask is freed before vectorisation
         classes = list(segmenter.classes)
-        warnings: list[str] = []
+        warnings: list[str] = qc_report.warnings()
         if not grid.tiles or not label_map.any():
             warnings.append(
                 "no tissue detected: all areas are zero (blank slide, fluorescence image, or a tissue "
@@ -307,6 +321,7 @@ def run(
         )
         if region is not None:
             stats["roi"] = {k: v for k, v in region.provenance(slide.mpp).items() if k != "geometry"}
+        stats["qc"] = qc_report.summary()
         # The overlay is drawn meanwhile, in the background thread: its temporaries are the size
         # of the thumbnail whatever the slide, and it needs only the class areas.
         overlay_job = (
@@ -355,6 +370,7 @@ def run(
         if overlay_job is not None:
             files.update(overlay_job.result())
         files["stats"] = outputs.write_json(out_dir / outputs.STATS_NAME, stats)
+        files["qc"] = outputs.write_json(out_dir / QC_NAME, qc_report.as_json())
         progress("write", 2, 3)
         sha256 = slide_sha256 or (sha_job.result() if sha_job is not None else "")
         clock.add("write", time.perf_counter() - t)

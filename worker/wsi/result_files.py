@@ -22,6 +22,7 @@ RESULT_FILES: Final[dict[str, str]] = {
     "mask": "mask.tiff",
     "overlay": "overlay.png",
     "provenance": "provenance.json",
+    "qc": "qc.json",  # slide quality control: verdicts, values, thresholds, artefact areas
 }
 MEDIA_TYPES: Final[dict[str, str]] = {
     "geojson": "application/geo+json",
@@ -30,6 +31,7 @@ MEDIA_TYPES: Final[dict[str, str]] = {
     "overlay": "image/png",
     "provenance": "application/json",
     "seg": "application/dicom",
+    "qc": "application/json",
 }
 # Written only for some inputs (not part of a complete result set): key -> file name
 OPTIONAL_RESULT_FILES: Final[dict[str, str]] = {
@@ -41,6 +43,7 @@ STATS_NAME: Final = RESULT_FILES["stats"]
 MASK_NAME: Final = RESULT_FILES["mask"]
 OVERLAY_NAME: Final = RESULT_FILES["overlay"]
 PROVENANCE_NAME: Final = RESULT_FILES["provenance"]
+QC_NAME: Final = RESULT_FILES["qc"]
 GZIP_SUFFIX: Final = ".gz"  # segmentation.geojson.gz: served when the client accepts gzip
 COMPLETE_MARKER: Final = ".complete.json"
 

@@ -52,6 +52,7 @@ class JobRecord:
     metadata: dict[str, Any] | None = None  # the client's small JSON object (e.g. external_id)
     mpp: float | None = None
     model: str | None = None  # a name from GET /models; None = the configured default
+    qc_policy: str | None = None  # warn | refuse; None = the deployment's FPROTOSEG_QC_POLICY
     slide_uri: str | None = None  # file:// or s3:// when the slide was named, not uploaded
     roi: dict[str, Any] | None = None  # region of interest: a GeoJSON MultiPolygon, level-0 px
     callback_url: str | None = None
