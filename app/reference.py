@@ -21,7 +21,6 @@ the same idempotency rules apply. Every refusal is a 4xx problem and leaves noth
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import uuid
@@ -39,6 +38,7 @@ from fprotoseg.model.digest import file_sha256_and_size
 from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.service.settings import Settings
 from fprotoseg.worker.service.storage import FILE_MODE, free_mb, is_out_of_space
+from fprotoseg.worker.service.strictjson import StrictJSONError, loads_strict
 from fprotoseg.worker.wsi.dicom import DICOM_FOLDER_SUFFIX, folder_sha256, series_files, unpack_series_zip
 from fprotoseg.worker.wsi.roi import MAX_ROI_BYTES
 
@@ -222,7 +222,11 @@ async def receive_reference(request: Request, settings: Settings) -> IncomingSli
                 status=413,
             )
     try:
-        doc = json.loads(body)
+        doc = loads_strict(body)
+    except StrictJSONError as exc:  # JSON to Python, not to RFC 8259: NaN, 1e999, "\ud800", a name twice
+        raise Problem(
+            ErrorCode.INVALID_REQUEST, f"the body is not interoperable JSON (RFC 8259): {exc}"
+        ) from None
     except ValueError:
         raise Problem(ErrorCode.INVALID_REQUEST, "the body is not valid JSON", status=400) from None
     fields = SegmentReference.from_json(doc)

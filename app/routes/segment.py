@@ -40,6 +40,7 @@ from fprotoseg.worker.service.netguard import CallbackURLError, check_callback_u
 from fprotoseg.worker.service.segmenters import find_model
 from fprotoseg.worker.service.settings import Settings
 from fprotoseg.worker.service.states import CANCELLED, FAILED, QUEUED
+from fprotoseg.worker.service.strictjson import control_characters
 from fprotoseg.worker.wsi.dicom import DICOM_FOLDER_SUFFIX, is_zip_file, series_entry
 from fprotoseg.worker.wsi.roi import check_roi_on_slide, parse_roi
 from fprotoseg.worker.wsi.validate import sniff
@@ -193,6 +194,8 @@ async def create_segmentation(
         ),
     ] = None,
 ) -> JSONResponse:
+    if idempotency_key is not None and (char := control_characters(idempotency_key)) is not None:
+        raise Problem(ErrorCode.INVALID_REQUEST, f"the Idempotency-Key holds the control character {char}")
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if content_type == "application/json":  # a slide by reference (file:// or s3://)
         upload = await receive_reference(request, settings)

@@ -29,6 +29,7 @@ from fprotoseg.app.routes.views import JobView
 from fprotoseg.app.upload import MAX_FILENAME_CHARS
 from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.service.netguard import MAX_URL_CHARS
+from fprotoseg.worker.service.strictjson import StrictJSONError, check_value, control_characters, loads_strict
 from fprotoseg.worker.wsi.roi import MAX_ROI_BYTES, parse_roi
 
 __all__ = [
@@ -114,16 +115,36 @@ class SegmentFields(BaseModel):
         if len(value.encode()) > MAX_METADATA_BYTES:
             raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
         try:
-            return json.loads(value)
+            return loads_strict(value)
+        except StrictJSONError as exc:
+            raise ValueError(f"metadata is not interoperable JSON (RFC 8259): {exc}") from None
         except ValueError:
             raise ValueError("metadata must be a JSON object") from None
 
     @field_validator("metadata")
     @classmethod
     def _metadata_size(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
-        """A JSON body's object, capped as it serialises (a form's was capped as sent)."""
-        if value is not None and not _is_form(info) and len(json.dumps(value).encode()) > MAX_METADATA_BYTES:
+        """A JSON body's object, capped as it serialises (a form's was capped as sent); either way
+        nothing that could not be written back as JSON, no control character but tab and newline."""
+        if value is None:
+            return value
+        try:
+            check_value(value, "metadata")
+        except StrictJSONError as exc:
+            raise ValueError(str(exc)) from None
+        if (char := control_characters(value, text_whitespace=True)) is not None:
+            raise ValueError(f"metadata holds the control character {char}")
+        if not _is_form(info) and len(json.dumps(value).encode()) > MAX_METADATA_BYTES:
             raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
+        return value
+
+    @field_validator("external_id", "model")
+    @classmethod
+    def _no_control_characters(cls, value: str | None) -> str | None:
+        """Identifiers are printed in logs and reports: a control character (an ANSI escape, a
+        newline) would forge lines there, so it is refused rather than kept."""
+        if value is not None and (char := control_characters(value)) is not None:
+            raise ValueError(f"holds the control character {char}")
         return value
 
     @classmethod

@@ -14,6 +14,7 @@ from fprotoseg.worker.service.callbacks import job_links
 from fprotoseg.worker.service.jobstore import JobRecord
 from fprotoseg.worker.service.settings import Settings
 from fprotoseg.worker.service.states import PUBLISHING_STAGE, QUEUED, RUNNING, JobState
+from fprotoseg.worker.service.strictjson import json_safe
 
 
 class JobErrorView(BaseModel):
@@ -129,7 +130,7 @@ def job_view(rec: JobRecord, request: Request, settings: Settings) -> dict[str, 
         "callback_url": rec.callback_url,
         "callback_status": rec.callback_status,
         "idempotency_key": rec.idempotency_key,
-        "metadata": rec.metadata,
+        "metadata": json_safe(rec.metadata),  # an older version stored NaN, "\ud800": still listed
         "tenant": rec.tenant,
         "tiles": rec.tiles,
         "duration_s": rec.duration_s,

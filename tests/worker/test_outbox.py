@@ -16,20 +16,23 @@ from fprotoseg.worker.service.states import QUEUED, SUCCEEDED
 from tests.app.live import CallbackRecorder
 
 
+@pytest.mark.parametrize(
+    "metadata", [{"s": "\ud800x"}, {"n": float("nan")}, {"n": float("inf")}], ids=["surrogate", "nan", "inf"]
+)
 def test_an_unencodable_callback_is_marked_failed_once(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, metadata: dict[str, object]
 ) -> None:
     settings = Settings(data_dir=tmp_path, callback_allowed_hosts=["127.0.0.1"], callback_backoff_s=0.0)
     store = SqliteJobStore(settings.sqlite_path)
     hook = CallbackRecorder()
     try:
         bad = store.create(
-            JobRecord(id="job-surrogate", callback_url=hook.url, metadata={"s": "\ud800x"}, filename="a.svs")
+            JobRecord(id="job-unencodable", callback_url=hook.url, metadata=metadata, filename="a.svs")
         )
         good = store.create(JobRecord(id="job-fine", callback_url=hook.url, metadata={"s": "ok"}))
         for rec in (bad, good):
             enqueue(store, store.transition(rec.id, SUCCEEDED, [QUEUED], finished_at=time.time()))
-        assert store.get(bad.id).metadata == {"s": "\ud800x"}  # stored and read back as it was
+        assert str(store.get(bad.id).metadata) == str(metadata)  # stored and read back as it was
 
         with caplog.at_level(logging.INFO, logger="fprotoseg.worker.service.callbacks"):
             deliver_due(settings, store)

@@ -146,9 +146,12 @@ def send_callback(
 
 
 def encode_payload(payload: dict[str, Any]) -> bytes:
-    """UTF-8 JSON (RFC 8259). Raises ValueError (UnicodeEncodeError) for a string with a lone
-    surrogate: such a body is not JSON a receiver could verify and parse, so it is never sent."""
-    return json.dumps(payload, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+    """UTF-8 JSON (RFC 8259). Raises ValueError for a string with a lone surrogate
+    (UnicodeEncodeError) or a NaN or infinite number (stored by an older version): such a body is
+    not JSON a receiver could verify and parse, so it is never sent."""
+    return json.dumps(
+        payload, separators=(",", ":"), sort_keys=True, ensure_ascii=False, allow_nan=False
+    ).encode()
 
 
 def job_links(base_url: str, job_id: str, state: str) -> dict[str, str]:
@@ -209,7 +212,7 @@ def deliver_due(settings: Settings, store: JobStore, *, now: float | None = None
         attempt = rec.callback_attempts + 1
         try:
             body = encode_payload(callback_payload(settings, rec))
-        except ValueError as exc:  # UnicodeEncodeError: a lone surrogate stored by an older version
+        except ValueError as exc:  # a lone surrogate or a NaN stored by an older version
             # No later pass can encode it either: fail it now, once, instead of at every lease expiry.
             log.error("job %s: callback payload cannot be encoded as JSON (%s); not sent", job_id, exc)
             outcome: Outcome = "give_up"
