@@ -1,7 +1,10 @@
-"""``fprotoseg segment SLIDE``: one slide in, the result files of README.md's "Outputs" out.
+"""``fprotoseg segment SLIDE...``: slides in, the result files of README.md's "Outputs" out.
 
-The slide is opened and vetted before the model is loaded, so a bad file fails in milliseconds
-with a one-line reason. torch, OpenSlide and the pipeline are imported inside the handler only.
+One slide: the slide is opened and vetted before the model is loaded, so a bad file fails in
+milliseconds with a one-line reason. Several slides, a folder of slides or a glob: a cohort
+(:mod:`fprotoseg.app.segment_cohort`): one folder per slide plus cohort.csv, finished slides
+skipped on a second run, failed ones recorded and retried. torch, OpenSlide and the pipeline are
+imported inside the handler only.
 """
 
 from __future__ import annotations
@@ -12,23 +15,36 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from fprotoseg.app.segment_cohort import EXIT_SOME_FAILED, expand_slide_args
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "segment",
-        help="segment one whole-slide image into QuPath GeoJSON, µm² statistics, a mask and an overlay",
+        help="segment whole-slide images into QuPath GeoJSON, µm² statistics, a mask and an overlay",
         description=(
-            "Segment one whole-slide image. Writes segmentation.geojson (QuPath import), stats.json "
-            "(per-class areas in µm²), mask.tiff, overlay.png and provenance.json into --out."
+            "Segment one whole-slide image, or a cohort of them. Writes segmentation.geojson (QuPath "
+            "import), stats.json (per-class areas in µm²), mask.tiff, overlay.png and provenance.json "
+            "into --out; for several slides (or a folder of slides, or a quoted glob) one folder per "
+            "slide plus cohort.csv (one row per slide, failed ones included). A second run skips "
+            "slides whose outputs are complete for the same slide bytes and parameters, and retries "
+            f"failed ones; the exit status is {EXIT_SOME_FAILED} when any slide failed."
         ),
     )
     p.add_argument(
-        "slide",
-        type=Path,
+        "slides",
+        nargs="+",
+        metavar="SLIDE",
         help="slide file (SVS, NDPI, MIRAX, SCN, OME-TIFF, tiled TIFF, ...) or a DICOM WSI series: its "
-        "folder or one of its instances",
+        "folder or one of its instances; several, a folder of slides, or a glob ('slides/*.svs') make "
+        "a cohort",
     )
-    p.add_argument("--out", type=Path, default=None, help="output directory (default: ./<slide name>/)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory (default: ./<slide name>/; required for a cohort)",
+    )
     p.add_argument(
         "--checkpoint",
         type=str,
@@ -100,7 +116,9 @@ class _Bar:
     """Progress on stderr. On a terminal a tqdm bar: the stage name (with its step count where it
     has several), and tiles done/total with tiles/s during inference. In a log (no terminal) plain
     lines: one per stage, and during inference one per 5 % of the tiles or per 10 s at most, so a
-    batch job's log is not one line per batch."""
+    batch job's log is not one line per batch. In a cohort the one bar serves every slide:
+    ``prefix`` names the slide (``[3/12] CMU-1: ``) before the stage, and :meth:`message` prints a
+    slide's outcome above the bar."""
 
     LOG_STEP = 0.05  # fraction of the tiles between two log lines
     LOG_INTERVAL_S = 10.0  # ... or this long, whichever comes first
@@ -110,6 +128,7 @@ class _Bar:
         self._enabled = enabled
         self._tty = enabled and self._stream.isatty()
         self._stage = ""
+        self.prefix = ""  # the slide being segmented, in a cohort
         self._bar: Any = None
         self._logged_step = -1
         self._logged_s = 0.0
@@ -138,7 +157,7 @@ class _Bar:
         if stage == "inference":
             if changed:
                 bar.bar_format = _INFERENCE_FORMAT
-                bar.set_description_str(stage, refresh=False)
+                bar.set_description_str(self.prefix + stage, refresh=False)
                 bar.reset(total=total)
             bar.update(done - bar.n)
             if done == total:
@@ -146,7 +165,7 @@ class _Bar:
             return
         if changed:
             bar.bar_format = "{desc}"
-        bar.set_description_str(f"{stage} {done}/{total}" if total > 1 else stage)
+        bar.set_description_str(self.prefix + (f"{stage} {done}/{total}" if total > 1 else stage))
 
     def _log_tiles(self, done: int, total: int, changed: bool) -> None:
         now_s = time.monotonic()
@@ -162,7 +181,16 @@ class _Bar:
         self._line(f"inference: {done}/{total} tiles ({percent:.0f}%{rate})")
 
     def _line(self, text: str) -> None:
-        print(text, file=self._stream, flush=True)
+        print(self.prefix + text, file=self._stream, flush=True)
+
+    def message(self, text: str) -> None:
+        """One line that stays (a slide's outcome), above the bar on a terminal; the next slide's
+        stages start afresh."""
+        self._stage = ""
+        if self._bar is not None:
+            self._bar.write(text, file=self._stream)
+        else:
+            print(text, file=self._stream, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -171,9 +199,9 @@ class _Bar:
 
 def handle(args: argparse.Namespace) -> int:
     from fprotoseg.app.errors import UsageError
-    from fprotoseg.worker.service.settings import load_settings
     from fprotoseg.worker.wsi.slide import MAX_MPP, MIN_MPP, open_slide
 
+    slides, cohort = expand_slide_args(args.slides)
     if args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
     if args.reader_threads is not None and args.reader_threads < 1:
@@ -182,30 +210,50 @@ def handle(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--mpp {args.mpp} is not a plausible pixel size (expected {MIN_MPP}..{MAX_MPP} µm/px)"
         )
+    if cohort:
+        if args.out is None:
+            raise UsageError("several slides need --out: the folder for one folder per slide and cohort.csv")
+        if args.roi is not None:
+            raise UsageError("--roi is in one slide's level-0 pixels: give it with one slide")
+        return _handle_cohort(args, slides)
+    slide = slides[0]
     # Vet the slide (and the ROI on it) first: a bad file fails before the (slower) model load.
     roi = None
-    with open_slide(args.slide, mpp_override=args.mpp) as slide:
+    with open_slide(slide, mpp_override=args.mpp) as opened:
         if args.roi is not None:
             from fprotoseg.worker.wsi.roi import RoiGeometry, load_roi_file
 
             roi = load_roi_file(args.roi)
-            RoiGeometry.on_slide(roi, slide.width_px, slide.height_px)
+            RoiGeometry.on_slide(roi, opened.width_px, opened.height_px)
 
-    from fprotoseg import model
+    from fprotoseg.worker.wsi.pipeline import run
+
+    checkpoint, options = _checkpoint_and_options(args)
+    segmenter = _load_segmenter(args, checkpoint)
+    out_dir = args.out or default_out_dir(slide)
+    bar = _Bar(enabled=not args.no_progress)
+    t0 = time.perf_counter()
+    try:
+        result = run(
+            slide, out_dir, segmenter, options=options, mpp_override=args.mpp, progress=bar, roi=roi
+        )
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    _print_summary(result, elapsed)
+    return 0
+
+
+def _checkpoint_and_options(args: argparse.Namespace) -> tuple[Path, Any]:
+    """The checkpoint file and the pipeline options: flags win; unset ones come from the same
+    Settings the service reads (FPROTOSEG_CHECKPOINT, ...)."""
     from fprotoseg.model.catalog import resolve_checkpoint
-    from fprotoseg.model.segmenter import choose_device_and_precision
-    from fprotoseg.worker.wsi.pipeline import PipelineOptions, run
+    from fprotoseg.worker.service.settings import load_settings
+    from fprotoseg.worker.wsi.pipeline import PipelineOptions
 
-    # Flags win; unset ones come from the same Settings the service reads (FPROTOSEG_CHECKPOINT, ...).
     settings = load_settings()
     # a path or a model name (UnknownModelError lists the known names)
     checkpoint = resolve_checkpoint(args.checkpoint or settings.checkpoint, settings.models_dir)
-    device, precision = choose_device_and_precision(
-        args.device or settings.device, args.precision or settings.precision
-    )
-    segmenter = model.load_segmenter(
-        checkpoint, device=device, precision=precision, num_threads=args.num_threads
-    )
     options = PipelineOptions(
         output_mpp=args.output_mpp,
         batch_size=args.batch_size,
@@ -215,18 +263,77 @@ def handle(args: argparse.Namespace) -> int:
         geojson_gzip=args.geojson_gzip,
         qc_policy=args.qc_policy or settings.qc_policy,
     )
-    out_dir = args.out or default_out_dir(args.slide)
+    return checkpoint, options
+
+
+def _load_segmenter(args: argparse.Namespace, checkpoint: Path) -> Any:
+    from fprotoseg import model
+    from fprotoseg.model.segmenter import choose_device_and_precision
+    from fprotoseg.worker.service.settings import load_settings
+
+    settings = load_settings()
+    device, precision = choose_device_and_precision(
+        args.device or settings.device, args.precision or settings.precision
+    )
+    return model.load_segmenter(checkpoint, device=device, precision=precision, num_threads=args.num_threads)
+
+
+def _handle_cohort(args: argparse.Namespace, slides: list[Path]) -> int:
+    """Every slide into its folder under --out, cohort.csv beside them; a failed slide never stops
+    the others, and makes the exit status EXIT_SOME_FAILED."""
+    from fprotoseg.app.segment_cohort import (
+        SKIPPED,
+        RunParameters,
+        folder_names,
+        remove_stale_work,
+        run_cohort,
+    )
+    from fprotoseg.model.digest import file_sha256
+    from fprotoseg.worker.wsi.pipeline import run
+
+    checkpoint, options = _checkpoint_and_options(args)
+    params = RunParameters(
+        model_sha256=file_sha256(checkpoint),
+        mpp=args.mpp,
+        output_mpp=options.output_mpp,
+        simplify_tolerance_um=options.simplify_tolerance_um,
+        min_region_area_um2=options.min_region_area_um2,
+        geojson_gzip=options.geojson_gzip,
+    )
+    out_dir: Path = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_work(out_dir)
+    named = folder_names(slides)
     bar = _Bar(enabled=not args.no_progress)
+    segmenter: list[Any] = []  # loaded at the first slide that runs
+
+    def run_slide(path: Path, work: Path, sha256: str) -> int:
+        if not segmenter:
+            segmenter.append(_load_segmenter(args, checkpoint))
+        result = run(
+            path, work, segmenter[0], options=options, mpp_override=args.mpp, progress=bar,
+            slide_sha256=sha256,
+        )
+        return result.tiles_inferred
+
+    def announce(index: int, slide: Any) -> None:
+        bar.prefix = f"[{index}/{len(named)}] {slide.name}: "
+
     t0 = time.perf_counter()
     try:
-        result = run(
-            args.slide, out_dir, segmenter, options=options, mpp_override=args.mpp, progress=bar, roi=roi
-        )
+        rows = run_cohort(named, out_dir, params, run_slide, announce=announce, report=bar.message)
     finally:
         bar.close()
-    elapsed = time.perf_counter() - t0
-    _print_summary(result, elapsed)
-    return 0
+    failed = [r for r in rows if r.state == "failed"]
+    skipped = sum(r.state == SKIPPED for r in rows)
+    print(
+        f"{len(rows)} slides in {time.perf_counter() - t0:.1f} s: {len(rows) - len(failed) - skipped} "
+        f"segmented, {skipped} skipped (complete), {len(failed)} failed"
+    )
+    for row in failed:
+        print(f"  failed: {row.ids['path']}: {row.error_code}: {row.error_message}")
+    print(f"results in {out_dir}/ (one folder per slide, cohort.csv)")
+    return EXIT_SOME_FAILED if failed else 0
 
 
 def _print_summary(result: Any, elapsed_s: float) -> None:
