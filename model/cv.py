@@ -106,10 +106,11 @@ def _resample(
     if factor == 1.0:
         return rgb, mask
     size = (max(1, round(rgb.shape[1] * factor)), max(1, round(rgb.shape[0] * factor)))
-    out_rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BOX))
+    out_rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
     if mask is None:
         return out_rgb, None
-    out_mask = np.asarray(Image.fromarray(mask.astype(np.int32)).resize(size, Image.NEAREST)).astype(np.int64)
+    nearest = Image.fromarray(mask.astype(np.int32)).resize(size, Image.Resampling.NEAREST)
+    out_mask = np.asarray(nearest).astype(np.int64)
     return out_rgb, out_mask
 
 

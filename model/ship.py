@@ -48,7 +48,7 @@ def cv_summary(cv_jsonl: Path, recipe_name: str, classes: tuple[str, ...]) -> di
     summary = CvResult(classes, {(r["seed"], r["fold"]): np.array(r["confusion"]) for r in masked}).summary()
     label_only = [np.asarray(r["presence"]) for r in mine if np.asarray(r.get("presence", 0)).sum() > 0]
     if label_only:  # folds of slides without masks: image-level F1 of the classes found per image
-        f1 = presence_f1(sum(label_only))
+        f1 = presence_f1(np.sum(np.stack(label_only), axis=0))
         summary["image_f1_label_only_folds"] = {
             c: round(float(v), 4) for c, v in zip(classes, f1, strict=True) if not np.isnan(v)
         }

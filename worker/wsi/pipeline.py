@@ -31,9 +31,8 @@ from fprotoseg.worker.wsi.cpus import default_pipeline_threads
 from fprotoseg.worker.wsi.dicom import MAX_SERIES_FILES, folder_sha256, series_files
 from fprotoseg.worker.wsi.dicom_seg import DICOM_VENDOR, write_seg
 from fprotoseg.worker.wsi.feed import Feeder
-from fprotoseg.worker.wsi.result_files import SEG_NAME
+from fprotoseg.worker.wsi.result_files import QC_NAME, SEG_NAME
 from fprotoseg.worker.wsi.roi import Roi, RoiGeometry
-from fprotoseg.worker.wsi.result_files import QC_NAME
 from fprotoseg.worker.wsi.slide import Slide, open_slide
 from fprotoseg.worker.wsi.stitch import LabelMapStitcher
 from fprotoseg.worker.wsi.tiling import TileGrid, plan_tiles
