@@ -51,6 +51,8 @@ def test_the_wheel_installs_only_the_fprotoseg_name(wheel: Path) -> None:
         "fprotoseg/worker/wsi/pipeline.py",
         "fprotoseg/model/segmenter.py",
         "fprotoseg/model/configs/wsss4luad_default.yaml",
+        # slide QC's stain range of the packaged model, beside its checkpoint
+        "fprotoseg/model/weights/fprotoseg_wsss4luad.qc.json",
         # the result viewer needs no CDN: OpenSeadragon ships with its licence, beside the page's assets
         "fprotoseg/app/static/openseadragon/openseadragon.min.js",
         "fprotoseg/app/static/openseadragon/LICENSE.txt",

@@ -27,6 +27,7 @@ from fprotoseg.worker.errors import PipelineOptionsError
 from fprotoseg.worker.wsi import outputs
 from fprotoseg.worker.wsi import qc as slide_qc
 from fprotoseg.worker.wsi.buffers import anonymous_array
+from fprotoseg.worker.wsi.confidence import confidence_stats
 from fprotoseg.worker.wsi.cpus import default_pipeline_threads
 from fprotoseg.worker.wsi.dicom import MAX_SERIES_FILES, folder_sha256, series_files
 from fprotoseg.worker.wsi.dicom_seg import DICOM_VENDOR, write_seg
@@ -278,7 +279,7 @@ def run(
             clock.add("inference", time.perf_counter() - t - inner["wait_for_stitch_s"])
             progress("stitch", 1, 1)
 
-        label_map = stitcher.label_map
+        label_map, confidence_map = stitcher.label_map, stitcher.confidence_map
         if region is not None:
             region.clip_label_map(label_map, slide.mpp, options.output_mpp)
         slide_qc.exclude(label_map, qc_report, options.output_mpp)  # artefacts: not scored
@@ -321,6 +322,8 @@ def run(
         if region is not None:
             stats["roi"] = {k: v for k, v in region.provenance(slide.mpp).items() if k != "geometry"}
         stats["qc"] = qc_report.summary()
+        stats["confidence"] = confidence_stats(label_map, confidence_map, classes, options.output_mpp)
+        del confidence_map
         # The overlay is drawn meanwhile, in the background thread: its temporaries are the size
         # of the thumbnail whatever the slide, and it needs only the class areas.
         overlay_job = (

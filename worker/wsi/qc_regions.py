@@ -155,16 +155,28 @@ class _FocusBlocks:
         self, y: int, x: int, grey: np.ndarray, fine: np.ndarray, coarse: np.ndarray, tissue: np.ndarray
     ) -> None:
         h, w = grey.shape
-        by = (np.arange(y, y + h) // self.block_px)[:, None]
-        bx = (np.arange(x, x + w) // self.block_px)[None, :]
-        idx = (by * self.shape[1] + bx).ravel()
-        n = self.fine.size
-        self.fine += np.bincount(idx, fine.ravel(), minlength=n)
-        self.coarse += np.bincount(idx, coarse.ravel(), minlength=n)
-        self.grey += np.bincount(idx, grey.ravel(), minlength=n)
-        self.grey2 += np.bincount(idx, (grey * grey).ravel(), minlength=n)
-        self.tissue += np.bincount(idx, tissue.ravel().astype(np.float64), minlength=n)
-        self.count += np.bincount(idx, minlength=n)
+        b = self.block_px
+        # the chunk's rows and columns where a block of the slide-wide grid starts
+        rows = np.unique(np.r_[0, np.arange((-y) % b, h, b)])
+        cols = np.unique(np.r_[0, np.arange((-x) % b, w, b)])
+        by0, bx0 = y // b, x // b
+        n_rows, n_cols = len(rows), len(cols)
+        grid = self.shape
+
+        def sums(a: np.ndarray) -> np.ndarray:
+            return np.add.reduceat(np.add.reduceat(a, rows, axis=0, dtype=np.float64), cols, axis=1)
+
+        heights = np.diff(np.r_[rows, h])[:, None]
+        widths = np.diff(np.r_[cols, w])[None, :]
+        for total, part in (
+            (self.fine, sums(fine)),
+            (self.coarse, sums(coarse)),
+            (self.grey, sums(grey)),
+            (self.grey2, sums(grey * grey)),
+            (self.tissue, sums(tissue.astype(np.float32))),
+            (self.count, (heights * widths).astype(np.float64)),
+        ):
+            total.reshape(grid)[by0 : by0 + n_rows, bx0 : bx0 + n_cols] += part
 
     def judged_ratios(self) -> tuple[np.ndarray, np.ndarray]:
         """(ratio per block, bool: the block has enough tissue and texture to be judged)."""
@@ -192,6 +204,8 @@ def scan_regions(slide: Slide, tissue: TissueMask, target_mpp: float, threads: i
     samples: list[np.ndarray] = []
     od_hist = np.zeros(256, dtype=np.int64)  # summed OD of tissue pixels, in 0.02 steps (0..5.12)
     tissue_px = 0
+    # optical density per uint8 value, so a chunk's densities are a table look-up, not a log
+    od_lut = (-np.log(np.maximum(np.arange(256), 1) / 255.0)).astype(np.float32)
     for y, x, chunk in slide.iter_scaled(target_mpp, threads=threads):
         ch, cw = chunk.shape[:2]
         in_tissue = _tissue_window(tissue, y, x, ch, cw, mpp)
@@ -203,17 +217,18 @@ def scan_regions(slide: Slide, tissue: TissueMask, target_mpp: float, threads: i
 
         hsv = cv2.cvtColor(chunk, cv2.COLOR_RGB2HSV)
         ink = _keep_large(_ink(hsv), ink_min_px)
-        bright = _keep_large(in_tissue & (chunk.min(axis=2) >= OVEREXPOSED_MIN_CHANNEL), bright_min_px)
+        r, g, b = chunk[..., 0], chunk[..., 1], chunk[..., 2]
+        darkest = np.minimum(np.minimum(r, g), b)
+        bright = _keep_large(in_tissue & (darkest >= OVEREXPOSED_MIN_CHANNEL), bright_min_px)
         view = artefacts[y : y + ch, x : x + cw]
         view |= ink.astype(np.uint8) * ARTEFACT_BITS["pen_ink"]
         view |= bright.astype(np.uint8) * ARTEFACT_BITS["over_exposed"]
 
-        od = -np.log(np.maximum(chunk, 1).astype(np.float32) / 255.0)
-        od_sum = od.sum(axis=2)
-        stain_px = in_tissue & ~ink & (od_sum > STAIN_MIN_OD)
-        od_bins = np.minimum((od_sum[in_tissue & ~ink] / 0.02).astype(np.int64), 255)
+        od_sum = od_lut[r] + od_lut[g] + od_lut[b]
+        scored = in_tissue & ~ink
+        od_bins = np.minimum((od_sum[scored] * 50).astype(np.int64), 255)  # 0.02 steps
         od_hist += np.bincount(od_bins, minlength=256)
-        picked = od[stain_px]
+        picked = od_lut[chunk[scored & (od_sum > STAIN_MIN_OD)]]
         if len(picked) > STAIN_SAMPLES_PER_CHUNK:
             picked = picked[rng.choice(len(picked), STAIN_SAMPLES_PER_CHUNK, replace=False)]
         samples.append(picked)

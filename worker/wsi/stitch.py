@@ -63,6 +63,8 @@ class LabelMapStitcher:
         self.output_mpp = output_mpp
         self.tissue = tissue
         self.label_map = anonymous_array(shape, np.uint8)
+        # per output pixel, the softmax probability of the chosen class x 255 (0 on glass)
+        self.confidence_map = anonymous_array(shape, np.uint8)
 
     def _mask_window(
         self, bounds: tuple[int, int, int, int], origin: tuple[float, float], shape: tuple[int, int],
@@ -183,7 +185,7 @@ class LabelMapStitcher:
                 b = a + per_call
                 self.add_batch(tiles[a:b], scores[a:b], None if rgbs is None else rgbs[a:b])
             return
-        labels = self._sample_labels(tiles, scores)
+        labels, confidence = self._sample_labels(tiles, scores)
         for j, tile in enumerate(tiles):
             out_h, out_w = tile.own_y1 - tile.own_y0, tile.own_x1 - tile.own_x0
             if out_h <= 0 or out_w <= 0:
@@ -191,17 +193,23 @@ class LabelMapStitcher:
             window = labels[j, :out_h, :out_w]
             tissue = self._tissue_window(tile, None if rgbs is None else rgbs[j])
             target = self.label_map[tile.own_y0 : tile.own_y1, tile.own_x0 : tile.own_x1]
+            sure = self.confidence_map[tile.own_y0 : tile.own_y1, tile.own_x0 : tile.own_x1]
             if tissue is True:
                 target[...] = window
+                sure[...] = confidence[j, :out_h, :out_w]
             elif tissue is False:
                 target[...] = BACKGROUND
+                sure[...] = 0
             else:
                 np.copyto(target, window)
                 target[~tissue] = BACKGROUND
+                np.copyto(sure, confidence[j, :out_h, :out_w])
+                sure[~tissue] = 0
 
-    def _sample_labels(self, tiles: Sequence[Tile], scores: np.ndarray) -> np.ndarray:
+    def _sample_labels(self, tiles: Sequence[Tile], scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, H, W): class + 1 of the bilinearly sampled scores at each owned output pixel
-        (H, W: the largest owned window; smaller windows fill its top-left corner).
+        (H, W: the largest owned window; smaller windows fill its top-left corner), and uint8
+        (N, H, W): the softmax probability of that class over the sampled scores, x 255.
 
         Output pixel (r, i) of tile j samples score position (by_j + r * sy_j, bx_j + i * sx_j)
         in the pixel-index convention of :func:`sample_bilinear`, clamped to the tile (edge
@@ -235,15 +243,28 @@ class LabelMapStitcher:
         stacked_xy, stacked_frac = map_xy.reshape(*grid, 2), map_frac.reshape(grid)
         best: np.ndarray | None = None
         labels = np.ones(grid, dtype=np.uint8)
+        per_class = []
         for k in range(n_classes):
             stacked = np.ascontiguousarray(scores[:, k], dtype=np.float32).reshape(n * h, w)
             sampled = cv2.remap(
                 stacked, stacked_xy, stacked_frac, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
             )
+            per_class.append(sampled)
             if best is None:
-                best = sampled
+                best = sampled.copy()
                 continue
             higher = sampled > best  # strict: ties keep the lower class, as argmax does
             np.copyto(labels, np.uint8(k + 1), where=higher)
             np.maximum(best, sampled, out=best)
-        return labels.reshape(n, out_h, out_w)
+        # max softmax probability = 1 / sum_k exp(s_k - max), in place over the sampled maps
+        assert best is not None  # a network has at least one class
+        total = np.zeros(grid, dtype=np.float32)
+        for sampled in per_class:
+            np.subtract(sampled, best, out=sampled)
+            np.exp(sampled, out=sampled)
+            total += sampled
+        confidence = np.empty(grid, dtype=np.uint8)
+        np.divide(255.0, total, out=total)
+        np.rint(total, out=total)
+        np.copyto(confidence, total, casting="unsafe")
+        return labels.reshape(n, out_h, out_w), confidence.reshape(n, out_h, out_w)
