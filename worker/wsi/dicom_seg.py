@@ -112,7 +112,8 @@ def write_seg(
         image_orientation=[float(v) for v in source.ImageOrientationSlide],
         pixel_spacing=(row_mm, col_mm),
     )
-    first_centre = to_slide(np.array([[(k - 1) / 2, (k - 1) / 2]]))[0]  # (column, row) in
+    # the transformer takes whole pixel indices only: its affine, at the fractional (column, row)
+    first_centre = (to_slide.affine @ np.array([(k - 1) / 2, (k - 1) / 2, 0.0, 1.0]))[:3]
     pixel_measures = hd.PixelMeasuresSequence(
         pixel_spacing=(row_mm * k, col_mm * k),
         slice_thickness=float(measures.get("SliceThickness", 0.0) or 0.0) or None,
