@@ -4,6 +4,7 @@ scale; the label map itself is unchanged (level 0 = the map stats.json counts)."
 
 from __future__ import annotations
 
+import itertools
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def test_tifffile_reads_a_multilevel_ome_series_at_the_output_scale(result):
         assert series.is_pyramidal and len(series.levels) >= 3
         shapes = [level.shape for level in series.levels]
         assert shapes[0] == tuple(run_result.provenance["output"]["label_map_shape"])
-        for above, below in zip(shapes, shapes[1:], strict=False):
+        for above, below in itertools.pairwise(shapes):
             assert below == ((above[0] + 1) // 2, (above[1] + 1) // 2)
         labels = series.levels[0].asarray()
         reduced = series.levels[1].asarray()
