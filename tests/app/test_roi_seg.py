@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +173,13 @@ def test_cli_writes_the_seg_and_refuses_bad_rois(tmp_path: Path, tiny_checkpoint
     seg = hd.seg.segread(out / "segmentation.seg.dcm")
     _check_seg_against_stats(seg, stats, _source(dicom_series))
     _, labels = _seg_areas_um2(seg)
+    validator = shutil.which("dciodvfy")  # Debian's dicom3tools, where installed
+    if validator:
+        seg_path = str(out / "segmentation.seg.dcm")
+        checked = subprocess.run([validator, seg_path], capture_output=True, text=True, timeout=120)
+        report = checked.stdout + checked.stderr
+        assert "Segmentation" in report
+        assert [line for line in report.splitlines() if line.startswith("Error")] == [], report
     cut = round(WIDTH_PX / 2 * stats["slide"]["mpp"] / stats["output_mpp"])
     assert labels[:, cut + 1 :].max() == 0  # the SEG is cut to the ROI as well
 

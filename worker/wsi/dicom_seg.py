@@ -144,6 +144,10 @@ def write_seg(
         tile_size=(SEG_TILE_PX, SEG_TILE_PX),
         omit_empty_frames=True,
     )
+    if "PatientOrientation" not in seg:
+        # General Image, type 2C: present (empty) where no patient orientation applies, as on a
+        # slide (dciodvfy reports its absence as an error)
+        seg.PatientOrientation = ""
     tmp = path.with_name(path.name + ".tmp")
     seg.save_as(tmp)
     os.replace(tmp, path)
