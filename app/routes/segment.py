@@ -170,8 +170,8 @@ def _find_existing(
         },
         415: {"description": "not a whole-slide image, or not multipart/form-data"},
         422: {
-            "description": "bad form field or callback_url, unknown model, truncated slide, or reused "
-            "Idempotency-Key"
+            "description": "bad form field or callback_url, unknown model, truncated slide, reused "
+            "Idempotency-Key, or a bad region of interest (invalid_roi)"
         },
         502: {"description": "the object store holding an s3:// slide did not answer"},
         503: {"description": "job store or broker unreachable, or storage unavailable (Retry-After)"},

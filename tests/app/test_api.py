@@ -217,9 +217,11 @@ def test_metrics(client: TestClient, slide_bytes: bytes) -> None:
 def test_openapi_documents_the_upload(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/segment"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-    assert set(body["properties"]) == {
-        "file", "mpp", "callback_url", "metadata", "external_id", "model", "qc_policy"
-    }
+    fields = {"file", "mpp", "callback_url", "metadata", "external_id", "model", "roi", "qc_policy"}
+    assert set(body["properties"]) == fields
+    assert body["properties"]["roi"]["type"] == "string"  # the GeoJSON as text in a form
+    assert body["properties"]["roi"]["maxLength"] == 512 * 1024
+    assert "/jobs/{job_id}/seg.dcm" in spec["paths"]
     for path in ("/jobs", "/jobs/{job_id}", "/jobs/{job_id}/geojson", "/healthz", "/readyz", "/metrics"):
         assert path in spec["paths"]
     job = spec["components"]["schemas"]["JobView"]["properties"]

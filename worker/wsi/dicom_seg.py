@@ -112,7 +112,8 @@ def write_seg(
         image_orientation=[float(v) for v in source.ImageOrientationSlide],
         pixel_spacing=(row_mm, col_mm),
     )
-    first_centre = to_slide(np.array([[(k - 1) / 2, (k - 1) / 2]]))[0]  # (column, row) in
+    # the transformer takes whole pixel indices only: its affine, at the fractional (column, row)
+    first_centre = (to_slide.affine @ np.array([(k - 1) / 2, (k - 1) / 2, 0.0, 1.0]))[:3]
     pixel_measures = hd.PixelMeasuresSequence(
         pixel_spacing=(row_mm * k, col_mm * k),
         slice_thickness=float(measures.get("SliceThickness", 0.0) or 0.0) or None,
@@ -143,6 +144,10 @@ def write_seg(
         tile_size=(SEG_TILE_PX, SEG_TILE_PX),
         omit_empty_frames=True,
     )
+    if "PatientOrientation" not in seg:
+        # General Image, type 2C: present (empty) where no patient orientation applies, as on a
+        # slide (dciodvfy reports its absence as an error)
+        seg.PatientOrientation = ""
     tmp = path.with_name(path.name + ".tmp")
     seg.save_as(tmp)
     os.replace(tmp, path)
