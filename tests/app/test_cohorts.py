@@ -10,13 +10,22 @@ import csv
 import io
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.app.live import API_KEY, CallbackRecorder, api_client, wait_ready, write_mosaic_slide
+from tests.app.live import (
+    API_KEY,
+    CallbackRecorder,
+    api_client,
+    redis_url_for_tests,
+    wait_ready,
+    write_mosaic_slide,
+)
+from tests.app.test_e2e_celery import start_worker
 
 OTHER_KEY = "other-lab-key-0123456789"
 
@@ -211,3 +220,48 @@ def test_delete_cancels_what_has_not_started(service, roots: dict[str, Path]) ->
     for job in cohort["jobs"]:
         if job["state"] == "cancelled":
             assert client.get(f"/jobs/{job['job_id']}").json()["state"] == "cancelled"
+
+
+@pytest.fixture()
+def redis_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    with redis_url_for_tests(tmp_path) as (url, prefix):
+        yield {
+            "FPROTOSEG_BROKER_URL": url,
+            "FPROTOSEG_REDIS_KEY_PREFIX": prefix,
+            "FPROTOSEG_QUEUE": prefix + "jobs",
+            "FPROTOSEG_CALLBACK_ALLOWED_HOSTS": "127.0.0.1",
+            "FPROTOSEG_MIN_FREE_MB": "0",
+        }
+
+
+def test_cohort_with_redis_and_celery(
+    tmp_path: Path, tiny_checkpoint: Path, roots: dict[str, Path], redis_env: dict[str, str]
+) -> None:
+    """The same cohort on the Redis job store with a real Celery worker: one good slide, one
+    missing; the cohort ends, its table and its one callback come from Redis."""
+    data_dir = tmp_path / "data"
+    hook = CallbackRecorder()
+    env = {**redis_env, "FPROTOSEG_SLIDE_ROOTS": f"{roots['shared']},{roots['own']}"}
+    worker = start_worker(data_dir, tiny_checkpoint, tmp_path / "worker.log", env)
+    try:
+        with api_client(data_dir, tiny_checkpoint, tmp_path / "api.log", **env) as client:
+            assert wait_ready(client)["checks"]["mode"] == "celery"
+            slides = [
+                {"slide_uri": _uri(roots["shared"] / "CMU-1-Small-Region.svs"), "external_id": "R-1"},
+                {"slide_uri": _uri(roots["own"] / "missing.svs"), "external_id": "R-2"},
+            ]
+            r = client.post("/cohorts", json={"slides": slides, "callback_url": hook.url})
+            assert r.status_code == 202, r.text
+            cohort = poll_cohort(client, r.json()["cohort_id"], 180)
+            assert [j["state"] for j in cohort["jobs"]] == ["succeeded", "failed"], worker.log()
+            table = client.get(f"/cohorts/{cohort['cohort_id']}/stats.csv").text
+            rows = list(csv.DictReader(io.StringIO(table)))
+            assert [row["external_id"] for row in rows] == ["R-1", "R-2"]
+            assert float(rows[0]["tissue_area_um2"]) > 0 and rows[1]["error_code"] == "slide_not_found"
+            wait_callbacks(hook, 1)
+            time.sleep(3)
+    finally:
+        worker.stop()
+        hook.close()
+    (_, body), = hook.received
+    assert json.loads(body)["counts"]["succeeded"] == 1
