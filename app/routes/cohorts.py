@@ -54,6 +54,7 @@ from fprotoseg.worker.service.cohorts import (
 )
 from fprotoseg.worker.service.cohortstore import COHORT_RUNNING, CohortMember, CohortRecord, CohortStore
 from fprotoseg.worker.service.jobstore import JobRecord, JobStore
+from fprotoseg.worker.service.netguard import MAX_URL_CHARS
 from fprotoseg.worker.service.states import FAILED
 from fprotoseg.worker.wsi.cohort_table import table_json, table_records, to_csv
 
@@ -86,8 +87,30 @@ class CohortRequest(BaseModel):
     model: str | None = Field(default=None, description="a model name from GET /models")
     mpp: float | None = Field(default=None, ge=MIN_MPP, le=MAX_MPP, allow_inf_nan=False)
     callback_url: str | None = Field(
-        default=None, description="POSTed one signed JSON body when every slide of the cohort has ended"
+        default=None,
+        max_length=MAX_URL_CHARS,
+        description="POSTed one signed JSON body when every slide of the cohort has ended",
     )
+
+
+def _inlined_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema with its ``$defs`` inlined: a request body in the OpenAPI document
+    cannot point at ``#/$defs/...`` (there is no such place in the document)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    inlined: dict[str, Any] = inline(schema)
+    return inlined
 
 
 class CohortJobRef(BaseModel):
@@ -187,7 +210,14 @@ def _failed_admission(
     status_code=202,
     summary="Start a cohort: up to 1,000 slides by URI, one job per slide",
     response_model=CohortAccepted,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _inlined_schema(CohortRequest)}},
+        }
+    },
     responses={
+        400: {"description": "the body is not valid JSON"},
         401: {"description": "missing or wrong X-API-Key"},
         413: {"description": "body larger than 8 MiB"},
         415: {"description": "not a JSON body"},
