@@ -23,8 +23,10 @@ from fprotoseg.app.dispatch import make_dispatcher
 from fprotoseg.app.metrics import install_metrics
 from fprotoseg.app.openapi import customise_openapi
 from fprotoseg.app.problems import install_problem_handlers
-from fprotoseg.app.routes import health, jobs, models, results, segment, viewer
+from fprotoseg.app.routes import cohorts, health, jobs, models, results, segment, viewer
 from fprotoseg.app.upload import TEMP_PREFIX
+from fprotoseg.worker.service.cohorts import CohortSweeper
+from fprotoseg.worker.service.cohortstore import open_cohort_store
 from fprotoseg.worker.service.jobstore import JobStore, open_jobstore
 from fprotoseg.worker.service.maintenance import run_maintenance
 from fprotoseg.worker.service.settings import Settings, load_settings
@@ -101,23 +103,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app_version = "0+unknown"
 
     maintenance = Maintenance(settings, store, dispatcher.resubmit)
+    cohort_store = open_cohort_store(store)
+    # ends cohorts whose jobs have all ended and sends their one callback
+    sweeper = CohortSweeper(settings, cohort_store, store)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         maintenance.start()
+        sweeper.start()
         try:
             yield
         finally:
+            sweeper.stop()
             maintenance.stop()
 
     app = FastAPI(title="fprotoseg", version=app_version, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.key_entries = settings.key_entries()
     app.state.store = store
+    app.state.cohorts = cohort_store
     app.state.dispatcher = dispatcher
     install_problem_handlers(app)
     app.state.metrics_registry = install_metrics(app, store, dispatcher)
-    for module in (segment, jobs, results, viewer, models, health):
+    for module in (segment, cohorts, jobs, results, viewer, models, health):
         app.include_router(module.router)
     # the result viewer's scripts (OpenSeadragon with its licence, the page's own): no CDN at run time
     app.mount("/static", StaticFiles(directory=viewer.STATIC_DIR), name="static")

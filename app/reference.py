@@ -210,8 +210,6 @@ def fetch_s3(uri: str, settings: Settings) -> IncomingSlide:
 
 async def receive_reference(request: Request, settings: Settings) -> IncomingSlide:
     """Parse the JSON body and bring the named slide to a hashed file (see the module docstring)."""
-    from fastapi.concurrency import run_in_threadpool
-
     body = b""
     async for chunk in request.stream():
         body += chunk
@@ -229,7 +227,14 @@ async def receive_reference(request: Request, settings: Settings) -> IncomingSli
         ) from None
     except ValueError:
         raise Problem(ErrorCode.INVALID_REQUEST, "the body is not valid JSON", status=400) from None
-    fields = SegmentReference.from_json(doc)
+    return await open_reference(SegmentReference.from_json(doc), settings)
+
+
+async def open_reference(fields: SegmentReference, settings: Settings) -> IncomingSlide:
+    """The slide a validated reference names, hashed (read where it is, or fetched): what
+    ``POST /segment`` and each slide of ``POST /cohorts`` admit."""
+    from fastapi.concurrency import run_in_threadpool
+
     uri = fields.slide_uri
     scheme = urlsplit(uri).scheme.lower()
     if scheme == "file":

@@ -108,6 +108,7 @@ class ErrorCode(str, Enum):
     INTERNAL_ERROR = ("internal_error", 500, "report it; the server log has the details")
     # --- the service -----------------------------------------------------------------------------
     JOB_NOT_FOUND = ("job_not_found", 404, "check the job id")
+    COHORT_NOT_FOUND = ("cohort_not_found", 404, "check the cohort id")
     JOB_FINISHED = ("job_finished", 409, "none: the job has ended already")
     RESULTS_NOT_READY = ("results_not_ready", 409, "poll GET /jobs/{id} until it succeeded")
     RESULTS_MISSING = ("results_missing", 404, "submit the slide again (the results were removed)")

@@ -207,6 +207,24 @@ async def create_segmentation(
             received.path, received.sha256, received.size_bytes, received.filename, owned=True,
             form=received.fields,
         )
+    rec, replayed = await admit_slide(upload, who, idempotency_key, settings, store, dispatcher)
+    return _accepted(rec, request, settings, replayed=replayed)
+
+
+async def admit_slide(
+    upload: IncomingSlide,
+    who: Principal,
+    idempotency_key: str | None,
+    settings: Settings,
+    store: JobStore,
+    dispatcher: Dispatcher,
+) -> tuple[JobRecord, bool]:
+    """(the job, replayed?) for a received slide: sniffed, its fields checked, matched against
+    this tenant's jobs (the same job again) or made a new queued job handed to the workers.
+
+    The one admission path of ``POST /segment`` and of every slide of ``POST /cohorts``. A temp
+    copy (``upload.owned``) is moved into place for the job or removed, whatever happens.
+    """
     try:
         if upload.owned and await run_in_threadpool(is_zip_file, upload.path):  # a DICOM WSI series
             upload = await run_in_threadpool(unpack_dicom_zip, upload, settings)
@@ -231,7 +249,7 @@ async def create_segmentation(
             _find_existing, store, settings, dispatcher, who, idempotency_key, upload.sha256, phash
         )
         if existing is not None:
-            return _accepted(existing, request, settings, replayed=True)
+            return existing, True
 
         job_id = str(uuid.uuid4())
         final_path: Path | None = None
@@ -271,7 +289,7 @@ async def create_segmentation(
             winner = await run_in_threadpool(store.get, dup.existing_id)
             if winner is None:
                 raise
-            return _accepted(winner, request, settings, replayed=True)
+            return winner, True
         try:
             await run_in_threadpool(dispatcher.submit, job_id)
         except Exception as exc:
@@ -290,7 +308,7 @@ async def create_segmentation(
             await run_in_threadpool(store.release_idempotency_key, job_id)
             raise BrokerUnavailableError("the job queue (broker) is unreachable; try again") from None
         log.info("job %s: queued (%s, %d bytes, %s)", job_id, fmt.name, upload.size_bytes, upload.sha256[:12])
-        return _accepted(rec, request, settings, replayed=False)
+        return rec, False
     finally:
         if upload.owned:  # a temp copy not moved into place (refused, or replayed); never a referenced slide
             remove_incoming(upload.path)

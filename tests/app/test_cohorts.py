@@ -1,0 +1,267 @@
+"""Issue 24, item 1: cohorts on a real ``fprotoseg serve`` (uvicorn + the embedded worker, SQLite)
+over real HTTP, slides named by file:// URI: real slides from ../shared/data/slides, one written
+here with tifffile, a truncated one and a missing one (the failures). One callback per cohort,
+signed; tenancy like jobs; DELETE cancels what has not started.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.app.live import (
+    API_KEY,
+    CallbackRecorder,
+    api_client,
+    redis_url_for_tests,
+    wait_ready,
+    write_mosaic_slide,
+)
+from tests.app.test_e2e_celery import start_worker
+
+OTHER_KEY = "other-lab-key-0123456789"
+
+
+def _uri(path: Path) -> str:
+    return "file://" + str(path).replace(" ", "%20")
+
+
+def poll_cohort(client: httpx.Client, cohort_id: str, timeout_s: float = 300.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    view: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        r = client.get(f"/cohorts/{cohort_id}")
+        assert r.status_code == 200, r.text
+        view = r.json()
+        if view["state"] == "ended":
+            return view
+        assert r.headers["retry-after"]
+        time.sleep(0.5)
+    raise AssertionError(f"cohort {cohort_id} still running after {timeout_s} s: {view}")
+
+
+def wait_callbacks(hook: CallbackRecorder, n: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(hook.received) < n and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict[str, Path]:
+    own = tmp_path_factory.mktemp("slide-root")
+    source = shared_data / "slides" / "CMU-1-Small-Region.svs"
+    write_mosaic_slide(source, own / "mosaic.tiff", (1, 2))  # tifffile-written, 2 x CMU-1's tissue
+    (own / "truncated.svs").write_bytes(source.read_bytes()[:150_000])
+    return {"shared": shared_data / "slides", "own": own}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, roots: dict[str, Path]):
+    data_dir = tmp_path_factory.mktemp("cohort-data")
+    log = tmp_path_factory.mktemp("logs") / "serve.log"
+    env = {
+        "FPROTOSEG_API_KEYS": f"lab-a:{API_KEY},lab-b:{OTHER_KEY}",
+        "FPROTOSEG_SLIDE_ROOTS": f"{roots['shared']},{roots['own']}",
+        "FPROTOSEG_BATCH_SIZE": "8",
+        "FPROTOSEG_CALLBACK_ALLOWED_HOSTS": "127.0.0.1",
+        "FPROTOSEG_MIN_FREE_MB": "0",
+        "FPROTOSEG_CANCEL_POLL_INTERVAL_S": "0.2",
+    }
+    with api_client(data_dir, tiny_checkpoint, log, **env) as client:
+        wait_ready(client)
+        yield client, data_dir, log
+
+
+def test_cohort_end_to_end(service, roots: dict[str, Path]) -> None:
+    client, data_dir, _ = service
+    hook = CallbackRecorder()
+    slides = [
+        {"slide_uri": _uri(roots["shared"] / "CMU-1-Small-Region.svs"), "external_id": "S-1"},
+        {
+            "slide_uri": _uri(roots["shared"] / "OS-1-detail.ome.tif"),
+            "external_id": "S-2",
+            "metadata": {"block": "A2"},
+        },
+        {"slide_uri": _uri(roots["own"] / "mosaic.tiff"), "external_id": "S-3"},
+        {"slide_uri": _uri(roots["own"] / "truncated.svs"), "external_id": "S-4"},
+        {"slide_uri": _uri(roots["own"] / "missing.svs"), "external_id": "S-5"},
+    ]
+    try:
+        r = client.post("/cohorts", json={"slides": slides, "callback_url": hook.url})
+        assert r.status_code == 202, r.text
+        accepted = r.json()
+        assert r.headers["location"] == accepted["status_url"]
+        assert [j["external_id"] for j in accepted["jobs"]] == ["S-1", "S-2", "S-3", "S-4", "S-5"]
+        assert len({j["job_id"] for j in accepted["jobs"]}) == 5
+        cohort = poll_cohort(client, accepted["cohort_id"])
+        wait_callbacks(hook, 1)
+        time.sleep(3)  # a second callback would come within the sweeper's interval
+    finally:
+        hook.close()
+
+    states = {j["external_id"]: j for j in cohort["jobs"]}
+    assert [states[k]["state"] for k in ("S-1", "S-2", "S-3")] == ["succeeded"] * 3, cohort
+    assert states["S-4"]["state"] == "failed" and states["S-4"]["error"]["code"] == "corrupt_slide"
+    assert states["S-5"]["state"] == "failed" and states["S-5"]["error"]["code"] == "slide_not_found"
+    assert cohort["counts"]["succeeded"] == 3 and cohort["counts"]["failed"] == 2
+    assert cohort["ended_at"] and cohort["callback_status"] in ("pending", "delivered")
+    # every job is an ordinary job too
+    missing_job = client.get(f"/jobs/{states['S-5']['job_id']}").json()
+    assert missing_job["state"] == "failed" and missing_job["metadata"] == {"external_id": "S-5"}
+
+    # stats.csv: header + one row per slide, areas as each job's stats.json says
+    table = client.get(f"/cohorts/{accepted['cohort_id']}/stats.csv")
+    assert table.status_code == 200 and table.headers["content-type"].startswith("text/csv")
+    rows = {row["external_id"]: row for row in csv.DictReader(io.StringIO(table.text))}
+    assert list(rows) == ["S-1", "S-2", "S-3", "S-4", "S-5"]
+    as_json = client.get(f"/cohorts/{accepted['cohort_id']}/stats.json").json()
+    assert [s["external_id"] for s in as_json["slides"]] == list(rows)
+    for key in ("S-1", "S-2", "S-3"):
+        stats = client.get(f"/jobs/{states[key]['job_id']}/stats").json()
+        assert float(rows[key]["tissue_area_um2"]) == pytest.approx(stats["tissue_area_um2"], abs=1e-3)
+        assert rows[key]["sha256"] and rows[key]["state"] == "succeeded"
+        json_slide = next(s for s in as_json["slides"] if s["external_id"] == key)
+        for entry in stats["classes"]:
+            assert float(rows[key][f"{entry['name']}_area_um2"]) == pytest.approx(
+                entry["area_um2"], abs=1e-3
+            )
+            assert float(rows[key][f"{entry['name']}_fraction"]) == pytest.approx(
+                entry["fraction_of_tissue"], abs=1e-6
+            )
+            assert json_slide["classes"][entry["name"]]["area_um2"] == pytest.approx(entry["area_um2"])
+    assert rows["S-4"]["error_code"] == "corrupt_slide" and rows["S-4"]["tissue_area_um2"] == ""
+    assert rows["S-5"]["error_code"] == "slide_not_found"
+    mosaic = float(rows["S-3"]["tissue_area_um2"]) / float(rows["S-1"]["tissue_area_um2"])
+    assert 1.7 < mosaic < 2.3  # the tifffile slide is CMU-1's pixels twice
+
+    # one callback for the whole cohort, signed like a job's
+    from fprotoseg.worker.service.callbacks import verify
+
+    ((headers, body),) = hook.received
+    secret = (data_dir / "callback-secret").read_text().strip()
+    assert verify(secret, headers["X-Fprotoseg-Timestamp"], body, headers["X-Fprotoseg-Signature"])
+    payload = json.loads(body)
+    assert payload["cohort_id"] == accepted["cohort_id"] and payload["state"] == "ended"
+    assert payload["counts"]["succeeded"] == 3 and payload["counts"]["failed"] == 2
+    assert payload["links"]["stats_csv"].endswith(f"/cohorts/{accepted['cohort_id']}/stats.csv")
+    assert client.get(f"/cohorts/{accepted['cohort_id']}").json()["callback_status"] == "delivered"
+
+    # deduplicated per tenant like single submissions: the same slide, same fields, same job
+    single = client.post("/segment", json={"slide_uri": slides[0]["slide_uri"], "external_id": "S-1"})
+    assert single.status_code == 202 and single.headers["idempotent-replayed"] == "true"
+    assert single.json()["job_id"] == states["S-1"]["job_id"]
+    again = client.post("/cohorts", json={"slides": slides[:3] + slides[4:]}).json()
+    assert [j["job_id"] for j in again["jobs"][:3]] == [
+        states[k]["job_id"] for k in ("S-1", "S-2", "S-3")
+    ]
+    assert again["jobs"][3]["job_id"] != states["S-5"]["job_id"]  # a failed job is never replayed
+    assert poll_cohort(client, again["cohort_id"], 30)["counts"]["succeeded"] == 3
+
+    # another tenant sees nothing: 404 with the registry's code, like a missing cohort
+    other = {"X-API-Key": OTHER_KEY}
+    for method, path in (
+        ("GET", f"/cohorts/{accepted['cohort_id']}"),
+        ("GET", f"/cohorts/{accepted['cohort_id']}/stats.csv"),
+        ("GET", f"/cohorts/{accepted['cohort_id']}/stats.json"),
+        ("DELETE", f"/cohorts/{accepted['cohort_id']}"),
+        ("GET", "/cohorts/no-such-cohort"),
+    ):
+        r = client.request(method, path, headers=other if "no-such" not in path else None)
+        assert r.status_code == 404 and r.json()["code"] == "cohort_not_found", (method, path, r.text)
+    # the other tenant's own submission of the same slide is its own job
+    theirs = client.post("/cohorts", json={"slides": slides[:1]}, headers=other).json()
+    assert theirs["jobs"][0]["job_id"] != states["S-1"]["job_id"]
+
+
+def test_cohort_requests_refused_whole(service, roots: dict[str, Path]) -> None:
+    client, _, _ = service
+    one = {"slide_uri": _uri(roots["shared"] / "CMU-1-Small-Region.svs")}
+    cases = [
+        ({"slides": []}, 422, "invalid_request"),
+        ({"slides": [one] * 1001}, 422, "invalid_request"),
+        ({"slides": [one], "model": "no-such-model"}, 422, "unknown_model"),
+        ({"slides": [one], "callback_url": "file:///etc/passwd"}, 422, "invalid_request"),
+        ({"slides": [{**one, "colour": "blue"}]}, 422, "invalid_request"),
+        ({"slides": [one], "mpp": "0.5"}, 422, "invalid_request"),
+    ]
+    for body, status, code in cases:
+        r = client.post("/cohorts", json=body)
+        assert r.status_code == status and r.json()["code"] == code, (
+            body if len(str(body)) < 300 else "1001",
+            r.text,
+        )
+    r = client.post("/cohorts", content=b"slides", headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415
+
+
+def test_delete_cancels_what_has_not_started(service, roots: dict[str, Path]) -> None:
+    """Four jobs (the same slide for four cases); the one local worker runs one at a time, so a
+    DELETE right after the POST finds the later ones queued: those are cancelled, a running one
+    finishes, and the cohort ends."""
+    client, _, _ = service
+    uri = _uri(roots["own"] / "mosaic.tiff")
+    slides = [{"slide_uri": uri, "external_id": f"CASE-{i}"} for i in range(4)]
+    accepted = client.post("/cohorts", json={"slides": slides}).json()
+    r = client.delete(f"/cohorts/{accepted['cohort_id']}")
+    assert r.status_code == 202, r.text
+    answer = r.json()
+    assert answer["cancel_requested"] is True and answer["cancelled"] >= 2
+    cohort = poll_cohort(client, accepted["cohort_id"])
+    assert cohort["counts"]["cancelled"] == answer["cancelled"]
+    assert cohort["counts"]["cancelled"] + cohort["counts"]["succeeded"] == 4
+    for job in cohort["jobs"]:
+        if job["state"] == "cancelled":
+            assert client.get(f"/jobs/{job['job_id']}").json()["state"] == "cancelled"
+
+
+@pytest.fixture()
+def redis_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    with redis_url_for_tests(tmp_path) as (url, prefix):
+        yield {
+            "FPROTOSEG_BROKER_URL": url,
+            "FPROTOSEG_REDIS_KEY_PREFIX": prefix,
+            "FPROTOSEG_QUEUE": prefix + "jobs",
+            "FPROTOSEG_CALLBACK_ALLOWED_HOSTS": "127.0.0.1",
+            "FPROTOSEG_MIN_FREE_MB": "0",
+        }
+
+
+def test_cohort_with_redis_and_celery(
+    tmp_path: Path, tiny_checkpoint: Path, roots: dict[str, Path], redis_env: dict[str, str]
+) -> None:
+    """The same cohort on the Redis job store with a real Celery worker: one good slide, one
+    missing; the cohort ends, its table and its one callback come from Redis."""
+    data_dir = tmp_path / "data"
+    hook = CallbackRecorder()
+    env = {**redis_env, "FPROTOSEG_SLIDE_ROOTS": f"{roots['shared']},{roots['own']}"}
+    worker = start_worker(data_dir, tiny_checkpoint, tmp_path / "worker.log", env)
+    try:
+        with api_client(data_dir, tiny_checkpoint, tmp_path / "api.log", **env) as client:
+            assert wait_ready(client)["checks"]["mode"] == "celery"
+            slides = [
+                {"slide_uri": _uri(roots["shared"] / "CMU-1-Small-Region.svs"), "external_id": "R-1"},
+                {"slide_uri": _uri(roots["own"] / "missing.svs"), "external_id": "R-2"},
+            ]
+            r = client.post("/cohorts", json={"slides": slides, "callback_url": hook.url})
+            assert r.status_code == 202, r.text
+            cohort = poll_cohort(client, r.json()["cohort_id"], 180)
+            assert [j["state"] for j in cohort["jobs"]] == ["succeeded", "failed"], worker.log()
+            table = client.get(f"/cohorts/{cohort['cohort_id']}/stats.csv").text
+            rows = list(csv.DictReader(io.StringIO(table)))
+            assert [row["external_id"] for row in rows] == ["R-1", "R-2"]
+            assert float(rows[0]["tissue_area_um2"]) > 0 and rows[1]["error_code"] == "slide_not_found"
+            wait_callbacks(hook, 1)
+            time.sleep(3)
+    finally:
+        worker.stop()
+        hook.close()
+    (_, body), = hook.received
+    assert json.loads(body)["counts"]["succeeded"] == 1
