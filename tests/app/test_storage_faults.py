@@ -69,3 +69,16 @@ def test_the_access_log_holds_no_token(tmp_path: Path, tiny_checkpoint: Path) ->
     text = log_path.read_text()
     assert "/jobs/some-job/view?token=REDACTED&page=2" in text  # the request is still logged
     assert secret not in text and API_KEY not in text
+
+
+def test_the_schema_names_its_operations_and_enumerates_states(tmp_path: Path) -> None:
+    """Issue 22, item 7 (part): a generated client's methods are the routes' names, unique, and
+    the 202's ``state`` is the enum of job states, not a bare string."""
+    settings = Settings(data_dir=tmp_path / "data", api_keys=["k-1"])
+    with TestClient(create_app(settings)) as client:
+        spec = client.get("/openapi.json").json()
+    ids = [op["operationId"] for item in spec["paths"].values() for op in item.values()]
+    assert len(ids) == len(set(ids))
+    assert {"create_segmentation", "list_jobs", "get_job", "cancel_job", "get_mask", "get_stats"} <= set(ids)
+    state = spec["components"]["schemas"]["SegmentAccepted"]["properties"]["state"]
+    assert state.get("enum") or "JobState" in state.get("$ref", ""), state
