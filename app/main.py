@@ -83,6 +83,27 @@ class Maintenance:
         self._thread.join(5.0)
 
 
+_SECRET_QUERY_NAMES = ("token", "sig", "key", "secret", "credential", "auth", "password")
+
+
+class RedactSecretsInAccessLog(logging.Filter):
+    """The access log keeps the path and the names of query parameters, never the value of one
+    that may be a secret (the viewer's ``?token=``, a signed URL's signature): log files are read
+    and shipped by more people than may open a patient's results."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            path, query = args[2].split("?", 1)
+            parts = []
+            for pair in query.split("&"):
+                name = pair.split("=", 1)[0]
+                secret = any(word in name.lower() for word in _SECRET_QUERY_NAMES)
+                parts.append(f"{name}=REDACTED" if secret and "=" in pair else pair)
+            record.args = (*args[:2], f"{path}?{'&'.join(parts)}", *args[3:])
+        return True
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for ``settings`` (default: from the FPROTOSEG_* environment).
 
@@ -118,6 +139,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             maintenance.stop()
 
     app = FastAPI(title="fprotoseg", version=app_version, description=DESCRIPTION, lifespan=lifespan)
+    access_log = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactSecretsInAccessLog) for f in access_log.filters):
+        access_log.addFilter(RedactSecretsInAccessLog())
     app.state.settings = settings
     app.state.key_entries = settings.key_entries()
     app.state.store = store

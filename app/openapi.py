@@ -8,6 +8,8 @@ module makes the document say exactly that, so a generated client parses what it
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from typing import Any
 
 from fastapi import FastAPI
@@ -30,12 +32,30 @@ def _problem_content() -> dict[str, Any]:
     return {PROBLEM_MEDIA_TYPE: {"schema": PROBLEM_REF}}
 
 
+def _operation_names(spec: dict[str, Any]) -> dict[tuple[str, str], str]:
+    """(path, method) -> the route function's name, where that name is unique in the API: the
+    generated client's method names (``create_segmentation``, ``get_job``) instead of FastAPI's
+    ``<name><path>_<method>`` (its default operationId, so the name is that without the suffix)."""
+    found: dict[tuple[str, str], str] = {}
+    for path, item in spec.get("paths", {}).items():
+        for method, op in item.items():
+            suffix = re.sub(r"\W", "_", path) + f"_{method}"
+            default = str(op.get("operationId", ""))
+            if default.endswith(suffix) and len(default) > len(suffix):
+                found[(path, method)] = default[: -len(suffix)]
+    counts = Counter(found.values())
+    return {key: name for key, name in found.items() if counts[name] == 1}
+
+
 def build_openapi(app: FastAPI) -> dict[str, Any]:
     spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    names = _operation_names(spec)
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     schemas["Problem"] = ProblemView.model_json_schema(ref_template="#/components/schemas/{model}")
     for path, item in spec.get("paths", {}).items():
         for method, op in item.items():
+            if (path, method) in names:  # create_segmentation, not create_segmentation_segment_post
+                op["operationId"] = names[(path, method)]
             responses: dict[str, Any] = op.setdefault("responses", {})
             wanted: set[int] = set()
             if op.get("security"):

@@ -32,6 +32,15 @@ __all__ = [
 
 log = logging.getLogger("fprotoseg.api")
 
+# What a client reads of an infrastructure failure: what failed and what to do, never where
+# (the driver's own message, with host, port or path, goes to the server log).
+_UNAVAILABLE_DETAIL = {
+    ErrorCode.JOBSTORE_UNAVAILABLE: "the job store is unreachable; try again after Retry-After",
+    ErrorCode.BROKER_UNAVAILABLE: "the job queue is unreachable; try again after Retry-After",
+    ErrorCode.STORAGE_UNAVAILABLE: "the server's storage cannot be used right now; try again after "
+    "Retry-After",
+}
+
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 _TITLES = {
@@ -130,11 +139,18 @@ def install_problem_handlers(app: FastAPI) -> None:
         """Any error of any layer, by its class: its ``http_status``, ``code`` and one-line message."""
         problem = exc if isinstance(exc, Problem) else None
         headers = dict(problem.headers) if problem else {}
+        detail = exc.message
         if exc.http_status == 503:
             headers.setdefault("Retry-After", "5")  # transient by definition: say when to come back
+            if problem is None:  # a driver's message names hosts, ports and paths: the log only
+                log.error("%s %s: %s", request.method, request.url.path, exc.message)
+                detail = next(
+                    (text for code, text in _UNAVAILABLE_DETAIL.items() if code == exc.code),
+                    _UNAVAILABLE_DETAIL[ErrorCode.STORAGE_UNAVAILABLE],
+                )
         return problem_response(
             exc.code,
-            exc.message,
+            detail,
             status=exc.http_status,
             instance=request.url.path,
             headers=headers or None,
@@ -150,6 +166,14 @@ def install_problem_handlers(app: FastAPI) -> None:
                 "the server is out of disk space; try again later",
                 instance=request.url.path,
                 headers={"Retry-After": "300"},
+            )
+        if isinstance(exc, OSError):  # the data dir vanished, turned read-only, lost its mount
+            log.error("storage error on %s %s: %s", request.method, request.url.path, exc)
+            return problem_response(
+                ErrorCode.STORAGE_UNAVAILABLE,
+                _UNAVAILABLE_DETAIL[ErrorCode.STORAGE_UNAVAILABLE],
+                instance=request.url.path,
+                headers={"Retry-After": "30"},
             )
         # The traceback goes to the server log only; the body names the error class and nothing more.
         log.exception("unhandled error on %s %s", request.method, request.url.path)

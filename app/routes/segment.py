@@ -125,6 +125,17 @@ def _replayable(
     return rec
 
 
+def _same_submission(rec: JobRecord, sha256: str, phash: str) -> JobRecord:
+    """``rec``, found by this request's Idempotency-Key, if it is a job on the same bytes with
+    the same parameters; a key reused for another slide is a 422, never another slide's job."""
+    if rec.upload_sha256 != sha256 or rec.params_hash != phash:
+        raise Problem(
+            ErrorCode.IDEMPOTENCY_KEY_REUSED,
+            "this Idempotency-Key was used for a different upload; use a new key",
+        )
+    return rec
+
+
 def _find_existing(
     store: JobStore,
     settings: Settings,
@@ -135,15 +146,12 @@ def _find_existing(
     phash: str,
 ) -> JobRecord | None:
     if key:
-        rec = _replayable(store, settings, dispatcher, store.find_by_idempotency_key(key, who.tenant))
+        found = store.find_by_idempotency_key(key, who.tenant)  # once: a concurrent request may create it
+        rec = _replayable(store, settings, dispatcher, found)
         if rec is not None:
-            if rec.upload_sha256 != sha256 or rec.params_hash != phash:
-                raise Problem(
-                    ErrorCode.IDEMPOTENCY_KEY_REUSED,
-                    "this Idempotency-Key was used for a different upload; use a new key",
-                )
-            return rec
-        if store.find_by_idempotency_key(key, who.tenant) is not None:  # a dead job still holds it
+            return _same_submission(rec, sha256, phash)
+        if found is not None and store.find_by_idempotency_key(key, who.tenant) is not None:
+            # a dead job still holds it
             raise Problem(
                 ErrorCode.CONFLICT, "this Idempotency-Key belongs to a job still being ended; retry"
             )
@@ -283,13 +291,13 @@ async def admit_slide(
         )
         try:
             await run_in_threadpool(store.create, rec)
-        except DuplicateJobError as dup:  # a concurrent request with the same key won the race
+        except DuplicateJobError as dup:  # a concurrent request with the same key or content won
             if final_path is not None:
                 remove_incoming(final_path)
             winner = await run_in_threadpool(store.get, dup.existing_id)
             if winner is None:
                 raise
-            return winner, True
+            return _same_submission(winner, upload.sha256, phash), True
         try:
             await run_in_threadpool(dispatcher.submit, job_id)
         except Exception as exc:

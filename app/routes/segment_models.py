@@ -29,6 +29,7 @@ from fprotoseg.app.routes.views import JobView
 from fprotoseg.app.upload import MAX_FILENAME_CHARS
 from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.service.netguard import MAX_URL_CHARS
+from fprotoseg.worker.service.states import JobState
 from fprotoseg.worker.service.strictjson import StrictJSONError, check_value, control_characters, loads_strict
 from fprotoseg.worker.wsi.roi import MAX_ROI_BYTES, parse_roi
 
@@ -200,7 +201,7 @@ class SegmentAccepted(BaseModel):
 
     job_id: str
     status_url: str
-    state: str
+    state: JobState
     job: JobView
 
 

@@ -124,6 +124,12 @@ def test_malformed_key_entries_fail_at_start() -> None:
         "http://[64:ff9b::a9fe:a9fe]/",
         "http://[2002:7f00:1::1]:6379/",
         "http://[2001:470:1::200:5efe:a9fe:a9fe]/",
+        "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/",  # Teredo
+        "http://192.0.0.8/",  # IANA special-purpose ranges Python 3.11.7 calls global
+        "http://192.88.99.1/",
+        "http://[fec0::1]/",
+        "http://[100:0:0:1::1]/",
+        "http://[4000::1]/",
         "http://169.254.169.254/latest/meta-data",
         "http://10.0.0.5/",
         "http://192.168.1.1./",

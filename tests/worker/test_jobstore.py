@@ -113,6 +113,66 @@ def test_idempotency_key_and_content_lookup(store_factory) -> None:  # type: ign
     assert store.find_by_content("s1", "p1") is None  # a failed job is not reused
 
 
+def test_one_live_job_per_tenant_slide_and_parameters(store_factory) -> None:  # type: ignore[no-untyped-def]
+    """Issue 22, item 4, in the store: the claim on content is the backstop of a lookup that
+    raced (tests/app/test_submission_race.py races it through the API)."""
+    store = store_factory()
+    first = new_job(store, tenant="lab-a", upload_sha256="s1", params_hash="p1")
+    with pytest.raises(DuplicateJobError) as info:
+        new_job(store, tenant="lab-a", upload_sha256="s1", params_hash="p1", idempotency_key="other")
+    assert info.value.existing_id == first.id
+    assert store.find_by_idempotency_key("other", "lab-a") is None  # the refused create claimed nothing
+    new_job(store, tenant="lab-b", upload_sha256="s1", params_hash="p1")  # another tenant's case
+    new_job(store, tenant="lab-a", upload_sha256="s1", params_hash="p2")  # other parameters
+    store.transition(first.id, RUNNING, [QUEUED])  # still live: still claimed
+    with pytest.raises(DuplicateJobError):
+        new_job(store, tenant="lab-a", upload_sha256="s1", params_hash="p1")
+    store.transition(first.id, FAILED, [RUNNING], error_code="x", error_message="y")
+    second = new_job(store, tenant="lab-a", upload_sha256="s1", params_hash="p1")  # a failed job gave it up
+    store.transition(second.id, CANCELLED, [QUEUED])
+    third = new_job(store, tenant="lab-a", upload_sha256="s1", params_hash="p1")
+    store.transition(third.id, RUNNING, [QUEUED])
+    store.transition(third.id, SUCCEEDED, [RUNNING])
+    with pytest.raises(DuplicateJobError):  # a succeeded job is reused, not redone
+        new_job(store, tenant="lab-a", upload_sha256="s1", params_hash="p1")
+    store.delete(third.id)  # retention frees it
+    new_job(store, tenant="lab-a", upload_sha256="s1", params_hash="p1")
+
+
+def test_an_older_sqlite_file_with_duplicate_live_jobs_keeps_working(tmp_path: Path) -> None:
+    """A file written before the content claim may hold two live jobs on the same content: it
+    opens, both still update (only one of them holds the claim), and a third is refused."""
+    import sqlite3
+
+    from fprotoseg.worker.service.jobstore.base import encode_record
+
+    path = tmp_path / "jobs.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE jobs (id TEXT PRIMARY KEY, state TEXT NOT NULL, created_at REAL NOT NULL, "
+        "sha256 TEXT NOT NULL DEFAULT '', params_hash TEXT NOT NULL DEFAULT '', "
+        "idempotency_key TEXT UNIQUE, record TEXT NOT NULL, tenant TEXT NOT NULL DEFAULT '')"
+    )
+    old = [JobRecord(id=f"old-{i}", tenant="lab-a", upload_sha256="s1", params_hash="p1") for i in range(2)]
+    for rec in old:
+        db.execute(
+            "INSERT INTO jobs (id, state, created_at, sha256, params_hash, record, tenant) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (rec.id, rec.state, rec.created_at, "s1", "p1", encode_record(rec), rec.tenant),
+        )
+    db.commit()
+    db.close()
+    store = SqliteJobStore(path)
+    for rec in old:
+        assert store.transition(rec.id, RUNNING, [QUEUED]) is not None
+        assert store.progress(rec.id, "infer", 0.5)
+    with pytest.raises(DuplicateJobError):
+        new_job(store, tenant="lab-a", upload_sha256="s1", params_hash="p1")
+    for rec in old:
+        store.transition(rec.id, FAILED, [RUNNING], error_code="x", error_message="y")
+    new_job(store, tenant="lab-a", upload_sha256="s1", params_hash="p1")
+
+
 def test_cancel_queued_is_immediate_running_is_flagged(store_factory) -> None:  # type: ignore[no-untyped-def]
     store = store_factory()
     queued, running = new_job(store), new_job(store)

@@ -91,3 +91,39 @@ def test_an_allowed_network_still_admits_its_ipv6_literals() -> None:
     with pytest.raises(CallbackURLError):
         check_callback_url(url, [])
     assert check_callback_url(url, ["fd00:20::/64"]) == url
+
+
+# Issue 22 (brief item 3): every range the IANA special-purpose registries mark not globally
+# reachable, by its first, a middle and its last address, whatever this Python's is_global says
+# (3.11.7 calls 192.0.0.8, fec0::1, 100:0:0:1::1 and 4000::1 global), plus the space outside
+# 2000::/3 that is not allocated at all.
+NOT_GLOBAL_NETWORKS = [
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15",
+    "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+    "::/128", "::1/128", "::/96", "64:ff9b:1::/48", "100::/64", "100:0:0:1::/64", "2001::/23",
+    "2001::/32", "2001:2::/48", "2001:10::/28", "2001:20::/28", "2001:db8::/32", "2002::/16",
+    "3fff::/20", "5f00::/16", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
+    "1::/16", "4000::/2", "8000::/1", "e000::/4",
+]
+
+
+def _samples(network: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    net = ipaddress.ip_network(network)
+    return [net.network_address, net.network_address + net.num_addresses // 2 + 1, net.broadcast_address]
+
+
+@pytest.mark.parametrize("network", NOT_GLOBAL_NETWORKS)
+def test_every_range_that_is_not_globally_reachable_is_refused(network: str) -> None:
+    for addr in _samples(network):
+        if addr.version == 6 and int(addr) <= 1 and network not in ("::/128", "::1/128"):
+            continue  # :: and ::1 are their own entries
+        assert not is_public(addr), addr
+        host = f"[{addr}]" if addr.version == 6 else str(addr)
+        with pytest.raises(CallbackURLError):
+            check_callback_url(f"https://{host}/hook", [])
+
+
+@pytest.mark.parametrize("text", ["::ffff:0.0.0.0", "64:ff9b::", "64:ff9b::e000:1", "::ffff:100.64.0.1"])
+def test_translated_forms_are_judged_by_their_ipv4_address_when_resolved(text: str) -> None:
+    assert not is_public(ipaddress.IPv6Address(text))

@@ -5,7 +5,9 @@ network next to Redis, databases and cloud metadata endpoints. So:
 
 - only ``http``/``https``, no credentials in the URL (they would be sent and shown in job views);
 - an address that is loopback, private, link-local, multicast, reserved or otherwise not globally
-  routable is refused unless its host is on FPROTOSEG_CALLBACK_ALLOWED_HOSTS (names, IPs or CIDR
+  routable (every non-global range of the IANA special-purpose registries, and IPv6 outside
+  2000::/3, whatever the running Python's ``is_global`` says) is refused unless its host is on
+  FPROTOSEG_CALLBACK_ALLOWED_HOSTS (names, IPs or CIDR
   networks: the LIMS on the hospital network is the usual entry);
 - at submission (:func:`check_callback_url`), everything the URL alone shows: scheme,
   credentials, and a literal IP in any notation (``0x7f000001``, ``2130706433``, ``0177.1``,
@@ -48,10 +50,24 @@ _LOW32 = (
     _V6("64:ff9b::/96"),
     _V6("64:ff9b:1::/48"),
 )
-# Never globally reachable, whatever Python's tables say (3.11 calls these global): IPv4-compatible
-# is deprecated, the local-use NAT64 prefix translates into networks only its operator knows, and
-# the IANA special-purpose registry marks the rest non-global (documentation 3fff::/20, SRv6 SIDs).
-_NOT_GLOBAL = (_V6("::/96"), _V6("64:ff9b:1::/48"), _V6("3fff::/20"), _V6("5f00::/16"))
+# Not globally reachable, whatever Python's tables of the day say (they differ between 3.11 patch
+# releases): the IANA IPv4 and IPv6 special-purpose address registries, plus what they list as
+# reachable but no LIMS is (the 192.0.0.0/24 anycast services, the deprecated 6to4 relay anycast).
+_V4 = ipaddress.IPv4Network
+_NOT_GLOBAL_V4 = tuple(
+    _V4(net)
+    for net in (
+        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+        "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15",
+        "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+    )
+)
+# IPv6 is global only in 2000::/3, and there not in the IETF protocol assignments (Teredo,
+# benchmarking, ORCHID, …), documentation or 6to4; outside it only the forms that translate to an
+# IPv4 address, judged by that address (a DNS64 answer for a public host).
+_GLOBAL_UNICAST_V6 = _V6("2000::/3")
+_NOT_GLOBAL_V6 = (_V6("2001::/23"), _V6("2001:db8::/32"), _V6("2002::/16"), _V6("3fff::/20"))
+_TRANSLATED_V6 = (_V6("::ffff:0:0/96"), _V6("64:ff9b::/96"))
 # ISATAP (RFC 5214): an interface identifier 0:5efe or 200:5efe followed by the IPv4 address of the
 # host the router tunnels to, under any /64 prefix.
 _ISATAP_IDS = (0x00005EFE, 0x02005EFE)
@@ -92,15 +108,20 @@ def embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
 
 def is_public(addr: IPAddress) -> bool:
     """Globally routable, and so is any IPv4 address embedded in it (a DNS64 answer for a public
-    host is public; ``::ffff:127.0.0.1`` and ``64:ff9b::a9fe:a9fe`` are not)."""
+    host is public; ``::ffff:127.0.0.1`` and ``64:ff9b::a9fe:a9fe`` are not). Every range of the
+    IANA special-purpose registries that is not globally reachable is refused by the tables above,
+    Python's own ``is_global`` on top."""
     if isinstance(addr, ipaddress.IPv6Address):
-        if any(addr in net for net in _NOT_GLOBAL):
+        if any(addr in net for net in _TRANSLATED_V6):
+            inner = embedded_ipv4(addr)
+            return inner is not None and is_public(inner)
+        if addr not in _GLOBAL_UNICAST_V6 or any(addr in net for net in _NOT_GLOBAL_V6):
             return False
-        inner = embedded_ipv4(addr)
+        inner = embedded_ipv4(addr)  # an ISATAP interface id under a global prefix
         if inner is not None and not is_public(inner):
             return False
-        if addr.teredo is not None and not is_public(addr.teredo[0]):  # the relay server too
-            return False
+    elif any(addr in net for net in _NOT_GLOBAL_V4):
+        return False
     return bool(addr.is_global) and not addr.is_multicast
 
 

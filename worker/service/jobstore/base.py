@@ -97,7 +97,8 @@ class JobStore(ABC):
 
     @abstractmethod
     def create(self, record: JobRecord) -> JobRecord:
-        """Insert a new record; DuplicateJobError if its idempotency key is taken."""
+        """Insert a new record; DuplicateJobError (naming the job that has it) if its idempotency
+        key, or its tenant + slide sha256 + parameters while that job can still finish, is taken."""
 
     @abstractmethod
     def get(self, job_id: str) -> JobRecord | None: ...

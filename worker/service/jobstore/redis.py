@@ -46,26 +46,54 @@ class RedisJobStore(JobStore):
     def _tenant_key(self, tenant: str, state: str | None = None) -> str:
         return self._k("tenant", tenant, "state", state) if state else self._k("tenant", tenant, "jobs")
 
-    def create(self, record: JobRecord) -> JobRecord:
-        """Claim the idempotency key and write the record and its indexes in ONE transaction.
+    def _claim_key(self, record: JobRecord) -> str | None:
+        """The key naming the one job that can still finish on these bytes and parameters."""
+        if not record.upload_sha256:
+            return None
+        return self._k("claim", record.tenant, record.upload_sha256, record.params_hash)
 
-        The key is claimed inside MULTI (WATCHed first), so a transaction that fails claims nothing
-        and a retry with the same key makes the job; a key naming a record that does not exist is
-        a leftover of such a failure, not a duplicate.
+    def _live_owner(self, pipe: Any, claim: str | None) -> str | None:
+        """The job a (WATCHed) claim names, if that job exists and is not failed or cancelled."""
+        if claim is None:
+            return None
+        owner = pipe.get(claim)
+        if not owner:
+            return None
+        raw = pipe.get(self._k("job", owner.decode()))
+        if not raw or JobRecord.from_dict(json.loads(raw)).state in (FAILED, CANCELLED):
+            return None  # a leftover of a failed create, or a job that can no longer finish
+        return str(owner.decode())
+
+    def create(self, record: JobRecord) -> JobRecord:
+        """Claim the idempotency key and the content, and write the record and its indexes, in ONE
+        transaction.
+
+        Both claims are WATCHed, checked and then set inside MULTI, so of two concurrent requests
+        with the same key, or with the same bytes and parameters, exactly one makes a job and the
+        other gets DuplicateJobError naming it. A transaction that fails claims nothing, and a
+        claim naming a missing, failed or cancelled job is free (a leftover, or a job that cannot
+        finish: the retry makes a new job).
         """
         idem = self._idem_key(record.tenant, record.idempotency_key) if record.idempotency_key else None
+        claim = self._claim_key(record)
         with self._errors(), self.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
+                    if watched := [k for k in (idem, claim) if k is not None]:
+                        pipe.watch(*watched)
                     if idem is not None:
-                        pipe.watch(idem)
                         owner = pipe.get(idem)
                         if owner and pipe.exists(self._k("job", owner.decode())):
                             pipe.unwatch()
                             raise DuplicateJobError(owner.decode())
+                    if (holder := self._live_owner(pipe, claim)) is not None:
+                        pipe.unwatch()
+                        raise DuplicateJobError(holder)
                     pipe.multi()
                     if idem is not None:
                         pipe.set(idem, record.id)
+                    if claim is not None:
+                        pipe.set(claim, record.id)
                     self._queue_create(pipe, record)
                     pipe.execute()
                     return record
@@ -100,8 +128,9 @@ class RedisJobStore(JobStore):
                 content = self._k("content", record.tenant, record.upload_sha256, record.params_hash)
                 undo.zrem(content, record.id)
             undo.execute(raise_on_error=False)
-            if idem is not None and self.client.get(idem) == record.id.encode():
-                self.client.delete(idem)
+            for claim in (idem, self._claim_key(record)):
+                if claim is not None and self.client.get(claim) == record.id.encode():
+                    self.client.delete(claim)
         except self._redis_errors:
             pass  # the store is gone: a leftover key names no record, so it blocks no retry
 
@@ -146,13 +175,16 @@ class RedisJobStore(JobStore):
         rec = self._modify(job_id, STATES, None, {"idempotency_released": True})
         if rec is None or not rec.idempotency_key:
             return
-        idem = self._idem_key(rec.tenant, rec.idempotency_key)
+        self._delete_if_names(self._idem_key(rec.tenant, rec.idempotency_key), job_id)
+
+    def _delete_if_names(self, key: str, job_id: str) -> None:
+        """Delete a claim only if it still names this job (a newer job may own it already)."""
         with self._errors(), self.client.pipeline(transaction=True) as pipe:
-            try:  # only if the key still names this job (a newer job may own it already)
-                pipe.watch(idem)
-                if pipe.get(idem) == job_id.encode():
+            try:
+                pipe.watch(key)
+                if pipe.get(key) == job_id.encode():
                     pipe.multi()
-                    pipe.delete(idem)
+                    pipe.delete(key)
                     pipe.execute()
                 else:
                     pipe.unwatch()
@@ -173,11 +205,11 @@ class RedisJobStore(JobStore):
             pipe.zrem(self._k("content", rec.tenant, rec.upload_sha256, rec.params_hash), job_id)
             pipe.zrem(self._k("callbacks"), job_id)
             pipe.execute()
+        claim = self._claim_key(rec)
+        if claim is not None:
+            self._delete_if_names(claim, job_id)
         if rec.idempotency_key and not rec.idempotency_released:
-            with self._errors():
-                idem = self._idem_key(rec.tenant, rec.idempotency_key)
-                if self.client.get(idem) == job_id.encode():
-                    self.client.delete(idem)
+            self._delete_if_names(self._idem_key(rec.tenant, rec.idempotency_key), job_id)
 
     def finished_before(self, ts: float, limit: int = 500) -> list[JobRecord]:
         found: list[JobRecord] = []

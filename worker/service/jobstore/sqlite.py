@@ -37,15 +37,29 @@ CREATE TABLE IF NOT EXISTS callbacks (job_id TEXT PRIMARY KEY, due_at REAL NOT N
 """
 
 # Added after the first release: applied to an existing file by _migrate (idempotent).
-_SQLITE_TENANT_INDEXES = """
+_SQLITE_MIGRATED_INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_tenant_created ON jobs(tenant, created_at);
 CREATE INDEX IF NOT EXISTS jobs_tenant_state_created ON jobs(tenant, state, created_at);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_content_claim ON jobs(content_key);
+"""
+# A live job of an older version claims its content too, unless another live one holds it already.
+_SQLITE_CLAIM_EXISTING = """
+UPDATE OR IGNORE jobs SET content_key = tenant || char(31) || sha256 || char(31) || params_hash
+WHERE content_key IS NULL AND sha256 != '' AND state NOT IN ('failed', 'cancelled')
 """
 
 
 def _scoped_key(tenant: str, key: str) -> str:
     """Idempotency keys are per tenant: the same key from two tenants names two jobs."""
     return f"{tenant}\x1f{key}"
+
+
+def _content_key(rec: JobRecord) -> str | None:
+    """The claim of a job that can still finish on its bytes and parameters (one per tenant):
+    a failed or cancelled job gives it up, so a resubmission makes a new job."""
+    if not rec.upload_sha256 or rec.state in (FAILED, CANCELLED):
+        return None
+    return f"{rec.tenant}\x1f{rec.upload_sha256}\x1f{rec.params_hash}"
 
 
 class SqliteJobStore(JobStore, EmbeddedQueue):
@@ -71,10 +85,24 @@ class SqliteJobStore(JobStore, EmbeddedQueue):
 
     @staticmethod
     def _migrate(db: sqlite3.Connection) -> None:
-        columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
-        if "tenant" not in columns:
-            db.execute("ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT ''")
-        db.executescript(_SQLITE_TENANT_INDEXES)
+        """Bring a file of an older version up to date, in one transaction: the API and the
+        embedded worker open the same file at the same time."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            if "tenant" not in columns:
+                db.execute("ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT ''")
+            if "content_key" not in columns:  # UNIQUE through jobs_content_claim (ALTER cannot add one)
+                db.execute("ALTER TABLE jobs ADD COLUMN content_key TEXT")
+            for statement in _SQLITE_MIGRATED_INDEXES.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            if "content_key" not in columns:
+                db.execute(_SQLITE_CLAIM_EXISTING)  # after the index: OR IGNORE skips a second claim
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=True)
@@ -125,18 +153,24 @@ class SqliteJobStore(JobStore, EmbeddedQueue):
         return (rec.state, rec.created_at, rec.upload_sha256, rec.params_hash, idem, rec.tenant, record)
 
     def create(self, record: JobRecord) -> JobRecord:
+        """Insert the record; the UNIQUE idempotency key and content claim make a concurrent
+        second job on the same key, or on the same bytes and parameters, a DuplicateJobError."""
         try:
             with self._tx() as db:
                 db.execute(
                     "INSERT INTO jobs (state, created_at, sha256, params_hash, idempotency_key, tenant, "
-                    "record, id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (*self._row_args(record), record.id),
+                    "record, content_key, id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*self._row_args(record), _content_key(record), record.id),
                 )
         except JobStoreError:
             if record.idempotency_key:
                 existing = self.find_by_idempotency_key(record.idempotency_key, record.tenant)
                 if existing is not None:
                     raise DuplicateJobError(existing.id) from None
+            claim = _content_key(record)
+            rows = self._read("SELECT id FROM jobs WHERE content_key = ?", (claim,)) if claim else []
+            if rows:
+                raise DuplicateJobError(rows[0][0]) from None
             raise
         return record
 
@@ -203,10 +237,13 @@ class SqliteJobStore(JobStore, EmbeddedQueue):
             if rec.state not in allowed or (where is not None and not where(rec)):
                 return None
             rec = rec.changed(changes, to_state)
+            # the content claim is given up when the job fails or is cancelled, never taken later
+            # (two live jobs of an older version may share content: neither may then fail to update)
             db.execute(
                 "UPDATE jobs SET state = ?, created_at = ?, sha256 = ?, params_hash = ?, "
-                "idempotency_key = ?, tenant = ?, record = ? WHERE id = ?",
-                (*self._row_args(rec), job_id),
+                "idempotency_key = ?, tenant = ?, record = ?, "
+                "content_key = CASE WHEN ? THEN content_key ELSE NULL END WHERE id = ?",
+                (*self._row_args(rec), _content_key(rec) is not None, job_id),
             )
             return rec
 
