@@ -56,11 +56,12 @@ def test_half_roi_gives_half_the_tissue_from_fewer_tiles(full_and_half):
           f"({ratio:.3f}); tiles {full.tiles_inferred} -> {half.tiles_inferred}")
     # The tissue the whole-slide run found in that half (its label map, cut at the same column):
     # the left half of the slide holds 37% of its tissue (0.226 of 0.614 mm²), not half; the ROI
-    # run must find that same tissue, to 1%.
+    # run must find that same tissue, to 2.5%: slide QC is judged within the ROI (the focus
+    # reference is the ROI's own sharp tissue), so its excluded blocks differ a little (1.8% here).
     full_labels = tifffile.imread(full.files["mask"], level=0)
     cut = round(WIDTH_PX / 2 * full.stats["slide"]["mpp"] / full.stats["output_mpp"])
     px_area = full.stats["output_mpp"] ** 2
-    assert half_tissue == pytest.approx((full_labels[:, :cut] > 0).sum() * px_area, rel=0.01)
+    assert half_tissue == pytest.approx((full_labels[:, :cut] > 0).sum() * px_area, rel=0.025)
     assert 0.25 < ratio < 0.75
     # fewer tiles read and inferred: the network saw only the ROI's tiles
     assert sum(half_stub.calls) == half.tiles_inferred < 0.7 * full.tiles_inferred

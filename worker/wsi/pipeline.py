@@ -32,6 +32,7 @@ from fprotoseg.worker.wsi.cpus import default_pipeline_threads
 from fprotoseg.worker.wsi.dicom import MAX_SERIES_FILES, folder_sha256, series_files
 from fprotoseg.worker.wsi.dicom_seg import DICOM_VENDOR, write_seg
 from fprotoseg.worker.wsi.feed import Feeder
+from fprotoseg.worker.wsi.qc_regions import MAX_SCAN_MPP
 from fprotoseg.worker.wsi.result_files import QC_NAME, SEG_NAME
 from fprotoseg.worker.wsi.roi import Roi, RoiGeometry
 from fprotoseg.worker.wsi.slide import Slide, open_slide
@@ -250,7 +251,8 @@ def run(
             t = time.perf_counter()
             progress("qc", 0, 1)  # raises QcRefusedError under qc_policy=refuse, before any tile is read
             qc_report = slide_qc.run_qc(
-                slide, tissue, thumbnail, segmenter, policy=options.qc_policy, qc_mpp=options.output_mpp,
+                slide, tissue, thumbnail, segmenter, policy=options.qc_policy,
+                qc_mpp=min(options.output_mpp, MAX_SCAN_MPP),
                 threads=options.reader_threads,
             )
             progress("qc", 1, 1)

@@ -29,6 +29,9 @@ ARTEFACT_BITS: dict[str, int] = {"out_of_focus": 1, "pen_ink": 2, "over_exposed"
 
 # --- focus: band-energy ratio (detail finer than FOCUS_FINE_UM over detail between the two scales)
 FOCUS_BLOCK_UM = 64.0  # a block is judged as a whole
+# The scan's coarsest resolution: the focus bands (2 and 4 µm sigmas) need pixels of 2 µm or finer
+# to tell apart, so a coarse output resolution (8 µm/px) must not coarsen the scan with it.
+MAX_SCAN_MPP = 2.0
 FOCUS_FINE_UM = 2.0  # Gaussian sigma of the fine band
 FOCUS_COARSE_UM = 4.0  # Gaussian sigma of the coarser band
 FOCUS_MIN_TISSUE_FRACTION = 0.5  # blocks with less tissue are not judged
