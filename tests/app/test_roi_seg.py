@@ -127,7 +127,8 @@ def test_rois_through_the_server(server, shared_data: Path) -> None:
     labels = tifffile.imread(io.BytesIO(client.get(whole["links"]["mask"]).content), level=0)
     cut = round(WIDTH_PX / 2 * whole_stats["slide"]["mpp"] / whole_stats["output_mpp"])
     inside_um2 = (labels[:, :cut] > 0).sum() * whole_stats["output_mpp"] ** 2
-    assert half_stats["tissue_area_um2"] == pytest.approx(inside_um2, rel=0.01)
+    # 2.5%: slide QC is judged within the ROI (its focus reference is the ROI's own tissue)
+    assert half_stats["tissue_area_um2"] == pytest.approx(inside_um2, rel=0.025)
     assert half_stats["tissue_area_um2"] < 0.75 * whole_stats["tissue_area_um2"]
     whole_prov = client.get(whole["links"]["provenance"]).json()
     half_prov = client.get(half["links"]["provenance"]).json()
