@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Final, Literal
 
@@ -113,42 +112,23 @@ CREATE INDEX IF NOT EXISTS cohorts_state ON cohorts(state, created_at);
 
 
 class SqliteCohortStore(CohortStore):
-    """A ``cohorts`` table in the job store's SQLite file (its own connections, same WAL)."""
+    """A ``cohorts`` table in the job store's SQLite file, through the job store's connections."""
 
     def __init__(self, jobs: SqliteJobStore) -> None:
+        # The job store's connections and transactions: one place decides WAL, timeouts and what a
+        # full disk does (the journal given back so the next write finds room).
         self.path = jobs.path
-        self._local = threading.local()
+        self._jobs = jobs
         try:
-            self._db().executescript(_SQLITE_SCHEMA)
+            jobs._db().executescript(_SQLITE_SCHEMA)
         except sqlite3.Error as exc:
             raise JobStoreError(f"cannot open the cohort table: {exc}") from None
 
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = self._local.db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-            db.execute("PRAGMA synchronous=NORMAL")
-        return db
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        db = self._db()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise JobStoreError(f"cohort store: {exc}") from None
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self._jobs._tx()
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        try:
-            return self._db().execute(sql, args).fetchall()
-        except sqlite3.Error as exc:
-            raise JobStoreError(f"cohort store: {exc}") from None
+        return self._jobs._read(sql, args)
 
     @staticmethod
     def _row(rec: CohortRecord) -> tuple[Any, ...]:
