@@ -34,10 +34,10 @@ GLASS_RGB = 244  # the white of empty glass in a scan (also what mosaic slides a
 CONTEXTS = ("reflect", "glass")
 
 
-def predict_labels(
+def predict_scores(
     predict: PredictFn, rgb: np.ndarray, tile_px: int, context: str = "reflect", offset_px: int = 48
 ) -> np.ndarray:
-    """(H, W) argmax labels for one RGB crop of any size, tiled exactly as the service tiles.
+    """(K, H, W) float32 class scores for one RGB crop of any size, tiled exactly as the service tiles.
 
     Non-overlapping ``tile_px`` tiles (the checkpoint's tile size) over the crop; scores upsampled
     bilinearly to pixels. Running the whole crop at once would show the network a context size it
@@ -56,7 +56,7 @@ def predict_labels(
         padded[off : off + h, off : off + w] = rgb
     else:
         padded = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode="symmetric") if (ph or pw) else rgb
-    out = np.zeros(padded.shape[:2], dtype=np.int64)
+    out: np.ndarray | None = None
     tiles, origins = [], []
     for y in range(0, padded.shape[0], tile_px):
         for x in range(0, padded.shape[1], tile_px):
@@ -64,9 +64,19 @@ def predict_labels(
             origins.append((y, x))
     for start in range(0, len(tiles), 32):
         scores = predict(np.stack(tiles[start : start + 32]))
+        if out is None:
+            out = np.zeros((scores.shape[1], *padded.shape[:2]), dtype=np.float32)
         for (y, x), s in zip(origins[start : start + 32], scores, strict=True):
-            out[y : y + tile_px, x : x + tile_px] = _upsample_scores(s, tile_px, tile_px).argmax(0)
-    return out[off : off + h, off : off + w]
+            out[:, y : y + tile_px, x : x + tile_px] = _upsample_scores(s, tile_px, tile_px)
+    assert out is not None
+    return out[:, off : off + h, off : off + w]
+
+
+def predict_labels(
+    predict: PredictFn, rgb: np.ndarray, tile_px: int, context: str = "reflect", offset_px: int = 48
+) -> np.ndarray:
+    """(H, W) argmax labels of :func:`predict_scores` (the same tiling and context)."""
+    return predict_scores(predict, rgb, tile_px, context, offset_px).argmax(0).astype(np.int64)
 
 
 def confusion_over(

@@ -361,6 +361,7 @@ def build_inference_module(manifest: dict[str, Any], state_dict: dict[str, Any])
     import fprotoseg.model.cam_cnn
     import fprotoseg.model.fprotoseg
     import fprotoseg.model.tiny  # noqa: F401
+    from fprotoseg.model.inference_options import ManifestError, apply_inference_options
     from fprotoseg.model.registry import builder
 
     arch = manifest["architecture"]
@@ -370,7 +371,10 @@ def build_inference_module(manifest: dict[str, Any], state_dict: dict[str, Any])
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise CheckpointError(f"checkpoint weights do not match architecture {arch!r}: {first}") from None
-    return module
+    try:
+        return apply_inference_options(module, manifest)
+    except ManifestError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def load_segmenter(

@@ -1,0 +1,94 @@
+"""Inference-time options carried by a checkpoint's manifest: they load through the same seam as
+the network, change the scores as their definitions say, and an option this version does not know
+stops the load instead of being ignored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fprotoseg.model import DEFAULT_CHECKPOINT
+from fprotoseg.model.checkpoint import read_checkpoint, save_checkpoint
+from fprotoseg.model.errors import CheckpointError
+from fprotoseg.model.inference_options import ClassPrior, DihedralMean
+
+pytestmark = pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="packaged default not built")
+
+
+def _tile(shared_data: Path, size_px: int = 256) -> np.ndarray:
+    from fprotoseg.model.datasets import load_pairs
+
+    (pair,) = load_pairs(shared_data / "masks" / "wsss4luad" / "test", ["68.png"])
+    return np.ascontiguousarray(pair.rgb[:size_px, :size_px])
+
+
+def _with_inference(tmp_path: Path, inference: dict) -> Path:
+    state, manifest = read_checkpoint(DEFAULT_CHECKPOINT)
+    manifest["inference"] = inference
+    out = tmp_path / "with_inference.safetensors"
+    save_checkpoint(out, state, manifest)
+    return out
+
+
+def test_eight_view_mean_is_exactly_rotation_equivariant_on_real_tissue(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """The mean over all eight views of a rotated tile is the rotated mean (group averaging), which
+    the plain network is not: its CAM depends on orientation."""
+    from fprotoseg.model import load_segmenter
+
+    tile = _tile(shared_data)[None]
+    rotated = np.ascontiguousarray(np.rot90(tile, 1, axes=(1, 2)))
+    plain = load_segmenter(DEFAULT_CHECKPOINT, device="cpu")
+    seg = load_segmenter(_with_inference(tmp_path, {"dihedral_views": 8}), device="cpu")
+    assert isinstance(seg.module, DihedralMean)
+    a = np.rot90(seg.predict(tile), 1, axes=(2, 3))
+    b = seg.predict(rotated)
+    assert np.abs(a - b).max() < 1e-4
+    plain_gap = np.abs(np.rot90(plain.predict(tile), 1, axes=(2, 3)) - plain.predict(rotated)).max()
+    assert plain_gap > 100 * np.abs(a - b).max()
+    np.testing.assert_allclose(b.sum(axis=1), 1.0, atol=1e-4)  # still class probabilities
+
+
+def test_class_prior_moves_the_decision_and_keeps_probabilities(shared_data: Path, tmp_path: Path) -> None:
+    from fprotoseg.model import load_segmenter
+
+    tile = _tile(shared_data)[None]
+    plain = load_segmenter(DEFAULT_CHECKPOINT, device="cpu").predict(tile)
+    seg = load_segmenter(_with_inference(tmp_path, {"class_log_prior": [0.0, 0.0, 0.0]}), device="cpu")
+    assert isinstance(seg.module, ClassPrior)
+    np.testing.assert_allclose(seg.predict(tile), plain, atol=1e-5)  # a zero prior changes nothing
+    stroma = load_segmenter(_with_inference(tmp_path, {"class_log_prior": [0.0, 0.7, 0.0]}), device="cpu")
+    moved = stroma.predict(tile)
+    np.testing.assert_allclose(moved.sum(axis=1), 1.0, atol=1e-4)
+    assert (moved.argmax(1) == 1).mean() > (plain.argmax(1) == 1).mean()
+    expected = plain * np.exp([0.0, 0.7, 0.0]).reshape(1, 3, 1, 1)
+    np.testing.assert_allclose(moved, expected / expected.sum(1, keepdims=True), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "inference",
+    [{"dihedral_views": 3}, {"class_log_prior": [0.0, 1.0]}, {"sharpen": True}],
+)
+def test_an_option_this_version_cannot_apply_stops_the_load(tmp_path: Path, inference: dict) -> None:
+    from fprotoseg.model import load_segmenter
+
+    with pytest.raises(CheckpointError):
+        load_segmenter(_with_inference(tmp_path, inference), device="cpu")
+
+
+def test_every_view_is_undone_exactly() -> None:
+    """A network that hands back its input's first channel: each view's inverse must restore the
+    original pixel grid, so the mean over any view count is the input itself (no transposed or
+    shifted copy mixed in)."""
+
+    class FirstChannel(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, :1]
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    for views in (2, 4, 8):
+        torch.testing.assert_close(DihedralMean(FirstChannel(), views)(x), x[:, :1])
