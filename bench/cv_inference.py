@@ -8,7 +8,8 @@ under every option. The view count is compared fold by fold. The class log-prior
 out-of-fold scores, then applied to fold k, so no fold's figure comes from a prior chosen on it.
 The prior printed last (chosen on all folds) is what a shipped file would carry.
 
-    python bench/cv_inference.py model/recipes/cam_cnn_glass.yaml --views 1,2,4,8 --slide
+    python bench/cv_inference.py model/recipes/cam_cnn_glass.yaml --views 1,2,4,8 \
+        --slide-views 4 --slide-prior
 """
 
 from __future__ import annotations
@@ -87,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan", default="cv_wsss4luad")
     ap.add_argument("--cv", type=Path, default=REPO / "runs" / "cv" / "cv_wsss4luad.jsonl")
     ap.add_argument("--views", default="1,4,8", help="dihedral view counts to compare (1 = none)")
-    ap.add_argument("--slide", action="store_true", help="also score the chosen option as whole slides")
+    ap.add_argument("--slide-views", type=int, default=None, help="score this view count as whole slides")
+    ap.add_argument(
+        "--slide-prior", action="store_true", help="with --slide-views: add each fold's nested prior"
+    )
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "cv" / "cv_inference.json")
     args = ap.parse_args(argv)
 
@@ -141,21 +145,31 @@ def main(argv: list[str] | None = None) -> int:
             f"prior on all folds {row['prior_on_all_folds']}",
             flush=True,
         )
-    if args.slide:
+    if args.slide_views is not None:
         import tempfile
 
-        best_v = max(views, key=lambda v: table["views"][str(v)]["mean"])
+        v = args.slide_views
+        row = table["views"][str(v)]
         with tempfile.TemporaryDirectory(prefix="fprotoseg-cvinf-") as tmp:
             slides = {}
             for r in runs:
                 key = f"s{r['seed']}f{r['fold']}"
-                slides[key] = _slide(r, args.plan, {"dihedral_views": best_v}, Path(tmp))
-                print(f"slide {key} views {best_v}: {slides[key]:.3f}", flush=True)
-        table["slide_views"] = best_v
-        table["slide_folds"] = slides
-        table["slide_mean"] = float(np.mean(list(slides.values())))
-        table["slide_sd"] = float(np.std(list(slides.values())))
-        print(f"whole slide, views {best_v}: {table['slide_mean']:.3f} ± {table['slide_sd']:.3f}")
+                inference: dict[str, Any] = {"dihedral_views": v}
+                if args.slide_prior:  # the fold's nested prior, chosen on the other folds
+                    inference["class_log_prior"] = row["nested_prior_chosen"][key]
+                slides[key] = _slide(r, args.plan, inference, Path(tmp))
+                print(f"slide {key} {inference}: {slides[key]:.3f}", flush=True)
+        table["slide"] = {
+            "views": v,
+            "nested_prior": args.slide_prior,
+            "folds": slides,
+            "mean": float(np.mean(list(slides.values()))),
+            "sd": float(np.std(list(slides.values()))),
+        }
+        print(
+            f"whole slide, views {v}, prior {args.slide_prior}: "
+            f"{table['slide']['mean']:.3f} ± {table['slide']['sd']:.3f}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(table, indent=1))
     return 0
