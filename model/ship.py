@@ -5,8 +5,9 @@ the data (more Normal, more stain variety) and carries, in its manifest, the cro
 figures of its recipe and of the baseline — never a score on data it was trained on. ``GET
 /models`` and the model card show those figures.
 
-    python -m fprotoseg.model.ship model/recipes/cam_cnn_stain.yaml \
-        --baseline model/recipes/cam_cnn_baseline.yaml --cv runs/cv/cv_wsss4luad.jsonl \
+    python -m fprotoseg.model.ship model/recipes/cam_cnn_glass.yaml \
+        --baseline model/recipes/cam_cnn_baseline.yaml --cv bench/results/cv_wsss4luad.jsonl \
+        --inference-cv bench/results/cv_inference_glass_views4_slide.json --views 4 \
         --out model/weights/fprotoseg_wsss4luad.safetensors
     python -m fprotoseg.model.ship model/recipes/bcss_cam_cnn_stain.yaml --plan cv_bcss_wsss \
         --baseline model/recipes/bcss_cam_cnn_baseline.yaml --cv runs/cv/cv_bcss_wsss.jsonl \
@@ -60,6 +61,29 @@ def cv_summary(cv_jsonl: Path, recipe_name: str, classes: tuple[str, ...]) -> di
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}
 
 
+def inference_summary(path: Path, views: int, prior: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The manifest's ``inference`` section and its CV figures from a ``bench/cv_inference.py`` file.
+
+    The prior shipped is the one chosen on every fold's out-of-fold scores; the figures quoted for
+    it are the nested ones (each fold scored with a prior chosen on the other folds)."""
+    table = json.loads(path.read_text())
+    row = table["views"].get(str(views))
+    if row is None:
+        raise DatasetError(f"{path} has no figures for {views} views")
+    inference: dict[str, Any] = {"dihedral_views": views}
+    figures: dict[str, Any] = {"recipe": table["recipe"], "dihedral_views": views, "runs": table["runs"]}
+    if prior:
+        inference["class_log_prior"] = row["prior_on_all_folds"]
+        figures |= {"folds_miou_mean": row["nested_prior_mean"], "folds_miou_sd": row["nested_prior_sd"]}
+        figures["class_log_prior_nested_per_fold"] = row["nested_prior_chosen"]
+    else:
+        figures |= {"folds_miou_mean": row["mean"], "folds_miou_sd": row["sd"], "pooled_miou": row["pooled"]}
+    slide = table.get("slide")
+    if slide and slide["views"] == views and slide["nested_prior"] == prior:
+        figures |= {"slide_folds_miou_mean": slide["mean"], "slide_folds_miou_sd": slide["sd"]}
+    return inference, {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("recipe", type=Path)
@@ -78,6 +102,15 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="skip training: a torch state dict of this recipe already trained on every unit",
     )
+    ap.add_argument(
+        "--inference-cv",
+        type=Path,
+        default=None,
+        help="bench/cv_inference.py results: ship the view count (--views) and, with --prior, the "
+        "class log-prior chosen there, with their cross-validated figures",
+    )
+    ap.add_argument("--views", type=int, default=1, help="with --inference-cv: dihedral views to ship")
+    ap.add_argument("--prior", action="store_true", help="with --inference-cv: ship the class log-prior")
     args = ap.parse_args(argv)
 
     recipe = CamCnnRecipe.from_yaml(args.recipe)
@@ -108,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         "cv_baseline": cv_summary(args.cv, baseline.name, classes),
         "scored_on_training_data": False,
     }
+    inference = None
+    if args.inference_cv is not None:
+        inference, metrics["cv_inference"] = inference_summary(args.inference_cv, args.views, args.prior)
     manifest = manifest_for(
         recipe,
         list(zip(classes, spec.colors, strict=True)),
@@ -122,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         domain={"organ": ORGANS[plan.dataset], "stain": "H&E", "mpp": recipe.mpp, "classes": list(classes)},
         metrics=metrics,
+        **({"inference": inference} if inference else {}),
     )
     state = {k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()}
     save_checkpoint(args.out, state, manifest)

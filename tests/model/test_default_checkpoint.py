@@ -34,6 +34,11 @@ def test_default_manifest_records_cross_validated_figures_only() -> None:
     assert recipe["pooled_miou_mean"] >= baseline["pooled_miou_mean"]  # it ships only if it is not worse
     assert 0 < recipe["slide_folds_miou_mean"] <= 1
     assert "image-level" in manifest["training"]["supervision"]
+    # the inference options it ships with were chosen on the same folds, and carry their figures
+    views = manifest["inference"]["dihedral_views"]
+    assert metrics["cv_inference"]["dihedral_views"] == views
+    assert metrics["cv_inference"]["folds_miou_mean"] >= recipe["folds_miou_mean"]
+    assert metrics["cv_inference"]["slide_folds_miou_mean"] >= baseline["slide_folds_miou_mean"]
     assert DEFAULT_CHECKPOINT.stat().st_size < 20 * 1024 * 1024
 
 

@@ -26,9 +26,10 @@ def _tile(shared_data: Path, size_px: int = 256) -> np.ndarray:
 
 
 def _with_inference(tmp_path: Path, inference: dict) -> Path:
+    """The packaged network with ``inference`` in place of whatever options it ships with."""
     state, manifest = read_checkpoint(DEFAULT_CHECKPOINT)
     manifest["inference"] = inference
-    out = tmp_path / "with_inference.safetensors"
+    out = tmp_path / f"with_inference_{len(list(tmp_path.iterdir()))}.safetensors"
     save_checkpoint(out, state, manifest)
     return out
 
@@ -42,7 +43,7 @@ def test_eight_view_mean_is_exactly_rotation_equivariant_on_real_tissue(
 
     tile = _tile(shared_data)[None]
     rotated = np.ascontiguousarray(np.rot90(tile, 1, axes=(1, 2)))
-    plain = load_segmenter(DEFAULT_CHECKPOINT, device="cpu")
+    plain = load_segmenter(_with_inference(tmp_path, {}), device="cpu")
     seg = load_segmenter(_with_inference(tmp_path, {"dihedral_views": 8}), device="cpu")
     assert isinstance(seg.module, DihedralMean)
     a = np.rot90(seg.predict(tile), 1, axes=(2, 3))
@@ -57,7 +58,7 @@ def test_class_prior_moves_the_decision_and_keeps_probabilities(shared_data: Pat
     from fprotoseg.model import load_segmenter
 
     tile = _tile(shared_data)[None]
-    plain = load_segmenter(DEFAULT_CHECKPOINT, device="cpu").predict(tile)
+    plain = load_segmenter(_with_inference(tmp_path, {}), device="cpu").predict(tile)
     seg = load_segmenter(_with_inference(tmp_path, {"class_log_prior": [0.0, 0.0, 0.0]}), device="cpu")
     assert isinstance(seg.module, ClassPrior)
     np.testing.assert_allclose(seg.predict(tile), plain, atol=1e-5)  # a zero prior changes nothing
