@@ -37,11 +37,17 @@ def _run_fold(
 
     torch.set_num_threads(threads)
     from fprotoseg.model import load_segmenter
-    from fprotoseg.model.cam_cnn import CamCnnRecipe, manifest_for, train
     from fprotoseg.model.checkpoint import save_checkpoint
-    from fprotoseg.model.cv import load_units, predicted_presence, presence_counts, read_plan, unit_confusion
-    from fprotoseg.model.datasets import DATASETS
-    from fprotoseg.model.evaluate import predict_labels
+    from fprotoseg.model.training.cam_cnn import CamCnnRecipe, manifest_for, train
+    from fprotoseg.model.training.cv import (
+        load_units,
+        predicted_presence,
+        presence_counts,
+        read_plan,
+        unit_confusion,
+    )
+    from fprotoseg.model.training.datasets import DATASETS
+    from fprotoseg.model.training.evaluate import predict_labels
 
     recipe = CamCnnRecipe.from_yaml(recipe_path)
     plan = read_plan(plan_name, SHARED_DATA)
@@ -104,7 +110,7 @@ def _slide_fold(run: dict[str, Any], plan_name: str, keep: Path | None = None) -
     sys.path.insert(0, str(REPO / "bench"))
     from mosaic_eval import slide_scores
 
-    from fprotoseg.model.cv import load_units, read_plan
+    from fprotoseg.model.training.cv import load_units, read_plan
 
     plan = read_plan(plan_name, SHARED_DATA)
     units = [u for u in load_units(plan) if u.fold == run["fold"] and u.mask is not None]
@@ -128,8 +134,8 @@ def figure(run: dict[str, Any], plan_name: str, out_png: Path) -> None:
     import tifffile
     from PIL import Image
 
-    from fprotoseg.model.cv import read_plan
-    from fprotoseg.model.datasets import DATASETS
+    from fprotoseg.model.training.cv import read_plan
+    from fprotoseg.model.training.datasets import DATASETS
 
     colours = DATASETS[read_plan(plan_name, SHARED_DATA).dataset].colors
     with tempfile.TemporaryDirectory(prefix="fprotoseg-cv-figure-") as tmp:
@@ -164,7 +170,7 @@ def table(runs: list[dict[str, Any]], classes: tuple[str, ...]) -> str:
     """One row per recipe: per-fold mIoU mean ± sd (over folds and seeds, folds with masks), pooled
     mIoU, per class, the whole-slide mean ± sd where it was measured, and the image-level F1 of the
     folds without masks (mean over their present classes)."""
-    from fprotoseg.model.cv import CvResult, presence_f1
+    from fprotoseg.model.training.cv import CvResult, presence_f1
 
     lines = [
         "| recipe | runs | crop mIoU, folds (mean ± sd) | crop mIoU, pooled | "
@@ -207,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--figure", type=Path, default=None, help="PNG: the first recipe's first fold as a slide")
     args = ap.parse_args(argv)
 
-    from fprotoseg.model.cam_cnn import CamCnnRecipe
-    from fprotoseg.model.cv import read_plan
+    from fprotoseg.model.training.cam_cnn import CamCnnRecipe
+    from fprotoseg.model.training.cv import read_plan
 
     plan = read_plan(args.plan, SHARED_DATA)
     folds = [int(f) for f in args.folds.split(",")] if args.folds else list(range(plan.num_folds))
@@ -249,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
         results_path.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
-    from fprotoseg.model.datasets import DATASETS
+    from fprotoseg.model.training.datasets import DATASETS
 
     print(table(runs, DATASETS[plan.dataset].qupath_names))
     if args.figure is not None:

@@ -36,8 +36,8 @@ def _fold_scores(
     import torch
 
     from fprotoseg.model import load_segmenter
-    from fprotoseg.model.cv import load_units, read_plan
-    from fprotoseg.model.evaluate import predict_scores
+    from fprotoseg.model.training.cv import load_units, read_plan
+    from fprotoseg.model.training.evaluate import predict_scores
     from fprotoseg.model.inference_options import DihedralMean
 
     plan = read_plan(plan_name, SHARED_DATA)
@@ -57,7 +57,7 @@ def _fold_scores(
 
 
 def _confusion(pairs: list[tuple[np.ndarray, np.ndarray]], log_prior: np.ndarray, dataset: str) -> np.ndarray:
-    from fprotoseg.model.cv import unit_confusion
+    from fprotoseg.model.training.cv import unit_confusion
 
     k = len(log_prior)
     cm = np.zeros((k, k), np.int64)
@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "cv" / "cv_inference.json")
     args = ap.parse_args(argv)
 
-    from fprotoseg.model.cam_cnn import CamCnnRecipe
-    from fprotoseg.model.cv import miou_present, read_plan
-    from fprotoseg.model.datasets import DATASETS
+    from fprotoseg.model.training.cam_cnn import CamCnnRecipe
+    from fprotoseg.model.training.cv import miou_present, read_plan
+    from fprotoseg.model.training.datasets import DATASETS
 
     recipe = CamCnnRecipe.from_yaml(args.recipe)
     plan = read_plan(args.plan, SHARED_DATA)

@@ -115,7 +115,7 @@ def resolve_checkpoint(arg: Path | None, tmp: Path) -> tuple[Path, str]:
         return arg, str(arg)
     if DEFAULT_CHECKPOINT.exists():
         return DEFAULT_CHECKPOINT, f"packaged default ({DEFAULT_CHECKPOINT.name})"
-    from fprotoseg.model.tiny import write_random_tiny_checkpoint
+    from fprotoseg.model.networks.tiny import write_random_tiny_checkpoint
 
     path = write_random_tiny_checkpoint(tmp / "tiny-random.safetensors")
     return path, "random tiny CNN (the packaged model is not installed: speeds are not the product's)"

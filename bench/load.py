@@ -169,7 +169,7 @@ async def main_async(args: argparse.Namespace) -> int:
         tmp_dir = Path(tmp)
         checkpoint = args.checkpoint
         if checkpoint is None:
-            from fprotoseg.model.tiny import write_random_tiny_checkpoint
+            from fprotoseg.model.networks.tiny import write_random_tiny_checkpoint
 
             checkpoint = write_random_tiny_checkpoint(tmp_dir / "tiny.safetensors")
         import socket

@@ -94,7 +94,7 @@ def slide_scores(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fprotoseg.model.evaluate import evaluate_checkpoint, heldout_names
+    from fprotoseg.model.training.evaluate import evaluate_checkpoint, heldout_names
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", default=None, help="a path or a packaged name (default: the default)")

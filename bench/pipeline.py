@@ -11,7 +11,8 @@ What it prints (nothing is pass/fail; the targets are printed beside the figures
 
 Usage: ``python bench/pipeline.py [--checkpoint PATH] [--side-px 16384] [--batch-size 32] [--repeats 3]``
 ``[--json]``; each round runs in a fresh process and the median round is reported.
-Default network: the packaged default model if present, else the random tiny CNN of fprotoseg.model.tiny.
+Default network: the packaged default model if present, else the random tiny CNN of
+fprotoseg.model.networks.tiny.
 Slides are written once under /tmp/fprotoseg-bench/ (real tiles from ../shared/data/patches).
 
 ``--null-model`` measures the pipeline's own ceiling instead, as a GPU host would see it: the whole
@@ -128,7 +129,7 @@ def build_slide(side_px: int, levels: int = 4) -> Path:
 # ----------------------------------------------------------------------------------- measurement
 def _segmenter(checkpoint: str | None, batch_size: int):
     from fprotoseg import model
-    from fprotoseg.model.tiny import write_random_tiny_checkpoint
+    from fprotoseg.model.networks.tiny import write_random_tiny_checkpoint
 
     if checkpoint is None and model.DEFAULT_CHECKPOINT.exists():
         checkpoint = str(model.DEFAULT_CHECKPOINT)

@@ -45,7 +45,7 @@ def with_gate_pool(ckpt: Path, pool: int, tmp: Path) -> Path:
 
 
 def score_run(run: Path, slide: bool, gate_pool: int | None, tmp: Path) -> dict[str, float]:
-    from fprotoseg.model.evaluate import evaluate_checkpoint, heldout_names
+    from fprotoseg.model.training.evaluate import evaluate_checkpoint, heldout_names
 
     ckpt = run_checkpoint(run)
     if gate_pool is not None:
@@ -70,9 +70,9 @@ def score_run(run: Path, slide: bool, gate_pool: int | None, tmp: Path) -> dict[
 def restained_miou(ckpt: Path, names: list[str]) -> float:
     """Crop mIoU averaged over the fixed stain shifts (a proxy for another lab's slides)."""
     from fprotoseg.model import load_segmenter
-    from fprotoseg.model.datasets import MaskedImage, load_pairs
-    from fprotoseg.model.evaluate import predict_labels, score_pairs
-    from fprotoseg.model.stain import STAIN_SHIFTS, shift_stain
+    from fprotoseg.model.training.datasets import MaskedImage, load_pairs
+    from fprotoseg.model.training.evaluate import predict_labels, score_pairs
+    from fprotoseg.model.training.stain import STAIN_SHIFTS, shift_stain
 
     seg = load_segmenter(ckpt, device="cpu")
     pairs = load_pairs(DEFAULT_ROOT, names)
@@ -88,9 +88,9 @@ def pseudo_miou(ckpt: Path, names: list[str]) -> float | None:
     """Stage-1 pseudo-mask mIoU on the split (CAMs gated by each image's true label)."""
     from fprotoseg.model.checkpoint import read_checkpoint
     from fprotoseg.model.config_schema import as_train_config
-    from fprotoseg.model.datasets import load_pairs
     from fprotoseg.model.segmenter import build_inference_module
-    from fprotoseg.model.train import pseudo_mask_scores
+    from fprotoseg.model.training.datasets import load_pairs
+    from fprotoseg.model.training.train import pseudo_mask_scores
 
     state, manifest = read_checkpoint(ckpt)
     if manifest["architecture"] != "fprotoseg_cam":

@@ -1,7 +1,7 @@
 """Benchmark of the training input pipeline against the training step, on CPU (or CUDA if asked).
 
 What it prints (nothing is pass/fail):
-- data-loading images/s of the training loader (``model/loader.py``: lazy decode, crop with its
+- data-loading images/s of the training loader (``model/training/loader.py``: lazy decode, crop with its
   image-level label, rot/flip, RGB + HED stain jitter, collate) with 0, 1 and 2 worker processes,
   nothing else running; ``--cache`` keeps decoded images (the default cache), otherwise every crop
   decodes its image again (the case of a full dataset much larger than the cache),
@@ -38,8 +38,8 @@ def loader_rate(
     data: Any, cfg: TrainConfig, crop: int, batch: int, workers: int, n: int, cache: bool
 ) -> float:
     """Images/s of the training loader alone (the first batch, with the workers' start, excluded)."""
-    from fprotoseg.model.datasets import DATASETS
-    from fprotoseg.model.loader import Augment, WeakBatchSampler, WeakCropDataset, make_loader
+    from fprotoseg.model.training.datasets import DATASETS
+    from fprotoseg.model.training.loader import Augment, WeakBatchSampler, WeakCropDataset, make_loader
 
     k = len(DATASETS[data.dataset].classes)
     ds = WeakCropDataset(
@@ -59,14 +59,14 @@ def loader_rate(
 def build_stage1(cfg: TrainConfig, k: int, names: list[str], device: str) -> Any:
     import torch
 
-    from fprotoseg.model.fprotoseg import Stage1Inference
-    from fprotoseg.model.text import class_text_embeddings
+    from fprotoseg.model.networks.fprotoseg import Stage1Inference
+    from fprotoseg.model.networks.text import class_text_embeddings
 
     emb, _ = class_text_embeddings(names, cfg.text)
     module = Stage1Inference(cfg, k, emb.shape[1])
     module.net.text_embeddings.data.copy_(torch.from_numpy(emb))
     if cfg.encoder.pretrained == "imagenet":
-        from fprotoseg.model.pretrained import load_encoder_weights
+        from fprotoseg.model.networks.pretrained import load_encoder_weights
 
         load_encoder_weights(module.net.encoder, "imagenet")
     return module.to(device).train()
@@ -89,8 +89,8 @@ def train_rates(
     fed rounds' time spent waiting for the next batch (0: the loader is never the bottleneck)."""
     import torch
 
-    from fprotoseg.model.fprotoseg import encoder_normalisation
-    from fprotoseg.model.train import LossModel, to_input
+    from fprotoseg.model.networks.fprotoseg import encoder_normalisation
+    from fprotoseg.model.training.train import LossModel, to_input
 
     norm = encoder_normalisation(cfg.encoder)
     loss_model = LossModel(module.net, 1, cfg.loss)
@@ -151,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from fprotoseg.model.config_schema import load_config
-    from fprotoseg.model.datasets import DATASETS
-    from fprotoseg.model.loader import Augment, WeakBatchSampler, WeakCropDataset, make_loader
-    from fprotoseg.model.train import build_data
+    from fprotoseg.model.training.datasets import DATASETS
+    from fprotoseg.model.training.loader import Augment, WeakBatchSampler, WeakCropDataset, make_loader
+    from fprotoseg.model.training.train import build_data
 
     cfg = load_config(args.config)
     batch = args.batch or cfg.train.batch_size

@@ -75,7 +75,7 @@ RUN pip install . -c requirements/constraints.txt \
  && pip check \
  && python -c "import openslide, torch; print('openslide', openslide.__library_version__, 'torch', torch.__version__, 'cuda', torch.version.cuda)" \
  && fprotoseg --help > /dev/null \
- && python -c "import numpy as np, tempfile, fprotoseg.model; from fprotoseg.model.tiny import write_random_tiny_checkpoint as w; \
+ && python -c "import numpy as np, tempfile, fprotoseg.model; from fprotoseg.model.networks.tiny import write_random_tiny_checkpoint as w; \
 s = fprotoseg.model.load_segmenter(w(tempfile.mkdtemp() + '/t.safetensors'), device='cpu'); \
 assert s.predict(np.zeros((2, 224, 224, 3), np.uint8)).shape[0] == 2"
 

@@ -4,7 +4,7 @@ its default stated once, here.
 Why a module of its own: a typo in a config (``train.epoch: 3``) used to be ignored and the run
 went ahead with the default; a wrong type (``epochs: ten``) or an unset dataset root
 (``$LUAD_HISTOSEG``) ended in a traceback after minutes of loading. :func:`as_train_config` runs
-after ``base:`` merging and ``--set`` overrides (``model.train.load_config``) and turns the first
+after ``base:`` merging and ``--set`` overrides (:func:`load_config`) and turns the first
 problem into ONE line naming the key (with the closest valid key for a typo); the CLI prints it
 and exits with code 2. :func:`check_paths` does the same for dataset roots and the stage-2 teacher.
 

@@ -358,9 +358,9 @@ def _rgb(color: Sequence[Any]) -> tuple[int, int, int]:
 def build_inference_module(manifest: dict[str, Any], state_dict: dict[str, Any]) -> Any:
     """Rebuild the network named in the manifest and load its weights strictly."""
     # Importing the architecture modules registers their builders.
-    import fprotoseg.model.cam_cnn
-    import fprotoseg.model.fprotoseg
-    import fprotoseg.model.tiny  # noqa: F401
+    import fprotoseg.model.networks.cam_cnn
+    import fprotoseg.model.networks.fprotoseg
+    import fprotoseg.model.networks.tiny  # noqa: F401
     from fprotoseg.model.inference_options import ManifestError, apply_inference_options
     from fprotoseg.model.registry import builder
 

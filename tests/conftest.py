@@ -27,7 +27,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real (random-weight) CNN saved as a valid checkpoint at 1.0 µm/px, 224 px tiles."""
-    from fprotoseg.model.tiny import write_random_tiny_checkpoint
+    from fprotoseg.model.networks.tiny import write_random_tiny_checkpoint
 
     return write_random_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
 

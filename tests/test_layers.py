@@ -8,7 +8,9 @@ noted):
 - the slide pipeline (worker/wsi) never imports the job service (worker/service);
 - app imports no torch, OpenSlide, tiffslide, OpenCV or numpy at module level (only inside the
   CLI handlers that run the pipeline), and importing the API app leaves torch out of sys.modules;
-- the model package has no import loop.
+- the model package has no import loop;
+- the model's three rooms: the inference API (the top of model/) never imports model/training;
+  a network (model/networks) imports no training module, nor a module of the API that does.
 """
 
 from __future__ import annotations
@@ -29,18 +31,19 @@ LAYERS = ("app", "worker", "model")
 HEAVY = ("torch", "openslide", "tiffslide", "cv2", "numpy", "scipy", "shapely", "safetensors")
 
 
-def _module_name(path: Path) -> str:
-    rel = path.relative_to(REPO_ROOT).with_suffix("")
+def _module_name(path: Path, root: Path = REPO_ROOT) -> str:
+    rel = path.relative_to(root).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(["fprotoseg", *parts])
 
 
-def _imports(path: Path) -> Iterator[tuple[str, int, bool]]:
+def _imports(path: Path, root: Path = REPO_ROOT) -> Iterator[tuple[str, int, bool]]:
     """(imported module, line, at module level) for every import in the file."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rsplit(".", 1)[0]
+    name = _module_name(path, root)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     top_level = {id(node) for node in tree.body}
     guarded = set()  # `if TYPE_CHECKING:` blocks never run
     for node in tree.body:
@@ -156,18 +159,91 @@ def test_api_facing_worker_modules_are_light() -> None:
     assert found == []
 
 
-def test_the_model_package_has_no_import_loop() -> None:
+TRAINING = "fprotoseg.model.training"
+NETWORKS = "fprotoseg.model.networks"
+
+
+def _model_graph(root: Path = REPO_ROOT) -> dict[str, set[str]]:
+    """Module -> the modules of fprotoseg.model it imports (lazy imports included; a name imported
+    from a package counts as the package, ``from fprotoseg.model import load_segmenter`` as
+    ``fprotoseg.model``)."""
     graph: dict[str, set[str]] = {}
-    for path in _sources("model"):
-        name = _module_name(path)
-        graph[name] = {
-            m
-            for m, _, _ in _imports(path)
-            if _under(m, "fprotoseg.model") and m != "fprotoseg.model" and m != name
-        }
+    for path in sorted((root / "model").rglob("*.py")):
+        name = _module_name(path, root)
+        graph[name] = {m for m, _, _ in _imports(path, root) if _under(m, "fprotoseg.model") and m != name}
     nodes = set(graph)
     for deps in graph.values():
         deps &= nodes
+    return graph
+
+
+def _reaches(graph: dict[str, set[str]], start: str, target: str) -> list[str] | None:
+    """The first import chain from ``start`` to a module under ``target``, or None."""
+    stack, seen = [[start]], {start}
+    while stack:
+        trail = stack.pop()
+        for nxt in sorted(graph.get(trail[-1], ())):
+            if _under(nxt, target):
+                return [*trail, nxt]
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append([*trail, nxt])
+    return None
+
+
+def _room(module: str) -> str:
+    if _under(module, TRAINING):
+        return "training"
+    return "networks" if _under(module, NETWORKS) else "api"
+
+
+def _chains_into_training(room: str, root: Path = REPO_ROOT) -> list[str]:
+    """Each module of ``room`` whose imports (straight, or through other modules) reach training."""
+    graph = _model_graph(root)
+    return [
+        " -> ".join(chain)
+        for module in sorted(graph)
+        if _room(module) == room and (chain := _reaches(graph, module, TRAINING))
+    ]
+
+
+def test_the_inference_api_never_imports_training() -> None:
+    """What the worker and the API load to segment a slide is the top of fprotoseg.model and the
+    networks: neither may pull in the trainers, the datasets or their training-only libraries."""
+    assert _chains_into_training("api") == []
+
+
+def test_networks_import_no_training() -> None:
+    """A network is rebuilt by the inference API from a manifest and trained by the trainers: it
+    sits below both, so no import of it, straight or through a module of the API, reaches training."""
+    assert _chains_into_training("networks") == []
+
+
+def test_the_rooms_rule_follows_chains_through_the_api(tmp_path: Path) -> None:
+    """A network that imports an API module that imports training is caught, and so is that API
+    module: files written here, since the real tree has no such chain."""
+    files = {
+        "model/__init__.py": "",
+        "model/leaf.py": "def helper() -> None:\n    from fprotoseg.model.training.train import run\n",
+        "model/networks/__init__.py": "",
+        "model/networks/net.py": "from fprotoseg.model.leaf import helper\n",
+        "model/networks/clean.py": "from fprotoseg.model import errors\n",
+        "model/training/__init__.py": "",
+        "model/training/train.py": "from fprotoseg.model.networks.net import helper\n",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    assert _chains_into_training("networks", tmp_path) == [
+        "fprotoseg.model.networks.net -> fprotoseg.model.leaf -> fprotoseg.model.training.train"
+    ]
+    assert _chains_into_training("api", tmp_path) == [
+        "fprotoseg.model.leaf -> fprotoseg.model.training.train"
+    ]
+
+
+def test_the_model_package_has_no_import_loop() -> None:
+    graph = {name: deps - {"fprotoseg.model"} for name, deps in _model_graph().items()}
 
     def cycle_from(start: str) -> list[str] | None:
         stack = [(start, [start])]

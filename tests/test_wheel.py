@@ -72,7 +72,10 @@ def test_the_installed_wheel_imports(wheel: Path, tmp_path: Path) -> None:
         f"import sys; sys.path[:] = [p for p in sys.path if p not in ('', {repo!r})]\n"
         "import fprotoseg.worker, fprotoseg.app, fprotoseg.model\n"
         "import fprotoseg.app.main, fprotoseg.worker.service.jobs, fprotoseg.worker.wsi.pipeline\n"
+        "import fprotoseg.model.networks.cam_cnn, fprotoseg.model.training.ship\n"  # the model's rooms
         f"assert fprotoseg.app.__file__.startswith({where!r}), fprotoseg.app.__file__\n"
+        f"assert fprotoseg.model.networks.cam_cnn.__file__.startswith({where!r})\n"
+        f"assert fprotoseg.model.training.ship.__file__.startswith({where!r})\n"
         "assert fprotoseg.model.DEFAULT_CHECKPOINT.parent.name == 'weights'\n"
         "for bare in ('app', 'worker', 'model'):\n"
         "    try:\n"

@@ -2,7 +2,7 @@
 
 Keys: miou, miou_present (mean over the classes the masks hold), iou (per class), fwiou, dice (per
 class), mdice, pixel_accuracy, confusion_matrix, protocol (the protocol's name in
-``fprotoseg.model.metrics``), protocol_source (the papers that define it), iou_background (under
+``fprotoseg.model.training.metrics``), protocol_source (the papers that define it), iou_background (under
 ``background_included``), context, images, checkpoint, checkpoint_sha256, dataset.
 """
 
@@ -60,7 +60,7 @@ def register(subparsers: Any) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from fprotoseg.model.evaluate import evaluate_checkpoint, heldout_names
+    from fprotoseg.model.training.evaluate import evaluate_checkpoint, heldout_names
 
     names = None
     if args.names == "heldout":

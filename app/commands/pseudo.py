@@ -45,7 +45,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--protocol",
         default="paper",
-        help="metric protocol (fprotoseg.model.metrics; default: the dataset's published one)",
+        help="metric protocol (fprotoseg.model.training.metrics; default: the dataset's published one)",
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
@@ -68,9 +68,9 @@ def handle(args: argparse.Namespace) -> int:
         resolve_path,
     )
     from fprotoseg.model.errors import ConfigurationError
-    from fprotoseg.model.metrics import resolve_protocol
-    from fprotoseg.model.pseudo_export import export_pseudo_masks
     from fprotoseg.model.segmenter import resolve_device
+    from fprotoseg.model.training.metrics import resolve_protocol
+    from fprotoseg.model.training.pseudo_export import export_pseudo_masks
 
     overrides = dict(parse_override(o) for o in args.overrides)
     cfg = load_config(args.config, overrides, check_paths=False)

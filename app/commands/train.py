@@ -52,7 +52,7 @@ def register(subparsers: Any) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     from fprotoseg.model.config_schema import load_config, parse_override
-    from fprotoseg.model.train import train
+    from fprotoseg.model.training.train import train
 
     overrides = dict(parse_override(o) for o in args.overrides)
     if args.epochs is not None:

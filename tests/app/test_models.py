@@ -22,7 +22,7 @@ from fprotoseg.model.catalog import (
     resolve_checkpoint,
 )
 from fprotoseg.model.errors import UnknownModelError
-from fprotoseg.model.tiny import write_random_tiny_checkpoint
+from fprotoseg.model.networks.tiny import write_random_tiny_checkpoint
 from tests.app.live import api_client, poll_job, wait_ready
 from tests.conftest import REPO_ROOT
 

@@ -146,8 +146,9 @@ def test_keys_the_trainer_reads_are_in_the_schema() -> None:
 # the modules that read a training config: they take the validated TrainConfig (or one of its
 # sections) and read attributes, which mypy checks against the schema
 CONFIG_READERS = (
-    "train", "fprotoseg", "pseudo", "pseudo_export", "stage2", "text", "loader", "resume", "history",
-    "ranks", "config_schema",
+    "training/train", "networks/fprotoseg", "training/pseudo", "training/pseudo_export", "training/stage2",
+    "networks/text", "training/loader", "training/resume", "training/history", "training/ranks",
+    "config_schema",
 )
 
 
@@ -211,6 +212,6 @@ def test_config_readers_read_attributes_not_dict_keys(module: str) -> None:
 def test_the_fusion_default_is_written_once() -> None:
     """The level-fusion default is stated in the schema alone (it was written in 9 places)."""
     hits = []
-    for path in [*(REPO_ROOT / "model").glob("*.py"), *(REPO_ROOT / "bench").glob("*.py")]:
+    for path in [*(REPO_ROOT / "model").rglob("*.py"), *(REPO_ROOT / "bench").glob("*.py")]:
         hits += [path.name for line in path.read_text().splitlines() if "0.0, 0.3, 0.3, 0.4" in line]
     assert hits == ["config_schema.py"], hits

@@ -10,7 +10,7 @@ import torch
 
 from fprotoseg.model.checkpoint import save_checkpoint
 from fprotoseg.model.config_schema import network_config
-from fprotoseg.model.fprotoseg import FProtoSegStage1, Stage1Inference, stage1_losses
+from fprotoseg.model.networks.fprotoseg import FProtoSegStage1, Stage1Inference, stage1_losses
 
 pytestmark = [
     pytest.mark.cuda,

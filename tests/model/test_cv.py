@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fprotoseg.model.cam_cnn import CamCnnRecipe, train
-from fprotoseg.model.cv import (
+from fprotoseg.model.training.cam_cnn import CamCnnRecipe, train
+from fprotoseg.model.training.cv import (
     CvResult,
     assign_folds,
     iou_from_confusion,
@@ -22,7 +22,7 @@ from fprotoseg.model.cv import (
     presence_f1,
     read_plan,
 )
-from fprotoseg.model.datasets import DatasetError
+from fprotoseg.model.training.datasets import DatasetError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,7 +88,7 @@ def test_presence_f1_scores_image_level_labels() -> None:
 
 
 def test_label_only_images_keep_their_label_and_masked_crops_relabel_glass() -> None:
-    from fprotoseg.model.cam_cnn import CropSampler, TrainImage
+    from fprotoseg.model.training.cam_cnn import CropSampler, TrainImage
 
     rng = np.random.default_rng(0)
     patch = TrainImage(np.full((112, 112, 3), 120, np.uint8), label=np.array([0, 1, 1, 0], np.float32))
@@ -135,7 +135,7 @@ def test_training_lowers_the_loss_on_real_crops(plan_units) -> None:
 
 @pytest.mark.slow
 def test_cv_command_then_the_shipped_file_records_cv_figures(tmp_path: Path, shared_data: Path) -> None:
-    """bench/cv.py trains and scores a fold; model/ship.py trains on all units and writes the CV
+    """bench/cv.py trains and scores a fold; model/training/ship.py trains on all units and writes the CV
     figures (never a score on its own training data) into a checkpoint the service loads."""
     recipe = tmp_path / "quick.yaml"
     recipe.write_text("name: quick\nsteps: 3\nbatch: 4\nchannels: [8, 8, 16, 16]\n")
@@ -160,7 +160,7 @@ def test_cv_command_then_the_shipped_file_records_cv_figures(tmp_path: Path, sha
     assert all(np.array(r["confusion"]).sum() > 0 for r in runs)
 
     ckpt = tmp_path / "shipped.safetensors"
-    ship = [sys.executable, "-m", "fprotoseg.model.ship", str(recipe), "--baseline", str(base)]
+    ship = [sys.executable, "-m", "fprotoseg.model.training.ship", str(recipe), "--baseline", str(base)]
     ship += ["--cv", str(out / "cv_wsss4luad.jsonl"), "--out", str(ckpt), "--shared-data", str(shared_data)]
     proc = subprocess.run(ship, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

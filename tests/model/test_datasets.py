@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fprotoseg.model.datasets import (
+from fprotoseg.model.training.datasets import (
     DatasetError,
     area_cdf,
     draw_weak_crop,

@@ -44,8 +44,8 @@ def test_default_manifest_records_cross_validated_figures_only() -> None:
 
 def test_default_segments_a_real_crop_into_its_classes(shared_data: Path) -> None:
     from fprotoseg.model import load_segmenter
-    from fprotoseg.model.datasets import load_pairs
-    from fprotoseg.model.evaluate import predict_labels
+    from fprotoseg.model.training.datasets import load_pairs
+    from fprotoseg.model.training.evaluate import predict_labels
 
     seg = load_segmenter(None, device="cpu")
     (pair,) = load_pairs(shared_data / "masks" / "wsss4luad" / "test", ["68.png"])  # normal above tumour

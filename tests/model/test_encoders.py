@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from fprotoseg.model.efficientnet import HEAD_CHANNELS, LITE_VARIANTS, EfficientNetLite
 from fprotoseg.model.errors import CheckpointError
-from fprotoseg.model.mit import MixTransformer, mit_config
-from fprotoseg.model.pretrained import load_encoder_weights
+from fprotoseg.model.networks.efficientnet import HEAD_CHANNELS, LITE_VARIANTS, EfficientNetLite
+from fprotoseg.model.networks.mit import MixTransformer, mit_config
+from fprotoseg.model.networks.pretrained import load_encoder_weights
 
 
 @pytest.mark.parametrize("variant", sorted(LITE_VARIANTS))
@@ -169,7 +169,7 @@ def test_foreign_file_through_the_train_cli_is_one_line(tmp_path: Path, capsys) 
 
 
 def test_partial_labels_mask_the_loss() -> None:
-    from fprotoseg.model.fprotoseg import partial_bce
+    from fprotoseg.model.networks.fprotoseg import partial_bce
 
     logits = torch.tensor([[2.0, -1.0, 0.5], [0.3, 0.2, -3.0]], requires_grad=True)
     labels = torch.tensor([[1.0, -1.0, 0.0], [-1.0, 1.0, -1.0]])
@@ -187,7 +187,7 @@ def test_partial_labels_mask_the_loss() -> None:
 def test_class_folder_gives_partial_labels(tmp_path: Path) -> None:
     from PIL import Image
 
-    from fprotoseg.model.datasets import DatasetError, weak_images_from_class_folder
+    from fprotoseg.model.training.datasets import DatasetError, weak_images_from_class_folder
 
     for i in range(3):
         Image.fromarray(np.full((200, 100, 3), 120 + i, np.uint8)).save(tmp_path / f"lungaca{i}.jpeg")
@@ -200,7 +200,7 @@ def test_class_folder_gives_partial_labels(tmp_path: Path) -> None:
 
 def test_glass_bands_relabel_what_stays_visible() -> None:
     """A glass band covers part of a crop and the crop's label is that of the tissue left."""
-    from fprotoseg.model.datasets import WeakImage, area_cdf, draw_weak_crop, image_level_label
+    from fprotoseg.model.training.datasets import WeakImage, area_cdf, draw_weak_crop, image_level_label
 
     rgb = np.full((64, 64, 3), 90, np.uint8)
     mask = np.zeros((64, 64), np.int64)
@@ -220,7 +220,7 @@ def test_glass_bands_relabel_what_stays_visible() -> None:
 
 
 def test_hed_jitter_keeps_white_and_changes_stain() -> None:
-    from fprotoseg.model.stain import hed_jitter
+    from fprotoseg.model.training.stain import hed_jitter
 
     rng = np.random.default_rng(0)
     batch = np.stack([np.full((8, 8, 3), (150, 80, 170), np.uint8), np.full((8, 8, 3), 255, np.uint8)])
@@ -232,7 +232,7 @@ def test_hed_jitter_keeps_white_and_changes_stain() -> None:
 
 
 def test_local_gate_matches_global_on_uniform_maps_and_follows_the_neighbourhood() -> None:
-    from fprotoseg.model.fprotoseg import tile_class_logits
+    from fprotoseg.model.networks.fprotoseg import tile_class_logits
 
     cam = torch.zeros(1, 2, 8, 8)
     cam[:, 0, :, :4] = 5.0  # class 0 on the left half only
@@ -244,7 +244,7 @@ def test_local_gate_matches_global_on_uniform_maps_and_follows_the_neighbourhood
 
 
 def test_fixed_stain_shifts_restain_tissue_and_keep_glass() -> None:
-    from fprotoseg.model.stain import STAIN_SHIFTS, shift_stain
+    from fprotoseg.model.training.stain import STAIN_SHIFTS, shift_stain
 
     rgb = np.zeros((8, 16, 3), np.uint8)
     rgb[:, :8] = (150, 80, 170)  # H&E purple

@@ -11,7 +11,7 @@ import torch
 from fprotoseg.model.checkpoint import save_checkpoint
 from fprotoseg.model.config_schema import PseudoMaskConfig, network_config
 from fprotoseg.model.errors import CheckpointError
-from fprotoseg.model.fprotoseg import (
+from fprotoseg.model.networks.fprotoseg import (
     FProtoSegStage1,
     Stage1Inference,
     Stage2Inference,
@@ -23,7 +23,7 @@ from fprotoseg.model.fprotoseg import (
     structure_aware_prototypes,
     text_alignment_loss,
 )
-from fprotoseg.model.pseudo import IGNORE_INDEX, make_pseudo_masks, pseudo_masks
+from fprotoseg.model.training.pseudo import IGNORE_INDEX, make_pseudo_masks, pseudo_masks
 
 TINY_ENCODER = {
     "variant": "b0",
@@ -211,7 +211,7 @@ def test_gated_stage2_vetoes_classes_the_tile_score_rules_out(tmp_path: Path) ->
     plain stage 2, a dominant weight makes the tile's verdict win every pixel; the module survives
     a checkpoint round trip stored in fp16."""
     from fprotoseg.model import load_segmenter
-    from fprotoseg.model.fprotoseg import GatedStage2Inference
+    from fprotoseg.model.networks.fprotoseg import GatedStage2Inference
 
     torch.manual_seed(0)
     cfg = {**TINY_DICT, "stage2": {"teacher_config": TINY_DICT, "gate_weight": 0.0, "embed_dim": 16}}

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="packag
 
 
 def _tile(shared_data: Path, size_px: int = 256) -> np.ndarray:
-    from fprotoseg.model.datasets import load_pairs
+    from fprotoseg.model.training.datasets import load_pairs
 
     (pair,) = load_pairs(shared_data / "masks" / "wsss4luad" / "test", ["68.png"])
     return np.ascontiguousarray(pair.rgb[:size_px, :size_px])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fprotoseg.model.metrics import confusion_matrix, evaluate_protocol, scores_from_confusion
+from fprotoseg.model.training.metrics import confusion_matrix, evaluate_protocol, scores_from_confusion
 
 
 def test_confusion_matrix_counts_and_ignore() -> None:
@@ -54,7 +54,7 @@ def test_unknown_protocol_is_refused() -> None:
 
 
 def _half_background_pair():
-    from fprotoseg.model.datasets import MaskedImage
+    from fprotoseg.model.training.datasets import MaskedImage
 
     mask = np.full((8, 8), 4)  # LUAD-HistoSeg/BCSS-WSSS: 4 = background (white)
     mask[:, :4] = 0  # half tumour
@@ -65,7 +65,7 @@ def test_background_included_perfect_prediction_with_background_scores_one() -> 
     """TPRO/PBIP's protocol keeps ground-truth background in the matrix: a network that predicts
     background where the mask has it scores 1.0; a K-class network (tissue everywhere, every
     tissue pixel right) scores 0.5 on a half-background mask."""
-    from fprotoseg.model.evaluate import score_pairs
+    from fprotoseg.model.training.evaluate import score_pairs
 
     pair = _half_background_pair()
     perfect = score_pairs([pair], lambda p: p.mask.copy(), "luad-histoseg", "background_included")
@@ -82,8 +82,8 @@ def test_background_included_perfect_prediction_with_background_scores_one() -> 
 
 
 def test_protocol_names_aliases_and_paper_per_dataset() -> None:
-    from fprotoseg.model.evaluate import score_pairs
-    from fprotoseg.model.metrics import resolve_protocol
+    from fprotoseg.model.training.evaluate import score_pairs
+    from fprotoseg.model.training.metrics import resolve_protocol
 
     assert resolve_protocol("ignore_background") == "background_excluded"
     assert resolve_protocol("tissue_mean_with_background") == "background_included"
@@ -93,7 +93,7 @@ def test_protocol_names_aliases_and_paper_per_dataset() -> None:
     assert resolve_protocol("paper", "wsss4luad") == "background_excluded"
     # WSSS4LUAD masks have no background to score (3 = ignore): the challenge protocol, K x K
     # for a K-class labelling, (K+1) x (K+1) once a labelling says background
-    from fprotoseg.model.datasets import MaskedImage
+    from fprotoseg.model.training.datasets import MaskedImage
 
     pair = MaskedImage("w.png", np.zeros((4, 4, 3), np.uint8), np.array([[0, 1, 2, 3]] * 4))
     r = score_pairs([pair], lambda p: np.clip(p.mask, 0, 2), "wsss4luad", "paper")

@@ -24,7 +24,7 @@ from tests.model.test_train import _tiny_config, _write_generated_pairs
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str]]:
     """(data root, stage-1 checkpoint, held-out names): 1 epoch of 8 steps, plain CAM head."""
-    from fprotoseg.model.train import train
+    from fprotoseg.model.training.train import train
 
     root = tmp_path_factory.mktemp("s2") / "data"
     names = _write_generated_pairs(root, 12, seed=3)
@@ -39,7 +39,7 @@ def teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[
 
 
 def test_white_prior_marks_glass_not_pale_tissue_nor_specks() -> None:
-    from fprotoseg.model.pseudo import white_background
+    from fprotoseg.model.training.pseudo import white_background
 
     rgb = np.full((40, 40, 3), (120, 60, 150), np.uint8)  # haematoxylin-purple tissue
     rgb[:, 24:] = 244  # glass
@@ -53,8 +53,8 @@ def test_white_prior_marks_glass_not_pale_tissue_nor_specks() -> None:
 def test_rotation_tta_on_a_non_square_input() -> None:
     """Flip + 90-degree rotation TTA maps every view back: same shape as one view, in [0, 1]."""
     from fprotoseg.model.config_schema import network_config
-    from fprotoseg.model.fprotoseg import FProtoSegStage1
-    from fprotoseg.model.pseudo import fused_normalised_cams
+    from fprotoseg.model.networks.fprotoseg import FProtoSegStage1
+    from fprotoseg.model.training.pseudo import fused_normalised_cams
 
     torch.manual_seed(0)
     cfg = {"encoder": {"variant": "b0", "embed_dims": [8, 16, 32, 32], "depths": [1, 1, 1, 1],
@@ -72,8 +72,8 @@ def test_stage2_with_its_own_encoder_and_background_trains(
     steps, predicts K tissue classes + background, is gated by the teacher through the teacher's
     own input normalisation, and scores through `evaluate_checkpoint`."""
     from fprotoseg.model import load_segmenter
-    from fprotoseg.model.evaluate import evaluate_checkpoint
-    from fprotoseg.model.train import train
+    from fprotoseg.model.training.evaluate import evaluate_checkpoint
+    from fprotoseg.model.training.train import train
 
     root, ckpt, holdout = teacher
     cfg = _tiny_config(root, holdout, epochs=1)
@@ -117,8 +117,8 @@ def test_stage2_background_targets_come_from_the_white_prior(teacher: tuple[Path
     """With stage2.background the pseudo masks hold class K on glass, through the student's
     normalisation (the teacher view undoes it)."""
     from fprotoseg.model.config_schema import as_train_config
-    from fprotoseg.model.pseudo import make_pseudo_masks
-    from fprotoseg.model.stage2 import build_stage2
+    from fprotoseg.model.training.pseudo import make_pseudo_masks
+    from fprotoseg.model.training.stage2 import build_stage2
 
     root, ckpt, holdout = teacher
     cfg = _tiny_config(root, holdout, epochs=1)
@@ -158,8 +158,8 @@ def test_pseudo_cli_writes_masks_and_prints_their_miou(
         values = set(np.unique(np.asarray(im)).tolist())
     assert values <= {0, 1, 2, 255}
     # the printed figure is the written masks' own score
-    from fprotoseg.model.datasets import MaskedImage, load_pairs
-    from fprotoseg.model.evaluate import score_pairs
+    from fprotoseg.model.training.datasets import MaskedImage, load_pairs
+    from fprotoseg.model.training.evaluate import score_pairs
 
     def written(p: MaskedImage) -> np.ndarray:
         m = np.asarray(Image.open(out / "val" / p.name)).astype(np.int64)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fprotoseg.model.datasets import load_pairs
-from fprotoseg.model.evaluate import best_constant
+from fprotoseg.model.training.datasets import load_pairs
+from fprotoseg.model.training.evaluate import best_constant
 
 CLASS_RGB = {0: (110, 40, 150), 1: (235, 150, 200), 2: (250, 245, 250)}  # purple, pink, pale
 
@@ -85,7 +85,7 @@ def _tiny_config(root: Path, holdout: list[str], epochs: int) -> dict:
 
 def test_tiny_training_learns_and_resumes(tmp_path: Path) -> None:
     from fprotoseg.model import load_segmenter
-    from fprotoseg.model.train import train
+    from fprotoseg.model.training.train import train
 
     root = tmp_path / "data"
     names = _write_generated_pairs(root, 24, seed=0)
@@ -135,7 +135,7 @@ def test_tiny_training_per_encoder_loss_falls(tmp_path: Path, variant: str) -> N
     """Each encoder family trains end to end on generated tissue: the loss falls over a few
     steps, the manifest stores the encoder's own input normalisation, and the served file loads."""
     from fprotoseg.model import load_segmenter
-    from fprotoseg.model.train import train
+    from fprotoseg.model.training.train import train
 
     root = tmp_path / "data"
     names = _write_generated_pairs(root, 12, seed=1)
@@ -165,7 +165,7 @@ def test_tiny_training_per_encoder_loss_falls(tmp_path: Path, variant: str) -> N
 def test_glass_context_lays_the_crop_on_glass() -> None:
     """``predict_labels(context="glass")`` shows the network the crop on empty glass, offset from
     the tile corner, and returns labels for the crop's own pixels only."""
-    from fprotoseg.model.evaluate import GLASS_RGB, predict_labels
+    from fprotoseg.model.training.evaluate import GLASS_RGB, predict_labels
 
     seen = []
 
@@ -197,8 +197,8 @@ def test_bad_configs_are_one_line_errors(tmp_path: Path, bad: str) -> None:
 def test_stain_jitter_changes_colour_not_geometry() -> None:
     """The clean-teacher stage 2 relies on it: the student's crop is the teacher's crop with
     another tint, pixel for pixel (flips and rotations are applied once, before both)."""
-    from fprotoseg.model.loader import flip_rotate
-    from fprotoseg.model.stain import stain_jitter
+    from fprotoseg.model.training.loader import flip_rotate
+    from fprotoseg.model.training.stain import stain_jitter
 
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
@@ -218,7 +218,7 @@ def test_keep_best_over_two_contexts_keeps_the_best_mean_epoch(tmp_path: Path) -
     (the trainer once stored the first context's mIoU as the best and compared later epochs'
     means with it, so another epoch than the best could be kept)."""
     from fprotoseg.model.checkpoint import read_checkpoint
-    from fprotoseg.model.train import train
+    from fprotoseg.model.training.train import train
 
     root = tmp_path / "data"
     names = _write_generated_pairs(root, 12, seed=2)

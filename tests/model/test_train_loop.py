@@ -59,8 +59,8 @@ def _rows(run: Path) -> list[dict[str, str]]:
 def test_crops_do_not_depend_on_workers_or_ranks(tmp_path: Path) -> None:
     """The same keys give the same crops with 0 or 2 worker processes, and two ranks' shares of a
     global batch are the one-process batch; a mid-epoch start skips exactly the steps done."""
-    from fprotoseg.model.datasets import list_pairs, weak_refs_from_pairs
-    from fprotoseg.model.loader import Augment, WeakBatchSampler, WeakCropDataset, make_loader
+    from fprotoseg.model.training.datasets import list_pairs, weak_refs_from_pairs
+    from fprotoseg.model.training.loader import Augment, WeakBatchSampler, WeakCropDataset, make_loader
 
     _write_generated_pairs(tmp_path / "d", 6, seed=2)
     refs = weak_refs_from_pairs(list_pairs(tmp_path / "d"), 3, 0.03)
@@ -140,7 +140,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
     """Kill the training process (SIGKILL, by PID) right after its first mid-epoch checkpoint;
     ``--resume`` then reaches the weights and losses of an uninterrupted run with the same seed
     on CPU. Tolerance: bit-identical (atol 0) — same process layout, one thread."""
-    from fprotoseg.model.train import train
+    from fprotoseg.model.training.train import train
 
     cfg = _config(tmp_path, epochs=2, iters_per_epoch=12, checkpoint_every_steps=3)
     cfg["encoder"]["drop_path_rate"] = 0.2  # draws from the torch RNG: its state must resume too
@@ -180,7 +180,7 @@ def test_torchrun_two_cpu_processes_end_with_identical_weights(tmp_path: Path) -
     """``torchrun --nproc_per_node 2`` on CPU (Gloo): the same command, DDP; both ranks end with
     identical parameters and buffers (SHA-256 of each rank's state, gathered), equal to the one
     checkpoint rank 0 wrote; rank 0 alone wrote the files."""
-    from fprotoseg.model.resume import tensors_digest
+    from fprotoseg.model.training.resume import tensors_digest
 
     cfg = _config(tmp_path, epochs=2, iters_per_epoch=4)
     path = _write(cfg, tmp_path / "tiny.yaml")

@@ -91,3 +91,20 @@ def test_settle_races_end_a_cohort_once(stores: tuple[JobStore, CohortStore]) ->
     assert cohorts.callback_ids() == []
     cohorts.delete("c1")
     assert cohorts.get("c1") is None
+
+
+def test_an_unreachable_redis_is_a_job_store_error_naming_the_cohort_store() -> None:
+    """The cohort store maps Redis faults through the job store's one mapping: a refused
+    connection (a port where nothing listens) is a JobStoreError that names the cohort store."""
+    import socket
+
+    from fprotoseg.worker.errors import JobStoreError
+
+    with socket.socket() as probe:  # a free port, closed again before the store connects
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cohorts = open_cohort_store(RedisJobStore(f"redis://127.0.0.1:{port}/0", "fprotoseg-test-down:"))
+    with pytest.raises(JobStoreError, match=r"^cohort store \(Redis\) unavailable: "):
+        cohorts.get("c1")
+    with pytest.raises(JobStoreError, match=r"^cohort store \(Redis\) unavailable: "):
+        cohorts.running_ids()

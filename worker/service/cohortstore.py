@@ -13,8 +13,8 @@ import json
 import sqlite3
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Final, Literal
 
@@ -189,22 +189,17 @@ class RedisCohortStore(CohortStore):
     whose callback is pending. Compare-and-set by WATCH/MULTI."""
 
     def __init__(self, jobs: RedisJobStore) -> None:
-        import redis
-
+        # The job store's client, key prefix and error mapping: one place decides them.
         self.client = jobs.client
         self.prefix = jobs.prefix
-        self._errors_t = (redis.RedisError, OSError)
-        self._watch_error = redis.WatchError
+        self._jobs = jobs
+        self._watch_error = jobs._watch_error
 
     def _k(self, *parts: str) -> str:
-        return self.prefix + ":".join(parts)
+        return self._jobs._k(*parts)
 
-    @contextmanager
-    def _errors(self) -> Iterator[None]:
-        try:
-            yield
-        except self._errors_t as exc:
-            raise JobStoreError(f"cohort store (Redis) unavailable: {exc}") from None
+    def _errors(self) -> AbstractContextManager[None]:
+        return self._jobs._errors("cohort store")
 
     def _index(self, pipe: Any, rec: CohortRecord) -> None:
         if rec.state == COHORT_RUNNING:

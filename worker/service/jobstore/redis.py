@@ -31,14 +31,16 @@ class RedisJobStore(JobStore):
         self.prefix = prefix
 
     def _k(self, *parts: str) -> str:
+        """A key under this store's prefix (the cohort store beside it keys its records here too)."""
         return self.prefix + ":".join(parts)
 
     @contextmanager
-    def _errors(self) -> Iterator[None]:
+    def _errors(self, store: str = "job store") -> Iterator[None]:
+        """A Redis or socket error as a JobStoreError naming ``store`` (the cohort store's too)."""
         try:
             yield
         except self._redis_errors as exc:
-            raise JobStoreError(f"job store (Redis) unavailable: {exc}") from None
+            raise JobStoreError(f"{store} (Redis) unavailable: {exc}") from None
 
     def _idem_key(self, tenant: str, key: str) -> str:
         return self._k("idem", tenant, key)  # tenant names hold no ':' (TENANT_PATTERN)

@@ -20,8 +20,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from fprotoseg.model.cam_cnn import TrainImage
-from fprotoseg.model.datasets import (
+from fprotoseg.model.training.cam_cnn import TrainImage
+from fprotoseg.model.training.datasets import (
     DATASETS,
     DatasetError,
     find_dir,
@@ -30,9 +30,9 @@ from fprotoseg.model.datasets import (
     parse_filename_label,
     read_rgb,
 )
-from fprotoseg.model.metrics import confusion_matrix
+from fprotoseg.model.training.metrics import confusion_matrix
 
-CONFIG_DIR = Path(__file__).parent / "recipes"  # CV plans and CAM-CNN recipes, not training configs
+CONFIG_DIR = Path(__file__).parents[1] / "recipes"  # CV plans and CAM-CNN recipes, not training configs
 SPLIT_MARK = "#"  # "68.png#2": the third band of 68.png named in the config's ``splits``
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from fprotoseg.model.errors import ConfigurationError
-from fprotoseg.model.ranks import Ranks
+from fprotoseg.model.training.ranks import Ranks
 
 RESUME_FILE = "resume.pt"
 # keys a resumed run may change: how the run is executed, not what it computes (train.epochs

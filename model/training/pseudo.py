@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fprotoseg.model.config_schema import PseudoMaskConfig, WhitePrior
-from fprotoseg.model.fprotoseg import normalise_cam
+from fprotoseg.model.networks.fprotoseg import normalise_cam
 
 IGNORE_INDEX = 255
 
@@ -108,7 +108,7 @@ def make_pseudo_masks(
     """Stage 2's targets for a batch ``x`` (the student's input tensors) from the teacher ``net``.
 
     ``cfg`` is how the masks are made (the ``stage2`` section in training). With ``background``
-    the teacher must be a :class:`fprotoseg.model.stage2.TeacherView` (it knows how to turn ``x``
+    the teacher must be a :class:`fprotoseg.model.training.stage2.TeacherView` (it knows how to turn ``x``
     back into RGB for the white prior).
     """
     was_training = net.training

@@ -4,7 +4,7 @@ Why a step of its own: the model card quotes the manifest, so the numbers in it 
 the same code path as ``fprotoseg evaluate`` (the worker's seam, tiled like a slide) and sit beside
 the floors any model must beat on the same images (best constant, colour threshold).
 
-    python -m fprotoseg.model.package runs/wsss4luad_default/final.safetensors   # -> model/weights/...
+    python -m fprotoseg.model.training.package runs/wsss4luad_default/final.safetensors  # -> model/weights/
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ KEYS = ("miou", "iou", "fwiou", "dice", "images", "protocol")
 def heldout_metrics(checkpoint: Path, data_root: Path) -> dict[str, Any]:
     """The run's held-out scores (crops mirrored and crops on glass) and the two floors, on the
     split its config records."""
-    from fprotoseg.model.datasets import load_pairs
-    from fprotoseg.model.evaluate import (
+    from fprotoseg.model.training.datasets import load_pairs
+    from fprotoseg.model.training.evaluate import (
         best_constant,
         colour_threshold_labels,
         evaluate_checkpoint,
@@ -53,8 +53,8 @@ def heldout_metrics(checkpoint: Path, data_root: Path) -> dict[str, Any]:
 
 def validation_metrics(checkpoint: Path, dataset: str, data_root: Path) -> dict[str, Any]:
     """Scores on a dataset's own validation pairs (BCSS-WSSS: another slide than training)."""
-    from fprotoseg.model.datasets import load_pairs
-    from fprotoseg.model.evaluate import best_constant, evaluate_checkpoint
+    from fprotoseg.model.training.datasets import load_pairs
+    from fprotoseg.model.training.evaluate import best_constant, evaluate_checkpoint
 
     scores = evaluate_checkpoint(checkpoint, data_root, dataset)
     constant = best_constant(load_pairs(data_root), dataset)

@@ -2,7 +2,7 @@
 
 ``fprotoseg pseudo CONFIG --checkpoint STAGE1 --out DIR``: the masks stage 2 would train on, for
 the config's training images (``DIR/train``) and validation pairs (``DIR/val``), made by the same
-code as in training (:func:`fprotoseg.model.pseudo.make_pseudo_masks`: label-gated, level-fused,
+code as in training (:func:`fprotoseg.model.training.pseudo.make_pseudo_masks`: label-gated, level-fused,
 min-max normalised CAMs, background (1 - max)^k, flip and 90-degree rotation TTA; with
 ``stage2.background`` the white prior's background class). Each image is gated by its own
 image-level label (file name, class folder, or the classes of its mask above
@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fprotoseg.model.config_schema import NetworkConfig, PseudoMaskConfig, TrainConfig
-from fprotoseg.model.datasets import DATASETS, MaskedImage, image_level_label
-from fprotoseg.model.evaluate import score_pairs
-from fprotoseg.model.pseudo import IGNORE_INDEX, make_pseudo_masks
-from fprotoseg.model.stage2 import TeacherView, load_teacher
+from fprotoseg.model.training.datasets import DATASETS, MaskedImage, image_level_label
+from fprotoseg.model.training.evaluate import score_pairs
+from fprotoseg.model.training.pseudo import IGNORE_INDEX, make_pseudo_masks
+from fprotoseg.model.training.stage2 import TeacherView, load_teacher
 
 TTA_MODES = ("none", "flip", "flip_rot")
 
@@ -79,7 +79,7 @@ def export_pseudo_masks(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Write the pseudo masks of ``splits`` and return (and write) their scores per split."""
-    from fprotoseg.model.train import build_data
+    from fprotoseg.model.training.train import build_data
 
     data = build_data(cfg)
     spec = DATASETS[data.dataset]
@@ -109,7 +109,7 @@ def export_pseudo_masks(
     if unknown:
         raise ValueError(f"splits are train and val, got {sorted(unknown)}")
     images: dict[str, list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]] = {
-        # training images are listed lazily (model/loader.py decodes them); decoded here if asked for
+        # training images are listed lazily (model/training/loader.py decodes them); decoded here if asked for
         "train": [(im.name, im.rgb, im.label, im._mask) for im in (ref.load() for ref in data.train)]
         if "train" in splits
         else [],

@@ -3,7 +3,7 @@
 Follows the published SegFormer code (NVlabs/SegFormer, ``mix_transformer.py``): overlapping
 patch embeddings, efficient self-attention with spatial reduction, Mix-FFN with a depthwise 3x3
 conv. As in TPRO/PBIP the last stage keeps stride 1, so a 224 px tile gives maps at 56/28/14/14.
-Random init by default; ``model.pretrained.load_encoder_weights`` loads published ImageNet weights
+Random init by default; ``model.networks.pretrained.load_encoder_weights`` loads published ImageNet weights
 (NVlabs or Hugging Face layout, renamed by :func:`rename_published`).
 """
 

@@ -2,7 +2,7 @@
 
 Provenance (the paper, Ding et al., Pattern Recognition 175, 2026, has no public code):
 
-- MiT encoder, strides 4,2,2,1: published SegFormer code (see ``model/mit.py``).
+- MiT encoder, strides 4,2,2,1: published SegFormer code (see ``model/networks/mit.py``).
 - Multi-level text-prototype CAMs (per-level MLP from class text embeddings, learnable scale
   initialised at 1/0.07 and not exponentiated, cosine to normalised pixel features, GAP class
   scores, BCE per level 0/0.1/1/1): follows TPRO (MICCAI 2023) and PBIP (CVPR 2025) code.
@@ -41,8 +41,8 @@ from fprotoseg.model.config_schema import (
     PrototypesConfig,
     network_config,
 )
-from fprotoseg.model.efficientnet import IMAGENET_NORMALISATION, LITE_VARIANTS, EfficientNetLite
-from fprotoseg.model.mit import MixTransformer, mit_config
+from fprotoseg.model.networks.efficientnet import IMAGENET_NORMALISATION, LITE_VARIANTS, EfficientNetLite
+from fprotoseg.model.networks.mit import MixTransformer, mit_config
 from fprotoseg.model.registry import register
 
 OUTPUT_STRIDE = 4

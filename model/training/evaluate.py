@@ -15,8 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from fprotoseg.model.datasets import DATASETS, DatasetError, MaskedImage, load_pairs
-from fprotoseg.model.metrics import PROTOCOL_SOURCES, confusion_matrix, evaluate_protocol, resolve_protocol
+from fprotoseg.model.training.datasets import DATASETS, DatasetError, MaskedImage, load_pairs
+from fprotoseg.model.training.metrics import (
+    PROTOCOL_SOURCES,
+    confusion_matrix,
+    evaluate_protocol,
+    resolve_protocol,
+)
 
 PredictFn = Callable[[np.ndarray], np.ndarray]  # uint8 (1, H, W, 3) -> (1, K, h, w) scores
 
@@ -103,7 +108,7 @@ def score_pairs(
     background (the mask value of LUAD-HistoSeg/BCSS-WSSS background; WSSS4LUAD's 3). The matrix
     is (K+1) x (K+1); for a dataset without background in its masks (WSSS4LUAD) it stays K x K
     unless the labels use background, and the protocol is the challenge's (background excluded).
-    ``protocol``: a name of :data:`fprotoseg.model.metrics.PROTOCOLS`, an alias, or ``paper``.
+    ``protocol``: a name of :data:`fprotoseg.model.training.metrics.PROTOCOLS`, an alias, or ``paper``.
     """
     spec = DATASETS[dataset]
     k = len(spec.classes)

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fprotoseg.model.cam_cnn import conv_blocks
 from fprotoseg.model.checkpoint import save_checkpoint
+from fprotoseg.model.networks.cam_cnn import conv_blocks
 from fprotoseg.model.registry import register
 
 

@@ -21,15 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from torch import nn
 
-from fprotoseg.model.datasets import DatasetError, image_level_label, put_glass
-from fprotoseg.model.registry import register
-from fprotoseg.model.stain import hed_jitter
+from fprotoseg.model.networks.cam_cnn import ARCHITECTURE, NORMALISATION, CamCnn
+from fprotoseg.model.training.datasets import DatasetError, image_level_label, put_glass
+from fprotoseg.model.training.stain import hed_jitter
 
-ARCHITECTURE = "cam_cnn"
-# Normalisation of a network trained from scratch: centre 0..1 RGB, unit-ish spread.
-NORMALISATION = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 WSSS4LUAD_CLASSES: tuple[tuple[str, tuple[int, int, int]], ...] = (
     ("Tumor", (200, 0, 0)),
     ("Stroma", (150, 200, 150)),
@@ -50,9 +46,9 @@ class CamCnnRecipe:
     steps: int = 1200
     lr: float = 1e-3
     weight_decay: float = 1e-3
-    hed_sigma: float = 0.0  # H&E stain jitter per crop (model/stain.py:hed_jitter); 0 = none
+    hed_sigma: float = 0.0  # H&E stain jitter per crop (model/training/stain.py:hed_jitter); 0 = none
     cosine: bool = False  # cosine learning-rate decay to 0 over ``steps``
-    # Share of crops with a band of empty glass in place of tissue (model/datasets.py:put_glass):
+    # Share of crops with a band of empty glass in place of tissue (model/training/datasets.py:put_glass):
     # on a slide the network meets glass beside tissue at every tissue edge, never in a crop.
     glass_prob: float = 0.0
     mpp: float = 1.0
@@ -91,47 +87,6 @@ class CamCnnRecipe:
         out = asdict(self)
         out["channels"], out["strides"] = list(self.channels), list(self.strides)
         return out
-
-
-def conv_blocks(channels: Sequence[int], strides: Sequence[int]) -> nn.Sequential:
-    """Blocks of two 3x3 conv + BN + ReLU, the first of each strided (also the tiny test network)."""
-    layers: list[nn.Module] = []
-    c_in = 3
-    for c_out, stride in zip(channels, strides, strict=True):
-        layers += [
-            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True),
-        ]
-        c_in = c_out
-    return nn.Sequential(*layers)
-
-
-class CamCnn(nn.Module):
-    """Blocks of two 3x3 conv + BN + ReLU (the first strided), a 1x1 class conv: the CAM."""
-
-    def __init__(self, num_classes: int, channels: Sequence[int], strides: Sequence[int]) -> None:
-        super().__init__()
-        self.features = conv_blocks(channels, strides)
-        c_in = channels[-1]
-        self.classifier = nn.Conv2d(c_in, num_classes, 1)
-
-    def cam(self, x: torch.Tensor) -> torch.Tensor:
-        """Class activation logits (N, K, H/stride, W/stride)."""
-        return self.classifier(self.features(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference: the CAM's per-cell softmax (argmax = label, max = a confidence)."""
-        return torch.softmax(self.cam(x), dim=1)
-
-
-@register(ARCHITECTURE)
-def _build(config: dict[str, Any], manifest: dict[str, Any]) -> nn.Module:
-    recipe = CamCnnRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})  # type: ignore[arg-type]
-    return CamCnn(len(manifest["classes"]), recipe.channels, recipe.strides)
 
 
 def _dihedral(img: np.ndarray, k: int) -> np.ndarray:

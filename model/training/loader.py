@@ -2,7 +2,7 @@
 
 - :class:`WeakCropDataset` decodes images lazily (in the worker that needs them, with a small
   per-process cache), cuts a crop with its image-level label only (:func:`draw_weak_crop`), and
-  augments it in the worker: rot90/flip, RGB stain jitter, HED jitter (:mod:`fprotoseg.model.stain`).
+  augments it in the worker: rot90/flip, RGB stain jitter, HED jitter (:mod:`fprotoseg.model.training.stain`).
 - Each crop is a pure function of (seed, epoch, global sample index, crop size): its random
   stream is seeded by that key, so the crops do not depend on the number of workers or ranks,
   and a run resumed at step s of an epoch draws exactly the crops an uninterrupted run draws.
@@ -24,8 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fprotoseg.model.config_schema import TrainSection
-from fprotoseg.model.datasets import DatasetError, WeakImage, WeakImageRef, area_cdf, draw_weak_crop
-from fprotoseg.model.stain import hed_jitter, stain_jitter
+from fprotoseg.model.training.datasets import DatasetError, WeakImage, WeakImageRef, area_cdf, draw_weak_crop
+from fprotoseg.model.training.stain import hed_jitter, stain_jitter
 
 Key = tuple[int, int, int]  # (epoch, global sample index in the epoch, crop px)
 

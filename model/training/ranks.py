@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fprotoseg.model.datasets import MaskedImage
+from fprotoseg.model.training.datasets import MaskedImage
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fprotoseg.model.efficientnet import EfficientNetLite, imagenet_weights_path
 from fprotoseg.model.errors import CheckpointError
-from fprotoseg.model.mit import MixTransformer, fuse_hf_kv, rename_published
+from fprotoseg.model.networks.efficientnet import EfficientNetLite, imagenet_weights_path
+from fprotoseg.model.networks.mit import MixTransformer, fuse_hf_kv, rename_published
 
 KeyReport = dict[str, list[str]]
 

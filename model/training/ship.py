@@ -5,11 +5,11 @@ the data (more Normal, more stain variety) and carries, in its manifest, the cro
 figures of its recipe and of the baseline — never a score on data it was trained on. ``GET
 /models`` and the model card show those figures.
 
-    python -m fprotoseg.model.ship model/recipes/cam_cnn_glass.yaml \
+    python -m fprotoseg.model.training.ship model/recipes/cam_cnn_glass.yaml \
         --baseline model/recipes/cam_cnn_baseline.yaml --cv bench/results/cv_wsss4luad.jsonl \
         --inference-cv bench/results/cv_inference_glass_views4_slide.json --views 4 \
         --out model/weights/fprotoseg_wsss4luad.safetensors
-    python -m fprotoseg.model.ship model/recipes/bcss_cam_cnn_stain.yaml --plan cv_bcss_wsss \
+    python -m fprotoseg.model.training.ship model/recipes/bcss_cam_cnn_stain.yaml --plan cv_bcss_wsss \
         --baseline model/recipes/bcss_cam_cnn_baseline.yaml --cv runs/cv/cv_bcss_wsss.jsonl \
         --name fprotoseg-bcss-wsss-cam-cnn --out model/weights/fprotoseg_bcss_wsss.safetensors
 """
@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from fprotoseg.model.cam_cnn import CamCnn, CamCnnRecipe, manifest_for, train
 from fprotoseg.model.checkpoint import save_checkpoint
-from fprotoseg.model.cv import CvResult, load_units, presence_f1, read_plan
-from fprotoseg.model.datasets import DATASETS, DatasetError
+from fprotoseg.model.networks.cam_cnn import CamCnn
+from fprotoseg.model.training.cam_cnn import CamCnnRecipe, manifest_for, train
+from fprotoseg.model.training.cv import CvResult, load_units, presence_f1, read_plan
+from fprotoseg.model.training.datasets import DATASETS, DatasetError
 
 # What a dataset's shipped file says about where it comes from (the model's domain and its data).
 ORGANS = {"wsss4luad": ["lung"], "bcss-wsss": ["breast"]}
@@ -36,7 +37,7 @@ DATA = {
     "../shared/data/bcss_wsss, three TCGA slides",
 }
 
-DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def cv_summary(cv_jsonl: Path, recipe_name: str, classes: tuple[str, ...]) -> dict[str, Any]:

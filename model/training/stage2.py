@@ -27,7 +27,7 @@ from fprotoseg.model.config_schema import (
     network_config,
 )
 from fprotoseg.model.errors import ConfigurationError
-from fprotoseg.model.fprotoseg import (
+from fprotoseg.model.networks.fprotoseg import (
     FProtoSegStage1,
     GatedStage2Inference,
     Renormalise,

@@ -5,7 +5,7 @@ on random crops that carry image-level labels only, then validation mIoU on held
 pairs through the same predict path the service uses; a CSV row and a PNG plot are written; the
 best epoch by validation mIoU is saved as a fprotoseg checkpoint (weights + manifest only).
 
-Crops come through ``torch.utils.data`` (``model/loader.py``: lazy decoding and augmentation in
+Crops come through ``torch.utils.data`` (``model/training/loader.py``: lazy decoding and augmentation in
 ``loader.workers`` processes). Under ``torchrun`` the same command trains with DDP (NCCL on GPUs,
 Gloo on CPUs): ``train.batch_size`` is the global batch, split over the processes; rank 0 alone
 logs and writes files; validation is sharded over the ranks and gathered. ``resume=True``
@@ -16,8 +16,8 @@ states, loader position, history, the config it ran with), written at each epoch
 The config is a validated :class:`~fprotoseg.model.config_schema.TrainConfig` (loaded by
 ``config_schema.load_config``); a run is :func:`setup_run` (data, network, optimiser, loader),
 then per epoch :func:`train_epoch`, :func:`score_epoch` and :func:`keep_checkpoints`. The resume
-state lives in ``model/resume.py``, the history files in ``model/history.py``, the ranks of a
-``torchrun`` job in ``model/ranks.py``.
+state lives in ``model/training/resume.py``, the history files in ``model/training/history.py``, the
+ranks of a ``torchrun`` job in ``model/training/ranks.py``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,18 @@ from fprotoseg.model.config_schema import (
     as_train_config,
     resolve_path,
 )
-from fprotoseg.model.datasets import (
+
+# ConfigError is the one ConfigurationError (same code wherever a setting or config is wrong).
+from fprotoseg.model.errors import ConfigurationError as ConfigError
+from fprotoseg.model.errors import FprotosegError
+from fprotoseg.model.networks.fprotoseg import (
+    OUTPUT_STRIDE,
+    Stage1Inference,
+    encoder_normalisation,
+    stage1_losses,
+)
+from fprotoseg.model.networks.text import class_text_embeddings
+from fprotoseg.model.training.datasets import (
     DATASETS,
     DatasetError,
     MaskedImage,
@@ -58,22 +69,12 @@ from fprotoseg.model.datasets import (
     weak_refs_from_labelled_folder,
     weak_refs_from_pairs,
 )
-
-# ConfigError is the one ConfigurationError (same code wherever a setting or config is wrong).
-from fprotoseg.model.errors import ConfigurationError as ConfigError
-from fprotoseg.model.errors import FprotosegError
-from fprotoseg.model.evaluate import predict_labels, score_pairs
-from fprotoseg.model.fprotoseg import (
-    OUTPUT_STRIDE,
-    Stage1Inference,
-    encoder_normalisation,
-    stage1_losses,
-)
-from fprotoseg.model.history import ScalarWriter, epoch_line, tensorboard_writer, write_history
-from fprotoseg.model.loader import Augment, WeakBatchSampler, WeakCropDataset, make_loader
-from fprotoseg.model.pseudo import IGNORE_INDEX, make_pseudo_masks, pseudo_label_map
-from fprotoseg.model.ranks import Ranks, init_ranks, sharded, sync_buffers
-from fprotoseg.model.resume import (
+from fprotoseg.model.training.evaluate import predict_labels, score_pairs
+from fprotoseg.model.training.history import ScalarWriter, epoch_line, tensorboard_writer, write_history
+from fprotoseg.model.training.loader import Augment, WeakBatchSampler, WeakCropDataset, make_loader
+from fprotoseg.model.training.pseudo import IGNORE_INDEX, make_pseudo_masks, pseudo_label_map
+from fprotoseg.model.training.ranks import Ranks, init_ranks, sharded, sync_buffers
+from fprotoseg.model.training.resume import (
     RESUME_FILE,
     Progress,
     config_diff,
@@ -83,8 +84,7 @@ from fprotoseg.model.resume import (
     tensors_digest,
     write_resume_state,
 )
-from fprotoseg.model.stage2 import build_stage2, class_entries
-from fprotoseg.model.text import class_text_embeddings
+from fprotoseg.model.training.stage2 import build_stage2, class_entries
 
 # ------------------------------------------------------------------------------------ data
 
@@ -312,7 +312,7 @@ class Run:
 def build_network(cfg: TrainConfig, k: int, class_names: list[str], device: str) -> Network:
     """Stage 1: the text-prototype CAM network with its class text embeddings. Stage 2: its own
     encoder, an optional background class (``stage2.background``) and the frozen teacher fed the
-    student's inputs (``model.stage2``)."""
+    student's inputs (``model.training.stage2``)."""
     if cfg.stage == 1:
         emb, text_record = class_text_embeddings(class_names, cfg.text)
         text_record["dim"] = int(emb.shape[1])
@@ -350,7 +350,7 @@ def setup_run(
     pretrained = cfg.encoder.pretrained
     from_teacher = cfg.stage == 2 and bool(cfg.stage2.init_encoder_from_teacher)
     if pretrained and not from_teacher:
-        from fprotoseg.model.pretrained import load_encoder_weights
+        from fprotoseg.model.networks.pretrained import load_encoder_weights
 
         source = pretrained if pretrained == "imagenet" else resolve_path(pretrained)
         report = load_encoder_weights(network.net.encoder, source)
