@@ -81,7 +81,8 @@ def test_job_view_callback_and_probabilities_of_an_inked_slide(refusing, shared_
         )
         assert r.status_code == 202, r.text
         assert r.json()["job"]["outputs"] == "probabilities" and r.json()["job"]["qc"] is None
-        job = poll_job(client, r.json()["job_id"])
+        # a bound, not a sleep: on the 2-core host shared with a training run the job took minutes
+        job = poll_job(client, r.json()["job_id"], timeout_s=900)
         assert job["state"] == "succeeded", job
         deadline = time.monotonic() + 60
         while not lims.received and time.monotonic() < deadline:
@@ -119,7 +120,7 @@ def test_job_view_callback_and_probabilities_of_an_inked_slide(refusing, shared_
 
     # a job that did not ask: 404 with its code (the stored slide, so the same bytes, another job)
     r = client.post("/segment", files={"file": ("inked.tiff", slide)}, data={"qc_policy": "warn"})
-    other = poll_job(client, r.json()["job_id"])
+    other = poll_job(client, r.json()["job_id"], timeout_s=900)
     assert other["state"] == "succeeded" and "probabilities" not in other["links"]
     r = client.get(f"/jobs/{other['job_id']}/probabilities.ome.tiff")
     assert r.status_code == 404 and r.json()["code"] == "probabilities_not_requested"

@@ -259,7 +259,9 @@ INK_CROP_PX = 1600  # of CMU-1-Small-Region's level 0 (0.499 µm/px): a quicker 
 
 
 @pytest.fixture(scope="module")
-def inked(finished, tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> tuple[dict[str, Any], Path]:
+def inked(
+    finished, tmp_path_factory: pytest.TempPathFactory, shared_data: Path
+) -> tuple[dict[str, Any], Path]:
     """(the succeeded job, its results folder) of a crop of CMU-1 with two marker strokes drawn on
     it and its right fifth blurred (σ 4 px), written with tifffile: artefacts for both QC colours."""
     import cv2

@@ -193,13 +193,16 @@ def _write_qc_layers(out_dir: Path, tmp: Path, shape: tuple[int, int]) -> tuple[
 
     layers: list[dict[str, Any]] = []
     tiles = 0
-    sources = {
+    sources: dict[str, tuple[str, np.ndarray, dict[str, Any]]] = {
         "confidence": (CONFIDENCE_NAME, confidence_lut(), {
             "ramp": [{"at": p, "color": list(rgb)} for p, rgb in CONFIDENCE_RAMP],
             "low_confidence": LOW_CONFIDENCE,
         }),
         "artefacts": (ARTEFACTS_NAME, artefact_lut(), {
-            "legend": [{"name": n, "bit": b, "color": list(ARTEFACT_COLOURS_RGB[n])} for n, b in ARTEFACT_BITS.items()],
+            "legend": [
+                {"name": n, "bit": b, "color": list(ARTEFACT_COLOURS_RGB[n])}
+                for n, b in ARTEFACT_BITS.items()
+            ],
         }),
     }
     for layer in VIEWER_QC_LAYERS:

@@ -72,7 +72,7 @@ class ProbabilityPlanes:
 
     def __init__(self, folder: Path, n_classes: int, shape: tuple[int, int]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self._file = tempfile.TemporaryFile(dir=folder, prefix=".probabilities-")
+        self._file = tempfile.TemporaryFile(dir=folder, prefix=".probabilities-")  # noqa: SIM115 (closed by close())
         self.array: np.ndarray | None = np.memmap(self._file, dtype=np.uint8, mode="w+",
                                                   shape=(n_classes, *shape))
 
