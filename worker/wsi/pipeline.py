@@ -393,7 +393,9 @@ def run(
                 out_dir / PROBABILITIES_NAME, label_map, classes, options.output_mpp
             )
             planes.close()
-            clock.add("probabilities", time.perf_counter() - t_probabilities)
+            dt_probabilities = time.perf_counter() - t_probabilities
+            clock.add("probabilities", dt_probabilities)  # its own stage, not part of "write"
+            t += dt_probabilities
         if slide.vendor == DICOM_VENDOR:  # DICOM WSI in: the label map as a DICOM SEG too
             files["seg"] = write_seg(
                 out_dir / SEG_NAME, label_map, classes, output_mpp=options.output_mpp, slide_mpp=slide.mpp,
