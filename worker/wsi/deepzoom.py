@@ -50,11 +50,13 @@ from fprotoseg.worker.wsi.result_files import (
 
 SLIDE_JPEG_QUALITY = 85
 # The QC layers' colours (the page's legend reads them from viewer.json; bench/qc_picture.py too).
+# A pixel with several artefacts shows the first in this order: the specific ones before blur, which
+# is judged per 64 µm block (ink over a blurred area is still ink).
 ARTEFACT_COLOURS_RGB: dict[str, tuple[int, int, int]] = {
-    "out_of_focus": (255, 210, 0),
     "pen_ink": (230, 0, 200),
-    "over_exposed": (0, 200, 255),
     "fold": (255, 80, 0),
+    "over_exposed": (0, 200, 255),
+    "out_of_focus": (255, 210, 0),
 }
 # Confidence (softmax probability of the chosen class) -> colour, linear between the stops: red
 # when unsure, pale yellow at the stats' low-confidence cut, blue when sure (ColorBrewer RdYlBu).
@@ -165,10 +167,10 @@ def _lut_encoder(lut_rgba: np.ndarray) -> Any:
 
 
 def artefact_lut() -> np.ndarray:
-    """RGBA per artefact-bit value: the colour of its first artefact (in ARTEFACT_BITS order)."""
+    """RGBA per artefact-bit value: the colour of its first artefact in ARTEFACT_COLOURS_RGB order."""
     lut = np.zeros((256, 4), dtype=np.uint8)
     for value in range(1, 256):
-        name = next((n for n, bit in ARTEFACT_BITS.items() if value & bit), None)
+        name = next((n for n in ARTEFACT_COLOURS_RGB if value & ARTEFACT_BITS[n]), None)
         if name is not None:
             lut[value] = (*ARTEFACT_COLOURS_RGB[name], 255)
     return lut
@@ -200,8 +202,8 @@ def _write_qc_layers(out_dir: Path, tmp: Path, shape: tuple[int, int]) -> tuple[
         }),
         "artefacts": (ARTEFACTS_NAME, artefact_lut(), {
             "legend": [
-                {"name": n, "bit": b, "color": list(ARTEFACT_COLOURS_RGB[n])}
-                for n, b in ARTEFACT_BITS.items()
+                {"name": n, "bit": ARTEFACT_BITS[n], "color": list(rgb)}
+                for n, rgb in ARTEFACT_COLOURS_RGB.items()
             ],
         }),
     }
