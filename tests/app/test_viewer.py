@@ -389,14 +389,13 @@ def test_qc_layers_show_the_files_and_toggle(inked, tmp_path: Path) -> None:
         assert np.abs(shot.astype(int) - plain.astype(int)).max(axis=2).__gt__(30).mean() < 0.01
         assert _csp_violations(driver) == []
 
-        keep = os.environ.get("FPROTOSEG_QC_SCREENSHOT")  # the docs' picture: both layers at 55%
+        keep = os.environ.get("FPROTOSEG_QC_SCREENSHOT")  # the docs' picture (raw): both layers at 55%
         if keep:
             driver.execute_script(
                 "var o=document.getElementById('opacity'); o.value=55; o.dispatchEvent(new Event('input'));"
             )
             _toggle(driver, "confidence")
             _toggle(driver, "artefacts")
-            picture = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
-            picture.quantize(colors=128).save(keep, optimize=True)
+            Path(keep).write_bytes(driver.get_screenshot_as_png())
     finally:
         driver.quit()
