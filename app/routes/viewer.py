@@ -148,7 +148,7 @@ def _qc_section(manifest: dict[str, Any], stats: dict[str, Any]) -> str:
     parts = [f'<p>verdict <b>{esc(str(qc.get("verdict", "?")))}</b>, codes: {esc(codes)}</p>']
     for layer in manifest.get("qc_layers", []):
         name = str(layer["layer"])
-        box = f'<input type="checkbox" data-layer="{esc(name)}" data-qc="1">'
+        box = f'<input type="checkbox" data-layer="{esc(name)}">'
         if name == "artefacts":
             rows = "".join(
                 f'<tr><td><span class="swatch swatch-artefact-{esc(str(e["name"]))}"></span> '
