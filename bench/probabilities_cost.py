@@ -1,19 +1,20 @@
-"""What ``outputs=probabilities`` and the viewer's QC layers cost: one slide run twice through the
-pipeline in one process (the model loaded once), without and with ``probabilities.ome.tiff``, and
-the viewer rendered from each result.
+"""What ``outputs=probabilities`` and the viewer's QC layers cost: one slide run through the
+pipeline in one process (the model loaded once, one warm-up run first), without and with
+``probabilities.ome.tiff`` in turn, ``--repeats`` times each, and the viewer rendered from each result.
 
     python bench/probabilities_cost.py [--slide ../shared/data/slides/CMU-1-Small-Region.svs]
-                                       [--checkpoint NAME|PATH] [--output-mpp 2] [--json]
+                                       [--checkpoint NAME|PATH] [--output-mpp 2] [--repeats 3] [--json]
 
-Prints each run's seconds (total, and the probabilities write alone), the share of the run the
-probabilities add, the viewer's render seconds, and the file sizes. The default model is the
-packaged default (CPU, fp32). Nothing is pass/fail.
+Prints the median run seconds without and with (and the probabilities write alone), the share of
+the run the probabilities add, the viewer's render seconds, and the file sizes. The default model
+is the packaged default (CPU, fp32). Nothing is pass/fail.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -34,26 +35,34 @@ def main() -> None:
     ap.add_argument("--slide", type=Path, default=SHARED / "slides" / "CMU-1-Small-Region.svs")
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--output-mpp", type=float, default=2.0)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     segmenter = model.load_segmenter(resolve_checkpoint(args.checkpoint), device="cpu", precision="fp32")
     figures: dict[str, dict[str, float]] = {}
+    samples: dict[str, list[dict[str, float]]] = {"without": [], "with": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for asked in (False, True):
-            out = Path(tmp) / ("with" if asked else "without")
-            options = PipelineOptions(output_mpp=args.output_mpp, write_probabilities=asked)
-            started = time.perf_counter()
-            result = run(args.slide, out, segmenter, options=options)
-            total_s = time.perf_counter() - started
-            manifest = json.loads(write_viewer(out, args.slide).read_text())
-            sizes = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
-            figures["with" if asked else "without"] = {
-                "run_s": round(total_s, 3),
-                "probabilities_write_s": result.provenance["timings_s"].get("probabilities", 0.0),
-                "viewer_render_s": manifest["render_s"],
-                "viewer_tiles": manifest["tile_files"],
-                **{f"bytes:{name}": size for name, size in sorted(sizes.items())},
-            }
+        run(args.slide, Path(tmp) / "warm-up", segmenter, options=PipelineOptions(output_mpp=args.output_mpp))
+        for i in range(args.repeats):
+            for asked in (False, True) if i % 2 == 0 else (True, False):
+                key = "with" if asked else "without"
+                out = Path(tmp) / f"{key}-{i}"
+                options = PipelineOptions(output_mpp=args.output_mpp, write_probabilities=asked)
+                started = time.perf_counter()
+                result = run(args.slide, out, segmenter, options=options)
+                total_s = time.perf_counter() - started
+                manifest = json.loads(write_viewer(out, args.slide).read_text())
+                samples[key].append({
+                    "run_s": total_s,
+                    "probabilities_write_s": result.provenance["timings_s"].get("probabilities", 0.0),
+                    "viewer_render_s": manifest["render_s"],
+                })
+                sizes = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
+                figures[key] = {"viewer_tiles": manifest["tile_files"],
+                                **{f"bytes:{name}": size for name, size in sorted(sizes.items())}}
+    for key, runs in samples.items():
+        for measure in ("run_s", "probabilities_write_s", "viewer_render_s"):
+            figures[key][measure] = round(statistics.median(r[measure] for r in runs), 3)
     with_, without = figures["with"], figures["without"]
     summary = {
         "slide": args.slide.name,
