@@ -170,6 +170,7 @@ class RunParameters:
     simplify_tolerance_um: float
     min_region_area_um2: float
     geojson_gzip: bool
+    write_probabilities: bool = False
 
     def recorded_in(self, provenance: dict[str, Any]) -> bool:
         """Whether ``provenance`` (an earlier run's) was made with these parameters."""
@@ -184,6 +185,7 @@ class RunParameters:
             and options.get("simplify_tolerance_um") == self.simplify_tolerance_um
             and options.get("min_region_area_um2") == self.min_region_area_um2
             and options.get("geojson_gzip") == self.geojson_gzip
+            and bool(options.get("write_probabilities", False)) == self.write_probabilities
         )
 
 

@@ -19,18 +19,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data"
-COLOURS = {
-    "out_of_focus": (255, 210, 0),
-    "pen_ink": (230, 0, 200),
-    "over_exposed": (0, 200, 255),
-    "fold": (255, 80, 0),
-}
 
 
 def main() -> None:
     import cv2
     from PIL import Image, ImageDraw
 
+    from fprotoseg.worker.wsi.deepzoom import ARTEFACT_COLOURS_RGB
     from fprotoseg.worker.wsi.pipeline import PipelineOptions, _tissue_stage
     from fprotoseg.worker.wsi.qc import run_qc
     from fprotoseg.worker.wsi.qc_regions import ARTEFACT_BITS
@@ -61,7 +56,7 @@ def main() -> None:
     assert report.scan is not None
     artefacts = report.scan.artefacts[: view.shape[0], : view.shape[1]]
     marked = view.astype(np.float32)
-    for name, colour in COLOURS.items():
+    for name, colour in ARTEFACT_COLOURS_RGB.items():
         hit = (artefacts & ARTEFACT_BITS[name]) != 0
         marked[hit] = 0.45 * marked[hit] + 0.55 * np.array(colour, np.float32)
     h, w = view.shape[:2]

@@ -255,3 +255,27 @@ def write_claimed_size_tiff(path: Path, width_px: int, height_px: int) -> Path:
     out += bytes(16)
     path.write_bytes(bytes(out))
     return path
+
+
+# ------------------------------------------------------------------------------ pen ink on a slide
+INK_TRANSMITTANCE_RGB = ((40, 160, 70), (30, 70, 190))  # a green and a blue marker
+
+
+def draw_ink_strokes(rgb: np.ndarray, width_px: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    """``rgb`` with a green and a blue marker stroke drawn across it (tissue and glass alike), and
+    the uint8 stroke map (1 green, 2 blue). Ink is a filter over the tissue: transmitted light =
+    tissue x ink transmittance. Placed at the same fractions of any slide's size."""
+    import cv2
+
+    h, w = rgb.shape[:2]
+
+    def at(points: list[tuple[float, float]]) -> np.ndarray:
+        return np.array([[round(x * w), round(y * h)] for x, y in points], np.int32)
+
+    strokes = np.zeros((h, w), dtype=np.uint8)
+    cv2.polylines(strokes, [at([(0.09, 0.10), (0.41, 0.24), (0.77, 0.20)])], False, 1, width_px)
+    cv2.polylines(strokes, [at([(0.14, 0.74), (0.54, 0.84), (0.90, 0.71)])], False, 2, width_px)
+    out = rgb.astype(np.float32)
+    for value, ink_rgb in enumerate(INK_TRANSMITTANCE_RGB, start=1):
+        out[strokes == value] *= np.array(ink_rgb, np.float32) / 255.0
+    return out.astype(np.uint8), strokes

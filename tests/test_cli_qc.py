@@ -23,3 +23,30 @@ def test_dapi_warned_then_refused(tmp_path, shared_data):
     assert refused.returncode == ErrorCode.NOT_BRIGHTFIELD_HE.exit_code == 65, refused.stderr
     assert "not_brightfield_he" in refused.stderr and "fluorescence" in refused.stderr
     assert not (tmp_path / "refuse" / "stats.json").exists()
+
+
+def test_outputs_probabilities_through_the_cli(tmp_path, shared_data, tiny_checkpoint):
+    """``--outputs probabilities`` writes probabilities.ome.tiff beside the mask; the per-pixel maps
+    of the viewer (artefacts.tiff, confidence.tiff) are written either way."""
+    import numpy as np
+    import tifffile
+
+    slide = str(shared_data / "slides/CMU-1-Small-Region.svs")
+    out = tmp_path / "out"
+    proc = run_cli("segment", slide, "--out", str(out), "--checkpoint", str(tiny_checkpoint),
+                   "--device", "cpu", "--output-mpp", "4", "--outputs", "probabilities", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads((out / "stats.json").read_text())
+    with tifffile.TiffFile(out / "probabilities.ome.tiff") as tif:
+        assert tif.is_ome and tif.series[0].axes == "CYX"
+        probs = tif.series[0].levels[0].asarray()
+        assert 'PhysicalSizeX="4.0"' in tif.ome_metadata
+        assert all(f'Name="{c["name"]}"' in tif.ome_metadata for c in stats["classes"])
+    mask = tifffile.imread(out / "mask.tiff", level=0)
+    assert probs.shape == (len(stats["classes"]), *mask.shape)
+    assert np.array_equal(probs.max(axis=0), tifffile.imread(out / "confidence.tiff", level=0))
+    assert tifffile.imread(out / "artefacts.tiff", level=0).shape == mask.shape
+    assert json.loads((out / "provenance.json").read_text())["options"]["write_probabilities"] is True
+
+    bad = run_cli("segment", slide, "--out", str(tmp_path / "bad"), "--outputs", "logits")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--outputs" in bad.stderr

@@ -114,6 +114,9 @@ class ErrorCode(str, Enum):
     RESULTS_MISSING = ("results_missing", 404, "submit the slide again (the results were removed)")
     VIEWER_MISSING = ("viewer_missing", 404, "the viewer was not rendered for this job")
     SEG_NOT_AVAILABLE = ("seg_not_available", 404, "DICOM SEG is written for DICOM WSI input only")
+    PROBABILITIES_NOT_REQUESTED = (
+        "probabilities_not_requested", 404, "submit the slide again with outputs=probabilities"
+    )
     VIEW_LINK_INVALID = ("view_link_invalid", 401, "ask GET /jobs/{id} for a new view_url")
     NOT_READY = ("not_ready", 503, "retry later; `checks` says which part is not ready")
     INSUFFICIENT_STORAGE = ("insufficient_storage", 507, "retry after Retry-After")

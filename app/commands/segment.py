@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fprotoseg.app.segment_cohort import EXIT_SOME_FAILED, expand_slide_args
+from fprotoseg.worker.wsi.result_files import REQUESTABLE_OUTPUTS
 
 
 def register(subparsers: Any) -> None:
@@ -89,6 +90,13 @@ def register(subparsers: Any) -> None:
         default=None,
         help="slide QC: warn (print the QC codes, exit 0) or refuse (stop before inference with the QC "
         "code's exit status, 65); default: $FPROTOSEG_QC_POLICY, else warn",
+    )
+    p.add_argument(
+        "--outputs",
+        choices=REQUESTABLE_OUTPUTS,
+        default=None,
+        help="an optional output besides the standard files: probabilities = probabilities.ome.tiff, one "
+        "uint8 channel per class (probability x 255) at --output-mpp, pyramidal OME-TIFF",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in scripts)")
     p.set_defaults(handler=handle)
@@ -262,6 +270,7 @@ def _checkpoint_and_options(args: argparse.Namespace) -> tuple[Path, Any]:
         min_region_area_um2=args.min_region_um2,
         geojson_gzip=args.geojson_gzip,
         qc_policy=args.qc_policy or settings.qc_policy,
+        write_probabilities=args.outputs == "probabilities",
     )
     return checkpoint, options
 
@@ -299,6 +308,7 @@ def _handle_cohort(args: argparse.Namespace, slides: list[Path]) -> int:
         simplify_tolerance_um=options.simplify_tolerance_um,
         min_region_area_um2=options.min_region_area_um2,
         geojson_gzip=options.geojson_gzip,
+        write_probabilities=options.write_probabilities,
     )
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)

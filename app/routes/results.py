@@ -1,6 +1,7 @@
 """Result files of a succeeded job: ``/geojson`` (gzip when asked), ``/stats``, ``/mask``,
-``/overlay``, ``/provenance``, and ``/seg.dcm`` where the input was a DICOM WSI. Served straight
-from the job's published results directory."""
+``/overlay``, ``/provenance``, ``/seg.dcm`` where the input was a DICOM WSI, and
+``/probabilities.ome.tiff`` where the request asked for it. Served straight from the job's
+published results directory."""
 
 from __future__ import annotations
 
@@ -172,3 +173,26 @@ def get_seg(job_id: str, who: ApiKey, settings: SettingsDep, store: StoreDep) ->
 )
 def get_qc(job_id: str, who: ApiKey, settings: SettingsDep, store: StoreDep) -> FileResponse:
     return _file(_result_path(settings, store, job_id, "qc", who), "qc", job_id, attachment=False)
+
+
+@router.get(
+    "/jobs/{job_id}/probabilities.ome.tiff",
+    summary="Class probabilities: pyramidal OME-TIFF, one uint8 channel per class (outputs=probabilities)",
+    response_class=FileResponse,
+    responses={
+        **_responses("probabilities"),
+        404: {
+            "description": "no such job (or another tenant's), its results are gone, or the request did "
+            "not ask for outputs=probabilities (probabilities_not_requested)"
+        },
+    },
+)
+def get_probabilities(job_id: str, who: ApiKey, settings: SettingsDep, store: StoreDep) -> FileResponse:
+    rec = load_job(store, job_id, who)
+    path = published_results(settings, rec) / OPTIONAL_RESULT_FILES["probabilities"]
+    if not path.is_file():
+        raise Problem(
+            ErrorCode.PROBABILITIES_NOT_REQUESTED,
+            f"job {rec.id} has no probabilities.ome.tiff: it was submitted without outputs=probabilities",
+        )
+    return _file(path, "probabilities", job_id, attachment=True)

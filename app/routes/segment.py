@@ -85,6 +85,7 @@ def params_hash(
     model: str | None = None,
     roi: dict[str, Any] | None = None,
     qc_policy: str | None = None,
+    outputs: str | None = None,
 ) -> str:
     """What, besides the bytes, decides a job and how it is described (and so whether an old job
     can be reused): the same slide sent for another case (name, metadata) is a new job."""
@@ -101,6 +102,8 @@ def params_hash(
         params["roi"] = roi
     if qc_policy is not None:  # likewise: a job that names no QC policy keeps its earlier hash
         params["qc_policy"] = qc_policy
+    if outputs is not None:  # likewise: a job without extra outputs keeps its earlier hash
+        params["outputs"] = outputs
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -251,7 +254,8 @@ async def admit_slide(
         if fields.roi is not None and fmt.name in LEVEL0_FIRST_FORMATS and fmt.width_px and fmt.height_px:
             check_roi_on_slide(parse_roi(fields.roi), fmt.width_px, fmt.height_px)  # else the worker does
         phash = params_hash(
-            settings, mpp, callback_url, upload.filename, metadata, model, fields.roi, fields.qc_policy
+            settings, mpp, callback_url, upload.filename, metadata, model, fields.roi, fields.qc_policy,
+            fields.outputs,
         )
         existing = await run_in_threadpool(
             _find_existing, store, settings, dispatcher, who, idempotency_key, upload.sha256, phash
@@ -285,6 +289,7 @@ async def admit_slide(
             model=model,
             roi=fields.roi,
             qc_policy=fields.qc_policy,
+            outputs=fields.outputs,
             callback_url=callback_url,
             idempotency_key=idempotency_key,
             params_hash=phash,

@@ -107,6 +107,13 @@ class SegmentFields(BaseModel):
         "before inference); default: the deployment's FPROTOSEG_QC_POLICY",
     )
 
+    outputs: Literal["probabilities"] | None = Field(
+        default=None,
+        description="optional outputs besides the standard files: probabilities = probabilities.ome.tiff, "
+        "a pyramidal OME-TIFF with one uint8 channel per class (probability x 255) at the output µm/px "
+        "(GET /jobs/{id}/probabilities.ome.tiff)",
+    )
+
     @field_validator("metadata", mode="before")
     @classmethod
     def _metadata_from_form(cls, value: Any, info: ValidationInfo) -> Any:

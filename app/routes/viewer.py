@@ -2,7 +2,9 @@
 
 The slide with the classes over it (OpenSeadragon, shipped in ``app/static``; no CDN), pan and zoom
 down to the output resolution, a toggle per class and for the polygons, per-class areas and
-fractions, and the job's provenance summary. Everything shown was rendered by the worker
+fractions, the slide QC verdict with two layers (the artefacts QC left out, each in its colour, and
+the network's per-pixel confidence on a colour ramp; hidden until toggled), and the job's
+provenance summary. Everything shown was rendered by the worker
 (``worker/wsi/deepzoom.py``): the API has no OpenSlide and reads only files.
 
 Who may look: a caller with the ``X-API-Key`` header, or anyone holding the signed link from
@@ -46,7 +48,7 @@ from fprotoseg.worker.wsi.result_files import (
 router = APIRouter(tags=["viewer"])
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
-_LAYER_RE = re.compile(r"^(slide|class_[1-9][0-9]{0,2})$")
+_LAYER_RE = re.compile(r"^(slide|class_[1-9][0-9]{0,2}|confidence|artefacts)$")
 _TILE_RE = re.compile(r"^([0-9]{1,6})_([0-9]{1,6})\.(jpeg|png)$")
 # A 1x1 transparent PNG: the answer for a class tile the worker left out because it was empty.
 _BLANK_PNG = bytes.fromhex(
@@ -136,6 +138,35 @@ def _summary(rec: JobRecord, provenance: dict[str, Any]) -> list[tuple[str, str]
     return rows
 
 
+def _qc_section(manifest: dict[str, Any], stats: dict[str, Any]) -> str:
+    """The QC verdict and codes, and a toggle with its legend per QC layer (unchecked: the classes
+    are what a reviewer looks at first)."""
+    esc = html.escape
+    qc = stats.get("qc") or {}
+    areas = qc.get("artefact_area_um2") or {}
+    codes = ", ".join(str(c) for c in qc.get("codes", [])) or "none"
+    parts = [f'<p>verdict <b>{esc(str(qc.get("verdict", "?")))}</b>, codes: {esc(codes)}</p>']
+    for layer in manifest.get("qc_layers", []):
+        name = str(layer["layer"])
+        box = f'<input type="checkbox" data-layer="{esc(name)}">'
+        if name == "artefacts":
+            rows = "".join(
+                f'<tr><td><span class="swatch swatch-artefact-{esc(str(e["name"]))}"></span> '
+                f'{esc(str(e["name"]).replace("_", " "))}</td>'
+                f'<td class="num">{float(areas.get(e["name"], 0.0)) / 1e6:.3f}</td></tr>'
+                for e in layer.get("legend", [])
+            )
+            parts.append(f"<p><label>{box} artefacts QC left out</label></p>"
+                         f'<table class="legend"><thead><tr><th>artefact</th><th>mm²</th></tr></thead>'
+                         f"<tbody>{rows}</tbody></table>")
+        elif name == "confidence":
+            cut = float(layer.get("low_confidence", 0.0))
+            parts.append(f"<p><label>{box} confidence (probability of the chosen class)</label></p>"
+                         '<p class="ramp-box"><span class="ramp"></span><span class="ramp-labels">'
+                         f"<span>0</span><span>{cut:g} cut</span><span>1</span></span></p>")
+    return "".join(parts)
+
+
 def _page(rec: JobRecord, token: str, manifest: dict[str, Any], stats: dict[str, Any],
           provenance: dict[str, Any]) -> str:
     esc = html.escape
@@ -161,6 +192,7 @@ def _page(rec: JobRecord, token: str, manifest: dict[str, Any], stats: dict[str,
         "level0_px_per_viewer_px": manifest["level0_px_per_viewer_px"],
         "slide_layer": manifest.get("slide_layer", VIEWER_SLIDE_LAYER),
         "class_layers": manifest["class_layers"],
+        "qc_layers": [{"layer": layer["layer"]} for layer in manifest.get("qc_layers", [])],
     }
     # </script> cannot close the JSON block: "<" is escaped
     config_json = json.dumps(config).replace("<", "\\u003c")
@@ -181,7 +213,9 @@ def _page(rec: JobRecord, token: str, manifest: dict[str, Any], stats: dict[str,
 <tbody>{"".join(rows)}</tbody></table>
 <p>tissue {float(stats.get("tissue_area_mm2", 0.0)):.3f} mm²</p>
 <p><label><input type="checkbox" id="polygons" checked> polygons (GeoJSON outlines)</label></p>
-<p><label>class opacity <input type="range" id="opacity" min="0" max="100" value="55"></label></p>
+<h2>Slide QC</h2>
+{_qc_section(manifest, stats)}
+<p><label>layer opacity <input type="range" id="opacity" min="0" max="100" value="55"></label></p>
 <h2>Provenance</h2>
 <table class="provenance">{summary}</table>
 <p class="muted">Drag to pan, scroll to zoom (down to {float(stats.get("output_mpp", 0.0)):g} µm/px).</p>
@@ -233,11 +267,18 @@ def get_class_css(
     """The class swatches' colours (a style sheet, since the page allows no inline styles)."""
     _viewable_job(request, settings, store, job_id, token, key)
     manifest = _read_json(settings.result_dir(job_id) / VIEWER_MANIFEST)
-    css = "".join(
-        f".swatch-{int(c['label'])}{{background:rgb({int(c['color'][0])},{int(c['color'][1])},"
-        f"{int(c['color'][2])})}}\n"
-        for c in manifest.get("class_layers", [])
-    )
+    def rgb(color: list[Any]) -> str:
+        return f"rgb({int(color[0])},{int(color[1])},{int(color[2])})"
+
+    css = "".join(f".swatch-{int(c['label'])}{{background:{rgb(c['color'])}}}\n"
+                  for c in manifest.get("class_layers", []))
+    for layer in manifest.get("qc_layers", []):
+        for e in layer.get("legend", []):  # artefact names are the worker's own identifiers
+            if re.fullmatch(r"[a-z_]{1,40}", str(e["name"])):
+                css += f".swatch-artefact-{e['name']}{{background:{rgb(e['color'])}}}\n"
+        if layer.get("ramp"):
+            stops = ",".join(f"{rgb(s['color'])} {100 * float(s['at']):g}%" for s in layer["ramp"])
+            css += f".ramp{{background:linear-gradient(to right,{stops})}}\n"
     return Response(css, media_type="text/css", headers=_TILE_HEADERS)
 
 

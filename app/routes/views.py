@@ -45,6 +45,18 @@ class UploadView(BaseModel):
     )
 
 
+class QcSummaryView(BaseModel):
+    """Slide QC as a LIMS keys on it (``qc.json`` has every value and threshold)."""
+
+    verdict: str = Field(description="pass, warn (policy warn, some check failed) or refused")
+    policy: str = Field(description="warn or refuse")
+    codes: list[str] = Field(description="the failed checks' codes, e.g. artefact_area_high")
+    artefact_area_um2: dict[str, float] = Field(
+        description="area per artefact (out_of_focus, pen_ink, over_exposed, fold, any) in µm²"
+    )
+    excluded_area_um2: float = Field(description="tissue left out of the class areas and polygons, µm²")
+
+
 class JobView(BaseModel):
     """One job as the API shows it."""
 
@@ -73,6 +85,8 @@ class JobView(BaseModel):
     idempotency_key: str | None = Field(description="the Idempotency-Key the job was submitted with")
     metadata: dict[str, Any] | None = Field(description="the client's metadata object (e.g. external_id)")
     tenant: str = Field(description="the tenant of the API key that submitted the job")
+    outputs: str | None = Field(default=None, description="optional outputs asked for (probabilities)")
+    qc: QcSummaryView | None = Field(default=None, description="slide QC summary, once succeeded")
     tiles: int | None = Field(description="tiles inferred, once succeeded")
     duration_s: float | None
     links: dict[str, str] = Field(description="self, and the result URLs once succeeded; `view` is the "
@@ -101,7 +115,7 @@ def base_url(request: Request, settings: Settings) -> str:
 
 
 def job_view(rec: JobRecord, request: Request, settings: Settings) -> dict[str, Any]:
-    links = job_links(base_url(request, settings), rec.id, rec.state)
+    links = job_links(base_url(request, settings), rec.id, rec.state, rec.outputs)
     view = viewer_link(settings, rec, links["self"])
     if view:  # signed: a browser opened from a LIMS cannot send the X-API-Key header
         links["view"] = view
@@ -132,6 +146,8 @@ def job_view(rec: JobRecord, request: Request, settings: Settings) -> dict[str, 
         "idempotency_key": rec.idempotency_key,
         "metadata": json_safe(rec.metadata),  # an older version stored NaN, "\ud800": still listed
         "tenant": rec.tenant,
+        "outputs": rec.outputs,
+        "qc": json_safe(rec.qc),
         "tiles": rec.tiles,
         "duration_s": rec.duration_s,
         "links": links,

@@ -1,5 +1,6 @@
 /* The result viewer (GET /jobs/{id}/view): the slide's Deep Zoom pyramid with one layer per class
- * over it, class toggles, an opacity slider and the GeoJSON polygons as an SVG overlay.
+ * over it, the QC layers (confidence, artefacts) over those, a toggle per layer, an opacity slider
+ * and the GeoJSON polygons as an SVG overlay.
  * Configuration comes from the page's JSON block; every request carries the page's signed token.
  * window.fprotosegViewer.ready() tells a test (or a person in the console) when every layer is drawn. */
 (function () {
@@ -24,7 +25,8 @@
     tileSources: [{ tileSource: source(cfg.slide_layer, "jpeg"), x: 0, y: 0, width: 1 }]
   });
   var layers = {};          // layer name -> TiledImage
-  var expected = 1 + cfg.class_layers.length;
+  var overlays = cfg.class_layers.concat(cfg.qc_layers || []);  // bottom to top
+  var expected = 1 + overlays.length;
   var opacity = document.getElementById("opacity");
 
   function alphaFor(name) {
@@ -36,9 +38,10 @@
   }
 
   viewer.addHandler("open", function () {
-    cfg.class_layers.forEach(function (layer) {
+    overlays.forEach(function (layer) {  // OpenSeadragon adds them in this order
       viewer.addTiledImage({
         tileSource: source(layer.layer, "png"), x: 0, y: 0, width: 1, opacity: alphaFor(layer.layer),
+        preload: true,  // a hidden layer's tiles load too: toggling it on shows it at once
         success: function (event) { layers[layer.layer] = event.item; restyle(); }
       });
     });

@@ -218,10 +218,14 @@ def test_openapi_documents_the_upload(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/segment"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     fields = {"file", "mpp", "callback_url", "metadata", "external_id", "model", "roi", "qc_policy"}
+    fields.add("outputs")
     assert set(body["properties"]) == fields
     assert body["properties"]["roi"]["type"] == "string"  # the GeoJSON as text in a form
     assert body["properties"]["roi"]["maxLength"] == 512 * 1024
     assert "/jobs/{job_id}/seg.dcm" in spec["paths"]
+    assert body["properties"]["outputs"]["const"] == "probabilities"
+    probabilities = spec["paths"]["/jobs/{job_id}/probabilities.ome.tiff"]["get"]["responses"]
+    assert list(probabilities["200"]["content"]) == ["image/tiff"]
     for path in ("/jobs", "/jobs/{job_id}", "/jobs/{job_id}/geojson", "/healthz", "/readyz", "/metrics"):
         assert path in spec["paths"]
     job = spec["components"]["schemas"]["JobView"]["properties"]

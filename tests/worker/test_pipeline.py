@@ -67,7 +67,9 @@ def test_real_network_through_the_seam_and_optional_outputs(tmp_path, known_slid
     segmenter = model.load_segmenter(tiny_checkpoint, device="cpu", precision="fp32")
     opts = PipelineOptions(batch_size=8, geojson_gzip=True, output_mpp=4.0)
     result = run(known_slide.path, tmp_path / "out", segmenter, options=opts)
-    assert set(result.files) == {"geojson", "geojson_gz", "stats", "mask", "overlay", "provenance", "qc"}
+    assert set(result.files) == {
+        "geojson", "geojson_gz", "stats", "mask", "overlay", "provenance", "qc", "artefacts", "confidence"
+    }
     plain = (tmp_path / "out" / "segmentation.geojson").read_bytes()
     assert gzip.decompress(result.files["geojson_gz"].read_bytes()) == plain
     prov = result.provenance

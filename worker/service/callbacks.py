@@ -39,7 +39,7 @@ from fprotoseg.worker.service.netguard import CallbackTarget, CallbackURLError, 
 from fprotoseg.worker.service.settings import Settings
 from fprotoseg.worker.service.states import SUCCEEDED, TERMINAL_STATES
 from fprotoseg.worker.service.storage import load_or_create_secret
-from fprotoseg.worker.wsi.result_files import RESULT_FILES
+from fprotoseg.worker.wsi.result_files import PROBABILITIES_NAME, RESULT_FILES
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +154,9 @@ def encode_payload(payload: dict[str, Any]) -> bytes:
     ).encode()
 
 
-def job_links(base_url: str, job_id: str, state: str) -> dict[str, str]:
-    """``self``, and once the job has succeeded one URL per result file (``/jobs/{id}/{key}``).
+def job_links(base_url: str, job_id: str, state: str, outputs: str | None = None) -> dict[str, str]:
+    """``self``, and once the job has succeeded one URL per result file (``/jobs/{id}/{key}``),
+    and ``probabilities`` (``/jobs/{id}/probabilities.ome.tiff``) when ``outputs`` asked for it.
 
     ``base_url`` is FPROTOSEG_PUBLIC_URL (or, in the API, the URL the request came in on);
     empty gives relative links.
@@ -164,12 +165,15 @@ def job_links(base_url: str, job_id: str, state: str) -> dict[str, str]:
     links = {"self": url}
     if state == SUCCEEDED:
         links.update({key: f"{url}/{key}" for key in RESULT_FILES})
+        if outputs == "probabilities":
+            links["probabilities"] = f"{url}/{PROBABILITIES_NAME}"
     return links
 
 
 def callback_payload(settings: Settings, rec: JobRecord) -> dict[str, Any]:
     """The JSON body POSTed when a job ends: what a LIMS needs to match it to its case (the
-    client's file name, metadata and Idempotency-Key) and where the results are."""
+    client's file name, metadata and Idempotency-Key), where the results are, and the slide QC
+    summary (verdict, codes, artefact areas in µm²) a LIMS keys on without fetching qc.json."""
     payload: dict[str, Any] = {
         "job_id": rec.id,
         "state": rec.state,
@@ -178,8 +182,10 @@ def callback_payload(settings: Settings, rec: JobRecord) -> dict[str, Any]:
         "filename": rec.filename,
         "metadata": rec.metadata,
         "idempotency_key": rec.idempotency_key,
-        "links": job_links(settings.public_url or "", rec.id, rec.state),
+        "links": job_links(settings.public_url or "", rec.id, rec.state, rec.outputs),
     }
+    if rec.qc is not None:
+        payload["qc"] = rec.qc
     if rec.error_code:
         payload["error"] = {"code": rec.error_code, "message": rec.error_message}
     return payload

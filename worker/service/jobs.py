@@ -9,6 +9,7 @@ ends ``succeeded`` exactly once even when two deliveries race. Cheap to import (
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -34,7 +35,7 @@ from fprotoseg.worker.service.segmenters import get_segmenter
 from fprotoseg.worker.service.settings import Settings
 from fprotoseg.worker.service.states import PUBLISHING_STAGE, QUEUED, RUNNING, SUCCEEDED
 from fprotoseg.worker.service.storage import is_out_of_space
-from fprotoseg.worker.wsi.result_files import publish, results_complete
+from fprotoseg.worker.wsi.result_files import STATS_NAME, publish, results_complete
 
 if TYPE_CHECKING:
     from fprotoseg.worker.wsi.pipeline import RunResult
@@ -77,7 +78,8 @@ def _claim(store: JobStore, settings: Settings, job_id: str) -> JobRecord | None
         log.info("job %s: already %s; redelivery ignored", job_id, rec.state)
         return None
     if results_complete(settings.result_dir(job_id)):  # redelivered after the results were published
-        _finish(store, settings, job_id, SUCCEEDED, progress=1.0, stage="done")
+        qc = _published_qc(settings.result_dir(job_id))
+        _finish(store, settings, job_id, SUCCEEDED, progress=1.0, stage="done", qc=qc)
         return None
     if rec.cancel_requested:
         cancel_job(store, settings, job_id)
@@ -99,6 +101,15 @@ def _claim(store: JobStore, settings: Settings, job_id: str) -> JobRecord | None
         started_at=rec.started_at or time.time(), stage="loading model", progress=0.0,
         heartbeat_at=time.time(),
     )
+
+
+def _published_qc(result_dir: Path) -> dict[str, object] | None:
+    """The QC summary of published results (for a redelivery that finds them on disk)."""
+    try:
+        qc = json.loads((result_dir / STATS_NAME).read_text()).get("qc")
+    except (OSError, ValueError):
+        return None
+    return qc if isinstance(qc, dict) else None
 
 
 def _process(job_id: str, settings: Settings, store: JobStore, should_stop: StopFlag) -> JobRecord | None:
@@ -125,7 +136,7 @@ def _process(job_id: str, settings: Settings, store: JobStore, should_stop: Stop
     duration_s = round(time.monotonic() - started_s, 3)
     return _finish(  # from running only: not after a cancel or a racing delivery that finished first
         store, settings, job_id, SUCCEEDED, only_from=RUNNING, progress=1.0, stage="done",
-        duration_s=duration_s, tiles=result.tiles_inferred,
+        duration_s=duration_s, tiles=result.tiles_inferred, qc=result.stats.get("qc"),
     )
 
 
@@ -180,6 +191,7 @@ def _run_pipeline(
         batch_size=settings.batch_size,  # None: the segmenter chooses (PipelineOptions)
         reader_threads=settings.pipeline_threads,
         qc_policy=rec.qc_policy or settings.qc_policy,
+        write_probabilities=rec.outputs == "probabilities",
     )
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)

@@ -7,6 +7,12 @@ transparent elsewhere), so the page can toggle classes by layer opacity. The lab
 from the published ``mask.tiff`` (the same labels the stats and polygons come from) and the
 classes from ``stats.json``; the slide is opened again here, so the slide pipeline needs no change.
 
+Two QC layers lie over the classes, rendered from the per-pixel files beside the mask
+(:mod:`~fprotoseg.worker.wsi.pixel_maps`): ``artefacts`` (each artefact QC left out in its own
+colour, :data:`ARTEFACT_COLOURS_RGB`) and ``confidence`` (the chosen class's probability through
+:data:`CONFIDENCE_RAMP`, red where the network was unsure). Both are halved by nearest neighbour:
+their values are codes and probabilities, not intensities to average with glass.
+
 Class tiles that hold no pixel of their class are not written (most of a slide is glass or another
 class); the API answers them with a transparent tile (:data:`VIEWER_BLANK_TILE` rule in
 ``result_files``). Memory: the slide at the output resolution as RGB plus one byte per output pixel
@@ -27,17 +33,38 @@ from typing import Any
 import numpy as np
 
 from fprotoseg.worker.wsi.buffers import anonymous_array
+from fprotoseg.worker.wsi.confidence import LOW_CONFIDENCE
+from fprotoseg.worker.wsi.qc_regions import ARTEFACT_BITS
 from fprotoseg.worker.wsi.result_files import (
+    ARTEFACTS_NAME,
+    CONFIDENCE_NAME,
     MASK_NAME,
     STATS_NAME,
     VIEWER_DIR,
     VIEWER_MANIFEST,
+    VIEWER_QC_LAYERS,
     VIEWER_SLIDE_LAYER,
     VIEWER_TILE_PX,
     viewer_class_layer,
 )
 
 SLIDE_JPEG_QUALITY = 85
+# The QC layers' colours (the page's legend reads them from viewer.json; bench/qc_picture.py too).
+# A pixel with several artefacts shows the first in this order: the specific ones before blur, which
+# is judged per 64 µm block (ink over a blurred area is still ink).
+ARTEFACT_COLOURS_RGB: dict[str, tuple[int, int, int]] = {
+    "pen_ink": (230, 0, 200),
+    "fold": (255, 80, 0),
+    "over_exposed": (0, 200, 255),
+    "out_of_focus": (255, 210, 0),
+}
+# Confidence (softmax probability of the chosen class) -> colour, linear between the stops: red
+# when unsure, pale yellow at the stats' low-confidence cut, blue when sure (ColorBrewer RdYlBu).
+CONFIDENCE_RAMP: tuple[tuple[float, tuple[int, int, int]], ...] = (
+    (0.0, (215, 48, 39)),
+    (LOW_CONFIDENCE, (255, 255, 191)),
+    (1.0, (69, 117, 180)),
+)
 
 
 def deepzoom_level_count(width_px: int, height_px: int) -> int:
@@ -61,12 +88,18 @@ def _halve(image: np.ndarray) -> np.ndarray:
     return cv2.resize(image, (max(1, (w + 1) // 2), max(1, (h + 1) // 2)), interpolation=cv2.INTER_AREA)
 
 
+def _halve_nearest(image: np.ndarray) -> np.ndarray:
+    """The next coarser level by nearest neighbour (every other pixel): codes stay codes."""
+    return np.ascontiguousarray(image[::2, ::2])
+
+
 def _write_pyramid(
-    image: np.ndarray, dst: Path, name: str, fmt: str, encode: Any, keep: Any = None
+    image: np.ndarray, dst: Path, name: str, fmt: str, encode: Any, keep: Any = None, halve: Any = _halve
 ) -> int:
     """``name.dzi`` and ``name_files/<level>/<col>_<row>.<fmt>``; returns the tile files written.
 
-    ``encode(tile) -> bytes``; ``keep(tile) -> bool`` skips empty tiles when given.
+    ``encode(tile) -> bytes``; ``keep(tile) -> bool`` skips empty tiles when given; ``halve``
+    makes the next coarser level.
     """
     height, width = image.shape[:2]
     (dst / f"{name}.dzi").write_text(_dzi_xml(width, height, fmt))
@@ -85,7 +118,7 @@ def _write_pyramid(
                 (level_dir / f"{col}_{row}.{fmt}").write_bytes(encode(tile))
                 written += 1
         if level:
-            level_image = _halve(level_image)
+            level_image = halve(level_image)
     return written
 
 
@@ -116,6 +149,76 @@ def _class_encoder(color_rgb: Sequence[int]) -> Any:
         return bytes(data)
 
     return encode
+
+
+def _lut_encoder(lut_rgba: np.ndarray) -> Any:
+    """Tiles of a uint8 map coloured through a 256-entry RGBA table (alpha 0: transparent)."""
+    import cv2
+
+    lut_bgra = np.ascontiguousarray(lut_rgba[:, [2, 1, 0, 3]])
+
+    def encode(values: np.ndarray) -> bytes:
+        ok, data = cv2.imencode(".png", lut_bgra[values], [cv2.IMWRITE_PNG_COMPRESSION, 3])
+        if not ok:
+            raise RuntimeError("PNG encoding of a viewer tile failed")
+        return bytes(data)
+
+    return encode
+
+
+def artefact_lut() -> np.ndarray:
+    """RGBA per artefact-bit value: the colour of its first artefact in ARTEFACT_COLOURS_RGB order."""
+    lut = np.zeros((256, 4), dtype=np.uint8)
+    for value in range(1, 256):
+        name = next((n for n in ARTEFACT_COLOURS_RGB if value & ARTEFACT_BITS[n]), None)
+        if name is not None:
+            lut[value] = (*ARTEFACT_COLOURS_RGB[name], 255)
+    return lut
+
+
+def confidence_lut() -> np.ndarray:
+    """RGBA per stored confidence (probability x 255): :data:`CONFIDENCE_RAMP`; 0 (not scored)
+    transparent."""
+    stops = np.array([p for p, _ in CONFIDENCE_RAMP]) * 255
+    lut = np.zeros((256, 4), dtype=np.uint8)
+    values = np.arange(256, dtype=np.float64)
+    for c in range(3):
+        lut[:, c] = np.rint(np.interp(values, stops, [rgb[c] for _, rgb in CONFIDENCE_RAMP]))
+    lut[1:, 3] = 255
+    return lut
+
+
+def _write_qc_layers(out_dir: Path, tmp: Path, shape: tuple[int, int]) -> tuple[list[dict[str, Any]], int]:
+    """The confidence and artefact layers from ``confidence.tiff`` and ``artefacts.tiff`` (results
+    older than those files have none); returns (their manifest entries, tiles written)."""
+    import tifffile
+
+    layers: list[dict[str, Any]] = []
+    tiles = 0
+    sources: dict[str, tuple[str, np.ndarray, dict[str, Any]]] = {
+        "confidence": (CONFIDENCE_NAME, confidence_lut(), {
+            "ramp": [{"at": p, "color": list(rgb)} for p, rgb in CONFIDENCE_RAMP],
+            "low_confidence": LOW_CONFIDENCE,
+        }),
+        "artefacts": (ARTEFACTS_NAME, artefact_lut(), {
+            "legend": [
+                {"name": n, "bit": ARTEFACT_BITS[n], "color": list(rgb)}
+                for n, rgb in ARTEFACT_COLOURS_RGB.items()
+            ],
+        }),
+    }
+    for layer in VIEWER_QC_LAYERS:
+        name, lut, extra = sources[layer]
+        if not (out_dir / name).is_file():
+            continue
+        values = tifffile.imread(out_dir / name, level=0)
+        if values.shape != shape:
+            continue  # not on the label map's grid: not shown rather than misplaced
+        tiles += _write_pyramid(values, tmp, layer, "png", _lut_encoder(lut), keep=lambda t: bool(t.any()),
+                                halve=_halve_nearest)
+        layers.append({"layer": layer, **extra})
+        del values
+    return layers, tiles
 
 
 def _slide_at_label_resolution(
@@ -170,6 +273,9 @@ def write_viewer(out_dir: Path, slide_path: Path, *, mpp_override: float | None 
             alpha, tmp, name, "png", _class_encoder(entry["color"]), keep=lambda t: bool(t.any())
         )
         layers.append({"layer": name, "label": label, "name": entry["name"], "color": entry["color"]})
+    del alpha
+    qc_layers, qc_tiles = _write_qc_layers(out_dir, tmp, (rows, cols))
+    tiles += qc_tiles
     manifest = {
         "format": "fprotoseg-viewer/1",
         "width_px": cols,
@@ -183,6 +289,7 @@ def write_viewer(out_dir: Path, slide_path: Path, *, mpp_override: float | None 
         "slide_height_px": slide_info["height"],
         "slide_layer": VIEWER_SLIDE_LAYER,
         "class_layers": layers,
+        "qc_layers": qc_layers,  # drawn over the classes in this order; hidden until asked for
         "tile_files": tiles,
         "render_s": round(time.perf_counter() - started, 3),
     }

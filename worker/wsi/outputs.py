@@ -172,14 +172,22 @@ LABEL_COLORS_NAMESPACE = "fprotoseg/labels/colors"  # MapAnnotation: label value
 MICROMETRE = "&#181;m"  # "µm" as a character reference: a TIFF ASCII tag holds 7-bit text only
 
 
-def mask_ome_xml(
-    shape: tuple[int, int], classes: Sequence[Any], output_mpp: float, creator: str = "fprotoseg"
+def ome_xml(
+    shape: tuple[int, int],
+    output_mpp: float,
+    *,
+    image_name: str,
+    channel_names: Sequence[str],
+    annotations: dict[str, dict[int, str]] | None = None,
+    creator: str = "fprotoseg",
 ) -> str:
-    """The OME-XML of ``mask.tiff``: one uint8 plane of ``shape`` (h, w) at ``output_mpp`` µm/px,
-    and the labels (0 = background, k + 1 = class k) with names and colours as two MapAnnotations.
+    """The OME-XML of one of our pyramidal OME-TIFFs: ``len(channel_names)`` uint8 planes of
+    ``shape`` (h, w) at ``output_mpp`` µm/px, plane c in top-level IFD c, and MapAnnotations
+    (namespace -> {key: value}).
 
     Why OME: Bio-Formats (QuPath, napari, Fiji) and tifffile read the physical pixel size from
-    it, and the reduced levels from the SubIFDs, so the mask opens at the slide's scale.
+    it, the channel names, and the reduced levels from the SubIFDs, so the file opens at the
+    slide's scale.
     """
     from xml.sax.saxutils import quoteattr
 
@@ -187,33 +195,49 @@ def mask_ome_xml(
         return "".join(f"<M K={quoteattr(str(k))}>{_xml_text(v)}</M>" for k, v in values.items())
 
     creator = creator.encode("ascii", "xmlcharrefreplace").decode()
-
-    names = {0: BACKGROUND_NAME, **{k + 1: c.name for k, c in enumerate(classes)}}
-    colors = {0: "#ffffff"}
-    colors.update({k + 1: "#{:02x}{:02x}{:02x}".format(*map(int, c.color)) for k, c in enumerate(classes)})
     h, w = shape
     mpp = repr(float(output_mpp))
+    channels = "".join(
+        f'<Channel ID="Channel:0:{c}" Name={quoteattr(_xml_text(name))} SamplesPerPixel="1"/>'
+        for c, name in enumerate(channel_names)
+    )
+    planes = "".join(
+        f'<TiffData IFD="{c}" FirstC="{c}" FirstZ="0" FirstT="0" PlaneCount="1"/>'
+        for c in range(len(channel_names))
+    )
+    maps = list((annotations or {}).items())
+    refs = "".join(f'<AnnotationRef ID="Annotation:{i}"/>' for i in range(len(maps)))
+    structured = "".join(
+        f'<MapAnnotation ID="Annotation:{i}" Namespace="{namespace}"><Value>{entries(values)}</Value>'
+        "</MapAnnotation>"
+        for i, (namespace, values) in enumerate(maps)
+    )
     return (
         '<?xml version="1.0" encoding="UTF-8"?>'
         f'<OME xmlns="{OME_NAMESPACE}" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
         f'xsi:schemaLocation="{OME_NAMESPACE} {OME_NAMESPACE}/ome.xsd" Creator={quoteattr(creator)}>'
-        '<Image ID="Image:0" Name="fprotoseg labels">'
+        f'<Image ID="Image:0" Name={quoteattr(image_name)}>'
         '<Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="uint8" '
-        f'SizeX="{w}" SizeY="{h}" SizeC="1" SizeZ="1" SizeT="1" '
+        f'SizeX="{w}" SizeY="{h}" SizeC="{len(channel_names)}" SizeZ="1" SizeT="1" '
         f'PhysicalSizeX="{mpp}" PhysicalSizeXUnit="{MICROMETRE}" PhysicalSizeY="{mpp}" '
         f'PhysicalSizeYUnit="{MICROMETRE}">'
-        '<Channel ID="Channel:0:0" Name="labels" SamplesPerPixel="1"/>'
-        '<TiffData IFD="0" PlaneCount="1"/>'
-        "</Pixels>"
-        '<AnnotationRef ID="Annotation:0"/><AnnotationRef ID="Annotation:1"/>'
-        "</Image>"
-        "<StructuredAnnotations>"
-        f'<MapAnnotation ID="Annotation:0" Namespace="{LABEL_NAMES_NAMESPACE}">'
-        f"<Value>{entries(names)}</Value></MapAnnotation>"
-        f'<MapAnnotation ID="Annotation:1" Namespace="{LABEL_COLORS_NAMESPACE}">'
-        f"<Value>{entries(colors)}</Value></MapAnnotation>"
-        "</StructuredAnnotations>"
-        "</OME>"
+        f"{channels}{planes}</Pixels>{refs}</Image>"
+        + (f"<StructuredAnnotations>{structured}</StructuredAnnotations>" if maps else "")
+        + "</OME>"
+    )
+
+
+def mask_ome_xml(
+    shape: tuple[int, int], classes: Sequence[Any], output_mpp: float, creator: str = "fprotoseg"
+) -> str:
+    """The OME-XML of ``mask.tiff``: one uint8 plane of labels (0 = background, k + 1 = class k)
+    with their names and colours as two MapAnnotations."""
+    names = {0: BACKGROUND_NAME, **{k + 1: c.name for k, c in enumerate(classes)}}
+    colors = {0: "#ffffff"}
+    colors.update({k + 1: "#{:02x}{:02x}{:02x}".format(*map(int, c.color)) for k, c in enumerate(classes)})
+    return ome_xml(
+        shape, output_mpp, image_name="fprotoseg labels", channel_names=["labels"],
+        annotations={LABEL_NAMES_NAMESPACE: names, LABEL_COLORS_NAMESPACE: colors}, creator=creator,
     )
 
 
@@ -224,55 +248,78 @@ def _xml_text(text: str) -> str:
     return escape(text).encode("ascii", "xmlcharrefreplace").decode()
 
 
+def _reduced_levels(plane: np.ndarray) -> list[np.ndarray]:
+    """The SubIFD levels below ``plane``: halved (nearest neighbour: labels stay labels) until
+    the longer side is at most 256 px; contiguous and outside the heap (tifffile would otherwise
+    copy a strided view itself)."""
+    levels: list[np.ndarray] = []
+    prev = plane
+    while max(prev.shape) > 256:
+        level = anonymous_array(((prev.shape[0] + 1) // 2, (prev.shape[1] + 1) // 2), np.uint8)
+        level[:] = prev[::2, ::2]
+        levels.append(level)
+        prev = level
+    return levels
+
+
+def write_ome_pyramid(
+    path: Path,
+    planes: Sequence[np.ndarray],
+    description: str,
+    output_mpp: float,
+    colormap: np.ndarray | None = None,
+) -> Path:
+    """The one OME-TIFF writer: each uint8 (h, w) plane (a channel) in its own top-level IFD,
+    tiled 256 px, zlib, with its reduced levels in SubIFDs and resolution tags at ``output_mpp``;
+    ``description`` is the OME-XML (:func:`ome_xml`); ``colormap`` makes the planes palette images.
+
+    One plane at a time, its levels built from it: the planes may be disk-backed (a memmap), and
+    memory holds only the current plane's reduced levels (a third of a plane) at once.
+    """
+    import tifffile
+
+    px_per_cm = 1e4 / output_mpp
+    tmp = path.with_name(path.name + ".tmp")
+    opts: dict[str, Any] = {"tile": (256, 256), "compression": "zlib", "resolutionunit": "CENTIMETER"}
+    if colormap is not None:
+        opts.update(photometric="palette", colormap=colormap)
+    else:
+        opts.update(photometric="minisblack")
+    big = sum(p.size for p in planes) > 2**31
+    with tifffile.TiffWriter(tmp, bigtiff=big) as tif:
+        for c, plane in enumerate(planes):
+            levels = _reduced_levels(plane)
+            tif.write(
+                plane,
+                subifds=len(levels),
+                resolution=(px_per_cm, px_per_cm),
+                description=description if c == 0 else None,
+                metadata=None,
+                **opts,
+            )
+            for i, level in enumerate(levels, start=1):
+                scale = 2**i
+                tif.write(
+                    level, subfiletype=1, resolution=(px_per_cm / scale, px_per_cm / scale),
+                    metadata=None, **opts,
+                )
+            del levels
+    os.replace(tmp, path)
+    return path
+
+
 def write_mask_tiff(path: Path, label_map: np.ndarray, classes: Sequence[Any], output_mpp: float) -> Path:
     """OME-TIFF: tiled pyramidal uint8 (levels in SubIFDs, nearest-neighbour), palette + resolution
     tags, OME-XML (physical pixel size, label names and colours: :func:`mask_ome_xml`).
 
     Values: 0 = background, k + 1 = class k; the palette colours them for any TIFF viewer.
     """
-    import tifffile
-
-    levels = [label_map]
-    while max(levels[-1].shape) > 256:
-        # contiguous, outside the heap (tifffile would otherwise copy a strided view itself)
-        prev = levels[-1]
-        level = anonymous_array(((prev.shape[0] + 1) // 2, (prev.shape[1] + 1) // 2), np.uint8)
-        level[:] = prev[::2, ::2]
-        levels.append(level)
     colormap = np.zeros((3, 256), dtype=np.uint16)
     colormap[:, 0] = 255 * 257  # background white
     for k, cls in enumerate(classes):
         colormap[:, k + 1] = [int(v) * 257 for v in cls.color]
     description = mask_ome_xml(label_map.shape[:2], classes, output_mpp, f"fprotoseg {own_version()}")
-    px_per_cm = 1e4 / output_mpp
-    tmp = path.with_name(path.name + ".tmp")
-    with tifffile.TiffWriter(tmp, bigtiff=label_map.size > 2**31) as tif:
-        opts = {
-            "photometric": "palette",
-            "colormap": colormap,
-            "tile": (256, 256),
-            "compression": "zlib",
-            "resolutionunit": "CENTIMETER",
-        }
-        tif.write(
-            levels[0],
-            subifds=len(levels) - 1,
-            resolution=(px_per_cm, px_per_cm),
-            description=description,
-            metadata=None,
-            **opts,
-        )
-        for i, level in enumerate(levels[1:], start=1):
-            scale = 2**i
-            tif.write(
-                level,
-                subfiletype=1,
-                resolution=(px_per_cm / scale, px_per_cm / scale),
-                metadata=None,
-                **opts,
-            )
-    os.replace(tmp, path)
-    return path
+    return write_ome_pyramid(path, [label_map], description, output_mpp, colormap)
 
 
 def own_version() -> str:

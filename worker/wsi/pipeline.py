@@ -32,8 +32,15 @@ from fprotoseg.worker.wsi.cpus import default_pipeline_threads
 from fprotoseg.worker.wsi.dicom import MAX_SERIES_FILES, folder_sha256, series_files
 from fprotoseg.worker.wsi.dicom_seg import DICOM_VENDOR, write_seg
 from fprotoseg.worker.wsi.feed import Feeder
+from fprotoseg.worker.wsi.pixel_maps import ProbabilityPlanes, write_artefacts_tiff, write_confidence_tiff
 from fprotoseg.worker.wsi.qc_regions import MAX_SCAN_MPP
-from fprotoseg.worker.wsi.result_files import QC_NAME, SEG_NAME
+from fprotoseg.worker.wsi.result_files import (
+    ARTEFACTS_NAME,
+    CONFIDENCE_NAME,
+    PROBABILITIES_NAME,
+    QC_NAME,
+    SEG_NAME,
+)
 from fprotoseg.worker.wsi.roi import Roi, RoiGeometry
 from fprotoseg.worker.wsi.slide import Slide, open_slide
 from fprotoseg.worker.wsi.stitch import LabelMapStitcher
@@ -70,6 +77,7 @@ class PipelineOptions:
     geojson_gzip: bool = False
     write_overlay: bool = True
     qc_policy: str = slide_qc.DEFAULT_QC_POLICY  # warn | refuse (fprotoseg.worker.wsi.qc)
+    write_probabilities: bool = False  # probabilities.ome.tiff (request outputs=probabilities)
 
     def __post_init__(self) -> None:
         if not (0.1 <= self.output_mpp <= 100):
@@ -226,6 +234,7 @@ def run(
     # One background thread hashes the slide (1 MiB at a time) while the network runs, and
     # draws the overlay while the polygons are traced.
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fprotoseg-bg")
+    planes: ProbabilityPlanes | None = None
     try:
         t = time.perf_counter()
         progress("open", 0, 1)
@@ -273,7 +282,12 @@ def run(
             progress("tiling", 1, 1)
             clock.add("tiling", time.perf_counter() - t)
 
-            stitcher = LabelMapStitcher(grid.output_shape, options.output_mpp, tissue)
+            if options.write_probabilities:  # disk-backed, in the output folder
+                planes = ProbabilityPlanes(out_dir, len(segmenter.classes), grid.output_shape)
+            stitcher = LabelMapStitcher(
+                grid.output_shape, options.output_mpp, tissue,
+                probabilities=planes.array if planes is not None else None,
+            )
             t = time.perf_counter()
             inner, batch_size = _infer(slide, grid, segmenter, stitcher, options, progress, should_cancel)
             # "stitch" is the time the batch loop waited for stitching; the rest overlapped with it.
@@ -284,7 +298,7 @@ def run(
         label_map, confidence_map = stitcher.label_map, stitcher.confidence_map
         if region is not None:
             region.clip_label_map(label_map, slide.mpp, options.output_mpp)
-        slide_qc.exclude(label_map, qc_report, options.output_mpp)  # artefacts: not scored
+        artefact_map = slide_qc.exclude(label_map, qc_report, options.output_mpp)  # artefacts: not scored
         tissue_info = {
             "mpp": tissue.mpp,
             "saturation_threshold": tissue.saturation_threshold,
@@ -325,7 +339,16 @@ def run(
             stats["roi"] = {k: v for k, v in region.provenance(slide.mpp).items() if k != "geometry"}
         stats["qc"] = qc_report.summary()
         stats["confidence"] = confidence_stats(label_map, confidence_map, classes, options.output_mpp)
-        del confidence_map
+        t_maps = time.perf_counter()  # the viewer's QC layers (and QuPath's), on the label map's grid
+        files: dict[str, Path] = {
+            "artefacts": write_artefacts_tiff(out_dir / ARTEFACTS_NAME, artefact_map, options.output_mpp),
+            "confidence": write_confidence_tiff(
+                out_dir / CONFIDENCE_NAME, confidence_map, label_map, options.output_mpp
+            ),
+        }
+        clock.add("write", time.perf_counter() - t_maps)
+        t += time.perf_counter() - t_maps  # not vectorising
+        del confidence_map, artefact_map
         # The overlay is drawn meanwhile, in the background thread: its temporaries are the size
         # of the thumbnail whatever the slide, and it needs only the class areas.
         overlay_job = (
@@ -352,7 +375,6 @@ def run(
         progress("write", 0, 3)
         for entry, count in zip(stats["classes"], region_counts(regions, len(classes)), strict=True):
             entry["region_count"] = count
-        files: dict[str, Path] = {}
         files.update(
             outputs.write_geojson(
                 out_dir, regions, classes, gzip_too=options.geojson_gzip
@@ -365,6 +387,15 @@ def run(
         files["mask"] = outputs.write_mask_tiff(
             out_dir / outputs.MASK_NAME, label_map, classes, options.output_mpp
         )
+        if planes is not None:
+            t_probabilities = time.perf_counter()
+            files["probabilities"] = planes.write(
+                out_dir / PROBABILITIES_NAME, label_map, classes, options.output_mpp
+            )
+            planes.close()
+            dt_probabilities = time.perf_counter() - t_probabilities
+            clock.add("probabilities", dt_probabilities)  # its own stage, not part of "write"
+            t += dt_probabilities
         if slide.vendor == DICOM_VENDOR:  # DICOM WSI in: the label map as a DICOM SEG too
             files["seg"] = write_seg(
                 out_dir / SEG_NAME, label_map, classes, output_mpp=options.output_mpp, slide_mpp=slide.mpp,
@@ -380,6 +411,8 @@ def run(
         clock.add("write", time.perf_counter() - t)
     finally:
         background.shutdown(wait=True)
+        if planes is not None:
+            planes.close()
 
     provenance = outputs.build_provenance(
         slide=slide,

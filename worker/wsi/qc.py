@@ -363,12 +363,15 @@ def run_qc(
     return report
 
 
-def exclude(label_map: np.ndarray, report: QcReport, output_mpp: float) -> int:
+def exclude(label_map: np.ndarray, report: QcReport, output_mpp: float) -> np.ndarray:
     """Leave the artefact areas out of the label map (label 0) before areas and polygons are taken;
-    records and returns the tissue pixels excluded at the output resolution."""
+    records the tissue excluded at the output resolution, and returns the artefact map on the
+    label map's grid (all zero when the region pass did not run) for ``artefacts.tiff``."""
+    shape = label_map.shape
     if report.scan is None:
-        return 0
-    px = qc_regions.exclude_artefacts(label_map, report.scan.artefacts, output_mpp, report.scan.mpp)
-    report.scan.artefacts = np.zeros((0, 0), np.uint8)  # freed: the label map carries it from here
+        return qc_regions.artefacts_at_output(np.zeros((0, 0), np.uint8), shape, output_mpp, 1.0)
+    on_output = qc_regions.artefacts_at_output(report.scan.artefacts, shape, output_mpp, report.scan.mpp)
+    px = qc_regions.exclude_artefacts(label_map, on_output)
+    report.scan.artefacts = np.zeros((0, 0), np.uint8)  # freed: the map on the output grid carries it
     report.excluded_output_um2 = px * output_mpp * output_mpp
-    return px
+    return on_output

@@ -330,18 +330,31 @@ def artefact_areas_um2(artefacts: np.ndarray, mpp: float) -> dict[str, float]:
     return areas
 
 
-def exclude_artefacts(label_map: np.ndarray, artefacts: np.ndarray, output_mpp: float, qc_mpp: float) -> int:
-    """In place: label 0 (not scored) wherever the artefact map flags the output pixel; returns the
-    number of output pixels that were tissue and are now excluded."""
-    h, w = label_map.shape
+def artefacts_at_output(
+    artefacts: np.ndarray, shape: tuple[int, int], output_mpp: float, qc_mpp: float
+) -> np.ndarray:
+    """The artefact map on the label map's grid (``shape`` at ``output_mpp``), nearest pixel
+    centre: what the label map leaves out, and what ``artefacts.tiff`` and the viewer show."""
+    h, w = shape
     ah, aw = artefacts.shape
+    out = anonymous_array((h, w), np.uint8)
+    if ah == 0 or aw == 0:
+        return out
     rows = np.minimum(((np.arange(h) + 0.5) * output_mpp / qc_mpp).astype(np.int64), ah - 1)
     cols = np.minimum(((np.arange(w) + 0.5) * output_mpp / qc_mpp).astype(np.int64), aw - 1)
-    excluded = 0
     for r0 in range(0, h, 256):
-        flagged = artefacts[np.ix_(rows[r0 : r0 + 256], cols)] != 0
+        out[r0 : r0 + 256] = artefacts[np.ix_(rows[r0 : r0 + 256], cols)]
+    return out
+
+
+def exclude_artefacts(label_map: np.ndarray, output_artefacts: np.ndarray) -> int:
+    """In place: label 0 (not scored) wherever the artefact map on the output grid
+    (:func:`artefacts_at_output`) flags the pixel; returns the output pixels that were tissue and
+    are now excluded."""
+    excluded = 0
+    for r0 in range(0, label_map.shape[0], 256):
         band = label_map[r0 : r0 + 256]
-        hit = flagged & (band != 0)
+        hit = (output_artefacts[r0 : r0 + 256] != 0) & (band != 0)
         excluded += int(np.count_nonzero(hit))
         band[hit] = 0
     return excluded

@@ -32,12 +32,25 @@ MEDIA_TYPES: Final[dict[str, str]] = {
     "provenance": "application/json",
     "seg": "application/dicom",
     "qc": "application/json",
+    "probabilities": "image/tiff",
 }
-# Written only for some inputs (not part of a complete result set): key -> file name
+# Written only for some inputs or requests (not part of a complete result set): key -> file name
 OPTIONAL_RESULT_FILES: Final[dict[str, str]] = {
     "seg": "segmentation.seg.dcm",  # DICOM Segmentation, for DICOM WSI input only
+    "probabilities": "probabilities.ome.tiff",  # outputs=probabilities: one uint8 channel per class
 }
 SEG_NAME: Final = OPTIONAL_RESULT_FILES["seg"]
+PROBABILITIES_NAME: Final = OPTIONAL_RESULT_FILES["probabilities"]
+# Optional outputs a request may ask for (request field ``outputs``, CLI ``--outputs``)
+REQUESTABLE_OUTPUTS: Final = ("probabilities",)
+# Per-pixel maps every run writes beside the mask, on its grid (OME-TIFF): what the result viewer's
+# QC layers show, and what QuPath or napari open. Read by the viewer renderer, not served alone.
+LAYER_FILES: Final[dict[str, str]] = {
+    "artefacts": "artefacts.tiff",  # QC artefact bits (out of focus 1, pen ink 2, over-exposed 4, fold 8)
+    "confidence": "confidence.tiff",  # softmax probability of the chosen class x 255; 0 = not scored
+}
+ARTEFACTS_NAME: Final = LAYER_FILES["artefacts"]
+CONFIDENCE_NAME: Final = LAYER_FILES["confidence"]
 GEOJSON_NAME: Final = RESULT_FILES["geojson"]
 STATS_NAME: Final = RESULT_FILES["stats"]
 MASK_NAME: Final = RESULT_FILES["mask"]
@@ -56,6 +69,9 @@ VIEWER_MANIFEST: Final = "viewer/viewer.json"
 VIEWER_SLIDE_LAYER: Final = "slide"
 VIEWER_TILE_PX: Final = 256
 VIEWER_TILE_MEDIA_TYPES: Final[dict[str, str]] = {"jpeg": "image/jpeg", "png": "image/png"}
+
+
+VIEWER_QC_LAYERS: Final = ("confidence", "artefacts")  # drawn over the classes, in this order
 
 
 def viewer_class_layer(label: int) -> str:

@@ -59,12 +59,18 @@ def sample_bilinear(arr: np.ndarray, src_y: np.ndarray, src_x: np.ndarray) -> np
 class LabelMapStitcher:
     """Owns the label map; ``add`` writes one tile's owned window."""
 
-    def __init__(self, shape: tuple[int, int], output_mpp: float, tissue: TissueMask) -> None:
+    def __init__(
+        self, shape: tuple[int, int], output_mpp: float, tissue: TissueMask,
+        probabilities: np.ndarray | None = None,
+    ) -> None:
+        """``probabilities``: an optional uint8 (C, h, w) array (a disk-backed memmap in the
+        pipeline) that receives every class's softmax probability x 255 (0 on glass)."""
         self.output_mpp = output_mpp
         self.tissue = tissue
         self.label_map = anonymous_array(shape, np.uint8)
         # per output pixel, the softmax probability of the chosen class x 255 (0 on glass)
         self.confidence_map = anonymous_array(shape, np.uint8)
+        self.probabilities = probabilities
 
     def _mask_window(
         self, bounds: tuple[int, int, int, int], origin: tuple[float, float], shape: tuple[int, int],
@@ -185,7 +191,7 @@ class LabelMapStitcher:
                 b = a + per_call
                 self.add_batch(tiles[a:b], scores[a:b], None if rgbs is None else rgbs[a:b])
             return
-        labels, confidence = self._sample_labels(tiles, scores)
+        labels, confidence, probs = self._sample_labels(tiles, scores, self.probabilities is not None)
         for j, tile in enumerate(tiles):
             out_h, out_w = tile.own_y1 - tile.own_y0, tile.own_x1 - tile.own_x0
             if out_h <= 0 or out_w <= 0:
@@ -205,11 +211,21 @@ class LabelMapStitcher:
                 target[~tissue] = BACKGROUND
                 np.copyto(sure, confidence[j, :out_h, :out_w])
                 sure[~tissue] = 0
+            if probs is not None and self.probabilities is not None:
+                every = self.probabilities[:, tile.own_y0 : tile.own_y1, tile.own_x0 : tile.own_x1]
+                np.copyto(every, probs[:, j, :out_h, :out_w])
+                if tissue is False:
+                    every[...] = 0
+                elif tissue is not True:
+                    every[:, ~tissue] = 0
 
-    def _sample_labels(self, tiles: Sequence[Tile], scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _sample_labels(
+        self, tiles: Sequence[Tile], scores: np.ndarray, every_class: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """uint8 (N, H, W): class + 1 of the bilinearly sampled scores at each owned output pixel
-        (H, W: the largest owned window; smaller windows fill its top-left corner), and uint8
-        (N, H, W): the softmax probability of that class over the sampled scores, x 255.
+        (H, W: the largest owned window; smaller windows fill its top-left corner), uint8
+        (N, H, W): the softmax probability of that class over the sampled scores, x 255, and with
+        ``every_class`` uint8 (C, N, H, W): every class's softmax probability x 255 (else None).
 
         Output pixel (r, i) of tile j samples score position (by_j + r * sy_j, bx_j + i * sx_j)
         in the pixel-index convention of :func:`sample_bilinear`, clamped to the tile (edge
@@ -265,6 +281,14 @@ class LabelMapStitcher:
             total += sampled
         confidence = np.empty(grid, dtype=np.uint8)
         np.divide(255.0, total, out=total)
+        probs = None
+        if every_class:  # p_k x 255 = exp(s_k - max) x (255 / sum), rounded like the confidence
+            probs = np.empty((n_classes, *grid), dtype=np.uint8)
+            for k, sampled in enumerate(per_class):
+                np.multiply(sampled, total, out=sampled)
+                np.rint(sampled, out=sampled)
+                np.copyto(probs[k], sampled, casting="unsafe")
+            probs = probs.reshape(n_classes, n, out_h, out_w)
         np.rint(total, out=total)
         np.copyto(confidence, total, casting="unsafe")
-        return labels.reshape(n, out_h, out_w), confidence.reshape(n, out_h, out_w)
+        return labels.reshape(n, out_h, out_w), confidence.reshape(n, out_h, out_w), probs

@@ -53,6 +53,8 @@ class JobRecord:
     mpp: float | None = None
     model: str | None = None  # a name from GET /models; None = the configured default
     qc_policy: str | None = None  # warn | refuse; None = the deployment's FPROTOSEG_QC_POLICY
+    outputs: str | None = None  # optional outputs asked for: "probabilities" (probabilities.ome.tiff)
+    qc: dict[str, Any] | None = None  # slide QC summary once succeeded (stats.json "qc")
     slide_uri: str | None = None  # file:// or s3:// when the slide was named, not uploaded
     roi: dict[str, Any] | None = None  # region of interest: a GeoJSON MultiPolygon, level-0 px
     callback_url: str | None = None
