@@ -36,9 +36,9 @@ def _fold_scores(
     import torch
 
     from fprotoseg.model import load_segmenter
+    from fprotoseg.model.inference_options import DihedralMean
     from fprotoseg.model.training.cv import load_units, read_plan
     from fprotoseg.model.training.evaluate import predict_scores
-    from fprotoseg.model.inference_options import DihedralMean
 
     plan = read_plan(plan_name, SHARED_DATA)
     units = [u for u in load_units(plan) if u.fold == run["fold"] and u.mask is not None]
