@@ -185,3 +185,33 @@ def test_a_generated_client_drives_a_slide_typed_end_to_end(typed_client, shared
         octets = raw.get(f"/jobs/{job.job_id}/mask", headers={"Accept": "application/octet-stream"})
         assert octets.headers["content-type"] == "application/octet-stream" and octets.content == data
 
+
+
+def test_the_schema_types_every_download_and_every_link(tmp_path: Path) -> None:
+    """What the generator needs, checked in the document (fast, no job): each JSON download names
+    its model, each binary one offers the octet-stream generators keep, and ``links`` names every
+    result file (a result added to the layout without its link field fails here)."""
+    from fastapi.testclient import TestClient
+
+    from fprotoseg.app.main import create_app
+    from fprotoseg.app.routes.views import JobLinks
+    from fprotoseg.worker.service.settings import Settings
+    from fprotoseg.worker.wsi.result_files import MEDIA_TYPES, RESULT_FILES
+
+    with TestClient(create_app(Settings(data_dir=tmp_path / "data", api_keys=["k-1"]))) as client:
+        spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    typed = {"stats": "StatsView", "provenance": "ProvenanceView", "geojson": "FeatureCollectionView"}
+    for name in RESULT_FILES:
+        content = spec["paths"][f"/jobs/{{job_id}}/{name}"]["get"]["responses"]["200"]["content"]
+        if name in typed:
+            assert content == {MEDIA_TYPES[name]: {"schema": {"$ref": f"#/components/schemas/{typed[name]}"}}}
+        elif "json" not in MEDIA_TYPES[name]:
+            assert list(content) == [MEDIA_TYPES[name], "application/octet-stream"]
+    assert schemas["ClassStats"]["properties"]["area_um2"]["type"] == "number"
+    geometry = schemas["Feature"]["properties"]["geometry"]
+    assert {ref["$ref"].rsplit("/", 1)[1] for ref in geometry["oneOf"]} == {"Polygon", "MultiPolygon"}
+    assert schemas["JobView"]["properties"]["links"]["$ref"].endswith("/JobLinks")
+    assert set(JobLinks.model_fields) == {"self", "view", *RESULT_FILES}
+    assert schemas["JobLinks"]["required"] == ["self"]
+    assert all(p["type"] == "string" for p in schemas["JobLinks"]["properties"].values())
