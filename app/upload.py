@@ -221,8 +221,7 @@ async def receive_upload(
             try:
                 parser.write(chunk)
             except OSError as exc:  # read on (and discard): a client still sending sees the 503/507,
-                write_error = exc  # not a connection reset
-                _discard(sink, temp_path)
+                write_error = exc  # not a connection reset; the partial file goes below
         if write_error is not None:
             raise write_error
         if not sink.over_cap and sink.error is None:
