@@ -150,6 +150,12 @@ class ProvenanceModel(_Open):
     precision: str
 
 
+class ProvenanceTissue(_Open):
+    mpp: float = Field(description="µm/px the tissue mask was found at")
+    saturation_threshold: int = Field(description="HSV saturation (0..255) above which a pixel is tissue")
+    area_um2: float
+
+
 class ProvenanceTiles(_Open):
     grid_rows: int
     grid_cols: int
@@ -176,7 +182,7 @@ class ProvenanceView(_Open):
     slide: ProvenanceSlide
     read: ProvenanceRead
     model: ProvenanceModel
-    tissue: dict[str, Any]
+    tissue: ProvenanceTissue
     tiles: ProvenanceTiles
     output: ProvenanceOutput
     options: dict[str, Any] = Field(description="the pipeline options the job ran with")
