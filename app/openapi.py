@@ -14,8 +14,11 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 
 from fprotoseg.app.problems import PROBLEM_MEDIA_TYPE
+from fprotoseg.app.routes.results import RESULT_MODELS
 from fprotoseg.app.routes.views import ProblemView
 
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
@@ -47,11 +50,24 @@ def _operation_names(spec: dict[str, Any]) -> dict[tuple[str, str], str]:
     return {key: name for key, name in found.items() if counts[name] == 1}
 
 
+def _component_schemas(models: list[type[BaseModel]]) -> dict[str, Any]:
+    """The models (and every model they nest) as component schemas, referenced by name: what the
+    routes name in ``$ref`` without a ``response_model`` (a file is served, not a model)."""
+    _, top = models_json_schema(
+        [(m, "serialization") for m in models], ref_template="#/components/schemas/{model}"
+    )
+    return dict(top.get("$defs", {}))
+
+
 def build_openapi(app: FastAPI) -> dict[str, Any]:
     spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     names = _operation_names(spec)
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     schemas["Problem"] = ProblemView.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, schema in _component_schemas(list(RESULT_MODELS.values())).items():
+        if name in schemas and schemas[name] != schema:
+            raise ValueError(f"two OpenAPI schemas are named {name}")  # a model renamed fixes it
+        schemas[name] = schema
     for path, item in spec.get("paths", {}).items():
         for method, op in item.items():
             if (path, method) in names:  # create_segmentation, not create_segmentation_segment_post

@@ -109,6 +109,16 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
     return sorted(methods)
 
 
+def _out_of_space(request: Request, exc: BaseException) -> JSONResponse:
+    log.error("out of disk space on %s %s: %s", request.method, request.url.path, exc)
+    return problem_response(
+        ErrorCode.INSUFFICIENT_STORAGE,
+        "the server is out of disk space; try again later",
+        instance=request.url.path,
+        headers={"Retry-After": "300"},
+    )
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     """Route every error path (ours, FastAPI's, Starlette's, unexpected) to a problem body."""
 
@@ -157,24 +167,25 @@ def install_problem_handlers(app: FastAPI) -> None:
             extra=problem.extra if problem else None,
         )
 
+    @app.exception_handler(OSError)
+    async def _storage(request: Request, exc: OSError) -> JSONResponse:
+        """The data dir vanished, turned read-only, lost its mount, or is full. A handler of its
+        own: Starlette answers an ``Exception`` handler's response and then re-raises (a traceback
+        in the log, and a client still sending its upload sees the connection reset)."""
+        if is_out_of_space(exc):
+            return _out_of_space(request, exc)
+        log.error("storage error on %s %s: %s", request.method, request.url.path, exc)
+        return problem_response(
+            ErrorCode.STORAGE_UNAVAILABLE,
+            _UNAVAILABLE_DETAIL[ErrorCode.STORAGE_UNAVAILABLE],
+            instance=request.url.path,
+            headers={"Retry-After": "30"},
+        )
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         if is_out_of_space(exc):
-            log.error("out of disk space on %s %s: %s", request.method, request.url.path, exc)
-            return problem_response(
-                ErrorCode.INSUFFICIENT_STORAGE,
-                "the server is out of disk space; try again later",
-                instance=request.url.path,
-                headers={"Retry-After": "300"},
-            )
-        if isinstance(exc, OSError):  # the data dir vanished, turned read-only, lost its mount
-            log.error("storage error on %s %s: %s", request.method, request.url.path, exc)
-            return problem_response(
-                ErrorCode.STORAGE_UNAVAILABLE,
-                _UNAVAILABLE_DETAIL[ErrorCode.STORAGE_UNAVAILABLE],
-                instance=request.url.path,
-                headers={"Retry-After": "30"},
-            )
+            return _out_of_space(request, exc)
         # The traceback goes to the server log only; the body names the error class and nothing more.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem_response(

@@ -210,18 +210,24 @@ async def receive_upload(
     sink = _Sink(temp_path, cap_bytes)
     parser = MultipartParser(params[b"boundary"], sink.callbacks())
     drained = 0
+    write_error: OSError | None = None  # the disk refused the slide: answered once the body is read
     try:
         async for chunk in request.stream():
-            if sink.over_cap or sink.error is not None:
+            if sink.over_cap or sink.error is not None or write_error is not None:
                 drained += len(chunk)
                 if drained > DRAIN_LIMIT_BYTES:
                     break
                 continue
-            parser.write(chunk)
+            try:
+                parser.write(chunk)
+            except OSError as exc:  # read on (and discard): a client still sending sees the 503/507,
+                write_error = exc  # not a connection reset; the partial file goes below
+        if write_error is not None:
+            raise write_error
         if not sink.over_cap and sink.error is None:
             parser.finalize()
     except Problem:
-        temp_path.unlink(missing_ok=True)
+        _remove(temp_path)
         raise
     except OSError as exc:  # writing the slide, not the client's bytes, failed
         _discard(sink, temp_path)
@@ -246,23 +252,23 @@ async def receive_upload(
         _discard(sink, None)
 
     if sink.over_cap:
-        temp_path.unlink(missing_ok=True)
+        _remove(temp_path)
         raise too_large(cap_bytes)
     if sink.error is not None:
-        temp_path.unlink(missing_ok=True)
+        _remove(temp_path)
         raise sink.error
     if not sink.ended:
-        temp_path.unlink(missing_ok=True)
+        _remove(temp_path)
         raise Problem(ErrorCode.MALFORMED_UPLOAD, "the multipart body was cut off before its end")
     if not sink.file_seen:
-        temp_path.unlink(missing_ok=True)
+        _remove(temp_path)
         raise Problem(
             ErrorCode.INVALID_REQUEST, "no file: send the slide in a multipart field named 'file'"
         )
     try:
         filename = client_filename(sink.filename)
     except Problem:
-        temp_path.unlink(missing_ok=True)
+        _remove(temp_path)
         raise
     return ReceivedUpload(
         path=temp_path,
@@ -280,4 +286,13 @@ def _discard(sink: _Sink, temp_path: Path | None) -> None:
     except OSError:
         sink._fh = None
     if temp_path is not None:
+        _remove(temp_path)
+
+
+def _remove(temp_path: Path) -> None:
+    """Remove a partial or refused upload. A volume turned read-only refuses even that (EROFS,
+    whether or not the file exists): logged, never raised, so the client still gets its answer."""
+    try:
         temp_path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.error("cannot remove the partial upload %s: %s", temp_path.name, exc)

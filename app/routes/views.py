@@ -6,7 +6,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from fprotoseg.app.viewlink import viewer_link
 from fprotoseg.model.catalog import default_model_name
@@ -57,6 +58,40 @@ class QcSummaryView(BaseModel):
     excluded_area_um2: float = Field(description="tissue left out of the class areas and polygons, µm²")
 
 
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+def _link(description: str) -> Any:
+    """An optional link: absent from the JSON (never ``null``) until it exists; typed ``string``."""
+    return Field(
+        default=None, description=description, exclude_if=lambda v: v is None, json_schema_extra=_no_default
+    )
+
+
+class JobLinks(BaseModel):
+    """Where the job and its results are: ``self`` always, one URL per result file once the job
+    has succeeded (each a key of the result layout), ``view`` while viewer links are on. A key
+    a newer server adds is passed through, never dropped."""
+
+    model_config = ConfigDict(extra="allow")
+
+    self: str = Field(description="GET /jobs/{id}")
+    geojson: str | SkipJsonSchema[None] = _link("GET /jobs/{id}/geojson, once succeeded")
+    stats: str | SkipJsonSchema[None] = _link("GET /jobs/{id}/stats, once succeeded")
+    mask: str | SkipJsonSchema[None] = _link("GET /jobs/{id}/mask, once succeeded")
+    overlay: str | SkipJsonSchema[None] = _link("GET /jobs/{id}/overlay, once succeeded")
+    provenance: str | SkipJsonSchema[None] = _link("GET /jobs/{id}/provenance, once succeeded")
+    qc: str | SkipJsonSchema[None] = _link("GET /jobs/{id}/qc, once succeeded")
+    probabilities: str | SkipJsonSchema[None] = _link(
+        "GET /jobs/{id}/probabilities.ome.tiff, once succeeded, if the request set outputs=probabilities"
+    )
+    view: str | SkipJsonSchema[None] = _link(
+        "the result viewer page as a signed link valid for FPROTOSEG_VIEW_LINK_TTL_S (no key needed), "
+        "once succeeded"
+    )
+
+
 class JobView(BaseModel):
     """One job as the API shows it."""
 
@@ -89,8 +124,7 @@ class JobView(BaseModel):
     qc: QcSummaryView | None = Field(default=None, description="slide QC summary, once succeeded")
     tiles: int | None = Field(description="tiles inferred, once succeeded")
     duration_s: float | None
-    links: dict[str, str] = Field(description="self, and the result URLs once succeeded; `view` is the "
-        "result viewer page as a signed link valid for FPROTOSEG_VIEW_LINK_TTL_S (no key needed)")
+    links: JobLinks = Field(description="self, and the result URLs once succeeded")
 
 
 class JobList(BaseModel):

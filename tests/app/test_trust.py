@@ -324,7 +324,8 @@ def test_the_schema_says_what_the_server_does(client: TestClient) -> None:
     }
     for name, mime in media.items():
         op = spec["paths"][f"/jobs/{{job_id}}/{name}"]["get"]
-        assert list(op["responses"]["200"]["content"]) == [mime]
+        binary = [] if "json" in mime else ["application/octet-stream"]  # a client generator's bytes
+        assert list(op["responses"]["200"]["content"]) == [mime, *binary]
         assert {"401", "404", "503"} <= set(op["responses"])
         assert op["security"] == [{"APIKeyHeader": []}]
     seg = spec["paths"]["/segment"]["post"]
