@@ -225,7 +225,7 @@ def test_openapi_documents_the_upload(client: TestClient) -> None:
     assert "/jobs/{job_id}/seg.dcm" in spec["paths"]
     assert body["properties"]["outputs"]["const"] == "probabilities"
     probabilities = spec["paths"]["/jobs/{job_id}/probabilities.ome.tiff"]["get"]["responses"]
-    assert list(probabilities["200"]["content"]) == ["image/tiff"]
+    assert list(probabilities["200"]["content"]) == ["image/tiff", "application/octet-stream"]
     for path in ("/jobs", "/jobs/{job_id}", "/jobs/{job_id}/geojson", "/healthz", "/readyz", "/metrics"):
         assert path in spec["paths"]
     job = spec["components"]["schemas"]["JobView"]["properties"]

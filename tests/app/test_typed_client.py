@@ -196,7 +196,7 @@ def test_the_schema_types_every_download_and_every_link(tmp_path: Path) -> None:
     from fprotoseg.app.main import create_app
     from fprotoseg.app.routes.views import JobLinks
     from fprotoseg.worker.service.settings import Settings
-    from fprotoseg.worker.wsi.result_files import MEDIA_TYPES, RESULT_FILES
+    from fprotoseg.worker.wsi.result_files import MEDIA_TYPES, REQUESTABLE_OUTPUTS, RESULT_FILES
 
     with TestClient(create_app(Settings(data_dir=tmp_path / "data", api_keys=["k-1"]))) as client:
         spec = client.get("/openapi.json").json()
@@ -212,6 +212,6 @@ def test_the_schema_types_every_download_and_every_link(tmp_path: Path) -> None:
     geometry = schemas["Feature"]["properties"]["geometry"]
     assert {ref["$ref"].rsplit("/", 1)[1] for ref in geometry["oneOf"]} == {"Polygon", "MultiPolygon"}
     assert schemas["JobView"]["properties"]["links"]["$ref"].endswith("/JobLinks")
-    assert set(JobLinks.model_fields) == {"self", "view", *RESULT_FILES}
+    assert set(JobLinks.model_fields) == {"self", "view", *RESULT_FILES, *REQUESTABLE_OUTPUTS}
     assert schemas["JobLinks"]["required"] == ["self"]
     assert all(p["type"] == "string" for p in schemas["JobLinks"]["properties"].values())
