@@ -16,10 +16,8 @@ Tenancy is the jobs': another tenant's cohort is ``404 cohort_not_found``, like 
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -27,11 +25,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fprotoseg.app.auth import ApiKey, Principal
+from fprotoseg.app.cohort_admission import admit_cohort
 from fprotoseg.app.deps import DispatcherDep, SettingsDep, StoreDep
 from fprotoseg.app.errors import Problem
 from fprotoseg.app.problems import validation_detail
-from fprotoseg.app.reference import open_reference
-from fprotoseg.app.routes.segment import _parse_callback, _parse_model, admit_slide
+from fprotoseg.app.routes.segment import _parse_callback, _parse_model
 from fprotoseg.app.routes.segment_models import (
     MAX_EXTERNAL_ID_CHARS,
     MAX_MPP,
@@ -40,8 +38,6 @@ from fprotoseg.app.routes.segment_models import (
     SegmentReference,
 )
 from fprotoseg.app.routes.views import base_url, iso
-from fprotoseg.app.upload import client_filename
-from fprotoseg.model.errors import FprotosegError
 from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.service.cohorts import (
     ID_COLUMNS,
@@ -54,9 +50,8 @@ from fprotoseg.worker.service.cohorts import (
     stats_rows,
 )
 from fprotoseg.worker.service.cohortstore import COHORT_RUNNING, CohortMember, CohortRecord, CohortStore
-from fprotoseg.worker.service.jobstore import JobRecord, JobStore
+from fprotoseg.worker.service.jobstore import JobStore
 from fprotoseg.worker.service.netguard import MAX_URL_CHARS
-from fprotoseg.worker.service.states import FAILED
 from fprotoseg.worker.wsi.cohort_table import table_json, table_records, to_csv
 
 router = APIRouter(tags=["cohorts"])

@@ -114,6 +114,8 @@ class RedisJobStore(JobStore):
         """
         if any(r.idempotency_key for r in records):
             raise ValueError("create_many takes records without an Idempotency-Key")
+        if not records:
+            return []
         claims = [self._claim_key(r) for r in records]
         watched = sorted({c for c in claims if c is not None})
         with self._errors(), self.client.pipeline(transaction=True) as pipe:

@@ -180,6 +180,8 @@ class SqliteJobStore(JobStore, EmbeddedQueue):
         (read in the same transaction, so it cannot vanish in between)."""
         if any(r.idempotency_key for r in records):
             raise ValueError("create_many takes records without an Idempotency-Key")
+        if not records:
+            return []
         out: list[JobRecord] = []
         with self._tx() as db:
             for record in records:
