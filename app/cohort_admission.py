@@ -99,8 +99,12 @@ async def _vet(ref: SegmentReference, settings: Settings) -> _Vetted | Fprotoseg
 
 
 def _settle(
-    store: JobStore, settings: Settings, dispatcher: Dispatcher, who: Principal,
-    candidates: dict[int, JobRecord], refused: list[JobRecord],
+    store: JobStore,
+    settings: Settings,
+    dispatcher: Dispatcher,
+    who: Principal,
+    candidates: dict[int, JobRecord],
+    refused: list[JobRecord],
 ) -> tuple[dict[int, JobRecord], list[str]]:
     """(entry -> its job, ids of the jobs made now): existing jobs found, the rest created in one
     write. Runs in a worker thread: store calls block."""
@@ -171,7 +175,9 @@ async def admit_cohort(
             refused[index] = failed_record(who, ref, slide)
             continue
         try:
-            candidates[index] = submission(replace(slide.upload, request=ref), slide.fmt, who, None, settings, model)
+            candidates[index] = submission(
+                replace(slide.upload, request=ref), slide.fmt, who, None, settings, model
+            )
         except FprotosegError as exc:
             refused[index] = failed_record(who, ref, _entry_fault(exc))
     settled, made = await run_in_threadpool(

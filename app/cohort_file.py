@@ -70,7 +70,9 @@ def _entry(raw: dict[str, Any], where: str, folder: Path, mpp_range: tuple[float
         raise UsageError(f"{where}: external_id must be text")
     external_id = str(external_id)
     if len(external_id) > MAX_EXTERNAL_ID_CHARS or any(ord(c) < 32 for c in external_id):
-        raise UsageError(f"{where}: external_id is longer than {MAX_EXTERNAL_ID_CHARS} characters or holds control characters")
+        raise UsageError(
+            f"{where}: external_id is over {MAX_EXTERNAL_ID_CHARS} characters or holds control characters"
+        )
     path = Path(slide.strip()).expanduser()
     return CohortEntry(
         path if path.is_absolute() else folder / path, external_id, _mpp(raw.get("mpp"), where, *mpp_range)
@@ -87,12 +89,14 @@ def _rows(text: str, name: str) -> list[tuple[str, dict[str, Any]]]:
         if isinstance(doc, dict) and set(doc) == {"slides"}:
             doc = doc["slides"]
         if not isinstance(doc, list) or not all(isinstance(e, dict) for e in doc):
-            raise UsageError(f"{name}: JSON must be a list of objects (or {{\"slides\": [...]}})")
+            raise UsageError(f'{name}: JSON must be a list of objects (or {{"slides": [...]}})')
         return [(f"{name}: slides[{i}]", e) for i, e in enumerate(doc)]
     reader = csv.DictReader(io.StringIO(text))
     header = [h.strip() for h in reader.fieldnames or []]
     if "slide" not in header:
-        raise UsageError(f"{name}: the CSV header must name a 'slide' column (and optionally external_id, mpp)")
+        raise UsageError(
+            f"{name}: the CSV header must name a 'slide' column (and optionally external_id, mpp)"
+        )
     reader.fieldnames = header
     rows = []
     for row in reader:
@@ -121,6 +125,8 @@ def read_cohort_file(path: Path, mpp_range: tuple[float, float]) -> list[CohortE
     for index, entry in enumerate(entries):
         key = entry.path.resolve()
         if key in seen:
-            raise UsageError(f"{path.name}: {entry.path} is named twice (entries {seen[key] + 1} and {index + 1})")
+            raise UsageError(
+                f"{path.name}: {entry.path} is named twice (entries {seen[key] + 1} and {index + 1})"
+            )
         seen[key] = index
     return entries

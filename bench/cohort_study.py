@@ -51,9 +51,14 @@ def make_study(folder: Path) -> list[dict[str, Any]]:
 
         series.mkdir()
         WsiDicomizer.convert(
-            SLIDES / "CMU-1-Small-Region.svs", series, preferred_source=TiffSlideSource,
-            encoding=Jpeg2kSettings(levels=[0]), include_label=False, include_overview=False,
-            include_thumbnail=False, tile_size=256,
+            SLIDES / "CMU-1-Small-Region.svs",
+            series,
+            preferred_source=TiffSlideSource,
+            encoding=Jpeg2kSettings(levels=[0]),
+            include_label=False,
+            include_overview=False,
+            include_thumbnail=False,
+            tile_size=256,
         )
     entries.append({"slide": str(series), "external_id": "CMU-1-DICOM", "mpp": None})
     truncated = folder / "truncated.svs"
@@ -106,21 +111,31 @@ def run_cli(exe: str, cohort_csv: Path, out: Path, checkpoint: str | None) -> di
     }
 
 
-def run_service(exe: str, entries: list[dict[str, Any]], root: Path, data: Path, checkpoint: str | None) -> dict[str, Any]:
+def run_service(
+    exe: str, entries: list[dict[str, Any]], root: Path, data: Path, checkpoint: str | None
+) -> dict[str, Any]:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = _env()
-    env.update(FPROTOSEG_DATA_DIR=str(data), FPROTOSEG_API_KEYS=API_KEY, FPROTOSEG_SLIDE_ROOTS=str(root),
-               FPROTOSEG_MIN_FREE_MB="0")
+    env.update(
+        FPROTOSEG_DATA_DIR=str(data),
+        FPROTOSEG_API_KEYS=API_KEY,
+        FPROTOSEG_SLIDE_ROOTS=str(root),
+        FPROTOSEG_MIN_FREE_MB="0",
+    )
     if checkpoint:
         env["FPROTOSEG_CHECKPOINT"] = checkpoint
     log = open(data.parent / "serve.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([exe, "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [exe, "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": API_KEY}, timeout=120) as c:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": API_KEY}, timeout=120
+        ) as c:
             deadline = time.monotonic() + 300
             while True:
                 try:
@@ -133,8 +148,10 @@ def run_service(exe: str, entries: list[dict[str, Any]], root: Path, data: Path,
                 time.sleep(0.5)
             slides = []
             for e in entries:
-                entry: dict[str, Any] = {"slide_uri": "file://" + e["slide"].replace(" ", "%20"),
-                                         "external_id": e["external_id"]}
+                entry: dict[str, Any] = {
+                    "slide_uri": "file://" + e["slide"].replace(" ", "%20"),
+                    "external_id": e["external_id"],
+                }
                 if e["mpp"] is not None:
                     entry["mpp"] = e["mpp"]
                 slides.append(entry)
@@ -176,7 +193,9 @@ def main() -> None:
         result["cli"] = run_cli(exe, cohort_csv, work / "cli-out", args.checkpoint)
         print(json.dumps(result), flush=True)
         if not args.skip_service:
-            result["service"] = run_service(exe, entries, work / "slides", work / "service-data", args.checkpoint)
+            result["service"] = run_service(
+                exe, entries, work / "slides", work / "service-data", args.checkpoint
+            )
         print(json.dumps(result, indent=1), flush=True)
 
 

@@ -184,7 +184,9 @@ def test_cohort_usage_errors(tmp_path: Path, tiny_checkpoint: Path) -> None:
         assert len(lines) == 1 and expected in lines[0], proc.stderr
 
 
-def test_cohort_file_gives_each_slide_its_own_mpp(tmp_path: Path, shared_data: Path, tiny_checkpoint: Path) -> None:
+def test_cohort_file_gives_each_slide_its_own_mpp(
+    tmp_path: Path, shared_data: Path, tiny_checkpoint: Path
+) -> None:
     """``--cohort FILE``: TCGA-CR-7395's file records no µm/px (alone it fails missing_mpp); the
     cohort file gives it 0.25 and an external id, CMU-1-Small-Region keeps its own. The table
     carries the ids and each slide's QC codes; a second run skips both; a changed per-slide mpp

@@ -25,7 +25,9 @@ TCGA = "TCGA-CR-7395-01A-01-TS1.svs"
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory, shared_data: Path, dicom_series: Path) -> list[dict[str, str]]:
+def study(
+    tmp_path_factory: pytest.TempPathFactory, shared_data: Path, dicom_series: Path
+) -> list[dict[str, str]]:
     """The entries: each shared slide (read where it is), the DICOM series, the truncated copy."""
     own = tmp_path_factory.mktemp("study")
     truncated = own / "truncated.svs"
@@ -54,8 +56,9 @@ def _check_table(table: dict[str, dict[str, str]], entries: list[dict[str, str]]
     for key, row in table.items():
         if key != "TRUNCATED":
             assert row["state"] in ("succeeded", "skipped") and float(row["tissue_area_um2"]) > 0, row
-    dicom, source = float(table["CMU-1-DICOM"]["tissue_area_um2"]), float(
-        table["CMU-1-Small-Region"]["tissue_area_um2"]
+    dicom, source = (
+        float(table["CMU-1-DICOM"]["tissue_area_um2"]),
+        float(table["CMU-1-Small-Region"]["tissue_area_um2"]),
     )
     assert dicom == pytest.approx(source, rel=0.01)
 
@@ -69,8 +72,18 @@ def test_the_cohort_through_the_cli_and_the_service(
         writer.writeheader()
         writer.writerows(study)
     out = tmp_path / "out"
-    args = ["segment", "--cohort", str(cohort_csv), "--out", str(out), "--checkpoint", str(tiny_checkpoint),
-            "--device", "cpu", "--no-progress"]
+    args = [
+        "segment",
+        "--cohort",
+        str(cohort_csv),
+        "--out",
+        str(out),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     t0 = time.monotonic()
     first = run_cli(*args, timeout=1800)
     first_s = time.monotonic() - t0
@@ -90,8 +103,11 @@ def test_the_cohort_through_the_cli_and_the_service(
 
     roots = {str(shared_data / "slides"), str(dicom_series.parent), str(Path(study[-1]["slide"]).parent)}
     with api_client(
-        tmp_path / "data", tiny_checkpoint, tmp_path / "serve.log",
-        FPROTOSEG_SLIDE_ROOTS=",".join(sorted(roots)), FPROTOSEG_MIN_FREE_MB="0",
+        tmp_path / "data",
+        tiny_checkpoint,
+        tmp_path / "serve.log",
+        FPROTOSEG_SLIDE_ROOTS=",".join(sorted(roots)),
+        FPROTOSEG_MIN_FREE_MB="0",
     ) as client:
         wait_ready(client)
         slides = [
@@ -110,5 +126,7 @@ def test_the_cohort_through_the_cli_and_the_service(
     _check_table(service, study)
     for key, row in service.items():  # the same slides, parameters and model: the same areas
         if key != "TRUNCATED":
-            assert float(row["tissue_area_um2"]) == pytest.approx(float(cli[key]["tissue_area_um2"]), rel=1e-3)
+            assert float(row["tissue_area_um2"]) == pytest.approx(
+                float(cli[key]["tissue_area_um2"]), rel=1e-3
+            )
         assert row["qc_warnings"] == cli[key]["qc_warnings"], key

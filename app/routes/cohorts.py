@@ -4,11 +4,11 @@
 takes ``slide_uri``, with its own ``mpp`` if it needs one) and admits them all at once
 (:mod:`fprotoseg.app.cohort_admission`: each distinct slide read once, the jobs written in one
 store transaction), each entry the job ``POST /segment`` would make of it: deduplicated per
-tenant, so a slide already segmented with the same parameters is its existing job. A slide that cannot be admitted (no such
-file, not a slide, outside the slide roots) becomes a failed job with its error code; the others
-go on. Only what concerns the whole request (a malformed body, an unknown model, a callback URL
-that may not be called) refuses it, and a server-side outage (job store, broker) answers 503: a
-retry is cheap, the slides admitted meanwhile are found again.
+tenant, so a slide already segmented with the same parameters is its existing job. A slide that
+cannot be admitted (no such file, not a slide, outside the slide roots) becomes a failed job with
+its error code; the others go on. Only what concerns the whole request (a malformed body, an
+unknown model, a callback URL that may not be called) refuses it, and a server-side outage (job
+store, broker) answers 503: a retry is cheap, the slides admitted meanwhile are found again.
 
 Tenancy is the jobs': another tenant's cohort is ``404 cohort_not_found``, like a missing one.
 """

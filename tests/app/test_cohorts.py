@@ -277,7 +277,11 @@ def test_large_cohort_is_admitted_at_once(service, roots: dict[str, Path]) -> No
     answers every entry with its job, in order; one job per distinct slide and fields; a repeat
     finds the same jobs (a failed one is never found again); another tenant gets its own jobs."""
     client, _, _ = service
-    names = (("CMU-1-Small-Region.svs", None), ("OS-1-detail.ome.tif", None), ("TCGA-CR-7395-01A-01-TS1.svs", 0.25))
+    names = (
+        ("CMU-1-Small-Region.svs", None),
+        ("OS-1-detail.ome.tif", None),
+        ("TCGA-CR-7395-01A-01-TS1.svs", 0.25),
+    )
     slides: list[dict[str, Any]] = []
     for i in range(1000):
         if i % 200 == 199:

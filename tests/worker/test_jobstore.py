@@ -294,7 +294,8 @@ def test_concurrent_create_many_make_one_job_per_content(store_factory) -> None:
     def admit(offset: int) -> None:
         store = store_factory()
         shas = [f"sha-{(offset + i) % 40}" for i in range(30)]
-        got = store.create_many([JobRecord(id=str(uuid.uuid4()), upload_sha256=s, params_hash="p") for s in shas])
+        records = [JobRecord(id=str(uuid.uuid4()), upload_sha256=s, params_hash="p") for s in shas]
+        got = store.create_many(records)
         answers.append({s: g.id for s, g in zip(shas, got, strict=True)})
 
     threads = [threading.Thread(target=admit, args=(k * 10,)) for k in range(4)]

@@ -125,14 +125,12 @@ class RedisJobStore(JobStore):
                     holders: dict[str, JobRecord] = {}  # claim -> the live job holding it
                     if watched:
                         pipe.watch(*watched)
-                        owners = {c: o.decode() for c, o in zip(watched, pipe.mget(watched), strict=True) if o}
+                        values = pipe.mget(watched)
+                        owners = {c: o.decode() for c, o in zip(watched, values, strict=True) if o}
                         ids = sorted(set(owners.values()))
                         raws = pipe.mget([self._k("job", i) for i in ids]) if ids else []
-                        live = {
-                            i: rec
-                            for i, raw in zip(ids, raws, strict=True)
-                            if raw and (rec := JobRecord.from_dict(json.loads(raw))).state not in (FAILED, CANCELLED)
-                        }
+                        found = [JobRecord.from_dict(json.loads(raw)) for raw in raws if raw]
+                        live = {r.id: r for r in found if r.state not in (FAILED, CANCELLED)}
                         holders = {c: live[o] for c, o in owners.items() if o in live}
                     out: list[JobRecord] = []
                     pipe.multi()
