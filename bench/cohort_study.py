@@ -137,7 +137,7 @@ def run_service(
     env.update(
         FPROTOSEG_DATA_DIR=str(data),
         FPROTOSEG_API_KEYS=API_KEY,
-        FPROTOSEG_SLIDE_ROOTS=str(root),
+        FPROTOSEG_SLIDE_ROOTS=f"{root},{SLIDES}"  # the links resolve into SLIDES,
         FPROTOSEG_MIN_FREE_MB="0",
     )
     if checkpoint:
@@ -195,6 +195,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=None, help="model name or .safetensors (default: packaged)")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temp folder)")
+    ap.add_argument("--skip-cli", action="store_true")
     ap.add_argument("--skip-service", action="store_true")
     args = ap.parse_args()
     exe = str(Path(sys.executable).parent / "fprotoseg")
@@ -204,8 +205,9 @@ def main() -> None:
         cohort_csv = work / "study.csv"
         write_cohort_csv(cohort_csv, entries)
         result: dict[str, Any] = {"slides": len(entries)}
-        result["cli"] = run_cli(exe, cohort_csv, work / "cli-out", args.checkpoint)
-        print(json.dumps(result), flush=True)
+        if not args.skip_cli:
+            result["cli"] = run_cli(exe, cohort_csv, work / "cli-out", args.checkpoint)
+            print(json.dumps(result), flush=True)
         if not args.skip_service:
             result["service"] = run_service(
                 exe, entries, work / "slides", work / "service-data", args.checkpoint
