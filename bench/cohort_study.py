@@ -137,7 +137,7 @@ def run_service(
     env.update(
         FPROTOSEG_DATA_DIR=str(data),
         FPROTOSEG_API_KEYS=API_KEY,
-        FPROTOSEG_SLIDE_ROOTS=f"{root},{SLIDES}"  # the links resolve into SLIDES,
+        FPROTOSEG_SLIDE_ROOTS=f"{root},{SLIDES}",  # the links resolve into SLIDES
         FPROTOSEG_MIN_FREE_MB="0",
     )
     if checkpoint:
