@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from typing import Protocol
 
 from fprotoseg.model.errors import ConfigurationError
@@ -30,6 +31,11 @@ class Dispatcher(Protocol):
         """Hand a queued job to the workers; raise on a broker failure."""
         ...
 
+    def submit_many(self, job_ids: Sequence[str]) -> list[str]:
+        """Hand many queued jobs to the workers (a cohort's) over one broker connection; the ids
+        that could not be sent (from the first failure on), empty when all were."""
+        ...
+
     def workers_alive(self) -> int: ...
 
     def broker_ok(self) -> bool: ...
@@ -48,6 +54,9 @@ class EmbeddedDispatcher:
 
     def submit(self, job_id: str) -> None:
         return None
+
+    def submit_many(self, job_ids: Sequence[str]) -> list[str]:
+        return []
 
     def workers_alive(self) -> int:
         now = time.time()
@@ -77,7 +86,7 @@ class CeleryDispatcher:
         self._ping_at = 0.0
         self._ping_count = 0
 
-    def submit(self, job_id: str) -> None:
+    def submit(self, job_id: str, producer: object | None = None) -> None:
         from fprotoseg.worker.service.celery_app import TASK_NAME
 
         self.app.send_task(
@@ -87,7 +96,20 @@ class CeleryDispatcher:
             task_id=job_id,
             retry=True,
             retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+            producer=producer,
         )
+
+    def submit_many(self, job_ids: Sequence[str]) -> list[str]:
+        """One producer (one pooled connection) for every message, instead of one acquired per job."""
+        sent = 0
+        try:
+            with self.app.producer_or_acquire() as producer:
+                for job_id in job_ids:
+                    self.submit(job_id, producer)
+                    sent += 1
+        except Exception as exc:
+            log.error("%d of %d jobs could not be queued: %s", len(job_ids) - sent, len(job_ids), exc)
+        return list(job_ids[sent:])
 
     def workers_alive(self) -> int:
         with self._ping_lock:  # a broadcast ping waits ~1 s: cache its answer briefly

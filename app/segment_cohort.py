@@ -15,6 +15,9 @@ sleeps, a slide crashes a reader), and running it again must not redo hours of f
 - A failing slide is recorded (its error code) and the others go on; the exit status is
   :data:`EXIT_SOME_FAILED` when any slide failed.
 - The model is loaded once, and only when a slide needs it (a fully skipped run loads nothing).
+- A slide may carry its own parameters (``--cohort FILE``: :mod:`fprotoseg.app.cohort_file`): its
+  external id (a column of the table) and its µm/px, which wins over ``--mpp`` and is part of
+  what a second run compares.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from fprotoseg.app.cohort_file import CohortEntry
 from fprotoseg.app.errors import UsageError
 from fprotoseg.model.digest import file_sha256
 from fprotoseg.model.errors import FprotosegError
@@ -44,13 +48,14 @@ __all__ = [
     "EXIT_SOME_FAILED",
     "CohortSlide",
     "RunParameters",
+    "cohort_slides",
     "expand_slide_args",
     "outputs_complete",
     "run_cohort",
 ]
 
 COHORT_TABLE_NAME = "cohort.csv"
-ID_COLUMNS = ("slide", "path", "sha256")
+ID_COLUMNS = ("slide", "external_id", "path", "sha256")
 # a slide failed (the others ran): the cohort's result is incomplete, which a script must notice
 EXIT_SOME_FAILED = 1
 # files a folder of slides contributes (a file named on the command line is taken whatever its name)
@@ -61,10 +66,13 @@ GLOB_CHARS = frozenset("*?[")
 
 @dataclass(frozen=True)
 class CohortSlide:
-    """A slide of the cohort and the name of its output folder in ``--out``."""
+    """A slide of the cohort, the name of its output folder in ``--out``, and its own parameters
+    (None: the command line's)."""
 
     path: Path
     name: str
+    external_id: str = ""
+    mpp: float | None = None
 
 
 def is_dicom_series(folder: Path) -> bool:
@@ -152,6 +160,19 @@ def folder_names(slides: Sequence[Path]) -> list[CohortSlide]:
     return out
 
 
+def cohort_slides(entries: Sequence[CohortEntry]) -> list[CohortSlide]:
+    """The entries (command line and cohort file, in order) as cohort slides with their folder
+    names; a slide named twice runs once, with the first entry's parameters."""
+    unique: dict[Path, CohortEntry] = {}
+    for entry in entries:
+        unique.setdefault(entry.path.resolve(), entry)
+    kept = list(unique.values())
+    return [
+        CohortSlide(named.path, named.name, entry.external_id, entry.mpp)
+        for named, entry in zip(folder_names([e.path for e in kept]), kept, strict=True)
+    ]
+
+
 def slide_sha256(path: Path) -> str:
     """The slide's checksum as provenance.json records it (a DICOM folder over its instances)."""
     if path.is_dir():
@@ -171,6 +192,10 @@ class RunParameters:
     min_region_area_um2: float
     geojson_gzip: bool
     write_probabilities: bool = False
+
+    def for_slide(self, slide_mpp: float | None) -> RunParameters:
+        """These parameters for a slide with its own µm/px (which wins over the cohort's)."""
+        return self if slide_mpp is None else replace(self, mpp=slide_mpp)
 
     def recorded_in(self, provenance: dict[str, Any]) -> bool:
         """Whether ``provenance`` (an earlier run's) was made with these parameters."""
@@ -217,8 +242,8 @@ def _error(exc: BaseException) -> tuple[str, str]:
     return ErrorCode.INTERNAL_ERROR, f"internal error ({type(exc).__name__}: {str(exc)[:200]})"
 
 
-# run one slide into a folder: (slide, work folder, its sha256, progress) -> tiles inferred
-RunSlide = Callable[[Path, Path, str], int]
+# run one slide into a folder: (slide, work folder, its sha256, its µm/px override) -> tiles inferred
+RunSlide = Callable[[Path, Path, str, float | None], int]
 
 
 def run_cohort(
@@ -256,7 +281,8 @@ def _one_slide(
     report: Callable[[str], None],
 ) -> CohortRow:
     folder = out_dir / slide.name
-    ids = {"slide": slide.name, "path": str(slide.path), "sha256": ""}
+    ids = {"slide": slide.name, "external_id": slide.external_id, "path": str(slide.path), "sha256": ""}
+    params = params.for_slide(slide.mpp)
     started_s = time.monotonic()
     work = out_dir / f".{slide.name}.partial-{os.getpid()}"
     try:
@@ -265,7 +291,7 @@ def _one_slide(
             report(f"{label}: skipped (complete outputs from an earlier run)")
             return CohortRow(ids, SKIPPED, stats=_stats(folder))
         shutil.rmtree(work, ignore_errors=True)
-        tiles = run_slide(slide.path, work, sha256)
+        tiles = run_slide(slide.path, work, sha256, params.mpp)
         if folder.exists():  # an earlier, stale or incomplete result of this slide
             shutil.rmtree(folder)
         publish(work, folder)

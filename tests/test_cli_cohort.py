@@ -182,3 +182,74 @@ def test_cohort_usage_errors(tmp_path: Path, tiny_checkpoint: Path) -> None:
         assert proc.returncode == 2, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], proc.stderr
+
+
+def test_cohort_file_gives_each_slide_its_own_mpp(
+    tmp_path: Path, shared_data: Path, tiny_checkpoint: Path
+) -> None:
+    """``--cohort FILE``: TCGA-CR-7395's file records no µm/px (alone it fails missing_mpp); the
+    cohort file gives it 0.25 and an external id, CMU-1-Small-Region keeps its own. The table
+    carries the ids and each slide's QC codes; a second run skips both; a changed per-slide mpp
+    runs that slide (and only it) again. A relative path is relative to the file, not the cwd."""
+    slides = shared_data / "slides"
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "CMU-1-Small-Region.svs").symlink_to(slides / "CMU-1-Small-Region.svs")
+    cohort_csv = study / "study.csv"
+    cohort_csv.write_text(
+        "slide,external_id,mpp\r\n"
+        f"{slides / 'TCGA-CR-7395-01A-01-TS1.svs'},CASE-7395,0.25\r\n"
+        "CMU-1-Small-Region.svs,CASE-CMU,\r\n"
+    )
+    out = tmp_path / "out"
+    args = ["segment", "--cohort", str(cohort_csv), "--out", str(out), "--checkpoint", str(tiny_checkpoint),
+            "--device", "cpu", "--no-progress"]
+    first = run_cli(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    table = _table(out)
+    tcga, cmu = table["TCGA-CR-7395-01A-01-TS1"], table["CMU-1-Small-Region"]
+    assert (tcga["external_id"], cmu["external_id"]) == ("CASE-7395", "CASE-CMU")
+    assert tcga["state"] == cmu["state"] == "succeeded"
+    read = json.loads((out / "TCGA-CR-7395-01A-01-TS1" / "provenance.json").read_text())["read"]
+    assert read["mpp"] == 0.25 and read["mpp_source"] == "override"
+    cmu_read = json.loads((out / "CMU-1-Small-Region" / "provenance.json").read_text())["read"]
+    assert cmu_read["mpp_source"] != "override"
+    for name, row in table.items():
+        stats = json.loads((out / name / "stats.json").read_text())
+        assert row["qc_warnings"] == ";".join(stats["qc"]["codes"])
+        assert float(row["tissue_area_um2"]) == pytest.approx(stats["tissue_area_um2"], abs=1e-3)
+
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert {row["state"] for row in _table(out).values()} == {"skipped"}
+
+    cohort_csv.write_text(cohort_csv.read_text().replace(",0.25", ",0.5"))
+    third = run_cli(*args)
+    assert third.returncode == 0, third.stderr
+    table3 = _table(out)
+    assert table3["TCGA-CR-7395-01A-01-TS1"]["state"] == "succeeded"
+    assert table3["CMU-1-Small-Region"]["state"] == "skipped"
+    # twice the pixel size: four times the area of the same pixels
+    ratio = float(table3["TCGA-CR-7395-01A-01-TS1"]["tissue_area_um2"]) / float(tcga["tissue_area_um2"])
+    assert 3.6 < ratio < 4.4
+
+
+def test_cohort_file_refusals(tmp_path: Path, shared_data: Path, tiny_checkpoint: Path) -> None:
+    """A malformed cohort file is one line and exit status 2, before any slide runs."""
+    slide = shared_data / "slides" / "CMU-1-Small-Region.svs"
+    cases = {
+        "unknown.csv": (f"slide,stain\n{slide},HE\n", "unknown field(s) stain"),
+        "nompp.csv": (f"slide,mpp\n{slide},fast\n", "line 2: mpp must be a number"),
+        "tiny.csv": (f"slide,mpp\n{slide},0.0001\n", "not a plausible pixel size"),
+        "twice.json": (json.dumps([{"slide": str(slide)}, {"slide": str(slide), "mpp": 0.5}]), "named twice"),
+        "noslide.csv": ("external_id,mpp\nA,0.5\n", "'slide' column"),
+        "empty.json": ("[]", "names no slide"),
+    }
+    for name, (text, expected) in cases.items():
+        (tmp_path / name).write_text(text)
+        proc = run_cli("segment", "--cohort", str(tmp_path / name), "--out", str(tmp_path / "o"),
+                       "--checkpoint", str(tiny_checkpoint), "--no-progress")
+        assert proc.returncode == 2, (name, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], (name, proc.stderr)
+    assert not (tmp_path / "o").exists()

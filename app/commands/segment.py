@@ -34,11 +34,19 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "slides",
-        nargs="+",
+        nargs="*",
         metavar="SLIDE",
         help="slide file (SVS, NDPI, MIRAX, SCN, OME-TIFF, tiled TIFF, ...) or a DICOM WSI series: its "
         "folder or one of its instances; several, a folder of slides, or a glob ('slides/*.svs') make "
         "a cohort",
+    )
+    p.add_argument(
+        "--cohort",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a cohort with per-slide parameters: CSV with columns slide, external_id, mpp (or JSON: "
+        "a list of such objects); relative paths are relative to the file; a slide's mpp wins over --mpp",
     )
     p.add_argument(
         "--out",
@@ -53,7 +61,10 @@ def register(subparsers: Any) -> None:
         help="a model name (as GET /models lists them: packaged or in $FPROTOSEG_MODELS_DIR) or a "
         ".safetensors path (default: $FPROTOSEG_CHECKPOINT, else the packaged default model)",
     )
-    p.add_argument("--mpp", type=float, default=None, help="level-0 µm/px, overriding the slide metadata")
+    p.add_argument(
+        "--mpp", type=float, default=None,
+        help="level-0 µm/px, overriding the slide metadata (in a cohort: for slides without their own)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                    help="default: $FPROTOSEG_DEVICE, else auto (a GPU where one exists)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
@@ -206,10 +217,17 @@ class _Bar:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from fprotoseg.app.cohort_file import CohortEntry, read_cohort_file
     from fprotoseg.app.errors import UsageError
     from fprotoseg.worker.wsi.slide import MAX_MPP, MIN_MPP, open_slide
 
-    slides, cohort = expand_slide_args(args.slides)
+    if not args.slides and args.cohort is None:
+        raise UsageError("name a slide (or several, a folder, a glob) or give --cohort FILE")
+    slides, cohort = expand_slide_args(args.slides) if args.slides else ([], True)
+    entries = [CohortEntry(path) for path in slides]
+    if args.cohort is not None:
+        entries += read_cohort_file(args.cohort, (MIN_MPP, MAX_MPP))
+        cohort = True
     if args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
     if args.reader_threads is not None and args.reader_threads < 1:
@@ -223,7 +241,7 @@ def handle(args: argparse.Namespace) -> int:
             raise UsageError("several slides need --out: the folder for one folder per slide and cohort.csv")
         if args.roi is not None:
             raise UsageError("--roi is in one slide's level-0 pixels: give it with one slide")
-        return _handle_cohort(args, slides)
+        return _handle_cohort(args, entries)
     slide = slides[0]
     # Vet the slide (and the ROI on it) first: a bad file fails before the (slower) model load.
     roi = None
@@ -287,13 +305,14 @@ def _load_segmenter(args: argparse.Namespace, checkpoint: Path) -> Any:
     return model.load_segmenter(checkpoint, device=device, precision=precision, num_threads=args.num_threads)
 
 
-def _handle_cohort(args: argparse.Namespace, slides: list[Path]) -> int:
+def _handle_cohort(args: argparse.Namespace, entries: list[Any]) -> int:
     """Every slide into its folder under --out, cohort.csv beside them; a failed slide never stops
-    the others, and makes the exit status EXIT_SOME_FAILED."""
+    the others, and makes the exit status EXIT_SOME_FAILED. A slide's own mpp (--cohort FILE) wins
+    over --mpp."""
     from fprotoseg.app.segment_cohort import (
         SKIPPED,
         RunParameters,
-        folder_names,
+        cohort_slides,
         remove_stale_work,
         run_cohort,
     )
@@ -313,15 +332,15 @@ def _handle_cohort(args: argparse.Namespace, slides: list[Path]) -> int:
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_work(out_dir)
-    named = folder_names(slides)
+    named = cohort_slides(entries)
     bar = _Bar(enabled=not args.no_progress)
     segmenter: list[Any] = []  # loaded at the first slide that runs
 
-    def run_slide(path: Path, work: Path, sha256: str) -> int:
+    def run_slide(path: Path, work: Path, sha256: str, mpp: float | None) -> int:
         if not segmenter:
             segmenter.append(_load_segmenter(args, checkpoint))
         result = run(
-            path, work, segmenter[0], options=options, mpp_override=args.mpp, progress=bar,
+            path, work, segmenter[0], options=options, mpp_override=mpp, progress=bar,
             slide_sha256=sha256,
         )
         return result.tiles_inferred

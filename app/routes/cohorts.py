@@ -1,13 +1,14 @@
 """``/cohorts``: a study's slides in one request, one job per slide, one table and one callback.
 
 ``POST /cohorts`` takes a JSON body naming up to 1,000 slides by URI (each as ``POST /segment``
-takes ``slide_uri``) and admits each through the same path as ``POST /segment``
-(:func:`~fprotoseg.app.routes.segment.admit_slide`): deduplicated per tenant, so a slide already
-segmented with the same parameters is its existing job. A slide that cannot be admitted (no such
-file, not a slide, outside the slide roots) becomes a failed job with its error code; the others
-go on. Only what concerns the whole request (a malformed body, an unknown model, a callback URL
-that may not be called) refuses it, and a server-side outage (job store, broker) answers 503: a
-retry is cheap, the slides admitted meanwhile are found again.
+takes ``slide_uri``, with its own ``mpp`` if it needs one) and admits them all at once
+(:mod:`fprotoseg.app.cohort_admission`: each distinct slide read once, the jobs written in one
+store transaction), each entry the job ``POST /segment`` would make of it: deduplicated per
+tenant, so a slide already segmented with the same parameters is its existing job. A slide that
+cannot be admitted (no such file, not a slide, outside the slide roots) becomes a failed job with
+its error code; the others go on. Only what concerns the whole request (a malformed body, an
+unknown model, a callback URL that may not be called) refuses it, and a server-side outage (job
+store, broker) answers 503: a retry is cheap, the slides admitted meanwhile are found again.
 
 Tenancy is the jobs': another tenant's cohort is ``404 cohort_not_found``, like a missing one.
 """
@@ -15,10 +16,8 @@ Tenancy is the jobs': another tenant's cohort is ``404 cohort_not_found``, like 
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -26,11 +25,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fprotoseg.app.auth import ApiKey, Principal
+from fprotoseg.app.cohort_admission import admit_cohort
 from fprotoseg.app.deps import DispatcherDep, SettingsDep, StoreDep
 from fprotoseg.app.errors import Problem
 from fprotoseg.app.problems import validation_detail
-from fprotoseg.app.reference import open_reference
-from fprotoseg.app.routes.segment import _parse_callback, _parse_model, admit_slide
+from fprotoseg.app.routes.segment import _parse_callback, _parse_model
 from fprotoseg.app.routes.segment_models import (
     MAX_EXTERNAL_ID_CHARS,
     MAX_MPP,
@@ -39,8 +38,6 @@ from fprotoseg.app.routes.segment_models import (
     SegmentReference,
 )
 from fprotoseg.app.routes.views import base_url, iso
-from fprotoseg.app.upload import client_filename
-from fprotoseg.model.errors import FprotosegError
 from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.service.cohorts import (
     ID_COLUMNS,
@@ -53,9 +50,8 @@ from fprotoseg.worker.service.cohorts import (
     stats_rows,
 )
 from fprotoseg.worker.service.cohortstore import COHORT_RUNNING, CohortMember, CohortRecord, CohortStore
-from fprotoseg.worker.service.jobstore import JobRecord, JobStore
+from fprotoseg.worker.service.jobstore import JobStore
 from fprotoseg.worker.service.netguard import MAX_URL_CHARS
-from fprotoseg.worker.service.states import FAILED
 from fprotoseg.worker.wsi.cohort_table import table_json, table_records, to_csv
 
 router = APIRouter(tags=["cohorts"])
@@ -76,10 +72,19 @@ class CohortSlideIn(BaseModel):
     )
     external_id: str | None = Field(default=None, max_length=MAX_EXTERNAL_ID_CHARS)
     metadata: dict[str, Any] | None = Field(default=None, description="as POST /segment takes it")
+    mpp: float | None = Field(
+        default=None,
+        ge=MIN_MPP,
+        le=MAX_MPP,
+        allow_inf_nan=False,
+        description="this slide's level-0 µm/px (wins over the cohort's mpp): for a slide whose file "
+        "records none, or records it wrong",
+    )
 
 
 class CohortRequest(BaseModel):
-    """The body of ``POST /cohorts``; ``model``, ``mpp`` apply to every slide."""
+    """The body of ``POST /cohorts``; ``model`` applies to every slide, ``mpp`` to every slide
+    that does not give its own."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -163,7 +168,7 @@ def _references(req: CohortRequest) -> list[SegmentReference]:
             ("external_id", slide.external_id),
             ("metadata", slide.metadata),
             ("model", req.model),
-            ("mpp", req.mpp),
+            ("mpp", slide.mpp if slide.mpp is not None else req.mpp),
             ("callback_url", None),  # one callback for the cohort, none per slide
         ):
             if value is not None:
@@ -173,36 +178,6 @@ def _references(req: CohortRequest) -> list[SegmentReference]:
         except Problem as exc:
             raise Problem(ErrorCode.INVALID_REQUEST, f"slides[{index}]: {exc.detail}") from None
     return refs
-
-
-def _failed_admission(
-    store: JobStore, who: Principal, ref: SegmentReference, exc: FprotosegError
-) -> JobRecord:
-    """A slide refused at admission, kept as a failed job: the cohort still has one job per slide,
-    and the client sees why in the job, the table and the callback."""
-    name = unquote(urlsplit(ref.slide_uri).path.rstrip("/").rsplit("/", 1)[-1])
-    try:
-        filename = client_filename(name)
-    except Problem:  # too long, or control characters: the URI stays in the record
-        filename = ""
-    now = time.time()
-    rec = JobRecord(
-        id=str(uuid.uuid4()),
-        state=FAILED,
-        stage="failed",
-        created_at=now,
-        finished_at=now,
-        error_code=str(exc.code),
-        error_message=exc.message,
-        slide_uri=ref.slide_uri,
-        filename=filename,
-        tenant=who.tenant,
-        metadata=ref.client_metadata(),
-        mpp=ref.mpp,
-        model=ref.model,
-        idempotency_released=True,
-    )
-    return store.create(rec)
 
 
 @router.post(
@@ -236,14 +211,8 @@ async def create_cohort(
     callback_url = _parse_callback(req.callback_url, settings)
     model = _parse_model(req.model, settings)
     members: list[CohortMember] = []
-    for slide, ref in zip(req.slides, refs, strict=True):
-        try:
-            upload = await open_reference(ref, settings)
-            rec, _ = await admit_slide(upload, who, None, settings, store, dispatcher)
-        except FprotosegError as exc:
-            if exc.http_status >= 500:  # the server's trouble, not the slide's: the client retries
-                raise
-            rec = await run_in_threadpool(_failed_admission, store, who, ref, exc)
+    jobs = await admit_cohort(refs, model, who, settings, store, dispatcher)
+    for slide, rec in zip(req.slides, jobs, strict=True):
         external_id = slide.external_id or (slide.metadata or {}).get("external_id")
         members.append(CohortMember(rec.id, str(external_id) if external_id is not None else None))
     cohort = CohortRecord(

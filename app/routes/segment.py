@@ -43,7 +43,7 @@ from fprotoseg.worker.service.states import CANCELLED, FAILED, QUEUED
 from fprotoseg.worker.service.strictjson import control_characters
 from fprotoseg.worker.wsi.dicom import DICOM_FOLDER_SUFFIX, is_zip_file, series_entry
 from fprotoseg.worker.wsi.roi import check_roi_on_slide, parse_roi
-from fprotoseg.worker.wsi.validate import sniff
+from fprotoseg.worker.wsi.validate import SlideFormat, sniff
 
 log = logging.getLogger("fprotoseg.api")
 router = APIRouter(tags=["segment"])
@@ -222,6 +222,70 @@ async def create_segmentation(
     return _accepted(rec, request, settings, replayed=replayed)
 
 
+async def vet_slide(upload: IncomingSlide, settings: Settings) -> tuple[IncomingSlide, SlideFormat, str]:
+    """(the slide, its sniffed format, the stored file's extension): an uploaded DICOM zip unpacked,
+    a DICOM series sniffed through the instance the reader opens; a 4xx problem for what is no
+    slide. The first step of every admission, once per distinct slide in a cohort."""
+    if upload.owned and await run_in_threadpool(is_zip_file, upload.path):  # a DICOM WSI series
+        upload = await run_in_threadpool(unpack_dicom_zip, upload, settings)
+    if upload.path.is_dir():  # a DICOM WSI series: sniffed through the instance the reader opens
+        entry = await run_in_threadpool(series_entry, upload.path, settings.dicom_zip_max_files)
+        return upload, await run_in_threadpool(sniff, entry, entry.name), DICOM_FOLDER_SUFFIX
+    fmt = await run_in_threadpool(sniff, upload.path, upload.filename)
+    return upload, fmt, fmt.extension
+
+
+def submission(
+    upload: IncomingSlide,
+    fmt: SlideFormat,
+    who: Principal,
+    idempotency_key: str | None,
+    settings: Settings,
+    model: str | None,
+) -> JobRecord:
+    """The queued job a vetted slide makes if no job of this tenant has it already: the request's
+    fields checked against the server (callback URL, ROI on the slide) and ``params_hash`` set.
+    ``model``: the request's model, already resolved by :func:`_parse_model`. The stored path is
+    the referenced slide's; an owned copy gets its path when it is moved into place."""
+    fields = upload.request if upload.request is not None else SegmentFields.from_form(upload.form)
+    callback_url = _parse_callback(fields.callback_url, settings)
+    metadata = fields.client_metadata()
+    if fields.roi is not None and fmt.name in LEVEL0_FIRST_FORMATS and fmt.width_px and fmt.height_px:
+        check_roi_on_slide(parse_roi(fields.roi), fmt.width_px, fmt.height_px)  # else the worker does
+    phash = params_hash(
+        settings,
+        fields.mpp,
+        callback_url,
+        upload.filename,
+        metadata,
+        model,
+        fields.roi,
+        fields.qc_policy,
+        fields.outputs,
+    )
+    return JobRecord(
+        id=str(uuid.uuid4()),
+        state=QUEUED,
+        stage="queued",
+        upload_path="" if upload.owned else str(upload.path),
+        slide_uri=upload.slide_uri,
+        upload_sha256=upload.sha256,
+        upload_bytes=upload.size_bytes,
+        upload_format=fmt.name,
+        filename=upload.filename,
+        tenant=who.tenant,
+        metadata=metadata,
+        mpp=fields.mpp,
+        model=model,
+        roi=fields.roi,
+        qc_policy=fields.qc_policy,
+        outputs=fields.outputs,
+        callback_url=callback_url,
+        idempotency_key=idempotency_key,
+        params_hash=phash,
+    )
+
+
 async def admit_slide(
     upload: IncomingSlide,
     who: Principal,
@@ -237,63 +301,26 @@ async def admit_slide(
     copy (``upload.owned``) is moved into place for the job or removed, whatever happens.
     """
     try:
-        if upload.owned and await run_in_threadpool(is_zip_file, upload.path):  # a DICOM WSI series
-            upload = await run_in_threadpool(unpack_dicom_zip, upload, settings)
-        if upload.path.is_dir():  # a DICOM WSI series: sniffed through the instance the reader opens
-            entry = await run_in_threadpool(series_entry, upload.path, settings.dicom_zip_max_files)
-            fmt = await run_in_threadpool(sniff, entry, entry.name)
-            extension = DICOM_FOLDER_SUFFIX
-        else:
-            fmt = await run_in_threadpool(sniff, upload.path, upload.filename)
-            extension = fmt.extension
+        upload, fmt, extension = await vet_slide(upload, settings)
         fields = upload.request if upload.request is not None else SegmentFields.from_form(upload.form)
-        mpp = fields.mpp
-        callback_url = _parse_callback(fields.callback_url, settings)
-        metadata = fields.client_metadata()
-        model = _parse_model(fields.model, settings)
-        if fields.roi is not None and fmt.name in LEVEL0_FIRST_FORMATS and fmt.width_px and fmt.height_px:
-            check_roi_on_slide(parse_roi(fields.roi), fmt.width_px, fmt.height_px)  # else the worker does
-        phash = params_hash(
-            settings, mpp, callback_url, upload.filename, metadata, model, fields.roi, fields.qc_policy,
-            fields.outputs,
-        )
+        _parse_callback(fields.callback_url, settings)  # refused before an unknown model, as ever
+        rec = submission(upload, fmt, who, idempotency_key, settings, _parse_model(fields.model, settings))
+        phash = rec.params_hash
         existing = await run_in_threadpool(
             _find_existing, store, settings, dispatcher, who, idempotency_key, upload.sha256, phash
         )
         if existing is not None:
             return existing, True
 
-        job_id = str(uuid.uuid4())
+        job_id = rec.id
         final_path: Path | None = None
         if upload.owned:
             moved = settings.uploads_dir / f"{job_id}{extension}"
             os.replace(upload.path, moved)
             final_path = moved
             # relative to the data dir: API and workers may mount the shared volume at different paths
-            stored = str(moved.relative_to(settings.data_dir))
-        else:  # read where it is (a slide root, mounted at the same path on the workers)
-            stored = str(upload.path)
-        rec = JobRecord(
-            id=job_id,
-            state=QUEUED,
-            stage="queued",
-            upload_path=stored,
-            slide_uri=upload.slide_uri,
-            upload_sha256=upload.sha256,
-            upload_bytes=upload.size_bytes,
-            upload_format=fmt.name,
-            filename=upload.filename,
-            tenant=who.tenant,
-            metadata=metadata,
-            mpp=mpp,
-            model=model,
-            roi=fields.roi,
-            qc_policy=fields.qc_policy,
-            outputs=fields.outputs,
-            callback_url=callback_url,
-            idempotency_key=idempotency_key,
-            params_hash=phash,
-        )
+            rec.upload_path = str(moved.relative_to(settings.data_dir))
+        # else read where it is (a slide root, mounted at the same path on the workers)
         try:
             await run_in_threadpool(store.create, rec)
         except DuplicateJobError as dup:  # a concurrent request with the same key or content won

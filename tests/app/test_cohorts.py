@@ -129,6 +129,9 @@ def test_cohort_end_to_end(service, roots: dict[str, Path]) -> None:
         assert float(rows[key]["tissue_area_um2"]) == pytest.approx(stats["tissue_area_um2"], abs=1e-3)
         assert rows[key]["sha256"] and rows[key]["state"] == "succeeded"
         json_slide = next(s for s in as_json["slides"] if s["external_id"] == key)
+        # the slide's QC codes, as its stats.json has them (';'-joined in the CSV, a list in JSON)
+        assert rows[key]["qc_warnings"] == ";".join(stats["qc"]["codes"])
+        assert json_slide["qc_warnings"] == stats["qc"]["codes"]
         for entry in stats["classes"]:
             assert float(rows[key][f"{entry['name']}_area_um2"]) == pytest.approx(
                 entry["area_um2"], abs=1e-3
@@ -138,6 +141,7 @@ def test_cohort_end_to_end(service, roots: dict[str, Path]) -> None:
             )
             assert json_slide["classes"][entry["name"]]["area_um2"] == pytest.approx(entry["area_um2"])
     assert rows["S-4"]["error_code"] == "corrupt_slide" and rows["S-4"]["tissue_area_um2"] == ""
+    assert rows["S-4"]["qc_warnings"] == "" and as_json["slides"][3]["qc_warnings"] is None  # not seen
     assert rows["S-5"]["error_code"] == "slide_not_found"
     mosaic = float(rows["S-3"]["tissue_area_um2"]) / float(rows["S-1"]["tissue_area_um2"])
     assert 1.7 < mosaic < 2.3  # the tifffile slide is CMU-1's pixels twice
@@ -265,3 +269,67 @@ def test_cohort_with_redis_and_celery(
         hook.close()
     (_, body), = hook.received
     assert json.loads(body)["counts"]["succeeded"] == 1
+
+
+def test_large_cohort_is_admitted_at_once(service, roots: dict[str, Path]) -> None:
+    """1,000 entries naming three real slides five cases each way (TCGA-CR-7395, whose file records
+    no µm/px, with its own mpp over the cohort's) and a missing slide every 200th: one request
+    answers every entry with its job, in order; one job per distinct slide and fields; a repeat
+    finds the same jobs (a failed one is never found again); another tenant gets its own jobs."""
+    client, _, _ = service
+    names = (
+        ("CMU-1-Small-Region.svs", None),
+        ("OS-1-detail.ome.tif", None),
+        ("TCGA-CR-7395-01A-01-TS1.svs", 0.25),
+    )
+    slides: list[dict[str, Any]] = []
+    for i in range(1000):
+        if i % 200 == 199:
+            slides.append({"slide_uri": _uri(roots["own"] / f"missing-{i}.svs"), "external_id": f"LOST-{i}"})
+            continue
+        name, mpp = names[i % 3]
+        slides.append({"slide_uri": _uri(roots["shared"] / name), "external_id": f"CASE-{i % 5}"})
+        if mpp is not None:
+            slides[-1]["mpp"] = mpp
+    body = {"slides": slides, "mpp": 0.5}
+    cohort_ids = []
+    try:
+        t0 = time.monotonic()
+        r = client.post("/cohorts", json=body, timeout=600)
+        first_s = time.monotonic() - t0
+        assert r.status_code == 202, r.text
+        accepted = r.json()
+        cohort_ids.append(accepted["cohort_id"])
+        jobs = accepted["jobs"]
+        assert [j["external_id"] for j in jobs] == [s["external_id"] for s in slides]
+        by_entry: dict[tuple[str, str], set[str]] = {}
+        for entry, job in zip(slides, jobs, strict=True):
+            by_entry.setdefault((entry["slide_uri"], entry["external_id"]), set()).add(job["job_id"])
+        assert all(len(ids) == 1 for ids in by_entry.values())
+        assert len({j["job_id"] for j in jobs}) == len(by_entry) == 15 + 5
+        view = client.get(f"/cohorts/{accepted['cohort_id']}").json()
+        assert len(view["jobs"]) == 1000 and view["counts"]["failed"] >= 5
+        lost = client.get(f"/jobs/{jobs[199]['job_id']}").json()
+        assert lost["state"] == "failed" and lost["error"]["code"] == "slide_not_found"
+        tcga = client.get(f"/jobs/{jobs[2]['job_id']}").json()
+        cmu = client.get(f"/jobs/{jobs[0]['job_id']}").json()
+        assert (tcga["mpp"], cmu["mpp"]) == (0.25, 0.5)  # the slide's own wins over the cohort's
+
+        again = client.post("/cohorts", json=body, timeout=600)
+        assert again.status_code == 202, again.text
+        cohort_ids.append(again.json()["cohort_id"])
+        for i, (first, second) in enumerate(zip(jobs, again.json()["jobs"], strict=True)):
+            assert (first["job_id"] == second["job_id"]) == (i % 200 != 199), i
+        theirs = client.post("/cohorts", json=body, headers={"X-API-Key": OTHER_KEY}, timeout=600)
+        assert theirs.status_code == 202, theirs.text
+        cohort_ids.append(theirs.json()["cohort_id"])
+        assert not {j["job_id"] for j in theirs.json()["jobs"]} & {j["job_id"] for j in jobs}
+        assert len({j["job_id"] for j in theirs.json()["jobs"]}) == 20
+        print(f"1,000-entry cohort admitted in {first_s:.2f} s")
+    finally:  # the queued jobs are cancelled, the running one finishes
+        for cohort_id, key in zip(cohort_ids, (API_KEY, API_KEY, OTHER_KEY), strict=False):
+            client.delete(f"/cohorts/{cohort_id}", headers={"X-API-Key": key})
+        for cohort_id, key in zip(cohort_ids, (API_KEY, API_KEY, OTHER_KEY), strict=False):
+            client.headers["X-API-Key"] = key
+            poll_cohort(client, cohort_id, 300)
+        client.headers["X-API-Key"] = API_KEY

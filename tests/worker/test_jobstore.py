@@ -249,3 +249,66 @@ def test_redis_errors_of_record_reads_are_job_store_errors(redis_with_limited_us
     with pytest.raises(JobStoreError):
         refused.find_by_content("s1", "p1")
 
+
+
+def test_create_many_is_one_write_with_create_semantics(store_factory) -> None:  # type: ignore[no-untyped-def]
+    """A cohort's jobs: a record whose content a live job holds gets that job, as create's
+    DuplicateJobError names it; a failed holder does not count; failed records (no content) are
+    written as they are; tenants never share; lookups for many pairs find the live jobs."""
+    store = store_factory()
+    live = new_job(store, upload_sha256="s1", params_hash="p", tenant="lab-a")
+    dead = new_job(store, upload_sha256="s2", params_hash="p", tenant="lab-a")
+    store.transition(dead.id, FAILED, [QUEUED])
+    batch = [
+        JobRecord(id=str(uuid.uuid4()), upload_sha256="s1", params_hash="p", tenant="lab-a"),  # held
+        JobRecord(id=str(uuid.uuid4()), upload_sha256="s2", params_hash="p", tenant="lab-a"),  # free again
+        JobRecord(id=str(uuid.uuid4()), upload_sha256="s3", params_hash="p", tenant="lab-a"),
+        JobRecord(id=str(uuid.uuid4()), upload_sha256="s3", params_hash="p", tenant="lab-a"),  # twice
+        JobRecord(id=str(uuid.uuid4()), upload_sha256="s1", params_hash="p", tenant="lab-b"),  # other tenant
+        JobRecord(id=str(uuid.uuid4()), state=FAILED, tenant="lab-a"),  # refused at admission
+    ]
+    got = store.create_many(batch)
+    assert [g.id for g in got] == [live.id, batch[1].id, batch[2].id, batch[2].id, batch[4].id, batch[5].id]
+    reopened = store_factory()
+    for rec in (batch[1], batch[2], batch[4], batch[5]):
+        assert reopened.get(rec.id) == rec
+    assert reopened.get(batch[3].id) is None
+    found = reopened.find_many_by_content([("s1", "p"), ("s2", "p"), ("s3", "p"), ("s4", "p")], "lab-a")
+    assert {k: v.id for k, v in found.items()} == {
+        ("s1", "p"): live.id,
+        ("s2", "p"): batch[1].id,
+        ("s3", "p"): batch[2].id,
+    }
+    assert {k: v.id for k, v in reopened.find_many_by_content([("s1", "p")], "lab-b").items()} == {
+        ("s1", "p"): batch[4].id
+    }
+    with pytest.raises(ValueError, match="Idempotency-Key"):
+        store.create_many([JobRecord(id=str(uuid.uuid4()), idempotency_key="k")])
+
+
+def test_concurrent_create_many_make_one_job_per_content(store_factory) -> None:  # type: ignore[no-untyped-def]
+    """Four API threads admit overlapping cohorts at once: every content ends with exactly one
+    job, and every caller was answered with that job."""
+    answers: list[dict[str, str]] = []
+
+    def admit(offset: int) -> None:
+        store = store_factory()
+        shas = [f"sha-{(offset + i) % 40}" for i in range(30)]
+        records = [JobRecord(id=str(uuid.uuid4()), upload_sha256=s, params_hash="p") for s in shas]
+        got = store.create_many(records)
+        answers.append({s: g.id for s, g in zip(shas, got, strict=True)})
+
+    threads = [threading.Thread(target=admit, args=(k * 10,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answers) == 4
+    store = store_factory()
+    owners: dict[str, str] = {}
+    for answer in answers:
+        for sha, job_id in answer.items():
+            assert owners.setdefault(sha, job_id) == job_id, sha
+    assert len(owners) == 40
+    assert {k[0]: v.id for k, v in store.find_many_by_content([(s, "p") for s in owners]).items()} == owners
+    assert store.counts_by_state()[QUEUED] == 40

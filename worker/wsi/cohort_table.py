@@ -3,8 +3,13 @@
 Why one module: the CLI's ``cohort.csv`` and the service's ``GET /cohorts/{id}/stats.csv`` (and
 ``.json``) are read by the same spreadsheets and scripts, so they share one column layout:
 
-    <identifier columns...>, state, error_code, error_message, tissue_area_um2,
+    <identifier columns...>, state, error_code, error_message, qc_warnings, tissue_area_um2,
     <class>_area_um2, <class>_fraction   (for each class, in the model's order)
+
+``qc_warnings`` is the slide's QC codes from its ``stats.json`` (``qc.codes``, joined by ``;``
+in the CSV, a list in the JSON): a slide that ran under ``qc_policy=warn`` despite a QC finding
+is told apart from a clean one without opening its folder. A slide QC refused has no stats: its
+QC code is its ``error_code``.
 
 The identifier columns are the caller's (the CLI: slide folder, path, sha256; the service: job
 id, external id, file name, sha256). Areas come from the slide's ``stats.json``; a slide without
@@ -20,9 +25,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CohortRow", "class_names", "table_columns", "table_json", "table_records", "to_csv"]
+__all__ = [
+    "CohortRow",
+    "class_names",
+    "qc_codes",
+    "table_columns",
+    "table_json",
+    "table_records",
+    "to_csv",
+]
 
-COMMON_COLUMNS = ("state", "error_code", "error_message", "tissue_area_um2")
+QC_COLUMN = "qc_warnings"
+COMMON_COLUMNS = ("state", "error_code", "error_message", QC_COLUMN, "tissue_area_um2")
+QC_SEPARATOR = ";"
 
 
 @dataclass
@@ -35,6 +50,14 @@ class CohortRow:
     error_code: str = ""
     error_message: str = ""
     stats: dict[str, Any] | None = field(default=None, repr=False)
+
+
+def qc_codes(stats: dict[str, Any] | None) -> list[str] | None:
+    """The QC codes a slide's stats.json records ([] for a clean slide); None without stats (failed,
+    still running) or from a version without QC, so "no warning" is never claimed unseen."""
+    if stats is None or not isinstance(stats.get("qc"), dict):
+        return None
+    return [str(code) for code in stats["qc"].get("codes", [])]
 
 
 def class_names(rows: Sequence[CohortRow]) -> list[str]:
@@ -68,6 +91,8 @@ def table_records(
             error_message=row.error_message or None,
             tissue_area_um2=None,
         )
+        codes = qc_codes(row.stats)
+        record[QC_COLUMN] = None if codes is None else QC_SEPARATOR.join(codes)
         for name in classes:
             record[f"{name}_area_um2"] = record[f"{name}_fraction"] = None
         if row.stats is not None:
@@ -107,6 +132,7 @@ def table_json(rows: Sequence[CohortRow], id_columns: Sequence[str]) -> dict[str
         entry["error"] = (
             {"code": row.error_code, "message": row.error_message} if row.error_code else None
         )
+        entry[QC_COLUMN] = qc_codes(row.stats)
         entry["tissue_area_um2"] = float(row.stats["tissue_area_um2"]) if row.stats is not None else None
         entry["classes"] = (
             {

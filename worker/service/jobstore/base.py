@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol, runtime_checkable
 
+from fprotoseg.worker.errors import DuplicateJobError
 from fprotoseg.worker.service.states import (
     CANCELLED,
     QUEUED,
@@ -101,6 +102,34 @@ class JobStore(ABC):
     def create(self, record: JobRecord) -> JobRecord:
         """Insert a new record; DuplicateJobError (naming the job that has it) if its idempotency
         key, or its tenant + slide sha256 + parameters while that job can still finish, is taken."""
+
+    def create_many(self, records: Sequence[JobRecord]) -> list[JobRecord]:
+        """Insert many new records without an Idempotency-Key (a cohort's jobs) as one write where
+        the backend can: for each, the record itself, or the live job that holds its content
+        claim already (a concurrent submission, or an earlier record of the same call), exactly
+        as :meth:`create`'s DuplicateJobError names it. This default creates them one by one."""
+        out: list[JobRecord] = []
+        for record in records:
+            try:
+                out.append(self.create(record))
+            except DuplicateJobError as dup:
+                winner = self.get(dup.existing_id)
+                if winner is None:
+                    raise
+                out.append(winner)
+        return out
+
+    def find_many_by_content(
+        self, keys: Sequence[tuple[str, str]], tenant: str = ""
+    ) -> dict[tuple[str, str], JobRecord]:
+        """:meth:`find_by_content` for many (sha256, params hash) pairs at once: the pairs with a
+        job that is not failed/cancelled. This default asks one by one."""
+        found = {}
+        for sha256, phash in dict.fromkeys(keys):
+            rec = self.find_by_content(sha256, phash, tenant)
+            if rec is not None:
+                found[(sha256, phash)] = rec
+        return found
 
     @abstractmethod
     def get(self, job_id: str) -> JobRecord | None: ...
