@@ -16,13 +16,21 @@ from fprotoseg.worker.service.jobstore import JobStore
 
 
 class JobProgress:
-    """Maps the pipeline's (stage, done, total) onto one monotone 0..1, written at a bounded rate."""
+    """Maps the pipeline's (stage, done, total) onto one monotone 0..1, written at a bounded rate.
 
-    def __init__(self, store: JobStore, job_id: str, interval_s: float) -> None:
-        self.store, self.job_id, self.interval_s = store, job_id, interval_s
+    A write happens when the stage changes, when ``interval_s`` has passed, or when the value has
+    advanced by ``step`` since the last write. The last rule matters at the end of a stage: the
+    pipeline calls once per batch, so an update dropped by the interval alone would stay unseen
+    for the whole next batch (a 3-batch job showed its second batch's count only at the end). It
+    keeps the rate bounded all the same: at most ``1 / step`` such writes per job.
+    """
+
+    def __init__(self, store: JobStore, job_id: str, interval_s: float, step: float = 0.02) -> None:
+        self.store, self.job_id, self.interval_s, self.step = store, job_id, interval_s, step
         self.value = 0.0
         self.stage = ""
         self._last_write_s = 0.0
+        self._written = 0.0
         self._seen_inference = False
 
     def __call__(self, stage: str, done: int, total: int) -> None:
@@ -38,9 +46,14 @@ class JobProgress:
             value = 0.05 * frac
         self.value = max(self.value, min(value, 0.99))
         now_s = time.monotonic()
-        if stage != self.stage or now_s - self._last_write_s >= self.interval_s:
+        if (
+            stage != self.stage
+            or now_s - self._last_write_s >= self.interval_s
+            or self.value - self._written >= self.step
+        ):
             self.stage = stage
             self._last_write_s = now_s
+            self._written = self.value
             self.store.progress(self.job_id, stage, self.value)
 
 
