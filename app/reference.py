@@ -32,13 +32,13 @@ from urllib.parse import unquote, urlsplit
 from fastapi import Request
 
 from fprotoseg.app.errors import Problem
+from fprotoseg.app.json_body import read_json_body
 from fprotoseg.app.routes.segment_models import SegmentFields, SegmentReference
 from fprotoseg.app.upload import TEMP_PREFIX, client_filename, storage_full
 from fprotoseg.model.digest import file_sha256_and_size
 from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.service.settings import Settings
 from fprotoseg.worker.service.storage import FILE_MODE, free_mb, is_out_of_space
-from fprotoseg.worker.service.strictjson import StrictJSONError, loads_strict
 from fprotoseg.worker.wsi.dicom import DICOM_FOLDER_SUFFIX, folder_sha256, series_files, unpack_series_zip
 from fprotoseg.worker.wsi.roi import MAX_ROI_BYTES
 
@@ -210,23 +210,7 @@ def fetch_s3(uri: str, settings: Settings) -> IncomingSlide:
 
 async def receive_reference(request: Request, settings: Settings) -> IncomingSlide:
     """Parse the JSON body and bring the named slide to a hashed file (see the module docstring)."""
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_JSON_BODY_BYTES:
-            raise Problem(
-                ErrorCode.INVALID_REQUEST,
-                f"the JSON body is larger than {MAX_JSON_BODY_BYTES} bytes",
-                status=413,
-            )
-    try:
-        doc = loads_strict(body)
-    except StrictJSONError as exc:  # JSON to Python, not to RFC 8259: NaN, 1e999, "\ud800", a name twice
-        raise Problem(
-            ErrorCode.INVALID_REQUEST, f"the body is not interoperable JSON (RFC 8259): {exc}"
-        ) from None
-    except ValueError:
-        raise Problem(ErrorCode.INVALID_REQUEST, "the body is not valid JSON", status=400) from None
+    doc = await read_json_body(request, MAX_JSON_BODY_BYTES)
     return await open_reference(SegmentReference.from_json(doc), settings)
 
 

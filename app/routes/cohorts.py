@@ -15,7 +15,6 @@ Tenancy is the jobs': another tenant's cohort is ``404 cohort_not_found``, like 
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
@@ -28,6 +27,7 @@ from fprotoseg.app.auth import ApiKey, Principal
 from fprotoseg.app.cohort_admission import admit_cohort
 from fprotoseg.app.deps import DispatcherDep, SettingsDep, StoreDep
 from fprotoseg.app.errors import Problem
+from fprotoseg.app.json_body import read_json_body
 from fprotoseg.app.problems import validation_detail
 from fprotoseg.app.routes.segment import _parse_callback, _parse_model
 from fprotoseg.app.routes.segment_models import (
@@ -140,19 +140,7 @@ async def _read_body(request: Request) -> CohortRequest:
         raise Problem(
             ErrorCode.UNSUPPORTED_MEDIA_TYPE, "POST /cohorts takes a JSON body (application/json)"
         )
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_COHORT_BODY_BYTES:
-            raise Problem(
-                ErrorCode.INVALID_REQUEST,
-                f"the JSON body is larger than {MAX_COHORT_BODY_BYTES} bytes",
-                status=413,
-            )
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        raise Problem(ErrorCode.INVALID_REQUEST, "the body is not valid JSON", status=400) from None
+    doc = await read_json_body(request, MAX_COHORT_BODY_BYTES)
     try:
         return CohortRequest.model_validate(doc, strict=True)
     except ValidationError as exc:

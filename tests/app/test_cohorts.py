@@ -204,6 +204,23 @@ def test_cohort_requests_refused_whole(service, roots: dict[str, Path]) -> None:
         )
     r = client.post("/cohorts", content=b"slides", headers={"Content-Type": "text/plain"})
     assert r.status_code == 415
+    # JSON to Python but not to the LIMS reading it back: refused by the strict parser, as on
+    # POST /segment, before any slide is admitted
+    uri = json.dumps(one["slide_uri"])
+    start = '{"slides": [{"slide_uri": ' + uri
+    jobs_before = client.get("/jobs").json()["total"]
+    for raw in (
+        start + ', "metadata": {"x": NaN}}]}',
+        start + ', "metadata": {"x": 1e999}}]}',
+        start + ', "external_id": "a", "external_id": "b"}]}',
+        start + ', "metadata": {"s": "\\ud800x"}}]}',
+    ):
+        r = client.post("/cohorts", content=raw.encode(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and r.json()["code"] == "invalid_request", (raw, r.text)
+        assert "RFC 8259" in r.json()["detail"], r.text
+    assert client.get("/jobs").json()["total"] == jobs_before  # nothing was admitted
+    r = client.post("/cohorts", content=b'{"slides": [', headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["code"] == "invalid_request", r.text
 
 
 def test_delete_cancels_what_has_not_started(service, roots: dict[str, Path]) -> None:
