@@ -48,21 +48,10 @@ def make_study(folder: Path) -> list[dict[str, Any]]:
         )
     series = folder / "CMU-1 DICOM series"
     if not series.exists():
-        from wsidicom.codec import Jpeg2kSettings
-        from wsidicomizer import WsiDicomizer
-        from wsidicomizer.sources import TiffSlideSource
+        sys.path.insert(0, str(REPO))
+        from tests.stubs import write_dicom_series
 
-        series.mkdir()
-        WsiDicomizer.convert(
-            SLIDES / "CMU-1-Small-Region.svs",
-            series,
-            preferred_source=TiffSlideSource,
-            encoding=Jpeg2kSettings(levels=[0]),
-            include_label=False,
-            include_overview=False,
-            include_thumbnail=False,
-            tile_size=256,
-        )
+        write_dicom_series(SLIDES / "CMU-1-Small-Region.svs", series)
     entries.append({"slide": str(series), "external_id": "CMU-1-DICOM", "mpp": None})
     truncated = folder / "truncated.svs"
     truncated.write_bytes((SLIDES / "CMU-1-Small-Region.svs").read_bytes()[:150_000])

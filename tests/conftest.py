@@ -36,21 +36,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def dicom_series(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
     """CMU-1-Small-Region.svs as a DICOM WSI series in <root>/CMU-1 series/ (wsidicomizer, JPEG 2000
     lossless, so the series holds the slide's own pixels; made here, never stored)."""
-    from wsidicom.codec import Jpeg2kSettings
-    from wsidicomizer import WsiDicomizer
-    from wsidicomizer.sources import TiffSlideSource
+    from tests.stubs import write_dicom_series
 
     folder = tmp_path_factory.mktemp("dicom-root") / "CMU-1 series"
-    folder.mkdir()
-    WsiDicomizer.convert(
-        shared_data / "slides" / "CMU-1-Small-Region.svs",
-        folder,
-        preferred_source=TiffSlideSource,
-        encoding=Jpeg2kSettings(levels=[0]),
-        include_label=False,
-        include_overview=False,
-        include_thumbnail=False,
-        tile_size=256,
-    )
-    assert list(folder.glob("*.dcm"))
-    return folder
+    return write_dicom_series(shared_data / "slides" / "CMU-1-Small-Region.svs", folder)

@@ -279,3 +279,27 @@ def draw_ink_strokes(rgb: np.ndarray, width_px: int = 300) -> tuple[np.ndarray, 
     for value, ink_rgb in enumerate(INK_TRANSMITTANCE_RGB, start=1):
         out[strokes == value] *= np.array(ink_rgb, np.float32) / 255.0
     return out.astype(np.uint8), strokes
+
+
+def write_dicom_series(source: Path, folder: Path) -> Path:
+    """``source`` as a DICOM WSI series in ``folder`` (wsidicomizer, JPEG 2000 lossless, so the
+    series holds the slide's own pixels; no label, overview or thumbnail). Made where it is needed,
+    never stored: the DICOM tests and bench/cohort_study.py both take their series from here."""
+    from wsidicom.codec import Jpeg2kSettings
+    from wsidicomizer import WsiDicomizer
+    from wsidicomizer.sources import TiffSlideSource
+
+    folder.mkdir(parents=True, exist_ok=True)
+    WsiDicomizer.convert(
+        source,
+        folder,
+        preferred_source=TiffSlideSource,
+        encoding=Jpeg2kSettings(levels=[0]),
+        include_label=False,
+        include_overview=False,
+        include_thumbnail=False,
+        tile_size=256,
+    )
+    if not list(folder.glob("*.dcm")):
+        raise RuntimeError(f"wsidicomizer wrote no instance for {source}")
+    return folder
