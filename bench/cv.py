@@ -38,7 +38,8 @@ def _run_fold(
     torch.set_num_threads(threads)
     from fprotoseg.model import load_segmenter
     from fprotoseg.model.checkpoint import save_checkpoint
-    from fprotoseg.model.training.cam_cnn import CamCnnRecipe, manifest_for, train
+    from fprotoseg.model.stain_norm import normalise_image
+    from fprotoseg.model.training.cam_cnn import CamCnnRecipe, manifest_for, restain, train
     from fprotoseg.model.training.cv import (
         load_units,
         predicted_presence,
@@ -60,18 +61,18 @@ def _run_fold(
     train_units = [u for u in units if u.fold != fold]
     test_units = [u for u in units if u.fold == fold]
     t0 = time.perf_counter()
-    net = train([u.train_image() for u in train_units], recipe, seed, num_classes=k)
+    images, stain = restain([u.train_image() for u in train_units], recipe)
+    net = train(images, recipe, seed, num_classes=k)
     train_s = time.perf_counter() - t0
     ckpt = Path(out_dir) / f"{recipe.name}_s{seed}_f{fold}.safetensors"
-    manifest = manifest_for(
-        recipe, classes, cv={"plan": plan_name, "seed": seed, "fold": fold, "trained_on": len(train_units)}
-    )
+    cv = {"plan": plan_name, "seed": seed, "fold": fold, "trained_on": len(train_units)}
+    manifest = manifest_for(recipe, classes, cv=cv, **stain)
     save_checkpoint(ckpt, net.state_dict(), manifest)
     seg = load_segmenter(ckpt, device="cpu")
     cm = np.zeros((k, k), np.int64)
     presence = np.zeros((k, 3), np.int64)
     for u in test_units:
-        labels = predict_labels(seg.predict, u.rgb, seg.tile_size_px)
+        labels = predict_labels(seg.predict, normalise_image(seg.manifest, u.rgb), seg.tile_size_px)
         if u.mask is not None:
             cm += unit_confusion(u.mask, labels, plan.dataset)
         else:

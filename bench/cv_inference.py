@@ -37,6 +37,7 @@ def _fold_scores(
 
     from fprotoseg.model import load_segmenter
     from fprotoseg.model.inference_options import DihedralMean
+    from fprotoseg.model.stain_norm import normalise_image
     from fprotoseg.model.training.cv import load_units, read_plan
     from fprotoseg.model.training.evaluate import predict_scores
 
@@ -49,7 +50,9 @@ def _fold_scores(
         seg.module = net if v == 1 else DihedralMean(net, v).eval()
         with torch.inference_mode():
             out[v] = [
-                (u.mask, predict_scores(seg.predict, u.rgb, seg.tile_size_px).astype(np.float16))
+                (u.mask, predict_scores(
+                    seg.predict, normalise_image(seg.manifest, u.rgb), seg.tile_size_px
+                ).astype(np.float16))
                 for u in units
             ]
     seg.module = net

@@ -70,6 +70,7 @@ def score_run(run: Path, slide: bool, gate_pool: int | None, tmp: Path) -> dict[
 def restained_miou(ckpt: Path, names: list[str]) -> float:
     """Crop mIoU averaged over the fixed stain shifts (a proxy for another lab's slides)."""
     from fprotoseg.model import load_segmenter
+    from fprotoseg.model.stain_norm import normalise_image
     from fprotoseg.model.training.datasets import MaskedImage, load_pairs
     from fprotoseg.model.training.evaluate import predict_labels, score_pairs
     from fprotoseg.model.training.stain import STAIN_SHIFTS, shift_stain
@@ -79,7 +80,9 @@ def restained_miou(ckpt: Path, names: list[str]) -> float:
     mious = []
     for shift in STAIN_SHIFTS:
         shifted = [MaskedImage(p.name, shift_stain(p.rgb, shift), p.mask) for p in pairs]
-        r = score_pairs(shifted, lambda p: predict_labels(seg.predict, p.rgb, seg.tile_size_px), "wsss4luad")
+        r = score_pairs(shifted, lambda p: predict_labels(
+            seg.predict, normalise_image(seg.manifest, p.rgb), seg.tile_size_px
+        ), "wsss4luad")
         mious.append(r["miou"])
     return float(sum(mious) / len(mious))
 

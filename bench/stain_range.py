@@ -5,7 +5,7 @@ what the model was trained on; that range is a property of the training data, me
 shipped as ``model/weights/<checkpoint stem>.qc.json`` (package data) and matched to the network
 by its checkpoint's sha256. Each crop is resampled from ``--crop-mpp`` to ``--at-mpp`` (the
 resolution QC reads slides at: the default output µm/px), its stain vectors are estimated with
-the same function QC uses on a slide (:func:`~fprotoseg.worker.wsi.qc.stain_vectors`), and the
+the same function QC uses on a slide (:func:`~fprotoseg.model.stain_norm.stain_vectors`), and the
 range is the mean vector per stain with the largest angle any crop has to it plus ``--margin-deg``.
 
     python bench/stain_range.py --checkpoint model/weights/fprotoseg_wsss4luad.safetensors \\
@@ -30,7 +30,7 @@ def crop_vectors(path: Path, crop_mpp: float, at_mpp: float) -> tuple[np.ndarray
     import cv2
     from PIL import Image
 
-    from fprotoseg.worker.wsi.qc import stain_vectors
+    from fprotoseg.model.stain_norm import stain_vectors
     from fprotoseg.worker.wsi.qc_regions import STAIN_MIN_OD
 
     rgb = np.asarray(Image.open(path).convert("RGB"))

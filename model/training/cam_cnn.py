@@ -23,6 +23,8 @@ import torch.nn.functional as F
 import yaml
 
 from fprotoseg.model.networks.cam_cnn import ARCHITECTURE, NORMALISATION, CamCnn
+from fprotoseg.model.stain_norm import METHOD as STAIN_METHOD
+from fprotoseg.model.stain_norm import StainEstimate, StainNormaliser
 from fprotoseg.model.training.datasets import DatasetError, image_level_label, put_glass
 from fprotoseg.model.training.stain import hed_jitter
 
@@ -51,6 +53,9 @@ class CamCnnRecipe:
     # Share of crops with a band of empty glass in place of tissue (model/training/datasets.py:put_glass):
     # on a slide the network meets glass beside tissue at every tissue edge, never in a crop.
     glass_prob: float = 0.0
+    # "macenko": every crop restained to the training crops' median stain (model/stain_norm.py), the
+    # reference kept in the manifest so inference restains each slide the same way; "" = none
+    stain_norm: str = ""
     mpp: float = 1.0
     # 512 px tiles: the default 1/8 overlap (64 px) then exceeds half the receptive field plus one
     # output cell (45 px), so every owned pixel is scored exactly as in one pass over the slide.
@@ -81,6 +86,8 @@ class CamCnnRecipe:
         for key in ("channels", "strides"):
             if key in raw:
                 raw[key] = tuple(int(v) for v in raw[key])
+        if raw.get("stain_norm", "") not in ("", STAIN_METHOD):
+            raise DatasetError(f"{Path(path).name}: stain_norm must be '' or {STAIN_METHOD!r}")
         return replace(cls(), **raw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,6 +154,28 @@ class CropSampler:
         if r.hed_sigma > 0:
             crops = hed_jitter(crops, rng, r.hed_sigma)
         return crops, labels
+
+
+def restain(images: Sequence[TrainImage], recipe: CamCnnRecipe) -> tuple[list[TrainImage], dict[str, Any]]:
+    """The training images as the network will see them, and what the manifest must carry.
+
+    With ``stain_norm``, each image is restained from its own stain estimate to the median of all
+    of them (an image with too little stained tissue to estimate from is left as it is); the
+    reference goes into the manifest as ``stain_norm`` so inference restains a slide to the same
+    stain. Without it, the images and an empty manifest addition.
+    """
+    if not recipe.stain_norm:
+        return list(images), {}
+    estimates = [StainEstimate.of_image(im.rgb) for im in images]
+    known = [e for e in estimates if e is not None]
+    if not known:
+        raise DatasetError("stain_norm: no training image has enough stained tissue to estimate from")
+    reference = StainEstimate.reference(known)
+    out = [
+        replace(im, rgb=StainNormaliser(e, reference)(im.rgb)) if e is not None else im
+        for im, e in zip(images, estimates, strict=True)
+    ]
+    return out, {"stain_norm": reference.as_json()}
 
 
 def to_input(crops_nhwc_uint8: np.ndarray) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from fprotoseg.model.stain_norm import normalise_image
 from fprotoseg.model.training.datasets import DATASETS, DatasetError, MaskedImage, load_pairs
 from fprotoseg.model.training.metrics import (
     PROTOCOL_SOURCES,
@@ -185,9 +186,12 @@ def evaluate_checkpoint(
             f"checkpoint has {n_tissue} classes but {dataset} has {len(spec.classes)}; "
             "pick the matching --dataset"
         )
-    result = score_pairs(
-        pairs, lambda p: predict_labels(seg.predict, p.rgb, seg.tile_size_px, context), dataset, protocol
-    )
+    manifest = getattr(seg, "manifest", {})
+
+    def label_fn(p: MaskedImage) -> np.ndarray:  # each image restained from its own estimate, if asked
+        return predict_labels(seg.predict, normalise_image(manifest, p.rgb), seg.tile_size_px, context)
+
+    result = score_pairs(pairs, label_fn, dataset, protocol)
     result["context"] = context
     result["checkpoint"] = seg.name
     result["checkpoint_sha256"] = seg.checksum_sha256

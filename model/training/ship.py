@@ -25,7 +25,7 @@ import numpy as np
 
 from fprotoseg.model.checkpoint import save_checkpoint
 from fprotoseg.model.networks.cam_cnn import CamCnn
-from fprotoseg.model.training.cam_cnn import CamCnnRecipe, manifest_for, train
+from fprotoseg.model.training.cam_cnn import CamCnnRecipe, manifest_for, restain, train
 from fprotoseg.model.training.cv import CvResult, load_units, presence_f1, read_plan
 from fprotoseg.model.training.datasets import DATASETS, DatasetError
 
@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = DATASETS[plan.dataset]
     classes = spec.qupath_names
     units = load_units(plan)
+    images, stain = restain([u.train_image() for u in units], recipe)  # deterministic: also for --weights
     if args.weights is None:
-        net = train([u.train_image() for u in units], recipe, args.seed, num_classes=len(classes))
+        net = train(images, recipe, args.seed, num_classes=len(classes))
     else:
         import torch
 
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": recipe.steps,
         },
         domain={"organ": ORGANS[plan.dataset], "stain": "H&E", "mpp": recipe.mpp, "classes": list(classes)},
+        **stain,
         metrics=metrics,
         **({"inference": inference} if inference else {}),
     )

@@ -169,8 +169,11 @@ class Feeder:
         prefetch_batches: int,
         progress: ProgressCallback,
         should_cancel: Callable[[], bool],
+        pixel_transform: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         self.slide = slide
+        # per-slide pixel map applied to every tile as it is read (the model's stain normalisation)
+        self.pixel_transform = pixel_transform
         self.tiles = tiles
         self.tile_size_px = tile_size_px
         self.segmenter = segmenter
@@ -192,7 +195,10 @@ class Feeder:
     def _read_into(self, slot: _Slot, start: int, stop: int) -> None:
         with self._turns.item():
             t0 = time.perf_counter()
-            read_tiles(self.slide, slot.tiles[start:stop], self.tile_size_px, slot.tiles_buffer[start:stop])
+            pixels = slot.tiles_buffer[start:stop]
+            read_tiles(self.slide, slot.tiles[start:stop], self.tile_size_px, pixels)
+            if self.pixel_transform is not None:
+                pixels[...] = self.pixel_transform(pixels)
             self.timings.add_work("read_s", time.perf_counter() - t0)
 
     def _stitch(self, slot: _Slot, scores: np.ndarray, start: int, stop: int) -> None:

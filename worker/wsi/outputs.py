@@ -455,9 +455,11 @@ def build_provenance(
     started_at_s: float,
     warnings: list[str],
     roi: dict[str, Any] | None = None,
+    stain_norm: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``provenance.json``: the slide and how it was read, the model, tiles, timings, software,
-    and the region of interest when one was given (``roi``: geometry as sent, area on the slide)."""
+    the region of interest when one was given (``roi``: geometry as sent, area on the slide), and
+    the stain normalisation applied when the model asks for one (``model.stain_norm``)."""
     software = software_versions()
     provenance: dict[str, Any] = {
         "fprotoseg_version": software.get("fprotoseg", "unknown"),
@@ -485,6 +487,7 @@ def build_provenance(
             "output_stride": int(segmenter.output_stride),
             "device": segmenter.device,
             "precision": segmenter.precision,
+            **({"stain_norm": stain_norm} if stain_norm is not None else {}),
         },
         "tissue": tissue_info,
         "tiles": {

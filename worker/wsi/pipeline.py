@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from fprotoseg.model.segmenter import CPU_BATCH_SIZE, Segmenter, StreamingSegmenter, file_sha256
+from fprotoseg.model.stain_norm import StainEstimate, normaliser_for
 from fprotoseg.worker.errors import PipelineOptionsError
 from fprotoseg.worker.wsi import outputs
 from fprotoseg.worker.wsi import qc as slide_qc
@@ -177,6 +178,25 @@ def batch_size_for(segmenter: Segmenter, options: PipelineOptions) -> int:
     return CPU_BATCH_SIZE
 
 
+def _stain_normaliser(
+    segmenter: Segmenter, qc_report: slide_qc.QcReport
+) -> tuple[Callable[[np.ndarray], np.ndarray] | None, dict[str, Any] | None]:
+    """The model's stain normalisation for this slide, estimated once from the stained tissue the
+    QC scan sampled over the whole slide (so every tile is restained alike), and what provenance
+    records of it. (None, None) for a model that does not normalise; a slide QC could not estimate
+    (not brightfield H&E, too little stained tissue) is read unchanged, and provenance says so."""
+    manifest = getattr(segmenter, "manifest", None) or {}
+    if not manifest.get("stain_norm"):
+        return None, None
+    samples = qc_report.scan.od_samples if qc_report.scan is not None else np.zeros((0, 3), np.float32)
+    source = StainEstimate.of_od(samples)
+    normaliser = normaliser_for(manifest, source)
+    if normaliser is None:
+        return None, {"applied": False, "reason": "the slide's stains could not be estimated"}
+    recorded = {"applied": True, "source": normaliser.source.as_json(), "target": manifest["stain_norm"]}
+    return normaliser, recorded
+
+
 def _infer(
     slide: Slide,
     grid: TileGrid,
@@ -185,6 +205,7 @@ def _infer(
     options: PipelineOptions,
     progress: ProgressCallback,
     should_cancel: Callable[[], bool],
+    pixel_transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[dict[str, float], int]:
     """Batched inference over the grid, stitched as it goes; returns (inner seconds, batch size)."""
     feeder = Feeder(
@@ -198,6 +219,7 @@ def _infer(
         prefetch_batches=options.prefetch_batches,
         progress=progress,
         should_cancel=should_cancel,
+        pixel_transform=pixel_transform,
     )
     return feeder.run().as_dict(), feeder.batch_size
 
@@ -289,7 +311,10 @@ def run(
                 probabilities=planes.array if planes is not None else None,
             )
             t = time.perf_counter()
-            inner, batch_size = _infer(slide, grid, segmenter, stitcher, options, progress, should_cancel)
+            normaliser, stain_norm = _stain_normaliser(segmenter, qc_report)
+            inner, batch_size = _infer(
+                slide, grid, segmenter, stitcher, options, progress, should_cancel, normaliser
+            )
             # "stitch" is the time the batch loop waited for stitching; the rest overlapped with it.
             clock.add("stitch", inner["wait_for_stitch_s"])
             clock.add("inference", time.perf_counter() - t - inner["wait_for_stitch_s"])
@@ -429,6 +454,7 @@ def run(
         started_at_s=started,
         warnings=warnings,
         roi=region.provenance(slide.mpp) if region is not None else None,
+        stain_norm=stain_norm,
     )
     files["provenance"] = outputs.write_json(out_dir / outputs.PROVENANCE_NAME, provenance)
     progress("write", 3, 3)

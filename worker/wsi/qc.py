@@ -27,6 +27,8 @@ from typing import Any, Final
 
 import numpy as np
 
+from fprotoseg.model.stain_norm import MIN_SAMPLES as STAIN_MIN_SAMPLES
+from fprotoseg.model.stain_norm import stain_vectors
 from fprotoseg.worker.error_codes import ErrorCode
 from fprotoseg.worker.errors import PipelineOptionsError, QcRefusedError
 from fprotoseg.worker.wsi import qc_regions
@@ -53,9 +55,7 @@ MAX_UPSAMPLE = 1.25  # the network may see pixels at most this much enlarged fro
 # --- artefacts -------------------------------------------------------------------------------------
 ARTEFACT_MAX_FRACTION = 0.25  # of the tissue area
 
-# --- stain vectors (Macenko-like) -----------------------------------------------------------------
-STAIN_ANGLE_PERCENTILE = 1.0  # the extreme angles (1st/99th percentile) in the OD plane
-STAIN_MIN_SAMPLES = 500
+# --- stain vectors: Macenko's, the same estimate the model's stain normalisation uses (one home) ---
 
 
 def check_policy(policy: str) -> str:
@@ -195,30 +195,6 @@ def brightfield_check(thumbnail_rgb: np.ndarray) -> Check:
 
 
 # ----------------------------------------------------------------------------------- stain vectors
-def stain_vectors(od: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(haematoxylin, eosin) unit OD vectors of (n, 3) optical densities (Macenko et al. 2009).
-
-    The OD of a two-stain image lies near the plane of its two stain vectors: the plane is spanned
-    by the two main eigenvectors of the OD scatter; the stains are the directions at the extreme
-    (1st/99th percentile) angles in it. The one absorbing more red is haematoxylin.
-    """
-    od = np.asarray(od, dtype=np.float64)
-    if len(od) < STAIN_MIN_SAMPLES:
-        return None
-    _, vecs = np.linalg.eigh(od.T @ od / len(od))
-    plane = vecs[:, [2, 1]]
-    plane *= np.where(plane.sum(axis=0) < 0, -1.0, 1.0)
-    proj = od @ plane
-    angles = np.arctan2(proj[:, 1], proj[:, 0])
-    lo, hi = np.percentile(angles, [STAIN_ANGLE_PERCENTILE, 100 - STAIN_ANGLE_PERCENTILE])
-    a = plane @ np.array([math.cos(lo), math.sin(lo)])
-    b = plane @ np.array([math.cos(hi), math.sin(hi)])
-    a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
-    a *= 1 if a.sum() >= 0 else -1
-    b *= 1 if b.sum() >= 0 else -1
-    return (a, b) if a[0] >= b[0] else (b, a)
-
-
 def angle_deg(u: Any, v: Any) -> float:
     """The angle between two vectors in degrees."""
     u, v = np.asarray(u, dtype=np.float64), np.asarray(v, dtype=np.float64)
