@@ -30,8 +30,7 @@ def crop_vectors(path: Path, crop_mpp: float, at_mpp: float) -> tuple[np.ndarray
     import cv2
     from PIL import Image
 
-    from fprotoseg.model.stain_norm import stain_vectors
-    from fprotoseg.worker.wsi.qc_regions import STAIN_MIN_OD
+    from fprotoseg.model.stain_norm import STAINED_MIN_OD, stain_vectors
 
     rgb = np.asarray(Image.open(path).convert("RGB"))
     scale = crop_mpp / at_mpp
@@ -39,7 +38,7 @@ def crop_vectors(path: Path, crop_mpp: float, at_mpp: float) -> tuple[np.ndarray
         size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
         rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
     od = -np.log(np.maximum(rgb, 1).astype(np.float32) / 255.0)
-    return stain_vectors(od[od.sum(axis=2) > STAIN_MIN_OD])
+    return stain_vectors(od[od.sum(axis=2) > STAINED_MIN_OD])
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fprotoseg.model.stain_norm import OD_LUT, STAINED_MIN_OD
 from fprotoseg.worker.wsi.buffers import anonymous_array
 from fprotoseg.worker.wsi.slide import Slide
 from fprotoseg.worker.wsi.tissue import TissueMask
@@ -58,7 +59,6 @@ FOLD_MIN_OD = 1.2  # ... and over this absolute sum of RGB optical densities
 FOLD_MIN_AREA_UM2 = 10_000.0
 
 STAIN_SAMPLES_PER_CHUNK = 4096
-STAIN_MIN_OD = 0.3  # summed RGB optical density: below it a pixel is nearly glass
 
 
 def thresholds() -> dict[str, object]:
@@ -207,8 +207,7 @@ def scan_regions(slide: Slide, tissue: TissueMask, target_mpp: float, threads: i
     samples: list[np.ndarray] = []
     od_hist = np.zeros(256, dtype=np.int64)  # summed OD of tissue pixels, in 0.02 steps (0..5.12)
     tissue_px = 0
-    # optical density per uint8 value, so a chunk's densities are a table look-up, not a log
-    od_lut = (-np.log(np.maximum(np.arange(256), 1) / 255.0)).astype(np.float32)
+    od_lut = OD_LUT  # optical density per uint8 value: a table look-up, not a log per pixel
     for y, x, chunk in slide.iter_scaled(target_mpp, threads=threads):
         ch, cw = chunk.shape[:2]
         in_tissue = _tissue_window(tissue, y, x, ch, cw, mpp)
@@ -231,7 +230,7 @@ def scan_regions(slide: Slide, tissue: TissueMask, target_mpp: float, threads: i
         scored = in_tissue & ~ink
         od_bins = np.minimum((od_sum[scored] * 50).astype(np.int64), 255)  # 0.02 steps
         od_hist += np.bincount(od_bins, minlength=256)
-        picked = od_lut[chunk[scored & (od_sum > STAIN_MIN_OD)]]
+        picked = od_lut[chunk[scored & (od_sum > STAINED_MIN_OD)]]
         if len(picked) > STAIN_SAMPLES_PER_CHUNK:
             picked = picked[rng.choice(len(picked), STAIN_SAMPLES_PER_CHUNK, replace=False)]
         samples.append(picked)
