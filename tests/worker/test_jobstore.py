@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import shutil
 import subprocess
 import threading
@@ -250,7 +251,6 @@ def test_redis_errors_of_record_reads_are_job_store_errors(redis_with_limited_us
         refused.find_by_content("s1", "p1")
 
 
-
 def test_create_many_is_one_write_with_create_semantics(store_factory) -> None:  # type: ignore[no-untyped-def]
     """A cohort's jobs: a record whose content a live job holds gets that job, as create's
     DuplicateJobError names it; a failed holder does not count; failed records (no content) are
@@ -284,6 +284,43 @@ def test_create_many_is_one_write_with_create_semantics(store_factory) -> None: 
     }
     with pytest.raises(ValueError, match="Idempotency-Key"):
         store.create_many([JobRecord(id=str(uuid.uuid4()), idempotency_key="k")])
+
+
+def _open_store_at_each_barrier(root: str, trials: int, barrier, errors) -> None:  # type: ignore[no-untyped-def]
+    """One opener process: at every trial, opens a new store file at the same moment as the others."""
+    for trial in range(trials):
+        barrier.wait()
+        try:
+            SqliteJobStore(Path(root) / str(trial) / "jobs.sqlite3")
+        except JobStoreError as exc:
+            errors.put(f"trial {trial}: {exc}")
+
+
+def test_processes_opening_a_new_sqlite_store_together_all_get_it(tmp_path: Path) -> None:
+    """The API and the embedded worker start side by side on an empty data dir: SQLite refuses a
+    second journal-mode switch at once ("database is locked", no busy wait), so the store retries it.
+    Eight processes race to open a new file, sixty times over: before the retry this failed in
+    each of two runs; CI once failed this way in the threaded cohort test below."""
+    ctx = multiprocessing.get_context("spawn")
+    trials = 60
+    barrier = ctx.Barrier(8)
+    errors = ctx.Queue()
+    procs = [
+        ctx.Process(target=_open_store_at_each_barrier, args=(str(tmp_path), trials, barrier, errors))
+        for _ in range(8)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=300)
+    assert [proc.exitcode for proc in procs] == [0] * 8
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert failures == []
+    for trial in range(trials):
+        store = SqliteJobStore(tmp_path / str(trial) / "jobs.sqlite3")
+        assert new_job(store).state == QUEUED
 
 
 def test_concurrent_create_many_make_one_job_per_content(store_factory) -> None:  # type: ignore[no-untyped-def]

@@ -49,6 +49,31 @@ WHERE content_key IS NULL AND sha256 != '' AND state NOT IN ('failed', 'cancelle
 """
 
 
+_BUSY_TIMEOUT_S = 30.0
+
+
+def _enter_wal(db: sqlite3.Connection) -> None:
+    """Put the file in WAL mode, waiting for other openers as long as any write would.
+
+    SQLite answers "database is locked" at once, without its busy handler, when two connections
+    switch a new file's journal mode together (the API and the worker starting side by side, or
+    threads opening the store): so the switch is retried here until the same timeout.
+    """
+    deadline = time.monotonic() + _BUSY_TIMEOUT_S
+    pause_s = 0.005
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(pause_s)
+            pause_s = min(pause_s * 2, 0.2)
+
+
 def _scoped_key(tenant: str, key: str) -> str:
     """Idempotency keys are per tenant: the same key from two tenants names two jobs."""
     return f"{tenant}\x1f{key}"
@@ -75,7 +100,6 @@ class SqliteJobStore(JobStore, EmbeddedQueue):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             db = self._db()
-            db.executescript(_SQLITE_SCHEMA)  # executescript manages its own transaction
             self._migrate(db)
             for path in (self.path, *(self.path.with_name(self.path.name + s) for s in ("-wal", "-shm"))):
                 if path.exists() and path.stat().st_uid == os.getuid():
@@ -87,8 +111,11 @@ class SqliteJobStore(JobStore, EmbeddedQueue):
     def _migrate(db: sqlite3.Connection) -> None:
         """Bring a file of an older version up to date, in one transaction: the API and the
         embedded worker open the same file at the same time."""
-        db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")  # the schema too: a deferred CREATE on a stale snapshot fails at once
         try:
+            for statement in _SQLITE_SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
             columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
             if "tenant" not in columns:
                 db.execute("ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT ''")
@@ -105,8 +132,8 @@ class SqliteJobStore(JobStore, EmbeddedQueue):
         db.execute("COMMIT")
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=True)
-        db.execute("PRAGMA journal_mode=WAL")
+        db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=True)
+        _enter_wal(db)
         db.execute("PRAGMA synchronous=NORMAL")
         # A small write-ahead log (checkpoint every 64 pages, file cut back to 256 KiB): at SQLite's
         # default (1000 pages, never cut back) it took the last MiBs of a nearly full disk.
@@ -367,5 +394,3 @@ class SqliteJobStore(JobStore, EmbeddedQueue):
         if db is not None:
             db.close()
             self._local.db = None
-
-
