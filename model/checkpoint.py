@@ -37,6 +37,14 @@ def validate_manifest(manifest: dict[str, Any]) -> None:
             raise CheckpointError(f"checkpoint class entry {c!r} needs a name and an [r, g, b] color")
     if not float(manifest["mpp"]) > 0:
         raise CheckpointError("checkpoint mpp must be positive")
+    if manifest.get("stain_norm"):
+        # refused here, at load, not on a slide's first tile after QC and reading have run
+        from fprotoseg.model.stain_norm import StainEstimate
+
+        try:
+            StainEstimate.from_json(manifest["stain_norm"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"checkpoint stain_norm is unusable: {exc!r}") from None
 
 
 def save_checkpoint(path: str | Path, state_dict: dict[str, Any], manifest: dict[str, Any]) -> Path:

@@ -3,12 +3,15 @@ glass, the reference travels in the manifest, and training restains what it is t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from fprotoseg.model.checkpoint import read_checkpoint, save_checkpoint
+from fprotoseg.model.errors import CheckpointError
 from fprotoseg.model.stain_norm import StainEstimate, StainNormaliser, normalise_image
 from fprotoseg.model.training.cam_cnn import CamCnnRecipe, TrainImage, restain
 from fprotoseg.model.training.datasets import DatasetError
@@ -90,3 +93,38 @@ def test_training_restains_only_when_the_recipe_says_so(crops: list[np.ndarray],
     bad.write_text("stain_norm: reinhard\n")
     with pytest.raises(DatasetError, match="stain_norm"):
         CamCnnRecipe.from_yaml(bad)
+
+
+def test_a_broken_stain_reference_is_refused_at_load(crops: list[np.ndarray], tmp_path: Path) -> None:
+    """A manifest whose stain reference cannot be used fails when the file is read (the model
+    catalog, GET /models), not on a slide's first tile after QC and reading have run."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fprotoseg.model.checkpoint import MANIFEST_KEY
+
+    estimate = StainEstimate.of_image(crops[0])
+    assert estimate is not None
+    manifest = {
+        "architecture": "cam_cnn", "config": {}, "classes": [{"name": "Tumor", "color": [200, 0, 0]}],
+        "mpp": 1.0, "tile_size_px": 224, "output_stride": 8,
+    }
+    state = {"w": torch.zeros(2)}
+    good = tmp_path / "good.safetensors"
+    save_checkpoint(good, state, {**manifest, "stain_norm": estimate.as_json()})
+    assert read_checkpoint(good)[1]["stain_norm"]["method"] == "macenko"
+    broken = [
+        {"method": "vahadane"},
+        {**estimate.as_json(), "stains": {"haematoxylin": [1.0, 0.0]}},
+        {**estimate.as_json(), "max_concentration": [1.0, -2.0]},
+        "macenko",
+    ]
+    for doc in broken:
+        with pytest.raises(CheckpointError, match="stain_norm"):
+            save_checkpoint(tmp_path / "refused.safetensors", state, {**manifest, "stain_norm": doc})
+        # a file written by other means is refused when read
+        path = tmp_path / "foreign.safetensors"
+        meta = {MANIFEST_KEY: json.dumps({"format_version": 1, **manifest, "stain_norm": doc})}
+        save_file(state, str(path), metadata=meta)
+        with pytest.raises(CheckpointError, match="stain_norm"):
+            read_checkpoint(path)
