@@ -1,5 +1,6 @@
-"""The packaged BCSS-WSSS checkpoint: breast classes at 0.25 µm/px, scored in the paper's protocol
-through `fprotoseg evaluate`, and selectable for a slide with --checkpoint / FPROTOSEG_CHECKPOINT."""
+"""The packaged BCSS-WSSS checkpoint: breast classes at 0.5 µm/px, Macenko-normalised, carrying
+its leave-one-slide-out figures; scored in the paper's protocol through `fprotoseg evaluate`, and
+selectable for a slide with --checkpoint / FPROTOSEG_CHECKPOINT."""
 
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ from fprotoseg.model.checkpoint import DEFAULT_CHECKPOINT
 BCSS_CHECKPOINT = DEFAULT_CHECKPOINT.parent / "fprotoseg_bcss_wsss.safetensors"
 pytestmark = pytest.mark.skipif(not BCSS_CHECKPOINT.is_file(), reason="BCSS-WSSS checkpoint not built")
 
-# mean over the classes the validation masks hold (stroma, lymphocytes); measured value in the
-# manifest and README; the floor guards against a regression when the file is replaced
+# mean over the classes the validation masks hold (stroma, lymphocytes). The shipped file was
+# trained on every slide, those patches' image-level labels included, so this is a regression floor
+# for the evaluate path, not a held-out figure (the manifest's cv_recipe is: 0.439 on crops).
 VALID_MIOU_PRESENT_FLOOR = 0.30
+# the leave-one-slide-out target on the held-out slide (crops, mean over seeds)
+CV_MIOU_PRESENT_FLOOR = 0.40
 
 
 def test_bcss_manifest() -> None:
@@ -26,10 +30,16 @@ def test_bcss_manifest() -> None:
 
     _, manifest = read_checkpoint(BCSS_CHECKPOINT)
     assert [c["name"] for c in manifest["classes"]] == ["Tumor", "Stroma", "Lymphocytes", "Necrosis"]
-    assert manifest["mpp"] == 0.25 and manifest["tile_size_px"] == 224
-    assert manifest["normalisation"]["mean"] == [0.485, 0.456, 0.406]
+    assert manifest["mpp"] == 0.5 and manifest["domain"]["organ"] == ["breast"]
+    assert manifest["stain_norm"]["method"] == "macenko"
     assert "image-level" in manifest["training"]["supervision"]
-    assert manifest["metrics"]["validation_bcss_wsss"]["miou_present"] >= VALID_MIOU_PRESENT_FLOOR
+    metrics = manifest["metrics"]
+    assert metrics["scored_on_training_data"] is False
+    recipe, baseline = metrics["cv_recipe"], metrics["cv_baseline"]
+    assert recipe["runs"] >= 2 and recipe["folds_miou_mean"] >= CV_MIOU_PRESENT_FLOOR
+    assert recipe["folds_miou_mean"] > baseline["folds_miou_mean"]
+    assert recipe["slide_folds_miou_mean"] > baseline["slide_folds_miou_mean"]
+    assert min(recipe["iou"]["Stroma"], recipe["iou"]["Lymphocytes"]) >= 0.15
     assert BCSS_CHECKPOINT.stat().st_size < 20 * 1024 * 1024
 
 
