@@ -69,7 +69,12 @@ def register(subparsers: Any) -> None:
                    help="default: $FPROTOSEG_DEVICE, else auto (a GPU where one exists)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
                    help="default: $FPROTOSEG_PRECISION, else fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--batch-size", type=int, default=32, help="tiles per network call (default 32)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="tiles per network call (default: from free GPU memory; on a CPU 32, 8 for 512 px tiles)",
+    )
     p.add_argument(
         "--output-mpp", type=float, default=2.0, help="µm/px of the label map and polygons (default 2.0)"
     )
@@ -228,7 +233,7 @@ def handle(args: argparse.Namespace) -> int:
     if args.cohort is not None:
         entries += read_cohort_file(args.cohort, (MIN_MPP, MAX_MPP))
         cohort = True
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
     if args.reader_threads is not None and args.reader_threads < 1:
         raise UsageError("--reader-threads must be >= 1")
@@ -282,7 +287,7 @@ def _checkpoint_and_options(args: argparse.Namespace) -> tuple[Path, Any]:
     checkpoint = resolve_checkpoint(args.checkpoint or settings.checkpoint, settings.models_dir)
     options = PipelineOptions(
         output_mpp=args.output_mpp,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size if args.batch_size is not None else settings.batch_size,
         reader_threads=args.reader_threads or settings.pipeline_threads,
         simplify_tolerance_um=args.simplify_um,
         min_region_area_um2=args.min_region_um2,

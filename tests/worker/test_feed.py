@@ -221,7 +221,19 @@ def test_streaming_seam_on_cpu_matches_predict(tiny_checkpoint):
     assert scores.shape == (5, len(seg.classes), h, h)
     assert np.shares_memory(scores, scores_buffer)
     np.testing.assert_allclose(scores, seg.predict(tiles_buffer[:5]), atol=1e-5)
-    assert seg.suggest_batch_size() == 32  # CPU: the fixed size
+    assert seg.suggest_batch_size() == 32  # CPU: 32 tiles up to 256 px
+
+
+def test_the_cpu_batch_is_a_pixel_budget() -> None:
+    """Activations grow with a tile's area: the packaged default's 512 px tiles go 8 to a CPU
+    batch (same speed as 32, a third of the memory in bench/pipeline.py); up to 256 px, 32."""
+    from fprotoseg import model
+    from fprotoseg.model.checkpoint import DEFAULT_CHECKPOINT
+    from fprotoseg.model.segmenter import cpu_batch_size
+
+    assert [cpu_batch_size(px) for px in (128, 256, 512, 1024, 4096)] == [32, 32, 8, 2, 1]
+    seg = model.load_segmenter(DEFAULT_CHECKPOINT, device="cpu", precision="fp32")
+    assert seg.tile_size_px == 512 and seg.suggest_batch_size() == 8
 
 
 def test_packaged_style_network_runs_through_the_streaming_seam(tmp_path, known_slide, tiny_checkpoint):

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fprotoseg.model.segmenter import CPU_BATCH_SIZE, Segmenter, StreamingSegmenter, file_sha256
+from fprotoseg.model.segmenter import Segmenter, StreamingSegmenter, cpu_batch_size, file_sha256
 from fprotoseg.model.stain_norm import StainEstimate, normaliser_for
 from fprotoseg.worker.errors import PipelineOptionsError
 from fprotoseg.worker.wsi import outputs
@@ -170,12 +170,13 @@ def _write_overlay(
 
 
 def batch_size_for(segmenter: Segmenter, options: PipelineOptions) -> int:
-    """The batch size given, else the segmenter's own suggestion (free device memory), else 32."""
+    """The batch size given, else the segmenter's own suggestion (free device memory), else the CPU
+    batch for its tile size (32 tiles of 256 px, 8 of 512 px)."""
     if options.batch_size is not None:
         return options.batch_size
     if isinstance(segmenter, StreamingSegmenter):
         return max(1, int(segmenter.suggest_batch_size()))
-    return CPU_BATCH_SIZE
+    return cpu_batch_size(segmenter.tile_size_px)
 
 
 def _stain_normaliser(
