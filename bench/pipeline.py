@@ -9,7 +9,7 @@ What it prints (nothing is pass/fail; the targets are printed beside the figures
 - peak RSS for that slide and for one 4x larger in area, each in a fresh subprocess, beside the
   label-map sizes (target: < 1.5 GiB, growth <= the larger label map + 20%).
 
-Usage: ``python bench/pipeline.py [--checkpoint PATH] [--side-px 16384] [--batch-size 32] [--repeats 3]``
+Usage: ``python bench/pipeline.py [--checkpoint PATH] [--side-px 16384] [--batch-size N] [--repeats 3]``
 ``[--json]``; each round runs in a fresh process and the median round is reported.
 Default network: the packaged default model if present, else the random tiny CNN of
 fprotoseg.model.networks.tiny.
@@ -149,8 +149,8 @@ def _peak_rss_bytes() -> int:
 
 
 def child(
-    slide: Path, checkpoint: str | None, batch_size: int, reader_threads: int, torch_threads: int | None,
-    out_dir: Path,
+    slide: Path, checkpoint: str | None, batch_size: int | None, reader_threads: int,
+    torch_threads: int | None, out_dir: Path,
 ) -> dict:
     """One measurement in this (fresh) process: model-only ceiling, then the full pipeline."""
     import torch
@@ -161,6 +161,7 @@ def child(
     from fprotoseg.worker.wsi.tissue import detect_tissue
 
     seg, ckpt = _segmenter(checkpoint, batch_size)
+    batch_size = batch_size or seg.suggest_batch_size()  # what the pipeline itself would choose
     if torch_threads:
         torch.set_num_threads(torch_threads)
     # Real tiles of this slide for the ceiling (read once, outside the timing).
@@ -487,8 +488,9 @@ def run_child(slide: Path, args: argparse.Namespace) -> dict:
     # The worker's allocator settings (keep torch's buffers: twice as fast on CPU).
     env = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736", **os.environ,
            "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, __file__, "--child", str(slide), "--batch-size", str(args.batch_size),
-           "--reader-threads", str(args.reader_threads)]
+    cmd = [sys.executable, __file__, "--child", str(slide), "--reader-threads", str(args.reader_threads)]
+    if args.batch_size:
+        cmd += ["--batch-size", str(args.batch_size)]
     if args.torch_threads:
         cmd += ["--torch-threads", str(args.torch_threads)]
     if args.checkpoint:
@@ -518,7 +520,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--side-px", type=int, default=16384)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="default: the pipeline's own choice (on a CPU 32 tiles, 8 of 512 px)")
     ap.add_argument("--reader-threads", type=int, default=2)
     ap.add_argument("--torch-threads", type=int, default=None, help="default: torch's own (= cores)")
     ap.add_argument("--skip-large", action="store_true", help="only the 16k slide (no memory-growth figure)")
