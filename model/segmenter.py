@@ -186,6 +186,10 @@ class TorchSegmenter:
     manifest: dict[str, Any] = field(default_factory=dict)
     compile_network: str = "off"
     compile_report: dict[str, Any] = field(default_factory=dict)
+    # The input context one output cell sees, inference options included (None: not stated).
+    receptive_field_px: int | None = None
+    # The network's own cell stride where an inference option scores finer (else None).
+    network_stride_px: int | None = None
 
     def __post_init__(self) -> None:
         import torch
@@ -403,6 +407,7 @@ def load_segmenter(
     import torch
 
     from fprotoseg.model.checkpoint import DEFAULT_CHECKPOINT, read_checkpoint
+    from fprotoseg.model.inference_options import inference_geometry
 
     ckpt_path = Path(path) if path is not None else DEFAULT_CHECKPOINT
     if path is None and not ckpt_path.exists():
@@ -414,6 +419,8 @@ def load_segmenter(
         torch.set_num_threads(num_threads)
     state, manifest = read_checkpoint(ckpt_path)
     module = build_inference_module(manifest, state)
+    output_stride, field_px = inference_geometry(manifest)
+    network_stride = int(manifest["output_stride"])
     classes = [TissueClass(c["name"], _rgb(c["color"])) for c in manifest["classes"]]
     norm = manifest.get("normalisation", {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]})
     segmenter = TorchSegmenter(
@@ -421,7 +428,7 @@ def load_segmenter(
         classes=classes,
         mpp=float(manifest["mpp"]),
         tile_size_px=int(manifest["tile_size_px"]),
-        output_stride=int(manifest["output_stride"]),
+        output_stride=output_stride,
         mean_rgb=tuple(norm["mean"]),
         std_rgb=tuple(norm["std"]),
         name=str(manifest.get("name", ckpt_path.stem)),
@@ -430,6 +437,8 @@ def load_segmenter(
         precision=precision,
         manifest=manifest,
         compile_network="on" if compile_network == "on" else "off",
+        receptive_field_px=field_px,
+        network_stride_px=network_stride if output_stride != network_stride else None,
     )
     check_compile_mode(compile_network)
     if compile_network == "auto":

@@ -23,6 +23,8 @@ from tests.stubs import write_pyramid_tiff
 
 SIDE_PX = 1152  # at 1.0 µm/px: three tile steps of the packaged network each way
 OUTPUT_MPP = 2.0
+# No absorption of small regions: the one-pass reference has none, and the comparison is of tiling.
+OPTIONS = dict(output_mpp=OUTPUT_MPP, min_region_area_um2=0.0)
 
 
 def _texture(rgb: np.ndarray, side: int) -> np.ndarray:
@@ -83,6 +85,8 @@ class TileVerdict:
             "device",
             "precision",
             "manifest",
+            "receptive_field_px",
+            "network_stride_px",
         ):
             setattr(self, name, getattr(inner, name))
 
@@ -102,15 +106,42 @@ def _border_rows(labels: np.ndarray, above: int) -> np.ndarray:
     return (above_before + (other_before[-1] - other_before)).argmax(axis=0)
 
 
+def _packaged_with(tmp_path: Path, refine: dict[str, Any] | None) -> Path | None:
+    """The packaged default, or a copy whose manifest adds a guided refinement."""
+    if refine is None:
+        return None
+    from fprotoseg.model import DEFAULT_CHECKPOINT
+    from fprotoseg.model.checkpoint import read_checkpoint, save_checkpoint
+
+    state, manifest = read_checkpoint(DEFAULT_CHECKPOINT)
+    manifest["inference"] = {**manifest.get("inference", {}), "guided_refine": refine}
+    out = tmp_path / "refined.safetensors"
+    save_checkpoint(out, state, manifest)
+    return out
+
+
 @pytest.mark.slow
-def test_no_class_border_follows_a_tile_edge(tmp_path: Path, diagonal_slide: Path) -> None:
+@pytest.mark.parametrize(
+    "refine",
+    [None, {"output_stride": 4, "radius_cells": 8, "eps": 0.01}],
+    ids=["network-cells", "guided-refine"],
+)
+def test_no_class_border_follows_a_tile_edge(
+    tmp_path: Path, diagonal_slide: Path, refine: dict[str, Any] | None
+) -> None:
+    """With the guided refinement too: its filter support is part of the receptive field the tile
+    margin covers, so the tiled result still equals one pass over the whole slide."""
     from fprotoseg.model import load_segmenter
     from fprotoseg.worker.wsi.stitch import sample_bilinear
 
-    seg = load_segmenter(None, device="cpu")
-    result = run(diagonal_slide, tmp_path / "tiles", seg, options=PipelineOptions(output_mpp=OUTPUT_MPP))
+    seg = load_segmenter(_packaged_with(tmp_path, refine), device="cpu")
+    if refine is not None:
+        assert seg.output_stride == refine["output_stride"]
+    result = run(diagonal_slide, tmp_path / "tiles", seg, options=PipelineOptions(**OPTIONS))
     labels = _labels(tmp_path / "tiles")
-    margin = default_margin_px(seg.tile_size_px, seg.output_stride, receptive_field_px(seg))
+    margin = default_margin_px(
+        seg.tile_size_px, seg.output_stride, receptive_field_px(seg), seg.network_stride_px
+    )
     assert result.provenance["tiles"]["inferred"] > 4  # the border crosses several tiles
     step_out = (seg.tile_size_px - 2 * margin) * seg.mpp / OUTPUT_MPP
     seams = [
@@ -159,7 +190,7 @@ def test_no_class_border_follows_a_tile_edge(tmp_path: Path, diagonal_slide: Pat
 
     # The same detector on a tile-level verdict: its borders follow the tiles.
     gated = run(
-        diagonal_slide, tmp_path / "gated", TileVerdict(seg), options=PipelineOptions(output_mpp=OUTPUT_MPP)
+        diagonal_slide, tmp_path / "gated", TileVerdict(seg), options=PipelineOptions(**OPTIONS)
     )
     assert gated.tiles_inferred == result.tiles_inferred
     assert _seam_ratio(_labels(tmp_path / "gated"), seams) > 3 * max(ratio, 1.0)

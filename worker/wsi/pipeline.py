@@ -113,8 +113,11 @@ class _Clock:
 
 
 def receptive_field_px(segmenter: Segmenter) -> int | None:
-    """The input context one output cell sees, where the network's manifest states it."""
-    value = getattr(segmenter, "manifest", {}).get("receptive_field_px")
+    """The input context one output cell sees, where the segmenter or its manifest states it (the
+    segmenter's figure includes its inference options, such as the guided refinement's support)."""
+    value = getattr(segmenter, "receptive_field_px", None)
+    if value is None:
+        value = getattr(segmenter, "manifest", {}).get("receptive_field_px")
     return int(value) if value else None
 
 
@@ -301,6 +304,7 @@ def run(
                 output_mpp=options.output_mpp,
                 margin_px=options.tile_margin_px,
                 receptive_field_px=receptive_field_px(segmenter),
+                cell_stride_px=getattr(segmenter, "network_stride_px", None),
             )
             progress("tiling", 1, 1)
             clock.add("tiling", time.perf_counter() - t)

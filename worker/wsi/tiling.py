@@ -71,7 +71,12 @@ class TileGrid:
 MAX_RUN_TILES = 8
 
 
-def default_margin_px(tile_size_px: int, output_stride: int, receptive_field_px: int | None = None) -> int:
+def default_margin_px(
+    tile_size_px: int,
+    output_stride: int,
+    receptive_field_px: int | None = None,
+    cell_stride_px: int | None = None,
+) -> int:
     """About 1/8 of the tile per side (a multiple of the output stride, at least one).
 
     Why: a CNN's outermost feature cells see the zero padding, not tissue, and their class
@@ -84,8 +89,12 @@ def default_margin_px(tile_size_px: int, output_stride: int, receptive_field_px:
     plus one output cell (the bilinear neighbour an owned pixel is sampled from): then every owned
     pixel is scored from slide pixels only, exactly as one pass over the whole slide would score
     it, and no class border can follow a tile edge.
+
+    ``cell_stride_px``: the network's own cell stride where the output is finer than it (a guided
+    refinement). The margin is then a multiple of both, so every tile's cells lie on the one grid a
+    single pass over the slide would use, not half a cell beside it.
     """
-    stride = max(1, output_stride)
+    stride = math.lcm(max(1, output_stride), max(1, cell_stride_px or 1))
     margin = max(stride, round(tile_size_px / 8 / stride) * stride)
     if receptive_field_px:
         margin = max(margin, math.ceil((receptive_field_px // 2 + stride) / stride) * stride)
@@ -110,10 +119,11 @@ def plan_tiles(
     output_mpp: float,
     margin_px: int | None = None,
     receptive_field_px: int | None = None,
+    cell_stride_px: int | None = None,
 ) -> TileGrid:
     """All grid tiles whose owned area touches tissue, in row-major order."""
     if margin_px is None:
-        margin = default_margin_px(tile_size_px, output_stride, receptive_field_px)
+        margin = default_margin_px(tile_size_px, output_stride, receptive_field_px, cell_stride_px)
     else:
         margin = int(margin_px)
     step = tile_size_px - 2 * margin
