@@ -50,13 +50,162 @@ def _fold_scores(
         seg.module = net if v == 1 else DihedralMean(net, v).eval()
         with torch.inference_mode():
             out[v] = [
-                (u.mask, predict_scores(
-                    seg.predict, normalise_image(seg.manifest, u.rgb), seg.tile_size_px
-                ).astype(np.float16))
+                (
+                    u.mask,
+                    predict_scores(
+                        seg.predict, normalise_image(seg.manifest, u.rgb), seg.tile_size_px
+                    ).astype(np.float16),
+                )
                 for u in units
             ]
     seg.module = net
     return out
+
+
+# Guided refinement grid: (output_stride, radius_cells, eps); None = the network's cells alone.
+REFINE_GRID: tuple[tuple[int, int, float] | None, ...] = (
+    None,
+    *((s, r, e) for s, r in ((4, 4), (4, 8), (8, 4), (8, 8), (4, 16)) for e in (0.001, 0.01)),
+)
+
+
+class _Memo:
+    """The network's scores per input batch, computed once: every refinement of the grid refines
+    the same cached scores (the network is the cost, the filter is cheap)."""
+
+    def __init__(self, net: Any) -> None:
+        self.net, self.cache = net, {}  # one memo per unit: a few batches at most
+
+    def __call__(self, x: Any) -> Any:
+        import hashlib
+
+        key = (tuple(x.shape), hashlib.sha1(x.numpy().tobytes()).hexdigest())
+        if key not in self.cache:
+            self.cache[key] = self.net(x)
+        return self.cache[key]
+
+
+def _refine_confusions(run: dict[str, Any], plan_name: str, views: int) -> dict[str, np.ndarray]:
+    """The fold's out-of-fold confusion under every point of :data:`REFINE_GRID` (``views`` views)."""
+    import torch
+
+    from fprotoseg.model import load_segmenter
+    from fprotoseg.model.inference_options import DihedralMean, GuidedRefine
+    from fprotoseg.model.stain_norm import normalise_image
+    from fprotoseg.model.training.cv import load_units, read_plan, unit_confusion
+    from fprotoseg.model.training.evaluate import predict_scores
+
+    plan = read_plan(plan_name, SHARED_DATA)
+    units = [u for u in load_units(plan) if u.fold == run["fold"] and u.mask is not None]
+    seg = load_segmenter(run["checkpoint"], device="cpu")
+    net = seg.module if views == 1 else DihedralMean(seg.module, views).eval()
+    norm = seg.manifest.get("normalisation", {"mean": [0.5] * 3, "std": [0.5] * 3})
+    k = len(seg.classes)
+    out = {_grid_key(g): np.zeros((k, k), np.int64) for g in REFINE_GRID}
+    with torch.inference_mode():
+        for u in units:
+            memo = _Memo(net)
+            rgb = normalise_image(seg.manifest, u.rgb)
+            for g in REFINE_GRID:
+                if g is None:
+                    seg.module = memo
+                else:
+                    stride, radius, eps = g
+                    refine = GuidedRefine(
+                        torch.nn.Identity(), seg.output_stride, stride, radius, eps, norm["mean"], norm["std"]
+                    )
+                    seg.module = lambda x, refine=refine, memo=memo: refine.refine(x, memo(x))
+                labels = predict_scores(seg.predict, rgb, seg.tile_size_px).argmax(0)
+                out[_grid_key(g)] += unit_confusion(u.mask, labels, plan.dataset)
+    return out
+
+
+def _grid_key(g: tuple[int, int, float] | None) -> str:
+    return "none" if g is None else f"s{g[0]}r{g[1]}e{g[2]:g}"
+
+
+def _grid_inference(g: tuple[int, int, float] | None) -> dict[str, Any]:
+    if g is None:
+        return {}
+    return {"guided_refine": {"output_stride": g[0], "radius_cells": g[1], "eps": g[2]}}
+
+
+def _refine_table(runs: list[dict[str, Any]], plan_name: str, views: int, slide: bool) -> dict[str, Any]:
+    """Every grid point's fold mean, and the refinement chosen *nested* (for fold k: the grid point
+    with the best pooled mIoU over the other folds of its seed), on crops and, with ``slide``, as
+    whole slides beside the same networks without refinement."""
+    from fprotoseg.model.training.cv import miou_present
+
+    cms = {}
+    for r in runs:
+        cms[(r["seed"], r["fold"])] = _refine_confusions(r, plan_name, views)
+        print(
+            f"refine s{r['seed']}f{r['fold']}: "
+            + ", ".join(f"{g} {miou_present(cm):.3f}" for g, cm in cms[(r["seed"], r["fold"])].items()),
+            flush=True,
+        )
+    keys = [_grid_key(g) for g in REFINE_GRID]
+    grid = {
+        g: {
+            "mean": float(np.mean([miou_present(c[g]) for c in cms.values()])),
+            "sd": float(np.std([miou_present(c[g]) for c in cms.values()])),
+            "pooled": miou_present(sum(c[g] for c in cms.values())),
+        }
+        for g in keys
+    }
+    chosen, nested = {}, {}
+    for key in cms:
+        others = [o for o in cms if o != key and o[0] == key[0]]
+        best = max(keys, key=lambda g: miou_present(sum(cms[o][g] for o in others)))
+        chosen[key], nested[key] = best, miou_present(cms[key][best])
+    table: dict[str, Any] = {
+        "views": views,
+        "grid": grid,
+        "nested_chosen": {f"s{s}f{f}": g for (s, f), g in chosen.items()},
+        "nested_folds": {f"s{s}f{f}": round(v, 4) for (s, f), v in nested.items()},
+        "nested_mean": float(np.mean(list(nested.values()))),
+        "nested_sd": float(np.std(list(nested.values()))),
+        "chosen_on_all_folds": max(keys, key=lambda g: grid[g]["pooled"]),
+    }
+    for g in keys:
+        print(
+            f"refine {g}: folds {grid[g]['mean']:.3f} ± {grid[g]['sd']:.3f} (pooled {grid[g]['pooled']:.3f})"
+        )
+    print(
+        f"refine nested: {table['nested_mean']:.3f} ± {table['nested_sd']:.3f} "
+        f"{table['nested_chosen']}; on all folds: {table['chosen_on_all_folds']}",
+        flush=True,
+    )
+    if slide:
+        import tempfile
+
+        by_key = dict(zip(keys, REFINE_GRID, strict=True))
+        rows: dict[str, dict[str, float]] = {"none": {}, "nested": {}}
+        with tempfile.TemporaryDirectory(prefix="fprotoseg-cvref-") as tmp:
+            for r in runs:
+                name = f"s{r['seed']}f{r['fold']}"
+                base = {"dihedral_views": views} if views != 1 else {}
+                rows["none"][name] = _slide(r, plan_name, base, Path(tmp))
+                pick = by_key[chosen[(r["seed"], r["fold"])]]
+                rows["nested"][name] = (
+                    rows["none"][name]
+                    if pick is None
+                    else _slide(r, plan_name, {**base, **_grid_inference(pick)}, Path(tmp))
+                )
+                print(
+                    f"slide {name}: none {rows['none'][name]:.3f}, "
+                    f"nested {_grid_key(pick)} {rows['nested'][name]:.3f}",
+                    flush=True,
+                )
+        table["slide"] = {
+            k: {"folds": v, "mean": float(np.mean(list(v.values()))), "sd": float(np.std(list(v.values())))}
+            for k, v in rows.items()
+        }
+        print(
+            "whole slide: "
+            + ", ".join(f"{k} {v['mean']:.3f} ± {v['sd']:.3f}" for k, v in table["slide"].items())
+        )
+    return table
 
 
 def _confusion(pairs: list[tuple[np.ndarray, np.ndarray]], log_prior: np.ndarray, dataset: str) -> np.ndarray:
@@ -95,6 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--slide-prior", action="store_true", help="with --slide-views: add each fold's nested prior"
     )
+    ap.add_argument(
+        "--refine",
+        type=int,
+        default=None,
+        metavar="VIEWS",
+        help="score the guided-refinement grid on top of this view count (nested choice per fold)",
+    )
+    ap.add_argument("--slide-refine", action="store_true", help="with --refine: also as whole slides")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "cv" / "cv_inference.json")
     args = ap.parse_args(argv)
 
@@ -109,6 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     runs = [r for r in runs if r["recipe"] == recipe.name and np.asarray(r["confusion"]).sum() > 0]
     if not runs:
         raise SystemExit(f"{args.cv} holds no masked fold of {recipe.name}")
+    if args.refine is not None:
+        table = {
+            "recipe": recipe.name,
+            "runs": len(runs),
+            "refine": _refine_table(runs, args.plan, args.refine, args.slide_refine),
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(table, indent=1))
+        return 0
     views = [int(v) for v in args.views.split(",")]
     scores = {(r["seed"], r["fold"]): _fold_scores(r, args.plan, views) for r in runs}
     flat = np.zeros(k)
