@@ -65,7 +65,7 @@ def _fold_scores(
 # Guided refinement grid: (output_stride, radius_cells, eps); None = the network's cells alone.
 REFINE_GRID: tuple[tuple[int, int, float] | None, ...] = (
     None,
-    *((s, r, e) for s, r in ((4, 4), (4, 8), (8, 4), (8, 8), (4, 16)) for e in (0.001, 0.01)),
+    *((s, r, e) for s, r in ((4, 8), (8, 4), (8, 8), (4, 16)) for e in (0.001, 0.01)),
 )
 
 
@@ -85,8 +85,11 @@ class _Memo:
         return self.cache[key]
 
 
-def _refine_confusions(run: dict[str, Any], plan_name: str, views: int) -> dict[str, np.ndarray]:
-    """The fold's out-of-fold confusion under every point of :data:`REFINE_GRID` (``views`` views)."""
+def _refine_confusions(
+    run: dict[str, Any], plan_name: str, views: int, tile_px: int | None
+) -> dict[str, np.ndarray]:
+    """The fold's out-of-fold confusion under every point of :data:`REFINE_GRID` (``views`` views);
+    refined points run on ``tile_px`` tiles (None: the checkpoint's), the network alone on its own."""
     import torch
 
     from fprotoseg.model import load_segmenter
@@ -107,6 +110,7 @@ def _refine_confusions(run: dict[str, Any], plan_name: str, views: int) -> dict[
             memo = _Memo(net)
             rgb = normalise_image(seg.manifest, u.rgb)
             for g in REFINE_GRID:
+                size_px = seg.tile_size_px if g is None or tile_px is None else tile_px
                 if g is None:
                     seg.module = memo
                 else:
@@ -115,7 +119,7 @@ def _refine_confusions(run: dict[str, Any], plan_name: str, views: int) -> dict[
                         torch.nn.Identity(), seg.output_stride, stride, radius, eps, norm["mean"], norm["std"]
                     )
                     seg.module = lambda x, refine=refine, memo=memo: refine.refine(x, memo(x))
-                labels = predict_scores(seg.predict, rgb, seg.tile_size_px).argmax(0)
+                labels = predict_scores(seg.predict, rgb, size_px).argmax(0)
                 out[_grid_key(g)] += unit_confusion(u.mask, labels, plan.dataset)
     return out
 
@@ -130,7 +134,9 @@ def _grid_inference(g: tuple[int, int, float] | None) -> dict[str, Any]:
     return {"guided_refine": {"output_stride": g[0], "radius_cells": g[1], "eps": g[2]}}
 
 
-def _refine_table(runs: list[dict[str, Any]], plan_name: str, views: int, slide: bool) -> dict[str, Any]:
+def _refine_table(
+    runs: list[dict[str, Any]], plan_name: str, views: int, slide: bool, tile_px: int | None
+) -> dict[str, Any]:
     """Every grid point's fold mean, and the refinement chosen *nested* (for fold k: the grid point
     with the best pooled mIoU over the other folds of its seed), on crops and, with ``slide``, as
     whole slides beside the same networks without refinement."""
@@ -138,7 +144,7 @@ def _refine_table(runs: list[dict[str, Any]], plan_name: str, views: int, slide:
 
     cms = {}
     for r in runs:
-        cms[(r["seed"], r["fold"])] = _refine_confusions(r, plan_name, views)
+        cms[(r["seed"], r["fold"])] = _refine_confusions(r, plan_name, views, tile_px)
         print(
             f"refine s{r['seed']}f{r['fold']}: "
             + ", ".join(f"{g} {miou_present(cm):.3f}" for g, cm in cms[(r["seed"], r["fold"])].items()),
@@ -160,12 +166,14 @@ def _refine_table(runs: list[dict[str, Any]], plan_name: str, views: int, slide:
         chosen[key], nested[key] = best, miou_present(cms[key][best])
     table: dict[str, Any] = {
         "views": views,
+        "refine_tile_size_px": tile_px,
         "grid": grid,
         "nested_chosen": {f"s{s}f{f}": g for (s, f), g in chosen.items()},
         "nested_folds": {f"s{s}f{f}": round(v, 4) for (s, f), v in nested.items()},
         "nested_mean": float(np.mean(list(nested.values()))),
         "nested_sd": float(np.std(list(nested.values()))),
         "chosen_on_all_folds": max(keys, key=lambda g: grid[g]["pooled"]),
+        "grid_points": {_grid_key(g): _grid_inference(g).get("guided_refine") for g in REFINE_GRID},
     }
     for g in keys:
         print(
@@ -190,7 +198,7 @@ def _refine_table(runs: list[dict[str, Any]], plan_name: str, views: int, slide:
                 rows["nested"][name] = (
                     rows["none"][name]
                     if pick is None
-                    else _slide(r, plan_name, {**base, **_grid_inference(pick)}, Path(tmp))
+                    else _slide(r, plan_name, {**base, **_grid_inference(pick)}, Path(tmp), tile_px)
                 )
                 print(
                     f"slide {name}: none {rows['none'][name]:.3f}, "
@@ -219,8 +227,11 @@ def _confusion(pairs: list[tuple[np.ndarray, np.ndarray]], log_prior: np.ndarray
     return cm
 
 
-def _slide(run: dict[str, Any], plan_name: str, inference: dict[str, Any], work: Path) -> float:
-    """The fold's whole-slide mIoU with ``inference`` written into a copy of its checkpoint."""
+def _slide(
+    run: dict[str, Any], plan_name: str, inference: dict[str, Any], work: Path, tile_px: int | None = None
+) -> float:
+    """The fold's whole-slide mIoU with ``inference`` (and ``tile_px`` tiles, where given) written
+    into a copy of its checkpoint."""
     sys.path.insert(0, str(REPO / "bench"))
     from cv import _slide_fold
 
@@ -229,6 +240,8 @@ def _slide(run: dict[str, Any], plan_name: str, inference: dict[str, Any], work:
     state, manifest = read_checkpoint(Path(run["checkpoint"]))
     manifest = copy.deepcopy(manifest)
     manifest["inference"] = inference
+    if tile_px is not None:
+        manifest["tile_size_px"] = tile_px
     ckpt = work / (Path(run["checkpoint"]).stem + "_inference.safetensors")
     save_checkpoint(ckpt, state, manifest)
     return float(_slide_fold({**run, "checkpoint": str(ckpt)}, plan_name)["slide_miou_present"])
@@ -252,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         help="score the guided-refinement grid on top of this view count (nested choice per fold)",
     )
     ap.add_argument("--slide-refine", action="store_true", help="with --refine: also as whole slides")
+    ap.add_argument(
+        "--refine-tile-px",
+        type=int,
+        default=None,
+        help="with --refine: tile size of the refined runs (a larger tile pays for the larger margin)",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "cv" / "cv_inference.json")
     args = ap.parse_args(argv)
 
@@ -270,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         table = {
             "recipe": recipe.name,
             "runs": len(runs),
-            "refine": _refine_table(runs, args.plan, args.refine, args.slide_refine),
+            "refine": _refine_table(runs, args.plan, args.refine, args.slide_refine, args.refine_tile_px),
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(table, indent=1))
