@@ -130,8 +130,9 @@ def _slide_fold(run: dict[str, Any], plan_name: str, keep: Path | None = None) -
     }
 
 
-def figure(run: dict[str, Any], plan_name: str, out_png: Path) -> None:
-    """A fold's mosaic slide: the slide, the ground truth and the prediction side by side."""
+def figure(run: dict[str, Any], plan_name: str, out_png: Path, more: tuple[dict[str, Any], ...] = ()) -> None:
+    """A fold's mosaic slide: the slide, the ground truth and the prediction side by side, then the
+    prediction of each run in ``more`` (the same fold under other inference options)."""
     import tifffile
     from PIL import Image
 
@@ -139,24 +140,29 @@ def figure(run: dict[str, Any], plan_name: str, out_png: Path) -> None:
     from fprotoseg.model.training.datasets import DATASETS
 
     colours = DATASETS[read_plan(plan_name, SHARED_DATA).dataset].colors
-    with tempfile.TemporaryDirectory(prefix="fprotoseg-cv-figure-") as tmp:
-        work = Path(tmp)
-        _slide_fold(run, plan_name, keep=work)
-        with tifffile.TiffFile(work / "mosaic.tiff") as tif:
-            rgb = tif.pages[0].asarray()[..., :3]
-        gt = np.asarray(Image.open(work / "mosaic.gt.png"))
-        with tifffile.TiffFile(work / "out" / "mask.tiff") as tif:
-            pred = tif.pages[0].asarray()
+    preds = []
+    for i, r in enumerate((run, *more)):
+        with tempfile.TemporaryDirectory(prefix="fprotoseg-cv-figure-") as tmp:
+            work = Path(tmp)
+            _slide_fold(r, plan_name, keep=work)
+            if i == 0:
+                with tifffile.TiffFile(work / "mosaic.tiff") as tif:
+                    rgb = tif.pages[0].asarray()[..., :3]
+                gt = np.asarray(Image.open(work / "mosaic.gt.png"))
+            with tifffile.TiffFile(work / "out" / "mask.tiff") as tif:
+                preds.append(tif.pages[0].asarray())
     palette = np.full((256, 3), 255, np.uint8)
     for k, colour in enumerate(colours):
         palette[k] = colour  # ground truth: class k
     gt_rgb = palette[gt]
     pred_palette = np.full((256, 3), 255, np.uint8)
     pred_palette[1 : len(colours) + 1] = palette[: len(colours)]
-    pred_rgb = np.asarray(Image.fromarray(pred_palette[pred]).resize(gt.shape[::-1], Image.NEAREST))
     gap = np.full((rgb.shape[0], 16, 3), 255, np.uint8)
-    panel = np.concatenate([rgb, gap, gt_rgb, gap, pred_rgb], axis=1)
-    scale = min(1.0, 1800 / panel.shape[1])
+    parts = [rgb, gap, gt_rgb]
+    for pred in preds:
+        parts += [gap, np.asarray(Image.fromarray(pred_palette[pred]).resize(gt.shape[::-1], Image.NEAREST))]
+    panel = np.concatenate(parts, axis=1)
+    scale = min(1.0, (1800 if not more else 2400) / panel.shape[1])
     img = Image.fromarray(panel)
     img = img.resize((round(panel.shape[1] * scale), round(panel.shape[0] * scale)), Image.LANCZOS)
     out_png.parent.mkdir(parents=True, exist_ok=True)

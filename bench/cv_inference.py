@@ -227,14 +227,11 @@ def _confusion(pairs: list[tuple[np.ndarray, np.ndarray]], log_prior: np.ndarray
     return cm
 
 
-def _slide(
-    run: dict[str, Any], plan_name: str, inference: dict[str, Any], work: Path, tile_px: int | None = None
-) -> float:
-    """The fold's whole-slide mIoU with ``inference`` (and ``tile_px`` tiles, where given) written
-    into a copy of its checkpoint."""
-    sys.path.insert(0, str(REPO / "bench"))
-    from cv import _slide_fold
-
+def _with_inference(
+    run: dict[str, Any], inference: dict[str, Any], work: Path, tile_px: int | None = None
+) -> dict[str, Any]:
+    """The fold's run with ``inference`` (and ``tile_px`` tiles, where given) written into a copy of
+    its checkpoint in ``work``."""
     from fprotoseg.model.checkpoint import read_checkpoint, save_checkpoint
 
     state, manifest = read_checkpoint(Path(run["checkpoint"]))
@@ -242,9 +239,44 @@ def _slide(
     manifest["inference"] = inference
     if tile_px is not None:
         manifest["tile_size_px"] = tile_px
-    ckpt = work / (Path(run["checkpoint"]).stem + "_inference.safetensors")
+    tag = "_".join(f"{k}{v}" for k, v in sorted(inference.items())).replace(" ", "")
+    ckpt = work / f"{Path(run['checkpoint']).stem}_{abs(hash((tag, tile_px)))}.safetensors"
     save_checkpoint(ckpt, state, manifest)
-    return float(_slide_fold({**run, "checkpoint": str(ckpt)}, plan_name)["slide_miou_present"])
+    return {**run, "checkpoint": str(ckpt)}
+
+
+def _slide(
+    run: dict[str, Any], plan_name: str, inference: dict[str, Any], work: Path, tile_px: int | None = None
+) -> float:
+    """The fold's whole-slide mIoU with ``inference`` (and ``tile_px`` tiles, where given)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from cv import _slide_fold
+
+    return float(_slide_fold(_with_inference(run, inference, work, tile_px), plan_name)["slide_miou_present"])
+
+
+def _refine_figure(
+    runs: list[dict[str, Any]], plan_name: str, table: dict[str, Any], fold: int, out_png: Path
+) -> None:
+    """One fold as a mosaic slide: slide, ground truth, the fold network without refinement, and
+    with the refinement chosen on all folds."""
+    import tempfile
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from cv import figure
+
+    (run,) = [r for r in runs if r["fold"] == fold][:1]
+    base = {"dihedral_views": table["views"]} if table["views"] != 1 else {}
+    refine = table["grid_points"][table["chosen_on_all_folds"]]
+    with tempfile.TemporaryDirectory(prefix="fprotoseg-cvref-fig-") as tmp:
+        plain = _with_inference(run, base, Path(tmp))
+        refined = {**base, "guided_refine": refine} if refine else base
+        figure(
+            plain,
+            plan_name,
+            out_png,
+            (_with_inference(run, refined, Path(tmp), table["refine_tile_size_px"]),),
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,6 +303,20 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="with --refine: tile size of the refined runs (a larger tile pays for the larger margin)",
     )
+    ap.add_argument(
+        "--figure",
+        type=Path,
+        default=None,
+        help="with --refine: PNG of one fold as a slide, without and with",
+    )
+    ap.add_argument("--figure-fold", type=int, default=2, help="the fold --figure draws")
+    ap.add_argument(
+        "--figure-only",
+        type=Path,
+        default=None,
+        metavar="TABLE",
+        help="with --figure: draw from this earlier --refine table instead of scoring again",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "cv" / "cv_inference.json")
     args = ap.parse_args(argv)
 
@@ -285,6 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = [r for r in runs if r["recipe"] == recipe.name and np.asarray(r["confusion"]).sum() > 0]
     if not runs:
         raise SystemExit(f"{args.cv} holds no masked fold of {recipe.name}")
+    if args.figure_only is not None:
+        if args.figure is None:
+            raise SystemExit("--figure-only needs --figure")
+        _refine_figure(
+            runs, args.plan, json.loads(args.figure_only.read_text())["refine"], args.figure_fold, args.figure
+        )
+        return 0
     if args.refine is not None:
         table = {
             "recipe": recipe.name,
@@ -293,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(table, indent=1))
+        if args.figure is not None:
+            _refine_figure(runs, args.plan, table["refine"], args.figure_fold, args.figure)
         return 0
     views = [int(v) for v in args.views.split(",")]
     scores = {(r["seed"], r["fold"]): _fold_scores(r, args.plan, views) for r in runs}

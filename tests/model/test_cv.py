@@ -175,3 +175,67 @@ def test_cv_command_then_the_shipped_file_records_cv_figures(tmp_path: Path, sha
     scores = seg.predict(np.full((2, seg.tile_size_px, seg.tile_size_px, 3), 200, np.uint8))
     assert scores.shape == (2, 3, seg.tile_size_px // 8, seg.tile_size_px // 8)
     assert np.allclose(scores.sum(1), 1, atol=1e-3)
+
+
+def test_refinement_is_chosen_on_the_folds_then_added_to_the_shipped_file(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """bench/cv_inference.py --refine scores the guided-refinement grid on two fold networks and chooses
+    it nested; ship_refine writes what the folds chose (and its nested figures) into a shipped file,
+    which then predicts at the refined stride, and refuses a table whose folds chose no refinement."""
+    recipe = tmp_path / "quick.yaml"
+    recipe.write_text("name: quick\nsteps: 3\nbatch: 4\nchannels: [8, 8, 16, 16]\n")
+    out = tmp_path / "cv"
+    cmd = [sys.executable, str(REPO / "bench" / "cv.py"), str(recipe), "--folds", "0,1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table_path = tmp_path / "refine.json"
+    cmd = [sys.executable, str(REPO / "bench" / "cv_inference.py"), str(recipe)]
+    cmd += ["--cv", str(out / "cv_wsss4luad.jsonl"), "--refine", "1", "--refine-tile-px", "256"]
+    cmd += ["--out", str(table_path), "--figure", str(tmp_path / "fold1.png"), "--figure-fold", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = json.loads(table_path.read_text())["refine"]
+    from PIL import Image
+
+    with Image.open(tmp_path / "fold1.png") as png:  # slide, truth, without, with: four panels
+        assert png.width > 3.5 * png.height
+    assert set(table["nested_chosen"]) == {"s0f0", "s0f1"}
+    assert set(table["grid"]) == set(table["grid_points"]) and "none" in table["grid"]
+    assert all(0 < row["mean"] <= 1 for row in table["grid"].values())
+    assert all(choice in table["grid"] for choice in table["nested_chosen"].values())
+    assert table["chosen_on_all_folds"] == max(table["grid"], key=lambda g: table["grid"][g]["pooled"])
+
+    from fprotoseg.model import load_segmenter
+    from fprotoseg.model.checkpoint import read_checkpoint, save_checkpoint
+
+    run = json.loads((out / "cv_wsss4luad.jsonl").read_text().splitlines()[0])
+    state, manifest = read_checkpoint(Path(run["checkpoint"]))
+    assert "guided_refine" not in (manifest.get("inference") or {})
+    shipped = tmp_path / "shipped.safetensors"
+    save_checkpoint(shipped, state, manifest)
+    ship = [sys.executable, "-m", "fprotoseg.model.training.ship_refine", str(shipped), "--refine-cv"]
+
+    table["chosen_on_all_folds"] = "none"
+    (tmp_path / "none.json").write_text(json.dumps({"refine": table}))
+    proc = subprocess.run([*ship, str(tmp_path / "none.json")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode != 0 and "chose no refinement" in proc.stderr
+
+    table["chosen_on_all_folds"] = "s4r8e0.01"
+    (tmp_path / "s4.json").write_text(json.dumps({"refine": table}))
+    proc = subprocess.run([*ship, str(tmp_path / "s4.json")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seg = load_segmenter(shipped, device="cpu")
+    assert seg.manifest["inference"]["guided_refine"] == {"output_stride": 4, "radius_cells": 8, "eps": 0.01}
+    assert seg.tile_size_px == 256 and seg.output_stride == 4
+    figures = seg.manifest["metrics"]["cv_refine"]
+    assert figures["folds_miou_mean"] == round(table["nested_mean"], 4)
+    assert figures["without_refine_folds_miou_mean"] == round(table["grid"]["none"]["mean"], 4)
+    assert torch_weights_equal(read_checkpoint(shipped)[0], state)
+    scores = seg.predict(np.full((1, 256, 256, 3), 200, np.uint8))
+    assert scores.shape == (1, 3, 64, 64) and np.allclose(scores.sum(1), 1, atol=1e-3)
+
+
+def torch_weights_equal(a: dict, b: dict) -> bool:
+    """Same tensor names and values: the refinement adds no weights and changes none."""
+    return a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
