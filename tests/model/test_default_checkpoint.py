@@ -42,6 +42,27 @@ def test_default_manifest_records_cross_validated_figures_only() -> None:
     assert DEFAULT_CHECKPOINT.stat().st_size < 20 * 1024 * 1024
 
 
+def test_default_ships_the_refinement_its_folds_chose() -> None:
+    """The guided refinement in the manifest is the one the fold networks chose, it beat the same
+    networks without it on crops and on whole slides (nested: each fold scored with the choice of the
+    other folds), and re-adding it from the committed CV table gives exactly the shipped manifest."""
+    import copy
+
+    from fprotoseg.model.checkpoint import read_checkpoint
+    from fprotoseg.model.training.ship_refine import add_refinement
+
+    _, manifest = read_checkpoint(DEFAULT_CHECKPOINT)
+    refine = manifest["metrics"]["cv_refine"]
+    assert manifest["inference"]["guided_refine"] == refine["guided_refine"]
+    assert manifest["tile_size_px"] == refine["tile_size_px"]
+    assert refine["folds_miou_mean"] > refine["without_refine_folds_miou_mean"]
+    assert refine["slide_folds_miou_mean"] > refine["without_refine_slide_folds_miou_mean"]
+    before = copy.deepcopy(manifest)
+    del before["inference"]["guided_refine"], before["metrics"]["cv_refine"]
+    table = Path(__file__).resolve().parents[2] / "bench" / "results" / "cv_refine_glass.json"
+    assert add_refinement(before, table) == manifest
+
+
 def test_default_segments_a_real_crop_into_its_classes(shared_data: Path) -> None:
     from fprotoseg.model import load_segmenter
     from fprotoseg.model.training.datasets import load_pairs

@@ -225,15 +225,15 @@ def test_streaming_seam_on_cpu_matches_predict(tiny_checkpoint):
 
 
 def test_the_cpu_batch_is_a_pixel_budget() -> None:
-    """Activations grow with a tile's area: the packaged default's 512 px tiles go 8 to a CPU
-    batch (same speed as 32, a third of the memory in bench/pipeline.py); up to 256 px, 32."""
+    """Activations grow with a tile's area: 512 px tiles go 8 to a CPU batch (same speed as 32, a
+    third of the memory in bench/pipeline.py), the packaged default's 1024 px tiles 2; up to 256 px, 32."""
     from fprotoseg import model
     from fprotoseg.model.checkpoint import DEFAULT_CHECKPOINT
     from fprotoseg.model.segmenter import cpu_batch_size
 
     assert [cpu_batch_size(px) for px in (128, 256, 512, 1024, 4096)] == [32, 32, 8, 2, 1]
     seg = model.load_segmenter(DEFAULT_CHECKPOINT, device="cpu", precision="fp32")
-    assert seg.tile_size_px == 512 and seg.suggest_batch_size() == 8
+    assert seg.tile_size_px == 1024 and seg.suggest_batch_size() == 2
 
 
 def test_packaged_style_network_runs_through_the_streaming_seam(tmp_path, known_slide, tiny_checkpoint):
