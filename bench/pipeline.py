@@ -521,7 +521,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--side-px", type=int, default=16384)
     ap.add_argument("--batch-size", type=int, default=None,
-                    help="default: the pipeline's own choice (on a CPU 32 tiles, 8 of 512 px)")
+                    help="default: the pipeline's own choice (on a CPU 32 tiles, 8 of 512 px, 2 of 1024 px)")
     ap.add_argument("--reader-threads", type=int, default=2)
     ap.add_argument("--torch-threads", type=int, default=None, help="default: torch's own (= cores)")
     ap.add_argument("--skip-large", action="store_true", help="only the 16k slide (no memory-growth figure)")

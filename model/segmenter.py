@@ -32,7 +32,7 @@ DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("off", "auto", "on")
 # On a CPU the network uses every core; a batch of 32 tiles of 256 px keeps its kernels efficient
 # without large buffers. The budget is in pixels, not tiles: activations grow with the tile's area,
-# and the 512 px tiles of the CAM-CNN default at 32 a batch peaked at 2.43 GiB, at 8 at 1.06 GiB,
+# and 512 px tiles of the CAM-CNN at 32 a batch peaked at 2.43 GiB, at 8 at 1.06 GiB,
 # 3% faster end to end (bench/pipeline.py, median of 3 rounds; docs/benchmarks.md).
 CPU_BATCH_SIZE = 32
 CPU_BATCH_PIXELS = CPU_BATCH_SIZE * 256 * 256

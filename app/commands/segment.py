@@ -73,7 +73,7 @@ def register(subparsers: Any) -> None:
         "--batch-size",
         type=int,
         default=None,
-        help="tiles per network call (default: from free GPU memory; on a CPU 32, 8 for 512 px tiles)",
+        help="tiles per network call (default: from free GPU memory; on a CPU 32, 8 of 512 px, 2 of 1024 px)",
     )
     p.add_argument(
         "--output-mpp", type=float, default=2.0, help="µm/px of the label map and polygons (default 2.0)"

@@ -174,7 +174,7 @@ def _write_overlay(
 
 def batch_size_for(segmenter: Segmenter, options: PipelineOptions) -> int:
     """The batch size given, else the segmenter's own suggestion (free device memory), else the CPU
-    batch for its tile size (32 tiles of 256 px, 8 of 512 px)."""
+    batch for its tile size (32 tiles of 256 px, 8 of 512 px, 2 of 1024 px)."""
     if options.batch_size is not None:
         return options.batch_size
     if isinstance(segmenter, StreamingSegmenter):
