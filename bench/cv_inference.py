@@ -19,6 +19,7 @@ import copy
 import itertools
 import json
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -239,8 +240,7 @@ def _with_inference(
     manifest["inference"] = inference
     if tile_px is not None:
         manifest["tile_size_px"] = tile_px
-    tag = "_".join(f"{k}{v}" for k, v in sorted(inference.items())).replace(" ", "")
-    ckpt = work / f"{Path(run['checkpoint']).stem}_{abs(hash((tag, tile_px)))}.safetensors"
+    ckpt = work / f"{Path(run['checkpoint']).stem}_{uuid.uuid4().hex[:8]}.safetensors"
     save_checkpoint(ckpt, state, manifest)
     return {**run, "checkpoint": str(ckpt)}
 
@@ -265,7 +265,9 @@ def _refine_figure(
     sys.path.insert(0, str(REPO / "bench"))
     from cv import figure
 
-    (run,) = [r for r in runs if r["fold"] == fold][:1]
+    run = next((r for r in runs if r["fold"] == fold), None)
+    if run is None:
+        raise SystemExit(f"--figure-fold {fold}: no run of that fold")
     base = {"dihedral_views": table["views"]} if table["views"] != 1 else {}
     refine = table["grid_points"][table["chosen_on_all_folds"]]
     with tempfile.TemporaryDirectory(prefix="fprotoseg-cvref-fig-") as tmp:
@@ -310,13 +312,6 @@ def main(argv: list[str] | None = None) -> int:
         help="with --refine: PNG of one fold as a slide, without and with",
     )
     ap.add_argument("--figure-fold", type=int, default=2, help="the fold --figure draws")
-    ap.add_argument(
-        "--figure-only",
-        type=Path,
-        default=None,
-        metavar="TABLE",
-        help="with --figure: draw from this earlier --refine table instead of scoring again",
-    )
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "cv" / "cv_inference.json")
     args = ap.parse_args(argv)
 
@@ -331,13 +326,6 @@ def main(argv: list[str] | None = None) -> int:
     runs = [r for r in runs if r["recipe"] == recipe.name and np.asarray(r["confusion"]).sum() > 0]
     if not runs:
         raise SystemExit(f"{args.cv} holds no masked fold of {recipe.name}")
-    if args.figure_only is not None:
-        if args.figure is None:
-            raise SystemExit("--figure-only needs --figure")
-        _refine_figure(
-            runs, args.plan, json.loads(args.figure_only.read_text())["refine"], args.figure_fold, args.figure
-        )
-        return 0
     if args.refine is not None:
         table = {
             "recipe": recipe.name,

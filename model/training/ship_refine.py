@@ -21,10 +21,10 @@ from fprotoseg.model.checkpoint import read_checkpoint, save_checkpoint
 from fprotoseg.model.training.datasets import DatasetError
 
 
-def refine_summary(path: Path) -> tuple[dict[str, Any], int | None, dict[str, Any]]:
-    """(the ``guided_refine`` chosen on all folds' out-of-fold scores, the tile size it was scored
-    with, its figures) from a ``bench/cv_inference.py --refine`` file. The figures quoted are the
-    nested ones: each fold scored with the grid point chosen on the other folds."""
+def refine_summary(path: Path) -> dict[str, Any]:
+    """The figures of a ``bench/cv_inference.py --refine`` file: the ``guided_refine`` chosen on all
+    folds' out-of-fold scores, the views and tile size it was scored with, and the nested figures
+    (each fold scored with the grid point chosen on the other folds) beside those without it."""
     table = json.loads(path.read_text())["refine"]
     key = table["chosen_on_all_folds"]
     if key == "none":
@@ -48,22 +48,21 @@ def refine_summary(path: Path) -> tuple[dict[str, Any], int | None, dict[str, An
             "without_refine_slide_folds_miou_mean": slide["none"]["mean"],
             "without_refine_slide_folds_miou_sd": slide["none"]["sd"],
         }
-    figures = {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
-    return refine, table["refine_tile_size_px"], figures
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
 
 
 def add_refinement(manifest: dict[str, Any], refine_cv: Path) -> dict[str, Any]:
     """A copy of ``manifest`` with the refinement, its tile size and its figures added."""
-    refine, tile_px, figures = refine_summary(refine_cv)
+    figures = refine_summary(refine_cv)
     views = int((manifest.get("inference") or {}).get("dihedral_views", 1))
     if views != figures["dihedral_views"]:
         raise DatasetError(
             f"{refine_cv} was scored with {figures['dihedral_views']} views, the file uses {views}"
         )
     out = copy.deepcopy(manifest)
-    out["inference"] = {**(out.get("inference") or {}), "guided_refine": refine}
-    if tile_px is not None:
-        out["tile_size_px"] = int(tile_px)
+    out["inference"] = {**(out.get("inference") or {}), "guided_refine": dict(figures["guided_refine"])}
+    if figures["tile_size_px"] is not None:
+        out["tile_size_px"] = int(figures["tile_size_px"])
     out.setdefault("metrics", {})["cv_refine"] = figures
     return out
 
