@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +63,16 @@ def _run_fold(
     test_units = [u for u in units if u.fold == fold]
     t0 = time.perf_counter()
     images, stain = restain([u.train_image() for u in train_units], recipe)
-    net = train(images, recipe, seed, num_classes=k)
+    cv = {"plan": plan_name, "seed": seed, "fold": fold, "trained_on": len(train_units)}
+    stage1_ckpt = Path(out_dir) / f"{recipe.name}_s{seed}_f{fold}_stage1.safetensors"
+
+    def keep_stage1(net1: Any) -> None:  # the same run without stage 2, for a paired comparison
+        recipe1 = replace(recipe, stage2_steps=0)
+        save_checkpoint(stage1_ckpt, net1.state_dict(), manifest_for(recipe1, classes, cv=cv, **stain))
+
+    net = train(images, recipe, seed, num_classes=k, after_stage1=keep_stage1)
     train_s = time.perf_counter() - t0
     ckpt = Path(out_dir) / f"{recipe.name}_s{seed}_f{fold}.safetensors"
-    cv = {"plan": plan_name, "seed": seed, "fold": fold, "trained_on": len(train_units)}
     manifest = manifest_for(recipe, classes, cv=cv, **stain)
     save_checkpoint(ckpt, net.state_dict(), manifest)
     seg = load_segmenter(ckpt, device="cpu")
@@ -86,6 +93,7 @@ def _run_fold(
         "presence": presence.tolist(),
         "train_s": round(train_s, 1),
         "checkpoint": str(ckpt),
+        **({"stage1_checkpoint": str(stage1_ckpt)} if recipe.stage2_steps > 0 else {}),
         "units": [u.name for u in test_units],
     }
 

@@ -60,6 +60,12 @@ class CamCnnRecipe:
     # 512 px tiles: the default 1/8 overlap (64 px) then exceeds half the receptive field plus one
     # output cell (45 px), so every owned pixel is scored exactly as in one pass over the slide.
     tile_size_px: int = 512
+    # Stage 2 (self-training): after ``steps``, the network labels its own training images with the
+    # shipped inference (4 views, guided refinement, classes outside the image's label removed),
+    # then trains ``stage2_steps`` more on those pixel targets plus the image-level loss; 0 = none.
+    stage2_steps: int = 0
+    stage2_lr: float = 3e-4
+    stage2_min_confidence: float = 0.5  # pseudo-mask pixels below this refined probability are ignored
 
     @property
     def output_stride(self) -> int:
@@ -131,29 +137,57 @@ class CropSampler:
         self.p = areas / areas.sum()
 
     def batch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        r = self.recipe
+        """``recipe.batch`` crops (NHWC uint8) and their image-level labels (N, K)."""
+        crops, labels, _ = self._draw(rng, None)
+        return crops, labels
+
+    def pixel_batch(
+        self, rng: np.random.Generator, targets: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As :meth:`batch`, plus the same crop of each image's pixel target (N, H, W) int64, one
+        per image in ``targets``; glass and padding take the ignore index ``num_classes``."""
+        crops, labels, pixels = self._draw(rng, targets)
+        assert pixels is not None
+        return crops, labels, pixels
+
+    def _draw(
+        self, rng: np.random.Generator, targets: Sequence[np.ndarray] | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        r, k = self.recipe, self.num_classes
         crops = np.empty((r.batch, r.crop_px, r.crop_px, 3), np.uint8)
-        labels = np.empty((r.batch, self.num_classes), np.float32)
+        labels = np.empty((r.batch, k), np.float32)
+        pixels = None if targets is None else np.empty((r.batch, r.crop_px, r.crop_px), np.int64)
         for i in range(r.batch):
-            im = self.images[int(rng.choice(len(self.images), p=self.p))]
+            index = int(rng.choice(len(self.images), p=self.p))
+            im = self.images[index]
             h, w = im.rgb.shape[:2]
             y = int(rng.integers(0, max(1, h - r.crop_px + 1)))
             x = int(rng.integers(0, max(1, w - r.crop_px + 1)))
             c_rgb = im.rgb[y : y + r.crop_px, x : x + r.crop_px]
+            c_pix = None if targets is None else targets[index][y : y + r.crop_px, x : x + r.crop_px]
             if im.mask is None:  # image-level label only: the crop keeps it (no glass, which would
                 labels[i] = im.label  # need the pixels' classes to relabel what stays visible)
             else:
                 c_mask = im.mask[y : y + r.crop_px, x : x + r.crop_px]
                 if r.glass_prob > 0 and rng.random() < r.glass_prob:
-                    c_rgb, c_mask = put_glass(rng, c_rgb, c_mask, self.num_classes)
-                labels[i] = image_level_label(c_mask, self.num_classes, r.label_fraction)
+                    if c_pix is None:
+                        c_rgb, c_mask = put_glass(rng, c_rgb, c_mask, k)
+                    else:  # one cover for the mask and the target: glass becomes ignore in both
+                        c_rgb, both = put_glass(rng, c_rgb, np.stack([c_mask, c_pix], axis=-1), k)
+                        c_mask, c_pix = both[..., 0], both[..., 1]
+                labels[i] = image_level_label(c_mask, k, r.label_fraction)
             ph, pw = r.crop_px - c_rgb.shape[0], r.crop_px - c_rgb.shape[1]
             if ph or pw:
                 c_rgb = np.pad(c_rgb, ((0, ph), (0, pw), (0, 0)), mode="reflect")
-            crops[i] = _dihedral(c_rgb, int(rng.integers(8)))
+                if c_pix is not None:
+                    c_pix = np.pad(c_pix, ((0, ph), (0, pw)), constant_values=k)
+            view = int(rng.integers(8))
+            crops[i] = _dihedral(c_rgb, view)
+            if pixels is not None and c_pix is not None:
+                pixels[i] = _dihedral(c_pix, view)
         if r.hed_sigma > 0:
             crops = hed_jitter(crops, rng, r.hed_sigma)
-        return crops, labels
+        return crops, labels, pixels
 
 
 def restain(images: Sequence[TrainImage], recipe: CamCnnRecipe) -> tuple[list[TrainImage], dict[str, Any]]:
@@ -192,8 +226,10 @@ def train(
     seed: int,
     num_classes: int = 3,
     progress: Callable[[int, float], None] | None = None,
+    after_stage1: Callable[[CamCnn], None] | None = None,
 ) -> CamCnn:
-    """Train one network; masks only ever give crop-level labels."""
+    """Train one network; masks only ever give crop-level labels. With stage 2, ``after_stage1``
+    sees the network as stage 1 leaves it (CV keeps it to score both stages of one run, paired)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = CamCnn(num_classes, recipe.channels, recipe.strides)
@@ -212,7 +248,95 @@ def train(
                 group["lr"] = recipe.lr * 0.5 * (1 + np.cos(np.pi * (step + 1) / recipe.steps))
         if progress is not None:
             progress(step + 1, float(loss.detach()))
+    if recipe.stage2_steps > 0:
+        if after_stage1 is not None:
+            after_stage1(net.eval())
+        targets = pseudo_masks(net, images, recipe, num_classes)
+        _self_train(net, sampler, targets, recipe, rng, num_classes, progress)
     return net.eval()
+
+
+# What labels the training images for stage 2: the shipped default's inference (model/weights).
+PSEUDO_INFERENCE: dict[str, Any] = {
+    "dihedral_views": 4,
+    "guided_refine": {"output_stride": 8, "radius_cells": 8, "eps": 0.001},
+}
+PSEUDO_TILE_PX = 1024
+# A pixel this bright in every channel is glass or an empty lumen: stage 2 gives it no class.
+PSEUDO_WHITE_MIN = 215
+
+
+def pseudo_masks(
+    net: CamCnn, images: Sequence[TrainImage], recipe: CamCnnRecipe, num_classes: int
+) -> list[np.ndarray]:
+    """Per training image, (H, W) int64 pixel targets from ``net`` itself, ignore = ``num_classes``.
+
+    Why: the network's CAM is trained only to say which classes a crop holds; its borders are
+    blobs. The refined map of the whole image (4 views, guided filter on the image's colours) is
+    finer, and restricted to the image's own label it cannot name a class the image lacks. Training
+    on it teaches the cells where borders fall. Uncertain pixels (refined probability below
+    ``stage2_min_confidence``) and near-white pixels are ignored. Only image-level information is
+    used: the label of the whole image, which its mask gives as it gives every crop's.
+    """
+    from fprotoseg.model.inference_options import apply_inference_options
+    from fprotoseg.model.training.evaluate import predict_scores
+
+    manifest = {
+        "classes": [{"name": str(i)} for i in range(num_classes)],
+        "output_stride": recipe.output_stride,
+        "normalisation": NORMALISATION,
+        "inference": PSEUDO_INFERENCE,
+    }
+    module = apply_inference_options(net.eval(), manifest)
+
+    def predict(tiles: np.ndarray) -> np.ndarray:
+        return module(to_input(tiles)).float().numpy()
+
+    out = []
+    with torch.inference_mode():
+        for im in images:
+            if im.mask is None:
+                label = im.label
+            else:
+                label = image_level_label(im.mask, num_classes, recipe.label_fraction)
+            assert label is not None
+            probs = predict_scores(predict, im.rgb, PSEUDO_TILE_PX) * label.reshape(-1, 1, 1)
+            total = probs.sum(axis=0)
+            target = probs.argmax(axis=0).astype(np.int64)
+            confident = probs.max(axis=0) >= recipe.stage2_min_confidence * np.maximum(total, 1e-12)
+            white = im.rgb.min(axis=2) >= PSEUDO_WHITE_MIN
+            target[~confident | white | (total <= 0)] = num_classes
+            out.append(target)
+    net.train()
+    return out
+
+
+def _self_train(
+    net: CamCnn,
+    sampler: CropSampler,
+    targets: Sequence[np.ndarray],
+    recipe: CamCnnRecipe,
+    rng: np.random.Generator,
+    num_classes: int,
+    progress: Callable[[int, float], None] | None,
+) -> None:
+    """Stage 2: the image-level loss plus pixel cross-entropy of the upsampled CAM on ``targets``."""
+    opt = torch.optim.AdamW(net.parameters(), lr=recipe.stage2_lr, weight_decay=recipe.weight_decay)
+    for step in range(recipe.stage2_steps):
+        crops, labels, pixels = sampler.pixel_batch(rng, targets)
+        cam = net.cam(to_input(crops))
+        loss = F.binary_cross_entropy_with_logits(cam.mean(dim=(2, 3)), torch.from_numpy(labels))
+        target = torch.from_numpy(pixels)
+        if bool((target != num_classes).any()):  # an all-ignore batch has no pixel loss (0/0)
+            logits = F.interpolate(cam, size=target.shape[1:], mode="bilinear", align_corners=False)
+            loss = loss + F.cross_entropy(logits, target, ignore_index=num_classes)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for group in opt.param_groups:  # cosine decay to 0 over stage 2
+            group["lr"] = recipe.stage2_lr * 0.5 * (1 + np.cos(np.pi * (step + 1) / recipe.stage2_steps))
+        if progress is not None:
+            progress(recipe.steps + step + 1, float(loss.detach()))
 
 
 def manifest_for(

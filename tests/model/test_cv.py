@@ -193,9 +193,16 @@ def test_refinement_is_chosen_on_the_folds_then_added_to_the_shipped_file(
     cmd = [sys.executable, str(REPO / "bench" / "cv_inference.py"), str(recipe)]
     cmd += ["--cv", str(out / "cv_wsss4luad.jsonl"), "--refine", "1", "--refine-tile-px", "256"]
     cmd += ["--out", str(table_path), "--figure", str(tmp_path / "fold1.png"), "--figure-fold", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    proc = subprocess.run([*cmd, "--slide-grid"], capture_output=True, text=True, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = json.loads(table_path.read_text())["refine"]
+    slides = json.loads(table_path.read_text())["slide_grid"]  # the same grid, as whole slides
+    assert set(slides["grid"]) == set(table["grid"])
+    assert all(set(row["folds"]) == {"s0f0", "s0f1"} for row in slides["grid"].values())
+    for fold, other in (("s0f0", "s0f1"), ("s0f1", "s0f0")):  # nested: chosen on the other fold's slide
+        pick = slides["nested_chosen"][fold]
+        assert slides["grid"][pick]["folds"][other] == max(r["folds"][other] for r in slides["grid"].values())
+        assert slides["nested_folds"][fold] == slides["grid"][pick]["folds"][fold]
     from PIL import Image
 
     with Image.open(tmp_path / "fold1.png") as png:  # slide, truth, without, with: four panels
