@@ -37,8 +37,19 @@ DEFAULT_ROOT = REPO.parent / "shared" / "data" / "masks" / "wsss4luad" / "test"
 def _run(cmd: list[str]) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:3])} failed ({proc.returncode}): {proc.stderr.strip()[-400:]}")
+        said = (proc.stderr.strip() or proc.stdout.strip())[-800:]  # geojson_check reports on stdout
+        raise SystemExit(f"{' '.join(cmd[:3])} failed ({proc.returncode}): {said}")
     return proc.stdout
+
+
+def mosaic_size(mosaic_stdout: str) -> tuple[int, int]:
+    """(width, height) in px from mosaic.py's ``PREFIX.tiff WxH mpp=...`` line. Anchored on
+    ``.tiff`` and ``mpp=``: a temporary folder's random name (``fprotoseg-cv-if2y1x0t``) holds
+    ``1x0`` too, and a slide checked against 1 x 0 px breaks every coordinate rule."""
+    found = re.search(r"\.tiff (\d+)x(\d+) mpp=", mosaic_stdout)
+    if found is None:
+        raise SystemExit(f"mosaic.py printed no size: {mosaic_stdout.strip()[-400:]}")
+    return int(found.group(1)), int(found.group(2))
 
 
 # geojson_check.py matches a polygon's class by case-insensitive substring of these
@@ -62,7 +73,7 @@ def slide_scores(
         (mask / n).symlink_to((data_root / "mask" / n).resolve())
     mosaic = [sys.executable, str(TOOLS / "mosaic.py"), str(img), str(mask), str(work / "mosaic")]
     out = _run([*mosaic, "--mpp", str(mpp)])
-    width, height = (int(v) for v in re.search(r"(\d+)x(\d+)", out).groups())
+    width, height = mosaic_size(out)
     cmd = [sys.executable, "-m", "fprotoseg.app.cli", "segment", str(work / "mosaic.tiff")]
     cmd += ["--out", str(work / "out")]
     if checkpoint is not None:
@@ -89,7 +100,11 @@ def slide_scores(
     present = [bool((gt == k).any()) for k in range(len(iou))]
     miou_present = float(np.mean([v for v, here in zip(iou, present, strict=True) if here]))
     return {
-        "miou": miou, "miou_present": miou_present, "iou": iou, "present": present, "check": check.strip()
+        "miou": miou,
+        "miou_present": miou_present,
+        "iou": iou,
+        "present": present,
+        "check": check.strip(),
     }
 
 

@@ -246,3 +246,29 @@ def test_refinement_is_chosen_on_the_folds_then_added_to_the_shipped_file(
 def torch_weights_equal(a: dict, b: dict) -> bool:
     """Same tensor names and values: the refinement adds no weights and changes none."""
     return a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def test_the_mosaic_size_is_read_from_its_line_not_a_folder_name(tmp_path: Path, shared_data: Path) -> None:
+    """A temporary folder named like ``fprotoseg-cv-if2y1x0t`` holds ``1x0``; the whole-slide score
+    must check the GeoJSON against the mosaic's real size, or every coordinate breaks a rule."""
+    import tifffile
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from mosaic_eval import mosaic_size
+
+    src = shared_data / "masks" / "wsss4luad" / "test"
+    work = tmp_path / "fprotoseg-cv-if2y1x0t"
+    (work / "img").mkdir(parents=True)
+    (work / "mask").mkdir()
+    for name in ("00.png", "01.png"):
+        (work / "img" / name).symlink_to(src / "img" / name)
+        (work / "mask" / name).symlink_to(src / "mask" / name)
+    tools = REPO.parent / "shared" / "tools"
+    cmd = [sys.executable, str(tools / "mosaic.py"), str(work / "img"), str(work / "mask")]
+    cmd.append(str(work / "mosaic"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "1x0" in proc.stdout  # the folder's name is in the line
+    with tifffile.TiffFile(work / "mosaic.tiff") as tif:
+        height, width = tif.pages[0].shape[:2]
+    assert mosaic_size(proc.stdout) == (width, height)

@@ -84,7 +84,7 @@ def test_stage2_continues_from_stage1_and_trains_on_pixels(real_images) -> None:
 
 
 @pytest.mark.slow
-def test_cv_keeps_both_stages_and_scores_stage1_paired(tmp_path: Path) -> None:
+def test_cv_keeps_both_stages_and_scores_stage1_paired(tmp_path: Path, shared_data: Path) -> None:
     """bench/cv.py keeps each fold's stage-1 network beside the stage-2 one; cv_inference --stage1
     scores it, and refuses runs that kept none."""
     recipe = tmp_path / "s2.yaml"
