@@ -191,7 +191,8 @@ def test_refinement_is_chosen_on_the_folds_then_added_to_the_shipped_file(
     assert proc.returncode == 0, proc.stderr[-2000:]
     table_path = tmp_path / "refine.json"
     cmd = [sys.executable, str(REPO / "bench" / "cv_inference.py"), str(recipe)]
-    cmd += ["--cv", str(out / "cv_wsss4luad.jsonl"), "--refine", "1", "--refine-tile-px", "256"]
+    # 1024 px tiles: the widest refinement of the grid needs a 178 px margin on a whole slide
+    cmd += ["--cv", str(out / "cv_wsss4luad.jsonl"), "--refine", "1", "--refine-tile-px", "1024"]
     cmd += ["--out", str(table_path), "--figure", str(tmp_path / "fold1.png"), "--figure-fold", "1"]
     proc = subprocess.run([*cmd, "--slide-grid"], capture_output=True, text=True, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -234,13 +235,13 @@ def test_refinement_is_chosen_on_the_folds_then_added_to_the_shipped_file(
     assert proc.returncode == 0, proc.stderr[-2000:]
     seg = load_segmenter(shipped, device="cpu")
     assert seg.manifest["inference"]["guided_refine"] == {"output_stride": 4, "radius_cells": 8, "eps": 0.01}
-    assert seg.tile_size_px == 256 and seg.output_stride == 4
+    assert seg.tile_size_px == 1024 and seg.output_stride == 4
     figures = seg.manifest["metrics"]["cv_refine"]
     assert figures["folds_miou_mean"] == round(table["nested_mean"], 4)
     assert figures["without_refine_folds_miou_mean"] == round(table["grid"]["none"]["mean"], 4)
     assert torch_weights_equal(read_checkpoint(shipped)[0], state)
-    scores = seg.predict(np.full((1, 256, 256, 3), 200, np.uint8))
-    assert scores.shape == (1, 3, 64, 64) and np.allclose(scores.sum(1), 1, atol=1e-3)
+    scores = seg.predict(np.full((1, 1024, 1024, 3), 200, np.uint8))
+    assert scores.shape == (1, 3, 256, 256) and np.allclose(scores.sum(1), 1, atol=1e-3)
 
 
 def torch_weights_equal(a: dict, b: dict) -> bool:

@@ -88,7 +88,10 @@ def test_cv_keeps_both_stages_and_scores_stage1_paired(tmp_path: Path, shared_da
     """bench/cv.py keeps each fold's stage-1 network beside the stage-2 one; cv_inference --stage1
     scores it, and refuses runs that kept none."""
     recipe = tmp_path / "s2.yaml"
-    recipe.write_text("name: s2\nsteps: 3\nbatch: 4\nchannels: [8, 8, 16, 16]\nstage2_steps: 2\n")
+    # a large stage-2 rate, so that two steps move the network far enough to score differently
+    recipe.write_text(
+        "name: s2\nsteps: 3\nbatch: 4\nchannels: [8, 8, 16, 16]\nstage2_steps: 2\nstage2_lr: 0.05\n"
+    )
     out = tmp_path / "cv"
     cmd = [sys.executable, str(REPO / "bench" / "cv.py"), str(recipe), "--folds", "0,1", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
@@ -103,16 +106,34 @@ def test_cv_keeps_both_stages_and_scores_stage1_paired(tmp_path: Path, shared_da
     assert manifest1["config"]["stage2_steps"] == 0 and manifest2["config"]["stage2_steps"] == 2
     assert not all(bool((state1[k] == state2[k]).all()) for k in state1)
 
-    tables = {}
-    for stage, extra in (("2", []), ("1", ["--stage1"])):
-        path = tmp_path / f"stage{stage}.json"
+    def scored(cv_jsonl: Path, *extra: str) -> dict[str, float]:
+        path = tmp_path / f"{cv_jsonl.stem}{''.join(extra)}.json"
         cmd = [sys.executable, str(REPO / "bench" / "cv_inference.py"), str(recipe)]
-        cmd += ["--cv", str(out / "cv_wsss4luad.jsonl"), "--views", "1", "--out", str(path), *extra]
+        cmd += ["--cv", str(cv_jsonl), "--views", "1", "--out", str(path), *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        tables[stage] = json.loads(path.read_text())["views"]["1"]["folds"]
-    assert set(tables["1"]) == set(tables["2"]) == {"s0f0", "s0f1"}
-    assert tables["1"] != tables["2"]
+        return json.loads(path.read_text())["views"]["1"]["folds"]
+
+    stage1 = scored(out / "cv_wsss4luad.jsonl", "--stage1")
+    assert set(stage1) == {"s0f0", "s0f1"}
+    # --stage1 scored the stage-1 file: its fold-0 figure is that file's own, scored directly
+    from fprotoseg.model import DEFAULT_CHECKPOINT, load_segmenter
+    from fprotoseg.model.training.cv import load_units, miou_present, read_plan, unit_confusion
+    from fprotoseg.model.training.evaluate import predict_labels
+
+    seg = load_segmenter(Path(runs[0]["stage1_checkpoint"]), device="cpu")
+    cm = np.zeros((3, 3), np.int64)
+    for u in load_units(read_plan("cv_wsss4luad", shared_data)):
+        if u.fold == runs[0]["fold"] and u.mask is not None:
+            cm += unit_confusion(u.mask, predict_labels(seg.predict, u.rgb, seg.tile_size_px), "wsss4luad")
+    # (cv_inference keeps float16 scores: a near-tie may fall the other way)
+    assert stage1[f"s0f{runs[0]['fold']}"] == pytest.approx(miou_present(cm), abs=2e-3)
+    # and it follows the run's stage-1 path, not its final file: name a trained network there
+    swapped = tmp_path / "swapped.jsonl"
+    named = [{**r, "stage1_checkpoint": str(DEFAULT_CHECKPOINT)} for r in runs]
+    swapped.write_text("".join(json.dumps(r) + "\n" for r in named))
+    trained, final = scored(swapped, "--stage1"), scored(swapped)
+    assert all(trained[key] > final[key] + 0.2 for key in final)
 
     plain = tmp_path / "plain.yaml"
     plain.write_text("name: s2\nsteps: 3\n")
