@@ -20,8 +20,9 @@ import itertools
 import json
 import sys
 import uuid
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -135,8 +136,58 @@ def _grid_inference(g: tuple[int, int, float] | None) -> dict[str, Any]:
     return {"guided_refine": {"output_stride": g[0], "radius_cells": g[1], "eps": g[2]}}
 
 
+Fold = tuple[int, int]  # (seed, fold)
+P = TypeVar("P")
+
+
+def _nested_choice(
+    folds: Iterable[Fold], points: Sequence[P], score: Callable[[list[Fold], P], float]
+) -> tuple[dict[Fold, P], dict[Fold, float]]:
+    """For each fold k: the point with the best ``score`` over the other folds of k's seed, and
+    that point's score on fold k alone. Why one helper: every option this script chooses (the class
+    prior, the refinement on crops, the refinement on slides) must be chosen the same nested way,
+    so that no fold's figure comes from a choice made on it. Ties go to the earlier point."""
+    folds = list(folds)
+    chosen: dict[Fold, P] = {}
+    nested: dict[Fold, float] = {}
+    for key in folds:
+        others = [o for o in folds if o != key and o[0] == key[0]]
+        if not others:
+            raise SystemExit("a nested choice needs at least two folds of a seed")
+        best = max(points, key=lambda p: score(others, p))
+        chosen[key], nested[key] = best, score([key], best)
+    return chosen, nested
+
+
+class _SlideScores:
+    """Whole-slide mIoU of a fold network at a refinement grid point, each slide segmented once
+    however many tables ask for it (the slide table and the slide grid share "none" and the
+    crop-chosen point; a slide costs 15-25 s on 2 cores)."""
+
+    def __init__(self, plan_name: str, views: int, tile_px: int | None) -> None:
+        self.plan_name, self.views, self.tile_px = plan_name, views, tile_px
+        self.cache: dict[tuple[int, int, str], float] = {}
+
+    def __call__(self, run: dict[str, Any], g: tuple[int, int, float] | None) -> float:
+        import tempfile
+
+        key = (run["seed"], run["fold"], _grid_key(g))
+        if key not in self.cache:
+            print(f"segmenting slide s{key[0]}f{key[1]} {key[2]}", flush=True)
+            base = {"dihedral_views": self.views} if self.views != 1 else {}
+            with tempfile.TemporaryDirectory(prefix="fprotoseg-cvslide-") as tmp:
+                self.cache[key] = _slide(
+                    run,
+                    self.plan_name,
+                    {**base, **_grid_inference(g)},
+                    Path(tmp),
+                    None if g is None else self.tile_px,
+                )
+        return self.cache[key]
+
+
 def _refine_table(
-    runs: list[dict[str, Any]], plan_name: str, views: int, slide: bool, tile_px: int | None
+    runs: list[dict[str, Any]], plan_name: str, views: int, tile_px: int | None, slides: _SlideScores | None
 ) -> dict[str, Any]:
     """Every grid point's fold mean, and the refinement chosen *nested* (for fold k: the grid point
     with the best pooled mIoU over the other folds of its seed), on crops and, with ``slide``, as
@@ -160,11 +211,7 @@ def _refine_table(
         }
         for g in keys
     }
-    chosen, nested = {}, {}
-    for key in cms:
-        others = [o for o in cms if o != key and o[0] == key[0]]
-        best = max(keys, key=lambda g: miou_present(sum(cms[o][g] for o in others)))
-        chosen[key], nested[key] = best, miou_present(cms[key][best])
+    chosen, nested = _nested_choice(cms, keys, lambda fs, g: miou_present(sum(cms[f][g] for f in fs)))
     table: dict[str, Any] = {
         "views": views,
         "refine_tile_size_px": tile_px,
@@ -185,27 +232,18 @@ def _refine_table(
         f"{table['nested_chosen']}; on all folds: {table['chosen_on_all_folds']}",
         flush=True,
     )
-    if slide:
-        import tempfile
-
+    if slides is not None:
         by_key = dict(zip(keys, REFINE_GRID, strict=True))
         rows: dict[str, dict[str, float]] = {"none": {}, "nested": {}}
-        with tempfile.TemporaryDirectory(prefix="fprotoseg-cvref-") as tmp:
-            for r in runs:
-                name = f"s{r['seed']}f{r['fold']}"
-                base = {"dihedral_views": views} if views != 1 else {}
-                rows["none"][name] = _slide(r, plan_name, base, Path(tmp))
-                pick = by_key[chosen[(r["seed"], r["fold"])]]
-                rows["nested"][name] = (
-                    rows["none"][name]
-                    if pick is None
-                    else _slide(r, plan_name, {**base, **_grid_inference(pick)}, Path(tmp), tile_px)
-                )
-                print(
-                    f"slide {name}: none {rows['none'][name]:.3f}, "
-                    f"nested {_grid_key(pick)} {rows['nested'][name]:.3f}",
-                    flush=True,
-                )
+        for r in runs:
+            name = f"s{r['seed']}f{r['fold']}"
+            pick = by_key[chosen[(r["seed"], r["fold"])]]
+            rows["none"][name], rows["nested"][name] = slides(r, None), slides(r, pick)
+            print(
+                f"slide {name}: none {rows['none'][name]:.3f}, "
+                f"nested {_grid_key(pick)} {rows['nested'][name]:.3f}",
+                flush=True,
+            )
         table["slide"] = {
             k: {"folds": v, "mean": float(np.mean(list(v.values()))), "sd": float(np.std(list(v.values())))}
             for k, v in rows.items()
@@ -217,35 +255,21 @@ def _refine_table(
     return table
 
 
-def _slide_grid_table(
-    runs: list[dict[str, Any]], plan_name: str, views: int, tile_px: int | None
-) -> dict[str, Any]:
+def _slide_grid_table(runs: list[dict[str, Any]], slides: _SlideScores) -> dict[str, Any]:
     """Every grid point scored as whole slides, and the refinement chosen *nested on slides*: for
     fold k, the point with the best mean slide mIoU over the other folds of its seed, scored on
     fold k's slide. Why beside the crop choice: the service segments slides, and a choice made on
     crops raised 4 of 5 crop folds but only 2 of 5 slides."""
-    import tempfile
-
     keys = [_grid_key(g) for g in REFINE_GRID]
-    scores: dict[tuple[int, int], dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="fprotoseg-cvgrid-") as tmp:
-        for r in runs:
-            base = {"dihedral_views": views} if views != 1 else {}
-            row = {}
-            for g in REFINE_GRID:
-                row[_grid_key(g)] = _slide(
-                    r, plan_name, {**base, **_grid_inference(g)}, Path(tmp), None if g is None else tile_px
-                )
-            scores[(r["seed"], r["fold"])] = row
-            print(
-                f"slide grid s{r['seed']}f{r['fold']}: " + ", ".join(f"{g} {v:.3f}" for g, v in row.items()),
-                flush=True,
-            )
-    chosen, nested = {}, {}
-    for key in scores:
-        others = [o for o in scores if o != key and o[0] == key[0]]
-        best = max(keys, key=lambda g: float(np.mean([scores[o][g] for o in others])))
-        chosen[key], nested[key] = best, scores[key][best]
+    scores: dict[Fold, dict[str, float]] = {}
+    for r in runs:
+        row = {_grid_key(g): slides(r, g) for g in REFINE_GRID}
+        scores[(r["seed"], r["fold"])] = row
+        print(
+            f"slide grid s{r['seed']}f{r['fold']}: " + ", ".join(f"{g} {v:.3f}" for g, v in row.items()),
+            flush=True,
+        )
+    chosen, nested = _nested_choice(scores, keys, lambda fs, g: float(np.mean([scores[f][g] for f in fs])))
     table = {
         "grid": {
             g: {
@@ -395,13 +419,16 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--stage1: the runs of {recipe.name} kept no stage-1 network (no stage 2)")
         runs = [{**r, "checkpoint": r["stage1_checkpoint"]} for r in runs]
     if args.refine is not None:
+        slide_scores = _SlideScores(args.plan, args.refine, args.refine_tile_px)
         table = {
             "recipe": recipe.name,
             "runs": len(runs),
-            "refine": _refine_table(runs, args.plan, args.refine, args.slide_refine, args.refine_tile_px),
+            "refine": _refine_table(
+                runs, args.plan, args.refine, args.refine_tile_px, slide_scores if args.slide_refine else None
+            ),
         }
         if args.slide_grid:
-            table["slide_grid"] = _slide_grid_table(runs, args.plan, args.refine, args.refine_tile_px)
+            table["slide_grid"] = _slide_grid_table(runs, slide_scores)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(table, indent=1))
         if args.figure is not None:
@@ -415,16 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     for v in views:
         plain = {key: _confusion(s[v], flat, plan.dataset) for key, s in scores.items()}
         per_grid = {key: [_confusion(s[v], g, plan.dataset) for g in grid] for key, s in scores.items()}
-        nested, chosen = {}, {}
-        for key in scores:
-            others = [o for o in scores if o != key and o[0] == key[0]]
-            if not others:  # one fold alone: nothing to choose a prior on
-                raise SystemExit("the nested prior needs at least two folds of a seed")
-            best = int(
-                np.argmax([miou_present(sum(per_grid[o][i] for o in others)) for i in range(len(grid))])
-            )
-            chosen[key] = grid[best].tolist()
-            nested[key] = per_grid[key][best]
+        best_of, nested = _nested_choice(
+            scores, range(len(grid)), lambda fs, i, cms=per_grid: miou_present(sum(cms[f][i] for f in fs))
+        )
+        chosen = {key: grid[i].tolist() for key, i in best_of.items()}
         best_all = int(
             np.argmax([miou_present(sum(per_grid[o][i] for o in scores)) for i in range(len(grid))])
         )
@@ -433,9 +454,9 @@ def main(argv: list[str] | None = None) -> int:
             "mean": float(np.mean([miou_present(cm) for cm in plain.values()])),
             "sd": float(np.std([miou_present(cm) for cm in plain.values()])),
             "pooled": miou_present(sum(plain.values())),
-            "nested_prior_folds": {f"s{s}f{f}": round(miou_present(cm), 4) for (s, f), cm in nested.items()},
-            "nested_prior_mean": float(np.mean([miou_present(cm) for cm in nested.values()])),
-            "nested_prior_sd": float(np.std([miou_present(cm) for cm in nested.values()])),
+            "nested_prior_folds": {f"s{s}f{f}": round(v, 4) for (s, f), v in nested.items()},
+            "nested_prior_mean": float(np.mean(list(nested.values()))),
+            "nested_prior_sd": float(np.std(list(nested.values()))),
             "nested_prior_chosen": {f"s{s}f{f}": c for (s, f), c in chosen.items()},
             "prior_on_all_folds": grid[best_all].tolist(),
         }

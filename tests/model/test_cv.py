@@ -194,10 +194,18 @@ def test_refinement_is_chosen_on_the_folds_then_added_to_the_shipped_file(
     # 1024 px tiles: the widest refinement of the grid needs a 178 px margin on a whole slide
     cmd += ["--cv", str(out / "cv_wsss4luad.jsonl"), "--refine", "1", "--refine-tile-px", "1024"]
     cmd += ["--out", str(table_path), "--figure", str(tmp_path / "fold1.png"), "--figure-fold", "1"]
-    proc = subprocess.run([*cmd, "--slide-grid"], capture_output=True, text=True, cwd=REPO, timeout=900)
+    proc = subprocess.run(
+        [*cmd, "--slide-refine", "--slide-grid"], capture_output=True, text=True, cwd=REPO, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = json.loads(table_path.read_text())["refine"]
     slides = json.loads(table_path.read_text())["slide_grid"]  # the same grid, as whole slides
+    for fold in ("s0f0", "s0f1"):  # the slide table reads the grid's slides: each segmented once
+        assert round(table["slide"]["none"]["folds"][fold], 4) == slides["grid"]["none"]["folds"][fold]
+        crop_pick = slides["grid"][table["nested_chosen"][fold]]["folds"][fold]
+        assert round(table["slide"]["nested"]["folds"][fold], 4) == crop_pick
+    segmented = [line for line in proc.stdout.splitlines() if line.startswith("segmenting slide ")]
+    assert len(segmented) == len(set(segmented)) == 2 * len(slides["grid"])
     assert set(slides["grid"]) == set(table["grid"])
     assert all(set(row["folds"]) == {"s0f0", "s0f1"} for row in slides["grid"].values())
     for fold, other in (("s0f0", "s0f1"), ("s0f1", "s0f0")):  # nested: chosen on the other fold's slide
