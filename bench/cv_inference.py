@@ -190,7 +190,7 @@ def _refine_table(
     runs: list[dict[str, Any]], plan_name: str, views: int, tile_px: int | None, slides: _SlideScores | None
 ) -> dict[str, Any]:
     """Every grid point's fold mean, and the refinement chosen *nested* (for fold k: the grid point
-    with the best pooled mIoU over the other folds of its seed), on crops and, with ``slide``, as
+    with the best pooled mIoU over the other folds of its seed), on crops and, with ``slides``, as
     whole slides beside the same networks without refinement."""
     from fprotoseg.model.training.cv import miou_present
 

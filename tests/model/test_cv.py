@@ -281,3 +281,33 @@ def test_the_mosaic_size_is_read_from_its_line_not_a_folder_name(tmp_path: Path,
     with tifffile.TiffFile(work / "mosaic.tiff") as tif:
         height, width = tif.pages[0].shape[:2]
     assert mosaic_size(proc.stdout) == (width, height)
+
+
+def test_a_nested_choice_never_looks_at_the_fold_it_scores() -> None:
+    """bench/cv_inference chooses the class prior and the refinement this way: for fold k, the point
+    best over the *other* folds of k's seed, scored on fold k alone; ties go to the earlier point,
+    and a seed with one fold has nothing to choose on."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from cv_inference import _nested_choice
+
+    # per fold, the score of points a, b, c: fold (0, 0) alone prefers c, the others prefer a or b
+    table = {
+        (0, 0): {"a": 0.1, "b": 0.2, "c": 0.9},
+        (0, 1): {"a": 0.8, "b": 0.5, "c": 0.1},
+        (0, 2): {"a": 0.4, "b": 0.6, "c": 0.3},
+        (1, 0): {"a": 0.5, "b": 0.5, "c": 0.0},
+        (1, 1): {"a": 0.3, "b": 0.3, "c": 0.9},
+    }
+
+    def mean_score(folds: list[tuple[int, int]], point: str) -> float:
+        return float(np.mean([table[f][point] for f in folds]))
+
+    chosen, nested = _nested_choice(table, ["a", "b", "c"], mean_score)
+    # (0,0): a 0.6, b 0.55 on folds 1, 2 -> a, although c is best on fold 0 itself
+    assert chosen[(0, 0)] == "a" and nested[(0, 0)] == 0.1
+    assert chosen[(0, 1)] == "c" and nested[(0, 1)] == 0.1  # a 0.25, b 0.4, c 0.6
+    assert chosen[(0, 2)] == "c" and nested[(0, 2)] == 0.3  # a 0.45, b 0.35, c 0.5
+    assert chosen[(1, 0)] == "c" and nested[(1, 0)] == 0.0  # chosen on (1, 1) only, not seed 0
+    assert chosen[(1, 1)] == "a" and nested[(1, 1)] == 0.3  # a and b tie at 0.5: the earlier
+    with pytest.raises(SystemExit, match="at least two folds"):
+        _nested_choice({(0, 0): {}, (1, 0): {}, (1, 1): {}}, ["a"], lambda folds, p: 0.0)
