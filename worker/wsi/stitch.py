@@ -33,7 +33,7 @@ INTER_TAB = 1 << INTER_BITS
 # Rows of stacked score maps one sampling call may address (its maps are int16).
 MAX_STACKED_ROWS = 32_000
 # How far past the coarse tissue mask the stitcher follows the tissue at the output resolution
-# (the tissue mask's opening radius: what its morphology may have shaved off an edge).
+# (two pixels of the 4 µm/px mask: what its resolution and closing may have moved an edge by).
 EDGE_BAND_UM = 8.0
 
 
