@@ -159,6 +159,21 @@ def figure(run: dict[str, Any], plan_name: str, out_png: Path, more: tuple[dict[
                 gt = np.asarray(Image.open(work / "mosaic.gt.png"))
             with tifffile.TiffFile(work / "out" / "mask.tiff") as tif:
                 preds.append(tif.pages[0].asarray())
+    save_panels(out_png, rgb, gt, preds, colours, width_px=1800 if not more else 2400)
+
+
+def save_panels(
+    out_png: Path,
+    rgb: np.ndarray,
+    gt: np.ndarray,
+    preds: list[np.ndarray],
+    colours: tuple[tuple[int, int, int], ...] | list[Any],
+    width_px: int = 2400,
+) -> None:
+    """One PNG: the slide, its ground truth (class k; 255 unlabelled, white) and each label map
+    (0 glass, k + 1 class k; at any resolution, drawn at the slide's), side by side."""
+    from PIL import Image
+
     palette = np.full((256, 3), 255, np.uint8)
     for k, colour in enumerate(colours):
         palette[k] = colour  # ground truth: class k
@@ -170,7 +185,7 @@ def figure(run: dict[str, Any], plan_name: str, out_png: Path, more: tuple[dict[
     for pred in preds:
         parts += [gap, np.asarray(Image.fromarray(pred_palette[pred]).resize(gt.shape[::-1], Image.NEAREST))]
     panel = np.concatenate(parts, axis=1)
-    scale = min(1.0, (1800 if not more else 2400) / panel.shape[1])
+    scale = min(1.0, width_px / panel.shape[1])
     img = Image.fromarray(panel)
     img = img.resize((round(panel.shape[1] * scale), round(panel.shape[0] * scale)), Image.LANCZOS)
     out_png.parent.mkdir(parents=True, exist_ok=True)

@@ -177,18 +177,27 @@ def test_cv_command_then_the_shipped_file_records_cv_figures(tmp_path: Path, sha
     assert np.allclose(scores.sum(1), 1, atol=1e-3)
 
 
+@pytest.fixture(scope="module")
+def quick_folds(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> tuple[Path, Path]:
+    """A three-step recipe's fold networks for folds 0 and 1 (bench/cv.py): (recipe, results
+    folder). Shared by the tests of the commands that read fold networks."""
+    work = tmp_path_factory.mktemp("quick_folds")
+    recipe = work / "quick.yaml"
+    recipe.write_text("name: quick\nsteps: 3\nbatch: 4\nchannels: [8, 8, 16, 16]\n")
+    out = work / "cv"
+    cmd = [sys.executable, str(REPO / "bench" / "cv.py"), str(recipe), "--folds", "0,1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return recipe, out
+
+
 def test_refinement_is_chosen_on_the_folds_then_added_to_the_shipped_file(
-    tmp_path: Path, shared_data: Path
+    tmp_path: Path, quick_folds: tuple[Path, Path]
 ) -> None:
     """bench/cv_inference.py --refine scores the guided-refinement grid on two fold networks and chooses
     it nested; ship_refine writes what the folds chose (and its nested figures) into a shipped file,
     which then predicts at the refined stride, and refuses a table whose folds chose no refinement."""
-    recipe = tmp_path / "quick.yaml"
-    recipe.write_text("name: quick\nsteps: 3\nbatch: 4\nchannels: [8, 8, 16, 16]\n")
-    out = tmp_path / "cv"
-    cmd = [sys.executable, str(REPO / "bench" / "cv.py"), str(recipe), "--folds", "0,1", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    recipe, out = quick_folds
     table_path = tmp_path / "refine.json"
     cmd = [sys.executable, str(REPO / "bench" / "cv_inference.py"), str(recipe)]
     # 1024 px tiles: the widest refinement of the grid needs a 178 px margin on a whole slide
@@ -311,3 +320,39 @@ def test_a_nested_choice_never_looks_at_the_fold_it_scores() -> None:
     assert chosen[(1, 1)] == "a" and nested[(1, 1)] == 0.3  # a and b tie at 0.5: the earlier
     with pytest.raises(SystemExit, match="at least two folds"):
         _nested_choice({(0, 0): {}, (1, 0): {}, (1, 1): {}}, ["a"], lambda folds, p: 0.0)
+
+
+def test_slide_gap_separates_the_tissue_mask_from_the_network_and_chooses_its_opening_nested(
+    tmp_path: Path, quick_folds: tuple[Path, Path]
+) -> None:
+    """bench/slide_gap.py on two fold networks. Fold 0 holds 01.png (alveolar Normal, walls 5-15 µm
+    thick): with the tissue mask opened by 8 µm most of its Normal pixels never reach the label map,
+    without the opening few do. The crops cut back out of the slide are where mosaic.py put them
+    (the command refuses otherwise). The opening radius is chosen on the other fold's slide; a rerun
+    with the same --out resumes instead of segmenting again."""
+    _, folds = quick_folds
+    out = tmp_path / "gap.json"
+    cmd = [sys.executable, str(REPO / "bench" / "slide_gap.py"), "--cv", str(folds / "cv_wsss4luad.jsonl")]
+    cmd += ["--recipe", "quick", "--open-radius-um", "8,0", "--inference", "checkpoint", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = {r["fold"]: r for r in result["folds"]}
+    assert set(rows) == {0, 1}
+    normal_left_out = (rows[0]["open8_left_out_by_class"][2], rows[0]["open0_left_out_by_class"][2])
+    assert normal_left_out[0] > 0.5 and normal_left_out[1] < 0.15  # measured 0.655 and 0.081
+    assert rows[0]["all_tissue_left_out_by_class"] == [0.0, 0.0, 0.0]
+    for row in rows.values():
+        readings = ("crops", "crops_from_slide", "all_tissue_label_map", "open8_polygons", "open0_polygons")
+        for key in (*readings, "open0_label_map"):
+            assert 0 < row[key] <= 1
+        assert abs(row["open0_polygons"] - row["open0_label_map"]) < 0.02  # the polygons trace the map
+    for fold, other in ((0, 1), (1, 0)):  # chosen on the other fold's slide, scored on its own
+        pick = result["nested_chosen"][f"s0f{fold}"]
+        best = max(rows[other]["open8_polygons"], rows[other]["open0_polygons"])
+        assert rows[other][f"{pick}_polygons"] == best
+        assert result["nested_polygons"][f"s0f{fold}"] == rows[fold][f"{pick}_polygons"]
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "slide, open0" not in again.stdout and "polygons, opening chosen nested" in again.stdout
+    assert json.loads(out.read_text())["folds"] == result["folds"]
