@@ -25,6 +25,7 @@ import yaml
 from fprotoseg.model.networks.cam_cnn import ARCHITECTURE, NORMALISATION, CamCnn
 from fprotoseg.model.stain_norm import METHOD as STAIN_METHOD
 from fprotoseg.model.stain_norm import StainEstimate, StainNormaliser
+from fprotoseg.model.training.compression import jpeg_roundtrip
 from fprotoseg.model.training.datasets import DatasetError, image_level_label, put_glass
 from fprotoseg.model.training.stain import hed_jitter
 
@@ -53,6 +54,10 @@ class CamCnnRecipe:
     # Share of crops with a band of empty glass in place of tissue (model/training/datasets.py:put_glass):
     # on a slide the network meets glass beside tissue at every tissue edge, never in a crop.
     glass_prob: float = 0.0
+    # Share of crops sent through a JPEG round trip at a quality in ``jpeg_quality``, after the stain
+    # jitter (model/training/compression.py): slides are JPEG tiles, the labelled crops lossless.
+    jpeg_prob: float = 0.0
+    jpeg_quality: tuple[int, int] = (60, 95)
     # "macenko": every crop restained to the training crops' median stain (model/stain_norm.py), the
     # reference kept in the manifest so inference restains each slide the same way; "" = none
     stain_norm: str = ""
@@ -89,7 +94,7 @@ class CamCnnRecipe:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise DatasetError(f"{Path(path).name}: unknown recipe keys {', '.join(unknown)}")
-        for key in ("channels", "strides"):
+        for key in ("channels", "strides", "jpeg_quality"):
             if key in raw:
                 raw[key] = tuple(int(v) for v in raw[key])
         if raw.get("stain_norm", "") not in ("", STAIN_METHOD):
@@ -99,6 +104,7 @@ class CamCnnRecipe:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["channels"], out["strides"] = list(self.channels), list(self.strides)
+        out["jpeg_quality"] = list(self.jpeg_quality)
         return out
 
 
@@ -187,6 +193,7 @@ class CropSampler:
                 pixels[i] = _dihedral(c_pix, view)
         if r.hed_sigma > 0:
             crops = hed_jitter(crops, rng, r.hed_sigma)
+        crops = jpeg_roundtrip(crops, rng, r.jpeg_prob, r.jpeg_quality)
         return crops, labels, pixels
 
 
