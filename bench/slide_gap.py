@@ -193,8 +193,12 @@ def fold_gap(
     return {**done, "fold": run["fold"], "seed": run["seed"], **readings}
 
 
-def _figure(work: Path, variants: list[str], plan_name: str, out_png: Path) -> None:
-    """One fold's kept slide: the slide, its ground truth and the label map of each variant."""
+def _figure(
+    work: Path, variants: list[str], plan_name: str, out_png: Path, beside: Path | None = None
+) -> None:
+    """One fold's kept slide: the slide, its ground truth and the label map of each variant;
+    ``beside``: the same fold kept by another run (another recipe's networks), whose label maps of
+    the same variants are drawn first."""
     import tifffile
     from cv import save_panels
     from PIL import Image
@@ -202,15 +206,17 @@ def _figure(work: Path, variants: list[str], plan_name: str, out_png: Path) -> N
     from fprotoseg.model.training.cv import read_plan
     from fprotoseg.model.training.datasets import DATASETS
 
-    missing = [v for v in variants if not (work / v / "mask.tiff").exists()]
+    folders = [beside, work] if beside is not None else [work]
+    maps = [folder / v / "mask.tiff" for folder in folders for v in variants]
+    missing = [str(m) for m in maps if not m.exists()]
     if missing:
-        raise SystemExit(f"{work} keeps no result of {', '.join(missing)}: run again with --keep")
+        raise SystemExit(f"no kept result {', '.join(missing)}: run again with --keep")
     with tifffile.TiffFile(work / "mosaic.tiff") as tif:
         rgb = tif.pages[0].asarray()[..., :3]
     gt = np.asarray(Image.open(work / "mosaic.gt.png"))
     preds = []
-    for variant in variants:
-        with tifffile.TiffFile(work / variant / "mask.tiff") as tif:
+    for path in maps:
+        with tifffile.TiffFile(path) as tif:
             preds.append(tif.pages[0].asarray())
     colours = DATASETS[read_plan(plan_name, SHARED_DATA).dataset].colors
     save_panels(out_png, rgb, gt, preds, colours)
@@ -275,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         "--figure", type=Path, default=None, help="PNG: --figure-fold's slide, truth, each opening"
     )
     ap.add_argument("--figure-fold", type=int, default=0, help="with --figure (the first seed's fold)")
+    ap.add_argument(
+        "--figure-beside", type=Path, default=None, help="with --figure: another run's --keep, drawn first"
+    )
     args = ap.parse_args(argv)
     seeds = {int(s) for s in args.seeds.split(",")}
     radii = [float(r) for r in args.open_radius_um.split(",")]
@@ -321,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.figure:
         if args.keep is None:
             raise SystemExit("--figure draws the slides --keep keeps")
-        _figure(args.keep / f"s{min(seeds)}f{args.figure_fold}", names, args.plan, args.figure)
+        fold = f"s{min(seeds)}f{args.figure_fold}"
+        beside = args.figure_beside / fold if args.figure_beside else None
+        _figure(args.keep / fold, names, args.plan, args.figure, beside)
     return 0
 
 

@@ -334,6 +334,7 @@ def test_slide_gap_separates_the_tissue_mask_from_the_network_and_chooses_its_op
     out = tmp_path / "gap.json"
     cmd = [sys.executable, str(REPO / "bench" / "slide_gap.py"), "--cv", str(folds / "cv_wsss4luad.jsonl")]
     cmd += ["--recipe", "quick", "--open-radius-um", "8,0", "--inference", "checkpoint", "--out", str(out)]
+    cmd += ["--keep", str(tmp_path / "keep")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -352,7 +353,13 @@ def test_slide_gap_separates_the_tissue_mask_from_the_network_and_chooses_its_op
         best = max(rows[other]["open8_polygons"], rows[other]["open0_polygons"])
         assert rows[other][f"{pick}_polygons"] == best
         assert result["nested_polygons"][f"s0f{fold}"] == rows[fold][f"{pick}_polygons"]
-    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    png = tmp_path / "fold0.png"  # drawn from the kept slides, beside a second run's (here the same)
+    figure = ["--figure", str(png), "--figure-fold", "0", "--figure-beside", str(tmp_path / "keep")]
+    again = subprocess.run([*cmd, *figure], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "slide, open0" not in again.stdout and "polygons, opening chosen nested" in again.stdout
     assert json.loads(out.read_text())["folds"] == result["folds"]
+    from PIL import Image
+
+    with Image.open(png) as img:  # slide, truth, then open8 and open0 of each run: six panels
+        assert img.width > 5.5 * img.height
