@@ -5,9 +5,9 @@ the data (more Normal, more stain variety) and carries, in its manifest, the cro
 figures of its recipe and of the baseline — never a score on data it was trained on. ``GET
 /models`` and the model card show those figures.
 
-    python -m fprotoseg.model.training.ship model/recipes/cam_cnn_glass.yaml \
+    python -m fprotoseg.model.training.ship model/recipes/cam_cnn_glass_jpeg.yaml \
         --baseline model/recipes/cam_cnn_baseline.yaml --cv bench/results/cv_wsss4luad.jsonl \
-        --inference-cv bench/results/cv_inference_glass_views4_slide.json --views 4 \
+        --inference-cv bench/results/cv_inference_glass_jpeg.json --views 4 \
         --out model/weights/fprotoseg_wsss4luad.safetensors
     python -m fprotoseg.model.training.ship model/recipes/bcss_cam_cnn_stain.yaml --plan cv_bcss_wsss \
         --baseline model/recipes/bcss_cam_cnn_baseline.yaml --cv runs/cv/cv_bcss_wsss.jsonl \

@@ -6,7 +6,7 @@ and its other CV figures stay as they were; the manifest gains the ``guided_refi
 chose, the tile size it was scored with, and its nested CV figures beside those without it.
 
     python -m fprotoseg.model.training.ship_refine model/weights/fprotoseg_wsss4luad.safetensors \
-        --refine-cv bench/results/cv_refine_glass.json
+        --refine-cv bench/results/cv_refine_glass_jpeg.json
 """
 
 from __future__ import annotations

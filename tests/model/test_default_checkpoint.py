@@ -59,7 +59,7 @@ def test_default_ships_the_refinement_its_folds_chose() -> None:
     assert refine["slide_folds_miou_mean"] > refine["without_refine_slide_folds_miou_mean"]
     before = copy.deepcopy(manifest)
     del before["inference"]["guided_refine"], before["metrics"]["cv_refine"]
-    table = Path(__file__).resolve().parents[2] / "bench" / "results" / "cv_refine_glass.json"
+    table = Path(__file__).resolve().parents[2] / "bench" / "results" / "cv_refine_glass_jpeg.json"
     assert add_refinement(before, table) == manifest
 
 
