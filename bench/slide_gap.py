@@ -59,12 +59,11 @@ def confusion(gt: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
 
 
 def miou(cm: np.ndarray) -> float:
-    """Mean IoU over the classes present in the ground truth of a (k, k + 1) confusion."""
-    k = cm.shape[0]
-    tp = np.diag(cm[:, :k])
-    union = cm.sum(1) + cm[:, :k].sum(0) - tp
-    present = cm.sum(1) > 0
-    return float((tp[present] / np.maximum(union[present], 1)).mean())
+    """Mean IoU over the classes present of a (k, k + 1) confusion: the project's
+    ``miou_present`` with "left unlabelled" as one more class that no ground truth holds."""
+    from fprotoseg.model.training.cv import miou_present
+
+    return miou_present(np.vstack([cm, np.zeros((1, cm.shape[1]), cm.dtype)]))
 
 
 def _label_map_at_gt(mask_tiff: Path, shape: tuple[int, int]) -> np.ndarray:
@@ -79,11 +78,10 @@ def _label_map_at_gt(mask_tiff: Path, shape: tuple[int, int]) -> np.ndarray:
     return np.where(big > 0, big.astype(np.int64) - 1, 255)
 
 
-def _segment(slide: Path, checkpoint: Path, out: Path, tissue: dict[str, float] | None) -> None:
+def _segment(slide: Path, segmenter: Any, out: Path, tissue: dict[str, float] | None) -> None:
     """The pipeline in this process with the CLI's default options. ``tissue``: keyword arguments
     for the tissue detector (``{}``: as shipped); None replaces its mask with one that keeps every
     pixel and leaves no QC artefact out (the network's map everywhere)."""
-    from fprotoseg.model import load_segmenter
     from fprotoseg.worker.wsi import pipeline, qc_regions
     from fprotoseg.worker.wsi.tissue import TissueMask, detect_tissue_from_saturation
 
@@ -93,7 +91,6 @@ def _segment(slide: Path, checkpoint: Path, out: Path, tissue: dict[str, float] 
             return real
         return TissueMask.from_mask(np.ones(sat.shape, np.uint8), mpp, real.saturation_threshold)
 
-    segmenter = load_segmenter(checkpoint, device="cpu")
     with contextlib.ExitStack() as patches:
         patches.enter_context(mock.patch.object(pipeline, "detect_tissue_from_saturation", detector))
         if tissue is None:  # glass as tissue would be an over-exposed artefact: keep it scored
@@ -139,6 +136,7 @@ def fold_gap(
     from cv_inference import _with_inference
     from PIL import Image
 
+    from fprotoseg.model import load_segmenter
     from fprotoseg.model.training.cv import load_units, read_plan
     from fprotoseg.model.training.evaluate import evaluate_checkpoint
 
@@ -170,6 +168,7 @@ def fold_gap(
             _crops_from_slide(work / "mosaic.tiff", gt, root, work / "from_slide", names)
             crop = evaluate_checkpoint(checkpoint, work / "from_slide", plan.dataset, names)
             readings["crops_from_slide"] = round(float(crop["miou_present"]), 4)
+        segmenter = None
         variants: list[tuple[str, dict[str, float] | None]] = [("all_tissue", None)]
         variants += [(f"open{r:g}", {"open_radius_um": r}) for r in open_radii_um]
         for name, tissue in variants:
@@ -177,7 +176,9 @@ def fold_gap(
                 continue
             print(f"fold {run['fold']}: slide, {name}", flush=True)
             res = work / name
-            _segment(work / "mosaic.tiff", checkpoint, res, tissue)
+            if segmenter is None:  # loaded once per fold, for every variant
+                segmenter = load_segmenter(checkpoint, device="cpu")
+            _segment(work / "mosaic.tiff", segmenter, res, tissue)
             cm = confusion(gt, _label_map_at_gt(res / "mask.tiff", gt.shape), k)
             readings[f"{name}_label_map"] = round(miou(cm), 4)
             readings[f"{name}_confusion"] = cm.tolist()
