@@ -7,6 +7,9 @@ varied on the same mosaic slide, so each reading below isolates one of them:
 - ``crops``: the crop protocol (each crop tiled alone, mirrored context, ``evaluate``);
 - ``crops_from_slide``: the same protocol on the same crops cut back out of the mosaic slide
   (its pixels after the slide's JPEG compression, quality 90);
+- ``crops_jpegQ`` (``--crop-jpeg-quality``): the crop protocol on the crops after a JPEG round
+  trip at quality Q, 4:2:0 chroma: how the network reads a scanner storing tiles at another
+  quality than the mosaic's 90 (Aperio's default is 70); Q = 90 should read as ``crops_from_slide``;
 - ``all_tissue``: the slide path with a tissue mask that keeps every pixel and no QC exclusion
   (neighbouring crops and glass as context, the network's map everywhere), on its label map;
 - ``openR``: the slide path as shipped but for the tissue mask's opening radius R µm, scored on
@@ -119,6 +122,22 @@ def _crops_from_slide(slide_tiff: Path, gt: np.ndarray, src: Path, dst: Path, na
         Image.fromarray(mask).save(dst / "mask" / name)
 
 
+def _crops_at_quality(src: Path, dst: Path, names: list[str], quality: int) -> None:
+    """The crops of ``src`` (img/, mask/) after a JPEG round trip at ``quality`` into ``dst``."""
+    import shutil
+
+    from PIL import Image
+
+    from fprotoseg.model.training.compression import jpeg_at_quality
+
+    shutil.rmtree(dst, ignore_errors=True)
+    (dst / "img").mkdir(parents=True)
+    shutil.copytree(src / "mask", dst / "mask")
+    for name in names:
+        rgb = np.asarray(Image.open(src / "img" / name).convert("RGB"))
+        Image.fromarray(jpeg_at_quality(rgb, quality)).save(dst / "img" / name)
+
+
 def fold_gap(
     run: dict[str, Any],
     plan_name: str,
@@ -127,10 +146,12 @@ def fold_gap(
     open_radii_um: list[float],
     keep: Path | None = None,
     done: dict[str, Any] | None = None,
+    jpeg_qualities: list[int] | None = None,
 ) -> dict:
     """The readings of one fold (see the module docstring), the slide path's once per tissue
     opening radius; ``keep``: a folder that keeps the mosaic, its ground truth and the results;
-    ``done``: readings already made, not made again."""
+    ``done``: readings already made, not made again; ``jpeg_qualities``: the ``crops_jpegQ``
+    readings."""
     import shutil
 
     from cv_inference import _with_inference
@@ -160,6 +181,13 @@ def fold_gap(
             print(f"fold {run['fold']}: crops", flush=True)
             crop = evaluate_checkpoint(checkpoint, root, plan.dataset, names)
             readings["crops"] = round(float(crop["miou_present"]), 4)
+        for quality in jpeg_qualities or []:
+            if f"crops_jpeg{quality}" in done:
+                continue
+            print(f"fold {run['fold']}: crops at JPEG quality {quality}", flush=True)
+            _crops_at_quality(root, work / f"jpeg{quality}", names, quality)
+            crop = evaluate_checkpoint(checkpoint, work / f"jpeg{quality}", plan.dataset, names)
+            readings[f"crops_jpeg{quality}"] = round(float(crop["miou_present"]), 4)
         mosaic = [sys.executable, str(TOOLS / "mosaic.py"), str(root / "img"), str(root / "mask")]
         width, height = mosaic_size(_run([*mosaic, str(work / "mosaic"), "--mpp", str(plan.mpp)]))
         gt = np.asarray(Image.open(work / "mosaic.gt.png"))
@@ -276,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         default="shipped",
         help="shipped: the packaged default's inference options and tile size",
     )
+    ap.add_argument(
+        "--crop-jpeg-quality", default="", help="comma-separated: crops_jpegQ readings (e.g. 90,70)"
+    )
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the per-fold readings")
     ap.add_argument("--keep", type=Path, default=None, help="keep each fold's slide and results in KEEP/sSfF")
     ap.add_argument(
@@ -288,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     seeds = {int(s) for s in args.seeds.split(",")}
     radii = [float(r) for r in args.open_radius_um.split(",")]
+    qualities = [int(q) for q in args.crop_jpeg_quality.split(",") if q.strip()]
     runs = [json.loads(line) for line in args.cv.read_text().splitlines() if line.strip()]
     runs = [r for r in runs if r["recipe"] == args.recipe and r["seed"] in seeds]
     if args.folds:
@@ -305,13 +337,15 @@ def main(argv: list[str] | None = None) -> int:
         if kept["open_radius_um"] == radii and kept["inference"] == inference:
             stored = {(r["seed"], r["fold"]): r for r in kept["folds"]}
     names = [f"open{r:g}" for r in radii]
-    wanted = ["crops", "crops_from_slide", "all_tissue_label_map", *(f"{n}_label_map" for n in names)]
+    jpeg_keys = [f"crops_jpeg{q}" for q in qualities]
+    wanted = ["crops", *jpeg_keys, "crops_from_slide", "all_tissue_label_map"]
+    wanted += [f"{n}_label_map" for n in names]
     for run in sorted(runs, key=lambda r: (r["seed"], r["fold"])):
         done = stored.get((run["seed"], run["fold"]), {})
         if all(key in done for key in wanted):
             continue
         keep = args.keep / f"s{run['seed']}f{run['fold']}" if args.keep else None
-        row = fold_gap(run, args.plan, inference, tile_px, radii, keep, done)
+        row = fold_gap(run, args.plan, inference, tile_px, radii, keep, done, qualities)
         stored[(row["seed"], row["fold"])] = row
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("confusion")}), flush=True)
         if args.out:
@@ -322,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen, nested = _nested_choice(
         by_fold, names, lambda folds, name: float(np.mean([by_fold[f][f"{name}_polygons"] for f in folds]))
     )
-    keys = ["crops", "crops_from_slide", "all_tissue_label_map"]
+    keys = ["crops", *jpeg_keys, "crops_from_slide", "all_tissue_label_map"]
     keys += [f"{n}_{kind}" for n in names for kind in ("label_map", "polygons")]
     _print_table(rows, keys, nested)
     print("chosen nested:", {f"s{s}f{f}": c for (s, f), c in chosen.items()})

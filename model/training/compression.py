@@ -33,9 +33,17 @@ def jpeg_roundtrip(
     for i in range(batch.shape[0]):
         if rng.random() >= prob:
             continue
-        buf = io.BytesIO()
-        Image.fromarray(batch[i]).save(buf, format="JPEG", quality=int(rng.integers(lo, hi + 1)))
-        buf.seek(0)
-        with Image.open(buf) as img:
-            out[i] = np.asarray(img.convert("RGB"))
+        out[i] = jpeg_at_quality(batch[i], int(rng.integers(lo, hi + 1)))
     return out
+
+
+def jpeg_at_quality(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """One (H, W, 3) uint8 image encoded as a JPEG of ``quality`` (4:2:0 chroma, libjpeg's
+    default, as scanners store tiles) and decoded again: what a slide at that quality holds."""
+    if not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality {quality} is not within 1..100")
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    with Image.open(buf) as img:
+        return np.asarray(img.convert("RGB"))

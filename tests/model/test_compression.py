@@ -49,3 +49,19 @@ def test_no_round_trip_draws_nothing_and_half_changes_about_half(shared_data: Pa
     assert 10 <= changed.sum() <= 30
     with pytest.raises(ValueError, match="quality"):
         jpeg_roundtrip(batch, rng, 1.0, (0, 95))
+
+
+def test_one_quality_round_trip_is_what_a_scanner_at_that_quality_stores(shared_data: Path) -> None:
+    """``jpeg_at_quality`` (slide_gap's ``crops_jpegQ`` readings): the size kept, quality 70
+    (Aperio's default) changing a real crop more than quality 90 (the mosaic's), 100 least."""
+    from fprotoseg.model.training.compression import jpeg_at_quality
+
+    rgb = _real_crops(shared_data, n=1, px=224)[0]
+    change = {}
+    for quality in (100, 90, 70):
+        out = jpeg_at_quality(rgb, quality)
+        assert out.shape == rgb.shape and out.dtype == np.uint8
+        change[quality] = float(np.abs(out.astype(np.int16) - rgb).mean())
+    assert 0 < change[100] < change[90] < change[70] < 15.0
+    with pytest.raises(ValueError, match="quality"):
+        jpeg_at_quality(rgb, 101)

@@ -329,7 +329,8 @@ def test_slide_gap_separates_the_tissue_mask_from_the_network_and_chooses_its_op
     thick): with the tissue mask opened by 8 µm most of its Normal pixels never reach the label map,
     without the opening few do. The crops cut back out of the slide are where mosaic.py put them
     (the command refuses otherwise). The opening radius is chosen on the other fold's slide; a rerun
-    with the same --out resumes instead of segmenting again."""
+    with the same --out resumes instead of segmenting again, and adds a reading asked for only then
+    (the crops after a JPEG round trip at quality 90, about what the slide's tiles hold)."""
     _, folds = quick_folds
     out = tmp_path / "gap.json"
     cmd = [sys.executable, str(REPO / "bench" / "slide_gap.py"), "--cv", str(folds / "cv_wsss4luad.jsonl")]
@@ -355,10 +356,15 @@ def test_slide_gap_separates_the_tissue_mask_from_the_network_and_chooses_its_op
         assert result["nested_polygons"][f"s0f{fold}"] == rows[fold][f"{pick}_polygons"]
     png = tmp_path / "fold0.png"  # drawn from the kept slides, beside a second run's (here the same)
     figure = ["--figure", str(png), "--figure-fold", "0", "--figure-beside", str(tmp_path / "keep")]
+    figure += ["--crop-jpeg-quality", "90"]
     again = subprocess.run([*cmd, *figure], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "slide, open0" not in again.stdout and "polygons, opening chosen nested" in again.stdout
-    assert json.loads(out.read_text())["folds"] == result["folds"]
+    assert "crops at JPEG quality 90" in again.stdout and "| crops_jpeg90 |" in again.stdout
+    resumed = json.loads(out.read_text())["folds"]
+    assert [{k: v for k, v in r.items() if k != "crops_jpeg90"} for r in resumed] == result["folds"]
+    for row in resumed:  # the same crops, a little compressed: near the lossless reading
+        assert abs(row["crops_jpeg90"] - row["crops"]) < 0.1
     from PIL import Image
 
     with Image.open(png) as img:  # slide, truth, then open8 and open0 of each run: six panels
