@@ -9,7 +9,8 @@ varied on the same mosaic slide, so each reading below isolates one of them:
   (its pixels after the slide's JPEG compression, quality 90);
 - ``crops_jpegQ`` (``--crop-jpeg-quality``): the crop protocol on the crops after a JPEG round
   trip at quality Q, 4:2:0 chroma: how the network reads a scanner storing tiles at another
-  quality than the mosaic's 90 (Aperio's default is 70); Q = 90 should read as ``crops_from_slide``;
+  quality than the mosaic's 90 (Aperio's default is 70); Q = 90 reads within 0.013 of
+  ``crops_from_slide`` (seed 1, both recipes, every fold), so the round trip stands in for a slide;
 - ``all_tissue``: the slide path with a tissue mask that keeps every pixel and no QC exclusion
   (neighbouring crops and glass as context, the network's map everywhere), on its label map;
 - ``openR``: the slide path as shipped but for the tissue mask's opening radius R µm, scored on
