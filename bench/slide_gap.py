@@ -189,6 +189,11 @@ def fold_gap(
             _crops_at_quality(root, work / f"jpeg{quality}", names, quality)
             crop = evaluate_checkpoint(checkpoint, work / f"jpeg{quality}", plan.dataset, names)
             readings[f"crops_jpeg{quality}"] = round(float(crop["miou_present"]), 4)
+        variants: list[tuple[str, dict[str, float] | None]] = [("all_tissue", None)]
+        variants += [(f"open{r:g}", {"open_radius_um": r}) for r in open_radii_um]
+        slide_keys = ["crops_from_slide", *(f"{name}_label_map" for name, _ in variants)]
+        if all(key in done for key in slide_keys):  # a resume for crop readings: no mosaic again
+            return {**done, "fold": run["fold"], "seed": run["seed"], **readings}
         mosaic = [sys.executable, str(TOOLS / "mosaic.py"), str(root / "img"), str(root / "mask")]
         width, height = mosaic_size(_run([*mosaic, str(work / "mosaic"), "--mpp", str(plan.mpp)]))
         gt = np.asarray(Image.open(work / "mosaic.gt.png"))
@@ -198,8 +203,6 @@ def fold_gap(
             crop = evaluate_checkpoint(checkpoint, work / "from_slide", plan.dataset, names)
             readings["crops_from_slide"] = round(float(crop["miou_present"]), 4)
         segmenter = None
-        variants: list[tuple[str, dict[str, float] | None]] = [("all_tissue", None)]
-        variants += [(f"open{r:g}", {"open_radius_um": r}) for r in open_radii_um]
         for name, tissue in variants:
             if f"{name}_label_map" in done:
                 continue

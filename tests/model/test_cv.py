@@ -330,7 +330,8 @@ def test_slide_gap_separates_the_tissue_mask_from_the_network_and_chooses_its_op
     without the opening few do. The crops cut back out of the slide are where mosaic.py put them
     (the command refuses otherwise). The opening radius is chosen on the other fold's slide; a rerun
     with the same --out resumes instead of segmenting again, and adds a reading asked for only then
-    (the crops after a JPEG round trip at quality 90, about what the slide's tiles hold)."""
+    (the crops after a JPEG round trip at quality 90, about what the slide's tiles hold) without
+    building the mosaic slide again."""
     _, folds = quick_folds
     out = tmp_path / "gap.json"
     cmd = [sys.executable, str(REPO / "bench" / "slide_gap.py"), "--cv", str(folds / "cv_wsss4luad.jsonl")]
@@ -357,7 +358,10 @@ def test_slide_gap_separates_the_tissue_mask_from_the_network_and_chooses_its_op
     png = tmp_path / "fold0.png"  # drawn from the kept slides, beside a second run's (here the same)
     figure = ["--figure", str(png), "--figure-fold", "0", "--figure-beside", str(tmp_path / "keep")]
     figure += ["--crop-jpeg-quality", "90"]
+    kept_slide = tmp_path / "keep" / "s0f0" / "mosaic.tiff"
+    written_ns = kept_slide.stat().st_mtime_ns
     again = subprocess.run([*cmd, *figure], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert kept_slide.stat().st_mtime_ns == written_ns  # crop readings only: the slide is not built again
     assert again.returncode == 0, again.stderr[-2000:]
     assert "slide, open0" not in again.stdout and "polygons, opening chosen nested" in again.stdout
     assert "crops at JPEG quality 90" in again.stdout and "| crops_jpeg90 |" in again.stdout
