@@ -327,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = [json.loads(line) for line in args.cv.read_text().splitlines() if line.strip()]
     runs = [r for r in runs if r["recipe"] == args.recipe and r["seed"] in seeds]
     if args.folds:
-        wanted = {int(f) for f in args.folds.split(",")}
-        runs = [r for r in runs if r["fold"] in wanted]
+        folds_asked = {int(f) for f in args.folds.split(",")}
+        runs = [r for r in runs if r["fold"] in folds_asked]
     if not runs:
         raise SystemExit(f"no runs of {args.recipe} seeds {args.seeds} in {args.cv}")
     inference = tile_px = None
